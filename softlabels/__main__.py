@@ -1,0 +1,5 @@
+"""``python -m softlabels`` runs the CLI."""
+
+from .cli import main
+
+main()

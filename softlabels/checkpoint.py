@@ -1,0 +1,242 @@
+"""Safe loading and self-describing saving of model checkpoints (teachers and students alike).
+
+Accepted forms, in the order they are recognised:
+
+* ``.safetensors``: tensors only; the architecture comes from ``--arch`` or from the file's metadata.
+* TorchScript archives and whole pickled modules: they run code when loaded, so only with
+  ``trust_code=True``.
+* ``.pth``/``.pt`` read with ``torch.load(weights_only=True)``: a self-describing dict
+  ``{"arch", "arch_kwargs", "state_dict", ...}`` (what :func:`save_checkpoint` writes), or a bare state
+  dict that needs ``arch``.
+
+A refused or failed safe load is never retried unsafely.
+
+Example:
+    >>> save_checkpoint("student.pth", model, arch="mlp", arch_kwargs={}, input_shape=(40,), num_classes=10)
+    >>> loaded = load_model("student.pth")
+    >>> loaded.arch, loaded.num_classes
+    ('mlp', 10)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import SoftlabelsError
+from .models import build_model, count_parameters
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference plus what a cache manifest records about it."""
+
+    model: nn.Module
+    path: Path
+    sha256: str
+    arch: str
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    input_shape: tuple[int, ...] | None = None
+
+    @property
+    def params(self) -> int:
+        return count_parameters(self.model)
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``teacher`` record."""
+        return {
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs,
+            "params": self.params,
+        }
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    arch: str,
+    arch_kwargs: dict[str, Any],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+) -> None:
+    """Write a checkpoint that :func:`load_model` (and ``dump --teacher``) rebuilds without ``--arch``.
+
+    It holds only tensors, strings, numbers, lists and dicts, so it loads with ``weights_only=True``.
+    """
+    payload = {
+        "arch": arch,
+        "arch_kwargs": dict(arch_kwargs),
+        "input_shape": [int(d) for d in input_shape],
+        "num_classes": int(num_classes),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "softlabels_version": __version__,
+    }
+    tmp = Path(str(path) + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise SoftlabelsError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
+    described = {}
+    if "softlabels" in metadata:
+        try:
+            described = json.loads(metadata["softlabels"])
+        except json.JSONDecodeError:
+            described = {}
+    return tensors, described
+
+
+def _read_pickle(path: Path, trust_code: bool) -> Any:
+    if _is_torchscript(path):
+        if not trust_code:
+            raise SoftlabelsError(
+                f"{path} is a TorchScript archive, which runs code when loaded; "
+                "pass --trust-code only if you trust where it came from"
+            )
+        return torch.jit.load(str(path), map_location="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_code)
+    except pickle.UnpicklingError as exc:
+        if trust_code:
+            raise SoftlabelsError(f"cannot read checkpoint {path}: {exc}") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        raise SoftlabelsError(
+            f"refusing to load {path}: it holds Python objects that a weights-only load does not allow "
+            f"({first_line}); pass --trust-code only if you trust where it came from"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise SoftlabelsError(f"cannot read checkpoint {path}: corrupt or truncated ({exc})") from exc
+
+
+def _strip_wrappers(state_dict: dict[str, Any]) -> dict[str, Any]:
+    for prefix in _WRAPPER_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _infer_num_classes(state_dict: dict[str, torch.Tensor]) -> int | None:
+    # The classifier is registered last in nearly every model, so its output size is the first
+    # dimension of the last tensor in the state dict. A wrong guess fails the shape check below with a
+    # message that points at --num-classes.
+    for tensor in reversed(list(state_dict.values())):
+        if isinstance(tensor, torch.Tensor) and tensor.ndim >= 1:
+            return int(tensor.shape[0])
+    return None
+
+
+def _load_state(model: nn.Module, state_dict: dict[str, Any], path: Path, arch: str) -> None:
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            raise SoftlabelsError(f"{path} does not fit architecture '{arch}': missing key '{key}'")
+        got = state_dict[key]
+        if not isinstance(got, torch.Tensor):
+            raise SoftlabelsError(f"{path} does not fit architecture '{arch}': '{key}' is not a tensor")
+        if got.shape != tensor.shape:
+            raise SoftlabelsError(
+                f"{path} does not fit architecture '{arch}': key '{key}' has shape {list(got.shape)}, "
+                f"the architecture expects {list(tensor.shape)} (wrong --arch-kwargs or --num-classes?)"
+            )
+    for key in state_dict:
+        if key not in expected:
+            raise SoftlabelsError(f"{path} does not fit architecture '{arch}': unexpected key '{key}'")
+    model.load_state_dict(state_dict)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    trust_code: bool = False,
+) -> LoadedModel:
+    """Load a checkpoint into an ``nn.Module`` in eval mode; see the module docstring for the forms.
+
+    ``arch``/``arch_kwargs`` override what a self-describing checkpoint says; ``input_shape`` and
+    ``num_classes`` fill in what a bare state dict cannot say.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SoftlabelsError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise SoftlabelsError(f"checkpoint is not a file: {path}")
+    sha256 = file_sha256(path)
+
+    if path.suffix == ".safetensors":
+        state_dict, described = _read_safetensors(path)
+    else:
+        obj = _read_pickle(path, trust_code)
+        if isinstance(obj, nn.Module):  # only reachable with trust_code
+            obj.eval()
+            name = arch or f"pickled:{type(obj).__name__}"
+            return LoadedModel(obj, path, sha256, name, dict(arch_kwargs or {}), num_classes, input_shape)
+        if not isinstance(obj, dict):
+            raise SoftlabelsError(f"{path} holds a {type(obj).__name__}, not a state dict or a model")
+        if isinstance(obj.get("state_dict"), dict):
+            described = {k: v for k, v in obj.items() if k != "state_dict"}
+            state_dict = obj["state_dict"]
+        elif isinstance(obj.get("model"), dict):
+            described, state_dict = {}, obj["model"]
+        else:
+            described, state_dict = {}, obj
+        if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise SoftlabelsError(f"{path} is not a state dict: some values are not tensors")
+
+    state_dict = _strip_wrappers(state_dict)
+    arch = arch or described.get("arch")
+    if not arch:
+        raise SoftlabelsError(f"{path} is a bare state dict: pass --arch NAME or module:callable")
+    if arch_kwargs is None:
+        arch_kwargs = described.get("arch_kwargs") or {}
+    if described.get("input_shape") is not None:
+        input_shape = tuple(described["input_shape"])
+    num_classes = num_classes or described.get("num_classes") or _infer_num_classes(state_dict)
+    model = build_model(arch, input_shape=input_shape, num_classes=num_classes, kwargs=arch_kwargs)
+    _load_state(model, state_dict, path, arch)
+    model.eval()
+    return LoadedModel(model, path, sha256, arch, dict(arch_kwargs), num_classes, input_shape)

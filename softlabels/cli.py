@@ -1,0 +1,287 @@
+"""The ``softlabels`` command: option parsing and output only; the work is in the library modules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import click
+
+from . import __version__
+from .checkpoint import load_model
+from .data import open_data
+from .dump import PRECISIONS, dump as run_dump
+from .errors import SoftlabelsError
+from .loader import source_for_cache
+from .losses import KL_DIRECTIONS
+from .report import SUMMARY_COLUMNS, cache_report, format_cache_report, format_table
+from .store import STORE_DTYPES, open_cache
+from .train import StudentSpec, TrainConfig, evaluate as run_evaluate, predict, train_students
+
+POSITIVE = click.IntRange(min=1)
+
+
+class _Group(click.Group):
+    """Turns a user error into one ``error: ...`` line and exit code 1 (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:
+            if ctx.meta.get("softlabels.debug"):
+                raise
+            if isinstance(exc, SoftlabelsError):
+                message = str(exc)
+            else:
+                message = f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+            click.echo(f"error: {' '.join(message.split())}", err=True)
+            ctx.exit(1)
+
+
+def _json_object(value: str | None, option: str) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc.msg})", param_hint=option) from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object such as '{\"width\": 200}'", param_hint=option)
+    return parsed
+
+
+def _student_spec(text: str, shared_kwargs: dict[str, Any]) -> StudentSpec:
+    """``[NAME=]ARCH[?key=value&...]``; query values are parsed as JSON when they can be."""
+    name, sep, rest = text.partition("=")
+    if not sep or "?" in name or ":" in name:
+        name, rest = None, text
+    arch, _, query = rest.partition("?")
+    kwargs = dict(shared_kwargs)
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    if not arch:
+        raise click.BadParameter(f"'{text}' names no architecture", param_hint="--student")
+    return StudentSpec(arch=arch, kwargs=kwargs, name=name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="softlabels")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Run a teacher once, cache its logits, and distill any number of students from the cache.
+
+    \b
+    Example:
+      softlabels dump --teacher teacher.pth --data mnist1d://train --out train.zarr
+      softlabels train-student --cache train.zarr --student mlp --student cnn1d --out runs/kd
+    """
+    ctx.meta["softlabels.debug"] = debug or os.environ.get("SOFTLABELS_DEBUG") == "1"
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _teacher_options(f: Any) -> Any:
+    for decorator in reversed(
+        [
+            click.option("--arch", help="Architecture of a bare state dict: a built-in name or module:callable."),
+            click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object."),
+            click.option("--num-classes", type=POSITIVE, help="Output classes of a bare state dict (default: inferred)."),
+            click.option("--trust-code", is_flag=True, help="Allow TorchScript and pickled modules, which run code when loaded."),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None, num_classes: int | None, trust_code: bool):
+    return load_model(
+        path,
+        arch=arch,
+        arch_kwargs=_json_object(arch_kwargs, "--arch-kwargs") if arch_kwargs else None,
+        input_shape=data_source.input_shape,
+        num_classes=num_classes,
+        trust_code=trust_code,
+    )
+
+
+@cli.command(epilog="Example:\n\n\b\n  softlabels dump --teacher runs/teacher/teacher/student.pth \\\n      --data 'mnist1d://transfer?n=40000&seed=1' --out transfer.zarr\n  softlabels dump --teacher weights.safetensors --arch mymodels:make_teacher \\\n      --data images.h5 --out images.zarr --device cuda --precision bf16")
+@click.option("--teacher", "teacher_path", required=True, metavar="CKPT", help="Teacher checkpoint (.pth, .pt, .safetensors).")
+@click.option("--data", "data_spec", required=True, metavar="SPEC", help="Dataset: mnist1d://train, data.npz, data.zarr, data.h5, module:callable.")
+@click.option("--out", required=True, metavar="PATH", help="Cache to write: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
+@_teacher_options
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True, help="Autocast dtype for the teacher.")
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers reading the inputs.")
+@click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True)
+@click.option("--chunk-rows", type=POSITIVE, help="Rows per chunk (default: about 0.5 MiB of logits).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
+@click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf logits instead of stopping.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, overwrite, allow_nonfinite, quiet):
+    """Run a teacher over a dataset and store its logits in a cache.
+    """
+    source = open_data(data_spec)
+    teacher = _load(teacher_path, source, arch, arch_kwargs, num_classes, trust_code)
+    result = run_dump(
+        teacher,
+        source,
+        out,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        store_dtype=store_dtype,
+        chunk_rows=chunk_rows,
+        num_workers=num_workers,
+        overwrite=overwrite,
+        check_finite=not allow_nonfinite,
+        progress=not quiet,
+    )
+    click.echo(result.summary())
+
+
+@cli.command("train-student", epilog="Example:\n\n\b\n  softlabels train-student --cache transfer.zarr --student mlp --student cnn1d \\\n      --student 'wide=mlp?width=400' --eval-data mnist1d://test --eval-cache test.zarr \\\n      --epochs 30 --out runs/kd\n  softlabels train-student --data mnist1d://train --student mlp --hard-labels-only \\\n      --eval-data mnist1d://test --out runs/scratch")
+@click.option("--cache", "cache_path", metavar="PATH", help="Cache written by dump (its manifest names the data).")
+@click.option("--data", "data_spec", metavar="SPEC", help="Training inputs (default: the cache's dataset; must match its fingerprint).")
+@click.option("--student", "students", multiple=True, required=True, metavar="[NAME=]ARCH[?k=v]", help="Repeat to train several students from one pass over the cache.")
+@click.option("--student-kwargs", metavar="JSON", help="Keyword arguments given to every student.")
+@click.option("--out", required=True, metavar="DIR", help="Output directory.")
+@click.option("--eval-data", metavar="SPEC", help="Data to evaluate on after each epoch.")
+@click.option("--eval-cache", metavar="PATH", help="Teacher logits for --eval-data (for teacher agreement).")
+@click.option("--eval-teacher", metavar="CKPT", help="Teacher checkpoint to run once on --eval-data (for teacher agreement).")
+@click.option("--epochs", type=POSITIVE, default=20, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Weight of the hard-label loss.")
+@click.option("--kl", type=click.Choice(KL_DIRECTIONS), default="forward", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--hard-labels-only", is_flag=True, help="Ignore soft targets: the scratch baseline (needs no cache).")
+@click.option("--num-classes", type=POSITIVE, help="Classes when there is no cache (default: largest label + 1).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, seed, hard_labels_only, num_classes, device, quiet):
+    """Train one or more students from a cache of teacher logits.
+    """
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
+        alpha=alpha, kl=kl, seed=seed, hard_labels_only=hard_labels_only, device=device,
+    )
+    shared = _json_object(student_kwargs, "--student-kwargs")
+    specs = [_student_spec(s, shared) for s in students]
+    cache = open_cache(cache_path) if cache_path else None
+    if cache is not None:
+        source = source_for_cache(cache, data_spec)
+        num_classes = cache.num_classes
+    elif data_spec:
+        if not hard_labels_only:
+            raise SoftlabelsError("without --cache, train-student needs --hard-labels-only")
+        source = open_data(data_spec)
+        num_classes = num_classes or int(source.labels().max()) + 1
+    else:
+        raise SoftlabelsError("give --cache (or --data with --hard-labels-only)")
+    eval_source, eval_logits = _eval_inputs(eval_data, eval_cache, eval_teacher, device)
+    summary = train_students(
+        specs, source=source, cache=cache, config=config, out_dir=out, eval_source=eval_source,
+        eval_teacher_logits=eval_logits, num_classes=num_classes, progress=not quiet,
+    )
+    click.echo(format_table(summary, SUMMARY_COLUMNS))
+    click.echo(f"wrote {Path(out) / 'summary.json'}")
+
+
+def _eval_inputs(eval_data, eval_cache, eval_teacher, device):
+    if eval_cache and eval_teacher:
+        raise SoftlabelsError("give --eval-cache or --eval-teacher, not both")
+    if eval_cache:
+        with open_cache(eval_cache) as cache:
+            source = source_for_cache(cache, eval_data)
+            return source, cache.read(0, len(cache))[0].astype("float32")
+    if not eval_data:
+        if eval_teacher:
+            raise SoftlabelsError("--eval-teacher needs --eval-data")
+        return None, None
+    source = open_data(eval_data)
+    if eval_teacher:
+        teacher = load_model(eval_teacher, input_shape=source.input_shape)
+        return source, predict(teacher.model, source, device=device if device != "auto" else "cpu")[0]
+    return source, None
+
+
+@cli.command(epilog="Example:\n\n\b\n  softlabels evaluate --model runs/kd/mlp/student.pth --data mnist1d://test\n  softlabels evaluate --model runs/kd/mlp/student.pth --cache test.zarr --json")
+@click.option("--model", "model_path", required=True, metavar="CKPT", help="Checkpoint to evaluate (a student.pth needs nothing else).")
+@click.option("--data", "data_spec", metavar="SPEC", help="Evaluation data (default: the --cache's dataset).")
+@click.option("--cache", "cache_path", metavar="PATH", help="Teacher logits on the same data, for teacher agreement.")
+@_teacher_options
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, trust_code, device, as_json):
+    """Print a model's accuracy on a dataset (and its agreement with a cached teacher).
+    """
+    teacher_logits = None
+    if cache_path:
+        with open_cache(cache_path) as cache:
+            source = source_for_cache(cache, data_spec)
+            teacher_logits = cache.read(0, len(cache))[0].astype("float32")
+    elif data_spec:
+        source = open_data(data_spec)
+    else:
+        raise SoftlabelsError("give --data (or --cache)")
+    model = _load(model_path, source, arch, arch_kwargs, num_classes, trust_code)
+    metrics = run_evaluate(model.model, source, teacher_logits=teacher_logits, device=device)
+    result = {"model": model_path, "data": source.spec, "samples": len(source), **metrics}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        accuracy = "-" if metrics["accuracy"] is None else f"{metrics['accuracy']:.2%}"
+        line = f"{model_path} on {source.spec}: accuracy {accuracy}"
+        if metrics["teacher_agreement"] is not None:
+            line += f", agreement with teacher {metrics['teacher_agreement']:.2%}"
+        click.echo(line)
+
+
+@cli.command(epilog="Example:\n\n\b\n  softlabels inspect transfer.zarr\n  softlabels inspect train.h5 --json | python -m json.tool")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(path, as_json):
+    """Show a cache's manifest, size, compression, teacher accuracy and soft-target entropy.
+    """
+    with open_cache(path, allow_incomplete=True) as cache:
+        report = cache_report(cache)
+    click.echo(json.dumps(report, indent=2) if as_json else format_cache_report(report))
+    if not report["complete"]:
+        sys.exit(1)
+
+
+@cli.command(epilog="Example:\n\n\b\n  softlabels compare runs/scratch runs/distilled")
+@click.argument("summaries", nargs=-1, required=True, metavar="RUN_DIR_OR_SUMMARY...")
+def compare(summaries):
+    """Print the students of several train-student runs in one table.
+    """
+    rows = []
+    for item in summaries:
+        path = Path(item)
+        path = path / "summary.json" if path.is_dir() else path
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SoftlabelsError(f"cannot read summary {path}: {exc}") from exc
+        rows += [{"run": path.parent.name, **entry} for entry in entries]
+    click.echo(format_table(rows, [("run", "run", str)] + SUMMARY_COLUMNS))
+
+
+def main() -> None:
+    cli(prog_name="softlabels")

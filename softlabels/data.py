@@ -1,0 +1,348 @@
+"""Data specs: one string names a dataset, and :func:`open_data` turns it into a :class:`Source`.
+
+Spec syntax (first match wins):
+
+=====================================  ==========================================================
+``mnist1d://train``, ``mnist1d://test``  the standard MNIST-1D split (4000 / 1000 samples)
+``mnist1d://transfer?n=40000&seed=1``   ``n`` unlabeled MNIST-1D samples drawn with another seed
+``path.npz``                            arrays ``x`` (inputs) and optional ``y`` (int labels)
+``path.zarr``, ``path.h5``/``.hdf5``    a Zarr group or HDF5 file with the same array names
+``module:callable[?k=v&...]``           a map-style ``torch.utils.data.Dataset`` returned by
+                                        ``callable(**kwargs)``; items are ``x`` or ``(x, y)``
+=====================================  ==========================================================
+
+Every source reads contiguous row ranges (``read(start, stop)``), which is how the loader and the
+dump consume it: array stores are read slice by slice, never row by row.
+
+Example:
+    >>> source = open_data("mnist1d://test")
+    >>> len(source), source.input_shape, source.has_labels
+    (1000, (40,), True)
+    >>> x, y = source.read(0, 4)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from .errors import SoftlabelsError
+from .models import resolve_callable
+
+log = logging.getLogger(__name__)
+
+NO_LABEL = -1
+_FINGERPRINT_BLOCK_BYTES = 64 << 20
+_SAMPLED_ITEMS = 64
+_CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*(\.py)?:[A-Za-z_]\w*(\?.*)?$")
+_STORE_SUFFIXES = (".npz", ".zarr", ".h5", ".hdf5")
+
+
+def data_dir() -> Path:
+    """Where generated built-in datasets are kept (``$SOFTLABELS_DATA`` or ``~/.cache/softlabels``)."""
+    return Path(os.environ.get("SOFTLABELS_DATA", Path.home() / ".cache" / "softlabels"))
+
+
+class Source:
+    """A dataset as contiguous row ranges of inputs and labels (``-1`` where a row has no label)."""
+
+    spec: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def has_labels(self) -> bool:
+        raise NotImplementedError
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs ``x[start:stop]`` and labels ``y[start:stop]`` as numpy arrays."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def labels(self) -> np.ndarray:
+        """Every label, read in blocks (labels are small next to inputs)."""
+        block = 1 << 16
+        return np.concatenate([self.read(s, min(s + block, len(self)))[1] for s in range(0, len(self), block)])
+
+
+def _as_input_array(x: np.ndarray) -> np.ndarray:
+    # float64 inputs would make every model run in float64; nothing here needs it.
+    return x.astype(np.float32) if x.dtype == np.float64 else x
+
+
+class ArraySource(Source):
+    """Inputs and labels held by array-likes that slice (numpy, zarr, h5py), opened lazily per process.
+
+    ``opener()`` returns ``(x, y_or_None)``. Opening lazily matters: an h5py handle opened before a
+    ``fork`` gives wrong reads in the child, so each DataLoader worker opens its own.
+    """
+
+    def __init__(self, spec: str, opener: Callable[[], tuple[Any, Any]]):
+        self.spec = spec
+        self._opener = opener
+        self._arrays: tuple[Any, Any] | None = None
+        self._pid: int | None = None
+        self._fingerprint: str | None = None
+        x, y = self._open()
+        if len(x.shape) < 2:
+            raise SoftlabelsError(f"dataset {spec}: 'x' must have a sample axis and a feature axis, got shape {list(x.shape)}")
+        if y is not None:
+            if len(y.shape) != 1 or y.shape[0] != x.shape[0]:
+                raise SoftlabelsError(f"dataset {spec}: 'y' has shape {list(y.shape)}, expected [{x.shape[0]}]")
+            if not np.issubdtype(np.dtype(y.dtype), np.integer):
+                raise SoftlabelsError(f"dataset {spec}: labels 'y' must be integers, got {y.dtype}")
+
+    def _open(self) -> tuple[Any, Any]:
+        if self._arrays is None or self._pid != os.getpid():
+            self._arrays = self._opener()
+            self._pid = os.getpid()
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return int(self._open()[0].shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._open()[0].shape[1:])
+
+    @property
+    def has_labels(self) -> bool:
+        return self._open()[1] is not None
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self._open()
+        xs = _as_input_array(np.asarray(x[start:stop]))
+        if y is None:
+            return xs, np.full(stop - start, NO_LABEL, dtype=np.int64)
+        return xs, np.asarray(y[start:stop]).astype(np.int64)
+
+    def fingerprint(self) -> str:
+        """sha256 of the shapes, dtypes and every byte of ``x`` and ``y``, read in large blocks."""
+        if self._fingerprint is None:
+            x, y = self._open()
+            digest = hashlib.sha256()
+            digest.update(json.dumps([list(x.shape), str(x.dtype), None if y is None else str(y.dtype)]).encode())
+            row_bytes = max(1, int(np.prod(x.shape[1:])) * np.dtype(x.dtype).itemsize)
+            block = max(1, _FINGERPRINT_BLOCK_BYTES // row_bytes)
+            for start in range(0, len(self), block):
+                xs = np.ascontiguousarray(x[start:start + block])
+                digest.update(xs.tobytes())
+                if y is not None:
+                    digest.update(np.ascontiguousarray(np.asarray(y[start:start + block]).astype(np.int64)).tobytes())
+            self._fingerprint = "sha256:" + digest.hexdigest()
+        return self._fingerprint
+
+
+class DatasetSource(Source):
+    """A user's map-style ``torch.utils.data.Dataset`` whose items are ``x`` or ``(x, y)``."""
+
+    def __init__(self, spec: str, dataset: Any):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise SoftlabelsError(f"dataset {spec}: the callable must return a map-style Dataset (with __len__ and __getitem__)")
+        self.spec = spec
+        self.dataset = dataset
+        self._fingerprint: str | None = None
+        if len(dataset) == 0:
+            raise SoftlabelsError(f"dataset {spec} is empty")
+        first = dataset[0]
+        self._has_labels = isinstance(first, (tuple, list)) and len(first) >= 2
+        self._input_shape = tuple(int(d) for d in self._item(0)[0].shape)
+
+    def _item(self, i: int) -> tuple[np.ndarray, int]:
+        item = self.dataset[i]
+        if isinstance(item, (tuple, list)):
+            x, y = item[0], (item[1] if len(item) >= 2 else NO_LABEL)
+        else:
+            x, y = item, NO_LABEL
+        x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        return x, int(y)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._input_shape
+
+    @property
+    def has_labels(self) -> bool:
+        return self._has_labels
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        items = [self._item(i) for i in range(start, stop)]
+        x = _as_input_array(np.stack([it[0] for it in items]))
+        return x, np.array([it[1] for it in items], dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        """sha256 of the length and of up to 64 evenly spaced items (reading every item may be costly)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(str(len(self)).encode())
+            for i in np.unique(np.linspace(0, len(self) - 1, _SAMPLED_ITEMS).astype(int)):
+                x, y = self._item(int(i))
+                digest.update(np.ascontiguousarray(x).tobytes())
+                digest.update(str(y).encode())
+            self._fingerprint = "sampled-sha256:" + digest.hexdigest()
+        return self._fingerprint
+
+
+def _npz_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
+    def open_npz() -> tuple[Any, Any]:
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                if "x" not in archive.files:
+                    raise SoftlabelsError(f"dataset {spec} has no array 'x' (found: {', '.join(archive.files) or 'none'})")
+                return archive["x"], (archive["y"] if "y" in archive.files else None)
+        except SoftlabelsError:
+            raise
+        except Exception as exc:
+            raise SoftlabelsError(f"cannot read dataset {spec}: {exc}") from exc
+
+    return open_npz
+
+
+def _zarr_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
+    def open_zarr() -> tuple[Any, Any]:
+        import zarr
+
+        try:
+            group = zarr.open_group(str(path), mode="r")
+            names = set(group.array_keys())
+        except Exception as exc:
+            raise SoftlabelsError(f"cannot read dataset {spec}: not a Zarr group ({exc})") from exc
+        if "x" not in names:
+            raise SoftlabelsError(f"dataset {spec} has no array 'x' (found: {', '.join(sorted(names)) or 'none'})")
+        return group["x"], (group["y"] if "y" in names else None)
+
+    return open_zarr
+
+
+def _h5_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
+    def open_h5() -> tuple[Any, Any]:
+        import h5py
+
+        try:
+            f = h5py.File(path, "r")
+        except Exception as exc:
+            raise SoftlabelsError(f"cannot read dataset {spec}: not an HDF5 file ({exc})") from exc
+        if "x" not in f:
+            raise SoftlabelsError(f"dataset {spec} has no array 'x' (found: {', '.join(f.keys()) or 'none'})")
+        return f["x"], (f["y"] if "y" in f else None)
+
+    return open_h5
+
+
+def _mnist1d_arrays(split: str, n: int | None, seed: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Generate (once, then keep under :func:`data_dir`) an MNIST-1D split, fully offline."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    if split == "transfer":
+        args.num_samples, args.train_split, args.seed = n, 1.0, seed
+    key = hashlib.sha256(json.dumps(vars(args), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = data_dir() / f"mnist1d-{split}-{key}.npz"
+    if not path.exists():
+        log.info("generating MNIST-1D (%d samples, seed %d; once) into %s", args.num_samples, args.seed, path.parent)
+        # make_dataset seeds numpy's and Python's global generators; keep the caller's untouched.
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            data = make_dataset(args)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        if split == "test":
+            np.savez(tmp, x=data["x_test"].astype(np.float32), y=data["y_test"].astype(np.int64))
+        elif split == "train":
+            np.savez(tmp, x=data["x"].astype(np.float32), y=data["y"].astype(np.int64))
+        else:
+            np.savez(tmp, x=data["x"].astype(np.float32))
+        os.replace(tmp, path)
+    with np.load(path) as archive:
+        return archive["x"], (archive["y"] if "y" in archive.files else None)
+
+
+def _mnist1d_source(spec: str) -> Source:
+    rest = spec[len("mnist1d://"):]
+    split, _, query = rest.partition("?")
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    if split in ("train", "test"):
+        if params:
+            raise SoftlabelsError(f"data spec {spec}: mnist1d://{split} takes no parameters")
+        x, y = _mnist1d_arrays(split, None, None)
+    elif split == "transfer":
+        unknown = set(params) - {"n", "seed"}
+        if unknown:
+            raise SoftlabelsError(f"data spec {spec}: unknown parameter(s) {', '.join(sorted(unknown))} (use n, seed)")
+        try:
+            n, seed = int(params.get("n", 40000)), int(params.get("seed", 1))
+        except ValueError:
+            raise SoftlabelsError(f"data spec {spec}: n and seed must be integers") from None
+        if n <= 0 or n % 10:
+            raise SoftlabelsError(f"data spec {spec}: n must be a positive multiple of 10 (one share per class)")
+        if seed == 42:
+            raise SoftlabelsError(f"data spec {spec}: seed 42 generates the standard train/test split; choose another")
+        x, y = _mnist1d_arrays(split, n, seed)
+        spec = f"mnist1d://transfer?n={n}&seed={seed}"
+    else:
+        raise SoftlabelsError(f"data spec {spec}: unknown MNIST-1D split '{split}' (use train, test or transfer)")
+    return ArraySource(spec, lambda: (x, y))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def open_data(spec: str) -> Source:
+    """Open the dataset named by ``spec`` (see the module docstring for the syntax)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SoftlabelsError("empty data spec")
+    spec = spec.strip()
+    if spec.startswith("mnist1d://"):
+        return _mnist1d_source(spec)
+    if "://" in spec:
+        raise SoftlabelsError(f"data spec {spec}: unknown scheme (the built-in one is mnist1d://)")
+    path = Path(spec)
+    if path.suffix in _STORE_SUFFIXES:
+        if not path.exists():
+            raise SoftlabelsError(f"data spec {spec}: no such file or directory")
+        canonical = str(path.resolve())
+        opener = {".npz": _npz_opener, ".zarr": _zarr_opener}.get(path.suffix, _h5_opener)
+        return ArraySource(canonical, opener(path.resolve(), spec))
+    if _CALLABLE_SPEC.match(spec):
+        target, _, query = spec.partition("?")
+        kwargs = {k: _parse_value(v) for k, v in parse_qsl(query, keep_blank_values=True)}
+        factory = resolve_callable(target, what="dataset")
+        try:
+            dataset = factory(**kwargs)
+        except Exception as exc:
+            raise SoftlabelsError(f"dataset {spec} failed to build: {type(exc).__name__}: {exc}") from exc
+        return DatasetSource(spec, dataset)
+    if path.exists():
+        raise SoftlabelsError(f"data spec {spec}: unsupported file type (use .npz, .zarr, .h5 or .hdf5)")
+    raise SoftlabelsError(
+        f"cannot parse data spec '{spec}': expected mnist1d://SPLIT, a .npz/.zarr/.h5 path, or module:callable"
+    )

@@ -1,0 +1,213 @@
+"""Built-in architectures and resolution of ``NAME`` or ``module:callable`` into a model.
+
+Every architecture is a callable ``f(input_shape, num_classes, **kwargs) -> nn.Module``. Teachers and
+students share this registry, so a trained student can serve as the next teacher.
+
+Example:
+    >>> model = build_model("mlp", input_shape=(40,), num_classes=10, kwargs={"width": 64})
+    >>> model(torch.zeros(2, 40)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import SoftlabelsError
+
+
+def _flat_features(input_shape: tuple[int, ...]) -> int:
+    return math.prod(input_shape)
+
+
+def linear(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Logistic regression on the flattened input."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat_features(input_shape), num_classes))
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, width: int = 100, depth: int = 2) -> nn.Module:
+    """``depth`` hidden layers of ``width`` ReLU units on the flattened input."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    features = _flat_features(input_shape)
+    for _ in range(depth):
+        layers += [nn.Linear(features, width), nn.ReLU()]
+        features = width
+    layers.append(nn.Linear(features, num_classes))
+    return nn.Sequential(*layers)
+
+
+class _AddChannel(nn.Module):
+    """Gives channel-less inputs (``[B, L]`` or ``[B, H, W]``) the single channel convolutions expect."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(1)
+
+
+def _with_head(features: nn.Sequential, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    # The head's size is measured with a dummy forward so that any input length works.
+    with torch.no_grad():
+        flat = features(torch.zeros(1, *input_shape)).flatten(1).shape[1]
+    return nn.Sequential(*features, nn.Flatten(), nn.Linear(flat, num_classes))
+
+
+def cnn1d(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    channels: int = 32,
+    depth: int = 3,
+    kernel_size: int = 5,
+) -> nn.Module:
+    """A 1-D CNN for ``[L]`` or ``[C, L]`` inputs: ``depth`` stride-2 convolutions, then a linear head."""
+    if len(input_shape) not in (1, 2):
+        raise SoftlabelsError(f"cnn1d needs inputs of shape [L] or [C, L], got {list(input_shape)}")
+    layers: list[nn.Module] = []
+    in_channels = 1
+    if len(input_shape) == 1:
+        layers.append(_AddChannel())
+    else:
+        in_channels = input_shape[0]
+    for i in range(depth):
+        stride = 1 if i == 0 else 2
+        layers += [nn.Conv1d(in_channels, channels, kernel_size, stride, kernel_size // 2), nn.ReLU()]
+        in_channels = channels
+    return _with_head(nn.Sequential(*layers), input_shape, num_classes)
+
+
+def cnn2d(input_shape: tuple[int, ...], num_classes: int, channels: int = 32, depth: int = 2) -> nn.Module:
+    """A small 2-D CNN for ``[H, W]`` or ``[C, H, W]`` inputs: ``depth`` conv-ReLU-maxpool blocks."""
+    if len(input_shape) not in (2, 3):
+        raise SoftlabelsError(f"cnn2d needs inputs of shape [H, W] or [C, H, W], got {list(input_shape)}")
+    layers: list[nn.Module] = []
+    in_channels = 1
+    if len(input_shape) == 2:
+        layers.append(_AddChannel())
+    else:
+        in_channels = input_shape[0]
+    for i in range(depth):
+        out_channels = channels * 2**i
+        layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        in_channels = out_channels
+    return _with_head(nn.Sequential(*layers), input_shape, num_classes)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "linear": linear,
+    "mlp": mlp,
+    "cnn1d": cnn1d,
+    "cnn2d": cnn2d,
+}
+
+
+def resolve_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
+    """Import ``module:callable`` (or ``path/to/file.py:callable``) and return the callable.
+
+    The working directory is importable, as it is for ``python -m``, so a user's ``models.py`` next to
+    their data needs no installation.
+
+    Example:
+        >>> resolve_callable("softlabels.models:mlp") is mlp
+        True
+    """
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise SoftlabelsError(f"{what} '{spec}' is not of the form module:callable")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise SoftlabelsError(f"cannot import {what} '{spec}': file {file} not found")
+            module_spec = importlib.util.spec_from_file_location(file.stem, file)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))
+            module = importlib.import_module(module_name)
+    except SoftlabelsError:
+        raise
+    except Exception as exc:  # an import can fail in any way the user's code can
+        raise SoftlabelsError(f"cannot import {what} '{spec}': {type(exc).__name__}: {exc}") from exc
+    try:
+        target = getattr(module, attr)
+    except AttributeError:
+        raise SoftlabelsError(f"cannot import {what} '{spec}': module '{module_name}' has no '{attr}'") from None
+    if not callable(target):
+        raise SoftlabelsError(f"{what} '{spec}' is not callable")
+    return target
+
+
+def _arch_factory(arch: str) -> Callable[..., nn.Module]:
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    if ":" in arch:
+        return resolve_callable(arch, what="architecture")
+    names = ", ".join(ARCHITECTURES)
+    raise SoftlabelsError(f"unknown architecture '{arch}': use one of {names}, or module:callable")
+
+
+def build_model(
+    arch: str,
+    *,
+    input_shape: tuple[int, ...] | None,
+    num_classes: int | None,
+    kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build ``arch`` for inputs of ``input_shape`` and ``num_classes`` outputs.
+
+    A ``module:callable`` receives ``input_shape`` and ``num_classes`` only if its signature names them,
+    so ``f(input_shape, num_classes, **kw)``, ``f(num_classes=..., **kw)`` and ``f(**kw)`` all work.
+    """
+    factory = _arch_factory(arch)
+    kwargs = dict(kwargs or {})
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "input_shape" in params and "input_shape" not in kwargs:
+        if input_shape is None:
+            raise SoftlabelsError(f"architecture '{arch}' needs the input shape, which is unknown here")
+        kwargs["input_shape"] = tuple(input_shape)
+    if "num_classes" in params and "num_classes" not in kwargs and num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = factory(**kwargs)
+    except SoftlabelsError:
+        raise
+    except TypeError as exc:
+        raise SoftlabelsError(f"cannot build architecture '{arch}' with arguments {sorted(kwargs)}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise SoftlabelsError(f"architecture '{arch}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_output_shape(model: nn.Module, sample: torch.Tensor, *, num_classes: int, name: str) -> None:
+    """Refuse a model whose output for a batch of real inputs is not ``[batch, num_classes]``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as exc:
+        raise SoftlabelsError(
+            f"{name} cannot take inputs of shape {list(sample.shape[1:])}: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.shape != (sample.shape[0], num_classes):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SoftlabelsError(
+            f"{name} outputs {shape} for a batch of {sample.shape[0]}, but the cache has {num_classes} classes"
+        )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

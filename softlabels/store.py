@@ -1,0 +1,391 @@
+"""The cache on disk: a Zarr v3 group (``*.zarr``) or an HDF5 file (``*.h5``/``*.hdf5``), one layout.
+
+==================  ======================  ==========================================================
+name                shape, dtype            meaning
+==================  ======================  ==========================================================
+``logits``          ``[N, C]`` float16/32    teacher logits for sample ``i`` in row ``i``
+``labels``          ``[N]`` int64            hard labels, ``-1`` where a sample has none
+``chunk_crc32``     ``[N_chunks]`` int64     zlib CRC-32 of each chunk's logits then labels bytes
+                                             (little-endian, C order); ``-1`` until it is written
+attribute           JSON object              the manifest (``format``, ``format_version``, ...); in
+``softlabels``                               HDF5 a JSON string
+==================  ======================  ==========================================================
+
+Arrays are chunked along samples only (``chunk_rows`` rows, every class in one chunk). A cache is
+written as ``PATH.partial`` and renamed to ``PATH`` once every chunk is written and the manifest says
+``complete``; a chunk counts as written only once its checksum is recorded, after its bytes.
+
+Example:
+    >>> with open_cache("logits.zarr") as cache:
+    ...     logits, labels = cache.read(0, 128)
+    ...     cache.manifest["teacher"]["sha256"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import SoftlabelsError
+
+FORMAT = "softlabels-cache"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "softlabels"
+PARTIAL_SUFFIX = ".partial"
+STORE_DTYPES = ("float16", "float32")
+_TARGET_CHUNK_BYTES = 512 << 10
+_MAX_DEFAULT_CHUNK_ROWS = 4096
+_CHECKSUMS_PER_CHUNK = 4096
+
+
+def backend_name(path: str | Path) -> str:
+    """``"zarr"`` or ``"hdf5"``, from the path's suffix (``.partial`` ignored)."""
+    name = str(path)
+    if name.endswith(PARTIAL_SUFFIX):
+        name = name[: -len(PARTIAL_SUFFIX)]
+    if name.endswith(".zarr"):
+        return "zarr"
+    if name.endswith((".h5", ".hdf5")):
+        return "hdf5"
+    raise SoftlabelsError(f"cache path {path} must end in .zarr, .h5 or .hdf5")
+
+
+def default_chunk_rows(num_classes: int, dtype: str) -> int:
+    """Rows per chunk: about 0.5 MiB of logits, a power of two, at most 4096 rows.
+
+    The cap keeps the matching block of inputs small when there are few classes (4096 rows of
+    224x224 images are already 2.4 GB in float32).
+    """
+    row_bytes = num_classes * np.dtype(dtype).itemsize
+    rows = 2 ** int(np.log2(max(1, _TARGET_CHUNK_BYTES // row_bytes)))
+    return int(min(_MAX_DEFAULT_CHUNK_ROWS, max(16, rows)))
+
+
+def chunk_checksum(logits: np.ndarray, labels: np.ndarray) -> int:
+    """CRC-32 of a chunk as stored: its logits' bytes, then its labels' bytes, little-endian."""
+    crc = zlib.crc32(np.ascontiguousarray(logits, dtype=logits.dtype.newbyteorder("<")).tobytes())
+    return zlib.crc32(np.ascontiguousarray(labels, dtype="<i8").tobytes(), crc)
+
+
+def directory_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class _ZarrBackend:
+    def __init__(self, path: Path, mode: str):
+        import zarr
+
+        self._zarr = zarr
+        try:
+            self.group = zarr.open_group(str(path), mode=mode)
+        except Exception as exc:
+            raise SoftlabelsError(f"{path} is not a softlabels cache: cannot open it as a Zarr group ({exc})") from exc
+
+    def create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any, compress: bool) -> Any:
+        from zarr.codecs import ZstdCodec
+
+        # zstd: 1.1x smaller logits than no codec at 0.7-0.8x its read speed, and better on both
+        # counts than Blosc-LZ4/Blosc-zstd (scripts/bench_codecs.py, BENCHMARKS.md).
+        compressors = [ZstdCodec(level=0)] if compress else None
+        return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=compressors)
+
+    def arrays(self) -> dict[str, Any]:
+        return {name: self.group[name] for name in self.group.array_keys()}
+
+    def read_manifest(self) -> Any:
+        return self.group.attrs.get(MANIFEST_KEY)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.group.attrs[MANIFEST_KEY] = manifest
+
+    def flush(self) -> None:
+        pass  # every zarr write lands in the store (atomically, by rename) before it returns
+
+    def close(self) -> None:
+        pass
+
+
+class _H5Backend:
+    def __init__(self, path: Path, mode: str):
+        import h5py
+
+        try:
+            self.file = h5py.File(path, {"w": "w", "r": "r", "r+": "r+"}[mode])
+        except Exception as exc:
+            raise SoftlabelsError(f"{path} is not a softlabels cache: cannot open it as HDF5 ({exc})") from exc
+
+    def create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any, compress: bool) -> Any:
+        # h5py's own filters do not pay on logits: LZF leaves them as they are and gzip reads 5-10x
+        # slower for 1.1x (scripts/bench_codecs.py), so only the labels (small integers) get LZF.
+        compression = "lzf" if compress and not np.issubdtype(np.dtype(dtype), np.floating) else None
+        return self.file.create_dataset(
+            name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill, compression=compression
+        )
+
+    def arrays(self) -> dict[str, Any]:
+        import h5py
+
+        return {name: obj for name, obj in self.file.items() if isinstance(obj, h5py.Dataset)}
+
+    def read_manifest(self) -> Any:
+        raw = self.file.attrs.get(MANIFEST_KEY)
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", "replace")
+        if not isinstance(raw, str):
+            return raw
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _open_backend(path: Path, mode: str) -> _ZarrBackend | _H5Backend:
+    backend = backend_name(path)
+    if mode == "r" and not path.exists():
+        raise SoftlabelsError(f"cache not found: {path}")
+    if backend == "zarr":
+        return _ZarrBackend(path, mode)
+    return _H5Backend(path, mode)
+
+
+def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Check a manifest against this reader and the arrays it describes; return it or raise."""
+    if not isinstance(manifest, dict):
+        raise SoftlabelsError(f"{path} is not a softlabels cache: no '{MANIFEST_KEY}' manifest")
+    if manifest.get("format") != FORMAT:
+        raise SoftlabelsError(f"{path} is not a softlabels cache: manifest format is {manifest.get('format')!r}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SoftlabelsError(f"{path}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise SoftlabelsError(
+            f"{path} uses cache format version {version}, newer than this softlabels reads ({FORMAT_VERSION}): upgrade softlabels"
+        )
+    if manifest.get("kind") != "dense":
+        raise SoftlabelsError(f"{path}: unsupported cache kind {manifest.get('kind')!r}")
+    fields = {"num_samples": int, "num_classes": int, "chunk_rows": int, "dtype": str}
+    for key, kind in fields.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise SoftlabelsError(f"{path}: manifest field '{key}' is missing or not {kind.__name__}")
+    n, c = manifest["num_samples"], manifest["num_classes"]
+    if n < 0 or c < 1 or manifest["chunk_rows"] < 1 or manifest["dtype"] not in STORE_DTYPES:
+        raise SoftlabelsError(f"{path}: manifest has impossible values (num_samples={n}, num_classes={c})")
+    for name in ("logits", "labels", "chunk_crc32"):
+        if name not in arrays:
+            raise SoftlabelsError(f"{path}: array '{name}' is missing")
+    expected = {"logits": (n, c), "labels": (n,), "chunk_crc32": (num_chunks(n, manifest["chunk_rows"]),)}
+    for name, shape in expected.items():
+        if tuple(arrays[name].shape) != shape:
+            raise SoftlabelsError(
+                f"{path}: array '{name}' has shape {list(arrays[name].shape)} but the manifest says {list(shape)}"
+            )
+    if str(arrays["logits"].dtype) != manifest["dtype"]:
+        raise SoftlabelsError(f"{path}: logits are {arrays['logits'].dtype} but the manifest says {manifest['dtype']}")
+    return manifest
+
+
+def num_chunks(num_samples: int, chunk_rows: int) -> int:
+    return -(-num_samples // chunk_rows)
+
+
+def chunk_bounds(index: int, chunk_rows: int, num_samples: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of chunk ``index``."""
+    start = index * chunk_rows
+    return start, min(start + chunk_rows, num_samples)
+
+
+class Cache:
+    """A read-only view of a cache. Use :func:`open_cache`."""
+
+    def __init__(self, path: Path, *, allow_incomplete: bool = False):
+        self.path = path
+        self._backend = _open_backend(path, "r")
+        try:
+            arrays = self._backend.arrays()
+            self.manifest = validate_manifest(self._backend.read_manifest(), arrays, path)
+            if not self.manifest.get("complete") and not allow_incomplete:
+                raise SoftlabelsError(f"{path} is incomplete (its dump did not finish); resume or rerun the dump")
+        except BaseException:
+            self._backend.close()
+            raise
+        self._logits = arrays["logits"]
+        self._labels = arrays["labels"]
+        self._checksums = arrays["chunk_crc32"]
+
+    def __len__(self) -> int:
+        return self.manifest["num_samples"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.manifest["chunk_rows"]
+
+    @property
+    def num_chunks(self) -> int:
+        return num_chunks(len(self), self.chunk_rows)
+
+    def chunk_bounds(self, index: int) -> tuple[int, int]:
+        return chunk_bounds(index, self.chunk_rows, len(self))
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and labels of rows ``start:stop``; aligned ranges read whole chunks."""
+        return np.asarray(self._logits[start:stop]), np.asarray(self._labels[start:stop])
+
+    def labels(self) -> np.ndarray:
+        """Every row's hard label (``-1`` for none)."""
+        return np.asarray(self._labels[:])
+
+    def checksums(self) -> np.ndarray:
+        return np.asarray(self._checksums[:])
+
+    def iter_chunks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(start_row, logits, labels)`` for each chunk, in order."""
+        for index in range(self.num_chunks):
+            start, stop = self.chunk_bounds(index)
+            yield (start, *self.read(start, stop))
+
+    def nbytes_on_disk(self) -> int:
+        return directory_bytes(self.path)
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_cache(path: str | Path, *, allow_incomplete: bool = False) -> Cache:
+    """Open a cache read-only after checking its manifest, its arrays' shapes and its completeness.
+
+    Example:
+        >>> cache = open_cache("logits.zarr")
+        >>> len(cache), cache.num_classes
+        (40000, 10)
+    """
+    return Cache(Path(path), allow_incomplete=allow_incomplete)
+
+
+class CacheWriter:
+    """Writes a cache chunk by chunk into ``PATH.partial``; :meth:`finish` publishes it as ``PATH``.
+
+    Leaving the ``with`` block by an exception keeps the partial cache as it is (never marked
+    complete), so a later run can resume from its written chunks.
+
+    Example:
+        >>> with CacheWriter("out.zarr", num_samples=100, num_classes=10, chunk_rows=64,
+        ...                  dtype="float16", manifest=manifest) as writer:
+        ...     writer.write_chunk(0, logits[:64], labels[:64])
+        ...     writer.write_chunk(1, logits[64:], labels[64:])
+        ...     writer.finish()
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        num_samples: int,
+        num_classes: int,
+        chunk_rows: int,
+        dtype: str,
+        manifest: dict[str, Any],
+        compress: bool = True,
+    ):
+        self.path = Path(path)
+        self.partial = Path(str(self.path) + PARTIAL_SUFFIX)
+        backend_name(self.path)
+        chunk_rows = max(1, min(chunk_rows, num_samples))  # HDF5 refuses chunks larger than the array
+        if dtype not in STORE_DTYPES:
+            raise SoftlabelsError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype}")
+        self.manifest = {
+            **manifest,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": "dense",
+            "num_samples": num_samples,
+            "num_classes": num_classes,
+            "dtype": dtype,
+            "chunk_rows": chunk_rows,
+            "complete": False,
+        }
+        self.chunk_rows = chunk_rows
+        self.num_samples = num_samples
+        self.num_chunks = num_chunks(num_samples, chunk_rows)
+        remove_path(self.partial)
+        self._backend = _open_backend(self.partial, "w")
+        self._logits = self._backend.create_array(
+            "logits", (num_samples, num_classes), (chunk_rows, num_classes), dtype, 0, compress
+        )
+        self._labels = self._backend.create_array("labels", (num_samples,), (chunk_rows,), "int64", -1, compress)
+        self._checksums = self._backend.create_array(
+            "chunk_crc32", (self.num_chunks,), (max(1, min(self.num_chunks, _CHECKSUMS_PER_CHUNK)),), "int64", -1, False
+        )
+        self._backend.write_manifest(self.manifest)
+        self._finished = False
+
+    def chunk_bounds(self, index: int) -> tuple[int, int]:
+        return chunk_bounds(index, self.chunk_rows, self.num_samples)
+
+    def write_chunk(self, index: int, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Write chunk ``index`` (rows ``index * chunk_rows`` onwards), then record its checksum."""
+        start, stop = self.chunk_bounds(index)
+        if logits.shape[0] != stop - start or labels.shape[0] != stop - start:
+            raise ValueError(f"chunk {index} needs {stop - start} rows, got {logits.shape[0]}")
+        logits = logits.astype(self.manifest["dtype"], copy=False)
+        self._logits[start:stop] = logits
+        self._labels[start:stop] = labels
+        self._backend.flush()
+        self._checksums[index] = chunk_checksum(logits, labels.astype(np.int64, copy=False))
+
+    def finish(self, **manifest_updates: Any) -> None:
+        """Mark the cache complete and move it from ``PATH.partial`` to ``PATH``."""
+        written = np.asarray(self._checksums[:])
+        if (written < 0).any():
+            missing = int(np.flatnonzero(written < 0)[0])
+            raise RuntimeError(f"chunk {missing} was never written")
+        self.manifest.update(manifest_updates, complete=True)
+        self._backend.write_manifest(self.manifest)
+        self._backend.close()
+        remove_path(self.path)
+        os.replace(self.partial, self.path)
+        self._finished = True
+
+    def close(self) -> None:
+        if not self._finished:
+            self._backend.close()
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -1,0 +1,62 @@
+"""Shared fixtures: a private data directory, small datasets, and a small trained teacher."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("SOFTLABELS_DATA", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "softlabels-data"))
+
+from softlabels import StudentSpec, TrainConfig, load_model, open_data, train_students  # noqa: E402
+
+TRANSFER = "mnist1d://transfer?n=3000&seed=7"
+
+
+@pytest.fixture(scope="session")
+def teacher_path(tmp_path_factory) -> Path:
+    """A cnn1d teacher trained for a few epochs on the 4000 MNIST-1D labels (about 85% test accuracy)."""
+    out = tmp_path_factory.mktemp("teacher")
+    config = TrainConfig(epochs=8, hard_labels_only=True, device="cpu", lr=5e-3)
+    train_students(
+        [StudentSpec("cnn1d", {"channels": 32}, name="teacher")],
+        source=open_data("mnist1d://train"),
+        cache=None,
+        config=config,
+        out_dir=out,
+        num_classes=10,
+        progress=False,
+    )
+    return out / "teacher" / "student.pth"
+
+
+@pytest.fixture(scope="session")
+def teacher(teacher_path):
+    return load_model(teacher_path)
+
+
+def make_npz(path: Path, n: int = 300, features: int = 12, classes: int = 5, labels: bool = True, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    arrays = {"x": rng.normal(size=(n, features)).astype(np.float32)}
+    if labels:
+        arrays["y"] = rng.integers(0, classes, size=n).astype(np.int64)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def npz_data(tmp_path) -> Path:
+    return make_npz(tmp_path / "data.npz")
+
+
+@pytest.fixture
+def linear_teacher(tmp_path) -> Path:
+    """A random linear teacher for 12 features and 5 classes, saved as a bare state dict."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    path = tmp_path / "linear_teacher.pth"
+    torch.save(model.state_dict(), path)
+    return path

@@ -1,0 +1,113 @@
+"""Checkpoint forms, architecture resolution and refusal of anything that would run code."""
+
+import os
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from softlabels import SoftlabelsError, build_model, load_model, save_checkpoint
+
+
+def test_self_describing_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(12,), num_classes=5, kwargs={"width": 16, "depth": 1})
+    save_checkpoint(tmp_path / "s.pth", model, arch="mlp", arch_kwargs={"width": 16, "depth": 1}, input_shape=(12,), num_classes=5)
+    loaded = load_model(tmp_path / "s.pth")
+    assert (loaded.arch, loaded.arch_kwargs, loaded.num_classes, loaded.input_shape) == ("mlp", {"width": 16, "depth": 1}, 5, (12,))
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+    assert not loaded.model.training
+
+
+def test_bare_state_dict_needs_arch(linear_teacher):
+    with pytest.raises(SoftlabelsError, match="--arch"):
+        load_model(linear_teacher)
+    assert load_model(linear_teacher, arch="linear", input_shape=(12,)).num_classes == 5
+
+
+def test_safetensors_with_arch(tmp_path):
+    model = build_model("linear", input_shape=(12,), num_classes=5)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    loaded = load_model(tmp_path / "w.safetensors", arch="linear", input_shape=(12,))
+    x = torch.randn(2, 12)
+    torch.testing.assert_close(loaded.model(x), model(x))
+
+
+def test_state_dict_that_does_not_fit_names_the_key(linear_teacher):
+    with pytest.raises(SoftlabelsError, match=r"key '1.weight' has shape \[5, 12\]"):
+        load_model(linear_teacher, arch="linear", input_shape=(7,))
+    with pytest.raises(SoftlabelsError, match=r"expects \[100, 12\]"):
+        load_model(linear_teacher, arch="mlp", input_shape=(12,))
+    state = torch.load(linear_teacher)
+    del state["1.bias"]
+    torch.save(state, linear_teacher)
+    with pytest.raises(SoftlabelsError, match="missing key '1.bias'"):
+        load_model(linear_teacher, arch="linear", input_shape=(12,))
+
+
+def test_module_callable_architecture(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+        import torch
+        def tiny(num_classes, hidden=8):
+            return torch.nn.Sequential(torch.nn.Linear(12, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, num_classes))
+    """))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(1)
+    model = build_model("my_models:tiny", input_shape=(12,), num_classes=5, kwargs={"hidden": 8})
+    torch.save(model.state_dict(), tmp_path / "sd.pth")
+    loaded = load_model(tmp_path / "sd.pth", arch="my_models:tiny", arch_kwargs={"hidden": 8})
+    x = torch.randn(2, 12)
+    torch.testing.assert_close(loaded.model(x), model(x))
+    with pytest.raises(SoftlabelsError, match="has no 'nope'"):
+        build_model("my_models:nope", input_shape=(12,), num_classes=5)
+    with pytest.raises(SoftlabelsError, match="cannot import"):
+        build_model("no_such_module_xyz:f", input_shape=(12,), num_classes=5)
+    with pytest.raises(SoftlabelsError, match="unknown architecture"):
+        build_model("resnet9000", input_shape=(12,), num_classes=5)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_that_runs_a_command_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": {}, "payload": _Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(SoftlabelsError, match="refusing to load"):
+        load_model(tmp_path / "evil.pth", arch="linear")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_whole_pickled_module_needs_trust_code(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    torch.save(model, tmp_path / "whole.pth")
+    with pytest.raises(SoftlabelsError, match="--trust-code"):
+        load_model(tmp_path / "whole.pth")
+    loaded = load_model(tmp_path / "whole.pth", trust_code=True)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(loaded.model(x), model(x))
+
+
+def test_torchscript_needs_trust_code(tmp_path):
+    scripted = torch.jit.script(torch.nn.Linear(4, 3))
+    scripted.save(str(tmp_path / "ts.pt"))
+    with pytest.raises(SoftlabelsError, match="TorchScript"):
+        load_model(tmp_path / "ts.pt")
+    assert load_model(tmp_path / "ts.pt", trust_code=True).model(torch.randn(2, 4)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_missing_truncated_or_corrupt_checkpoint(tmp_path, linear_teacher, content):
+    path = tmp_path / "bad.pth"
+    if content is None:
+        data = linear_teacher.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SoftlabelsError, match="cannot read checkpoint|refusing"):
+        load_model(path, arch="linear", input_shape=(12,))
+    with pytest.raises(SoftlabelsError, match="not found"):
+        load_model(tmp_path / "missing.pth")

@@ -1,0 +1,143 @@
+"""The CLI as a user meets it: help, exit codes, one-line errors, a real subprocess."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from softlabels import open_cache
+from softlabels.cli import cli
+
+from .conftest import make_npz
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_command_has_help_ending_in_an_example_and_is_in_the_readme(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0
+    tail = result.output.strip().splitlines()
+    example_at = max(i for i, line in enumerate(tail) if line.strip() == "Example:")
+    assert all("softlabels" in line or line.strip().startswith("--") or not line.strip() for line in tail[example_at + 1:])
+    assert f"softlabels {command}" in tail[-1] or f"softlabels {command}" in "\n".join(tail[example_at:])
+    assert f"softlabels {command}" in README.read_text()
+    for option in re.findall(r"--[a-z][a-z0-9_-]*", result.output):
+        assert "_" not in option, f"{option} should use dashes"
+
+
+def assert_one_line_error(result, pattern):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_dump_cli_writes_a_cache_and_summary(tmp_path, npz_data, linear_teacher):
+    out = tmp_path / "c.h5"
+    result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out, "--chunk-rows", 64)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"300 samples x 5 classes, .* MiB on disk, .* teacher accuracy \d+\.\d+% on 300 labeled", result.output)
+    with open_cache(out) as cache:
+        assert (len(cache), cache.num_classes, cache.chunk_rows) == (300, 5, 64)
+        assert cache.manifest["teacher"]["arch"] == "linear"
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--teacher", "missing.pth", "--arch", "linear"], "checkpoint not found"),
+        (["--arch", "linear", "--data", "nowhere.npz"], "no such file"),
+        (["--arch", "linear", "--data", "what is this"], "cannot parse data spec"),
+        (["--arch", "linear", "--data", "mnist1d://validation"], "unknown MNIST-1D split"),
+        ([], "bare state dict: pass --arch"),
+        (["--arch", "nosuchnet"], "unknown architecture 'nosuchnet'"),
+        (["--arch", "nosuchmodule_abc:make"], "cannot import architecture"),
+        (["--arch", "mlp"], "does not fit architecture 'mlp'"),
+    ],
+)
+def test_dump_errors_are_one_line(tmp_path, npz_data, linear_teacher, args, pattern):
+    defaults = {"--teacher": linear_teacher, "--data": npz_data, "--out": tmp_path / "c.zarr"}
+    for flag in ("--teacher", "--data"):
+        if flag not in args:
+            args = args + [flag, defaults[flag]]
+    result = run("dump", *args, "--out", defaults["--out"])
+    assert_one_line_error(result, pattern)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_existing_cache_is_kept_without_overwrite(tmp_path, npz_data, linear_teacher):
+    out = tmp_path / "c.zarr"
+    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out).exit_code == 0
+    before = sorted(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out)
+    assert_one_line_error(result, "already exists; pass --overwrite")
+    assert sorted(p.read_bytes() for p in out.rglob("*") if p.is_file()) == before
+    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out, "--overwrite").exit_code == 0
+
+
+def test_labels_out_of_range_are_refused(tmp_path, linear_teacher):
+    data = make_npz(tmp_path / "d.npz", classes=9)
+    result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", data, "--out", tmp_path / "c.zarr")
+    assert_one_line_error(result, r"label \d+ at sample \d+ is out of range for a teacher with 5 classes")
+
+
+def test_dataset_without_x(tmp_path, linear_teacher):
+    np.savez(tmp_path / "d.npz", inputs=np.zeros((4, 12)))
+    result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", tmp_path / "d.npz", "--out", tmp_path / "c.zarr")
+    assert_one_line_error(result, "has no array 'x' \\(found: inputs\\)")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--batch-size", "-4"], ["--temperature", "0"], ["--alpha", "1.5"], ["--kl", "sideways"], ["--epochs", "0"]],
+)
+def test_invalid_option_values_are_usage_errors(tmp_path, args):
+    result = run("train-student", "--data", "x.npz", "--hard-labels-only", "--student", "mlp", "--out", tmp_path, *args)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+def test_inspect_json_and_evaluate(tmp_path, npz_data, linear_teacher):
+    out = tmp_path / "c.zarr"
+    run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out, "--store-dtype", "float32")
+    report = json.loads(run("inspect", out, "--json").output)
+    assert report["complete"] and report["shape"] == [300, 5] and report["dtype"] == "float32"
+    assert report["labeled_rows"] == 300 and 0 <= report["teacher_accuracy"] <= 1
+    assert 0 < report["mean_entropy_nats"] <= np.log(5) + 1e-9
+    result = run("evaluate", "--model", linear_teacher, "--arch", "linear", "--cache", out, "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    # The teacher agrees with its own cached logits, and its accuracy is the one the cache recorded.
+    assert metrics["teacher_agreement"] == 1.0
+    assert metrics["accuracy"] == pytest.approx(report["teacher_accuracy"])
+
+
+def test_inspect_refuses_what_is_not_a_cache(tmp_path):
+    (tmp_path / "notes.zarr").mkdir()
+    assert_one_line_error(run("inspect", tmp_path / "notes.zarr"), "not a softlabels cache")
+
+
+def test_real_subprocess_round_trip(tmp_path, npz_data, linear_teacher):
+    exe = [sys.executable, "-m", "softlabels"]
+    out = tmp_path / "c.zarr"
+    done = subprocess.run(
+        exe + ["dump", "--teacher", str(linear_teacher), "--arch", "linear", "--data", str(npz_data), "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    failed = subprocess.run(exe + ["inspect", str(tmp_path / "missing.zarr")], capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert failed.stderr.strip() == f"error: cache not found: {tmp_path / 'missing.zarr'}"
+    debug = subprocess.run(exe + ["--debug", "inspect", str(tmp_path / "missing.zarr")], capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -1,0 +1,108 @@
+"""kd_loss against closed-form values and gradients computed independently in numpy."""
+
+import numpy as np
+import pytest
+import torch
+
+from softlabels import kd_loss, kl_divergence
+
+
+def softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(6, 7)) * 3
+    t = rng.normal(size=(6, 7)) * 3
+    y = np.array([0, 3, -1, 6, -1, 2])
+    return s, t, y
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
+def test_forward_kd_value_and_gradient_match_closed_form(batch, temperature):
+    s, t, y = batch
+    alpha = 0.3
+    p, q = softmax(t / temperature), softmax(s / temperature)
+    kl = (p * (np.log(p) - np.log(q))).sum(1)
+    q1 = softmax(s)
+    labeled = y >= 0
+    ce = np.zeros(len(y))
+    ce[labeled] = -np.log(q1[labeled, y[labeled]])
+    expected = (alpha * ce + (1 - alpha) * temperature**2 * kl).mean()
+    # d/ds of T^2 KL(p||q) is T (q - p); of CE it is softmax(s) - onehot(y).
+    onehot = np.zeros_like(s)
+    onehot[labeled, y[labeled]] = 1
+    grad = (alpha * (q1 - onehot) * labeled[:, None] + (1 - alpha) * temperature * (q - p)) / len(y)
+
+    st = torch.tensor(s, requires_grad=True)
+    loss = kd_loss(st, torch.tensor(t), torch.tensor(y), temperature=temperature, alpha=alpha)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(st.grad.numpy(), grad, rtol=1e-4, atol=1e-7)
+
+
+def test_reverse_kl_value_and_gradient_match_closed_form(batch):
+    s, t, _ = batch
+    temperature = 2.0
+    p, q = softmax(t / temperature), softmax(s / temperature)
+    kl = (q * (np.log(q) - np.log(p))).sum(1, keepdims=True)
+    # d/ds_j KL(q||p) = q_j (log q_j - log p_j - KL) / T, times T^2, averaged over the batch.
+    grad = temperature * q * (np.log(q) - np.log(p) - kl) / len(s)
+    st = torch.tensor(s, requires_grad=True)
+    loss = kd_loss(st, torch.tensor(t), None, temperature=temperature, alpha=0.0, kl="reverse")
+    loss.backward()
+    assert loss.item() == pytest.approx(temperature**2 * kl.mean(), rel=1e-5)
+    np.testing.assert_allclose(st.grad.numpy(), grad, rtol=1e-4, atol=1e-7)
+
+
+def test_forward_and_reverse_differ_and_vanish_when_equal(batch):
+    s, t, _ = batch
+    st, tt = torch.tensor(s), torch.tensor(t)
+    assert kl_divergence(st, tt).mean() != pytest.approx(kl_divergence(st, tt, kl="reverse").mean().item())
+    assert kl_divergence(tt, tt).abs().max().item() < 1e-12
+
+
+def test_temperature_squared_scaling(batch):
+    s, t, _ = batch
+    st, tt = torch.tensor(s), torch.tensor(t)
+    for temperature in (1.0, 3.0, 8.0):
+        loss = kd_loss(st, tt, None, temperature=temperature, alpha=0.0)
+        assert loss.item() == pytest.approx(temperature**2 * kl_divergence(st, tt, temperature=temperature).mean().item())
+
+
+def test_unlabeled_rows_contribute_only_the_soft_term(batch):
+    s, t, _ = batch
+    st = torch.tensor(s, requires_grad=True)
+    unlabeled = torch.full((len(s),), -1)
+    hard_only = kd_loss(st, torch.tensor(t), unlabeled, alpha=1.0)
+    hard_only.backward()
+    assert hard_only.item() == 0.0
+    assert st.grad.abs().max().item() == 0.0
+    soft = kd_loss(torch.tensor(s), torch.tensor(t), unlabeled, temperature=2.0, alpha=0.4)
+    assert soft.item() == pytest.approx(0.6 * 4.0 * kl_divergence(torch.tensor(s), torch.tensor(t), temperature=2.0).mean().item())
+
+
+def test_no_teacher_is_cross_entropy_over_labeled_rows(batch):
+    s, _, y = batch
+    labeled = y >= 0
+    expected = torch.nn.functional.cross_entropy(torch.tensor(s[labeled]), torch.tensor(y[labeled]))
+    assert kd_loss(torch.tensor(s), None, torch.tensor(y)).item() == pytest.approx(expected.item())
+
+
+def test_float16_teacher_logits_are_accepted(batch):
+    s, t, y = batch
+    full = kd_loss(torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32), torch.tensor(y))
+    half = kd_loss(torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float16), torch.tensor(y))
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(full.item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 0.0}, {"alpha": 1.5}, {"kl": "sideways"}])
+def test_invalid_arguments_are_refused(batch, kwargs):
+    s, t, y = batch
+    with pytest.raises(ValueError):
+        kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), **kwargs)
