@@ -22,6 +22,7 @@ from .losses import KL_DIRECTIONS
 from .report import SUMMARY_COLUMNS, cache_report, format_cache_report, format_table
 from .store import STORE_DTYPES, open_cache
 from .train import StudentSpec, TrainConfig, evaluate as run_evaluate, predict, train_students
+from .verify import verify_cache
 
 POSITIVE = click.IntRange(min=1)
 
@@ -128,10 +129,11 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers reading the inputs.")
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True)
 @click.option("--chunk-rows", type=POSITIVE, help="Rows per chunk (default: about 0.5 MiB of logits).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache (and any interrupted dump) at --out.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted dump from its committed chunks.")
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf logits instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, overwrite, allow_nonfinite, quiet):
+def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, overwrite, resume, allow_nonfinite, quiet):
     """Run a teacher over a dataset and store its logits in a cache.
     """
     source = open_data(data_spec)
@@ -147,6 +149,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         chunk_rows=chunk_rows,
         num_workers=num_workers,
         overwrite=overwrite,
+        resume=resume,
         check_finite=not allow_nonfinite,
         progress=not quiet,
     )
@@ -264,6 +267,34 @@ def inspect(path, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else format_cache_report(report))
     if not report["complete"]:
         sys.exit(1)
+
+
+@cli.command(epilog="Example:\n\n\b\n  softlabels verify train.zarr\n  softlabels verify train.zarr --recompute 256 --teacher teacher.pth")
+@click.argument("path")
+@click.option("--recompute", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Rerun the teacher on N random rows and compare.")
+@click.option("--teacher", "teacher_path", metavar="CKPT", help="The cache's teacher checkpoint (for --recompute).")
+@_teacher_options
+@click.option("--data", "data_spec", metavar="SPEC", help="The cache's dataset, if not where the manifest says.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed choosing the rows to recompute.")
+@click.option("--device", default="cpu", show_default=True)
+def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_code, data_spec, seed, device):
+    """Check a cache's manifest, completeness and per-chunk checksums (exit 0 only if all is well)."""
+    teacher = None
+    if recompute:
+        if not teacher_path:
+            raise SoftlabelsError("--recompute needs --teacher")
+        with open_cache(path, allow_incomplete=True) as cache:
+            source = source_for_cache(cache, data_spec)
+        teacher = _load(teacher_path, source, arch, arch_kwargs, num_classes, trust_code)
+    report = verify_cache(path, recompute=recompute, teacher=teacher, data_spec=data_spec, seed=seed, device=device)
+    for problem in report.problems:
+        click.echo(f"bad: {problem}")
+    checked = f"{report.chunks} chunks checked"
+    if report.rows_recomputed:
+        checked += f", {report.rows_recomputed} rows recomputed (max |difference| {report.max_abs_difference:.3g})"
+    if not report.ok:
+        raise SoftlabelsError(f"{path} failed verification: {len(report.problems)} problem(s), {checked}")
+    click.echo(f"ok: {path}: {checked}")
 
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels compare runs/scratch runs/distilled")

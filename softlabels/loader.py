@@ -7,7 +7,7 @@ next window is read in a background thread while the current one is trained on.
 
 Example:
     >>> cache = open_cache("transfer.zarr")
-    >>> loader = SoftTargetLoader(open_data(cache.manifest["dataset"]["spec"]), cache, batch_size=128, seed=0)
+    >>> loader = SoftTargetLoader(source_for_cache(cache), cache, batch_size=128, seed=0)
     >>> loader.set_epoch(0)
     >>> for batch in loader:
     ...     loss = kd_loss(model(batch.inputs), batch.teacher_logits, batch.labels)
@@ -36,7 +36,7 @@ def source_for_cache(cache: Cache, spec: str | None = None) -> Source:
     """
     recorded = cache.manifest.get("dataset") or {}
     spec = spec or recorded.get("spec")
-    if not spec:
+    if not isinstance(spec, str) or not spec:
         raise SoftlabelsError(f"{cache.path} does not name its dataset; pass --data")
     source = open_data(spec)
     if len(source) != len(cache):

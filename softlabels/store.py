@@ -23,10 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -83,7 +85,7 @@ class _ZarrBackend:
     def __init__(self, path: Path, mode: str):
         import zarr
 
-        self._zarr = zarr
+        self.root = path
         try:
             self.group = zarr.open_group(str(path), mode=mode)
         except Exception as exc:
@@ -106,8 +108,13 @@ class _ZarrBackend:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.group.attrs[MANIFEST_KEY] = manifest
 
-    def flush(self) -> None:
-        pass  # every zarr write lands in the store (atomically, by rename) before it returns
+    def sync(self, chunk: int | None) -> None:
+        """fsync the files of ``chunk`` (``None``: the manifest), which zarr writes but never syncs."""
+        if chunk is None:
+            _fsync_file(self.root / "zarr.json")
+            return
+        _fsync_file(self.root / "logits" / "c" / str(chunk) / "0")
+        _fsync_file(self.root / "labels" / "c" / str(chunk))
 
     def close(self) -> None:
         pass
@@ -118,7 +125,7 @@ class _H5Backend:
         import h5py
 
         try:
-            self.file = h5py.File(path, {"w": "w", "r": "r", "r+": "r+"}[mode])
+            self.file = h5py.File(path, mode)
         except Exception as exc:
             raise SoftlabelsError(f"{path} is not a softlabels cache: cannot open it as HDF5 ({exc})") from exc
 
@@ -149,8 +156,9 @@ class _H5Backend:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
 
-    def flush(self) -> None:
+    def sync(self, chunk: int | None) -> None:
         self.file.flush()
+        os.fsync(self.file.id.get_vfd_handle())
 
     def close(self) -> None:
         self.file.close()
@@ -185,6 +193,11 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> dict
         value = manifest.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise SoftlabelsError(f"{path}: manifest field '{key}' is missing or not {kind.__name__}")
+    for key in ("teacher", "dataset"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise SoftlabelsError(f"{path}: manifest field '{key}' is not an object")
+    if not isinstance(manifest.get("complete"), bool):
+        raise SoftlabelsError(f"{path}: manifest field 'complete' is missing or not true/false")
     n, c = manifest["num_samples"], manifest["num_classes"]
     if n < 0 or c < 1 or manifest["chunk_rows"] < 1 or manifest["dtype"] not in STORE_DTYPES:
         raise SoftlabelsError(f"{path}: manifest has impossible values (num_samples={n}, num_classes={c})")
@@ -292,8 +305,9 @@ def open_cache(path: str | Path, *, allow_incomplete: bool = False) -> Cache:
 class CacheWriter:
     """Writes a cache chunk by chunk into ``PATH.partial``; :meth:`finish` publishes it as ``PATH``.
 
-    Leaving the ``with`` block by an exception keeps the partial cache as it is (never marked
-    complete), so a later run can resume from its written chunks.
+    A chunk's bytes are flushed to disk (fsync) before its checksum is recorded, so the recorded
+    checksums name exactly the chunks that survive a crash. Leaving the ``with`` block by an
+    exception keeps the partial cache as it is (never complete); :meth:`resume` reopens it.
 
     Example:
         >>> with CacheWriter("out.zarr", num_samples=100, num_classes=10, chunk_rows=64,
@@ -312,15 +326,13 @@ class CacheWriter:
         chunk_rows: int,
         dtype: str,
         manifest: dict[str, Any],
-        compress: bool = True,
     ):
-        self.path = Path(path)
-        self.partial = Path(str(self.path) + PARTIAL_SUFFIX)
-        backend_name(self.path)
+        path = Path(path)
+        backend_name(path)
         chunk_rows = max(1, min(chunk_rows, num_samples))  # HDF5 refuses chunks larger than the array
         if dtype not in STORE_DTYPES:
             raise SoftlabelsError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype}")
-        self.manifest = {
+        manifest = {
             **manifest,
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -331,23 +343,52 @@ class CacheWriter:
             "chunk_rows": chunk_rows,
             "complete": False,
         }
-        self.chunk_rows = chunk_rows
-        self.num_samples = num_samples
-        self.num_chunks = num_chunks(num_samples, chunk_rows)
-        remove_path(self.partial)
-        self._backend = _open_backend(self.partial, "w")
-        self._logits = self._backend.create_array(
-            "logits", (num_samples, num_classes), (chunk_rows, num_classes), dtype, 0, compress
-        )
-        self._labels = self._backend.create_array("labels", (num_samples,), (chunk_rows,), "int64", -1, compress)
-        self._checksums = self._backend.create_array(
-            "chunk_crc32", (self.num_chunks,), (max(1, min(self.num_chunks, _CHECKSUMS_PER_CHUNK)),), "int64", -1, False
-        )
-        self._backend.write_manifest(self.manifest)
+        partial = partial_path(path)
+        remove_path(partial)
+        backend = _open_backend(partial, "w")
+        chunks = num_chunks(num_samples, chunk_rows)
+        backend.create_array("logits", (num_samples, num_classes), (chunk_rows, num_classes), dtype, 0, True)
+        backend.create_array("labels", (num_samples,), (chunk_rows,), "int64", -1, True)
+        backend.create_array("chunk_crc32", (chunks,), (max(1, min(chunks, _CHECKSUMS_PER_CHUNK)),), "int64", -1, False)
+        backend.write_manifest(manifest)
+        backend.sync(None)
+        self._attach(path, backend, manifest)
+
+    @classmethod
+    def resume(cls, path: str | Path) -> "CacheWriter":
+        """Reopen ``PATH.partial`` to write its missing chunks; raises if it cannot be trusted."""
+        path = Path(path)
+        partial = partial_path(path)
+        backend = _open_backend(partial, "r+")
+        try:
+            manifest = validate_manifest(backend.read_manifest(), backend.arrays(), partial)
+        except BaseException:
+            backend.close()
+            raise
+        writer = cls.__new__(cls)
+        writer._attach(path, backend, manifest)
+        return writer
+
+    def _attach(self, path: Path, backend: Any, manifest: dict[str, Any]) -> None:
+        self.path, self.partial = path, partial_path(path)
+        self.manifest = manifest
+        self.chunk_rows, self.num_samples = manifest["chunk_rows"], manifest["num_samples"]
+        self.num_chunks = num_chunks(self.num_samples, self.chunk_rows)
+        self._backend = backend
+        arrays = backend.arrays()
+        self._logits, self._labels, self._checksums = arrays["logits"], arrays["labels"], arrays["chunk_crc32"]
         self._finished = False
 
     def chunk_bounds(self, index: int) -> tuple[int, int]:
         return chunk_bounds(index, self.chunk_rows, self.num_samples)
+
+    def recorded_checksums(self) -> np.ndarray:
+        """Each chunk's recorded CRC-32, ``-1`` for chunks not (durably) written yet."""
+        return np.asarray(self._checksums[:])
+
+    def read_chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        start, stop = self.chunk_bounds(index)
+        return np.asarray(self._logits[start:stop]), np.asarray(self._labels[start:stop])
 
     def write_chunk(self, index: int, logits: np.ndarray, labels: np.ndarray) -> None:
         """Write chunk ``index`` (rows ``index * chunk_rows`` onwards), then record its checksum."""
@@ -355,22 +396,24 @@ class CacheWriter:
         if logits.shape[0] != stop - start or labels.shape[0] != stop - start:
             raise ValueError(f"chunk {index} needs {stop - start} rows, got {logits.shape[0]}")
         logits = logits.astype(self.manifest["dtype"], copy=False)
+        labels = labels.astype(np.int64, copy=False)
         self._logits[start:stop] = logits
         self._labels[start:stop] = labels
-        self._backend.flush()
-        self._checksums[index] = chunk_checksum(logits, labels.astype(np.int64, copy=False))
+        self._backend.sync(index)
+        self._checksums[index] = chunk_checksum(logits, labels)
 
     def finish(self, **manifest_updates: Any) -> None:
         """Mark the cache complete and move it from ``PATH.partial`` to ``PATH``."""
-        written = np.asarray(self._checksums[:])
+        written = self.recorded_checksums()
         if (written < 0).any():
-            missing = int(np.flatnonzero(written < 0)[0])
-            raise RuntimeError(f"chunk {missing} was never written")
+            raise RuntimeError(f"chunk {int(np.flatnonzero(written < 0)[0])} was never written")
         self.manifest.update(manifest_updates, complete=True)
         self._backend.write_manifest(self.manifest)
+        self._backend.sync(None)
         self._backend.close()
         remove_path(self.path)
         os.replace(self.partial, self.path)
+        _fsync_directory(self.path.parent)
         self._finished = True
 
     def close(self) -> None:
@@ -382,6 +425,59 @@ class CacheWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def partial_path(path: Path) -> Path:
+    return Path(str(path) + PARTIAL_SUFFIX)
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # zarr does not store a chunk that is all fill value
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot sync a directory
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def dump_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``PATH.lock`` while a dump writes ``PATH``.
+
+    ``flock`` locks die with their process, so a killed dump never leaves the path locked. The lock
+    file is removed on release; a waiter that locked a file removed meanwhile notices by its inode
+    and refuses rather than share the path.
+    """
+    lock = Path(str(path) + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SoftlabelsError(f"another dump is writing {path} (it holds {lock})") from None
+        if not lock.exists() or os.stat(lock).st_ino != os.fstat(fd).st_ino:
+            raise SoftlabelsError(f"another dump is writing {path}")
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def remove_path(path: Path) -> None:

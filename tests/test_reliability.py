@@ -1,0 +1,358 @@
+"""Crash safety, resumption, locking, verification and refusal of untrustworthy caches."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from softlabels import SoftlabelsError, dump, load_model, open_cache, open_data
+from softlabels.cli import cli
+from softlabels.store import CacheWriter
+
+from .conftest import make_npz
+
+SLOW_ZOO = textwrap.dedent("""
+    import os
+    import time
+    import torch
+    from torch import nn
+
+    class Slow(nn.Module):
+        '''A linear teacher that sleeps per batch, so a dump lasts long enough to be killed.'''
+        def __init__(self):
+            super().__init__()
+            self.delay = float(os.environ.get("SLOW_DELAY", "0.04"))
+            self.fc = nn.Linear(12, 5)
+        def forward(self, x):
+            time.sleep(self.delay)
+            return self.fc(x) * 7
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 5)
+        def forward(self, x):
+            return self.fc(x).sum(1)
+""")
+
+
+@pytest.fixture
+def slow_setup(tmp_path):
+    (tmp_path / "slowzoo.py").write_text(SLOW_ZOO)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+        zoo = importlib.import_module("slowzoo")
+        importlib.reload(zoo)
+        torch.manual_seed(0)
+        torch.save(zoo.Slow().state_dict(), tmp_path / "slow.pth")
+    finally:
+        sys.path.remove(str(tmp_path))
+    make_npz(tmp_path / "data.npz", n=2000, features=12, classes=5)
+    return tmp_path
+
+
+def dump_args(root, out, *extra):
+    return [sys.executable, "-m", "softlabels", "dump", "--teacher", str(root / "slow.pth"), "--arch", "slowzoo:Slow",
+            "--data", str(root / "data.npz"), "--out", str(out), "--batch-size", "50", "--chunk-rows", "100",
+            "--device", "cpu", "--quiet", *extra]
+
+
+def run_dump(root, out, *extra):
+    done = subprocess.run(dump_args(root, out, *extra), cwd=root, capture_output=True, text=True, timeout=300)
+    return done
+
+
+def committed(partial: Path) -> int:
+    try:
+        if partial.name.endswith(".zarr.partial"):
+            return int((zarr.open_group(str(partial), mode="r")["chunk_crc32"][:] >= 0).sum())
+        with h5py.File(partial, "r", locking=False) as f:
+            return int((f["chunk_crc32"][:] >= 0).sum())
+    except Exception:
+        return -1
+
+
+def kill_after(root, out, chunks: int) -> None:
+    """Start a dump and SIGKILL it once ``chunks`` chunks are committed (0: as soon as it runs)."""
+    proc = subprocess.Popen(dump_args(root, out), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = Path(str(out) + ".partial")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if chunks == 0 or committed(partial) >= chunks:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def chunk_files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted((path / "logits").rglob("*")) if p.is_file()}
+
+
+def test_sigkill_at_any_point_then_resume_gives_identical_bytes(slow_setup):
+    root = slow_setup
+    reference = root / "reference.zarr"
+    assert run_dump(root, reference).returncode == 0
+    expected = zarr.open_group(str(reference), mode="r")["logits"][:]
+    for chunks in (0, 1, 7, 19):
+        out = root / f"killed{chunks}.zarr"
+        kill_after(root, out, chunks)
+        assert not out.exists(), "a killed dump must never leave a cache at PATH"
+        if Path(str(out) + ".partial").exists():
+            plain = run_dump(root, out)
+            assert plain.returncode == 1 and "holds an interrupted dump: pass --resume" in plain.stderr
+        resumed = run_dump(root, out, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        got = zarr.open_group(str(out), mode="r")["logits"][:]
+        assert got.tobytes() == expected.tobytes()
+        assert chunk_files(out) == chunk_files(reference)
+        assert open_cache(out).manifest["complete"] is True
+
+
+def test_resume_refuses_other_options_and_says_what_differs(slow_setup):
+    root = slow_setup
+    out = root / "c.zarr"
+    kill_after(root, out, 3)
+    args = dump_args(root, out, "--resume")
+    args[args.index("--batch-size") + 1] = "64"
+    done = subprocess.run(args, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "batch size was 50, now 64" in done.stderr
+    other = make_npz(root / "other.npz", n=2000, features=12, classes=5, seed=9)
+    args = dump_args(root, out, "--resume")
+    args[args.index(str(root / "data.npz"))] = str(other)
+    done = subprocess.run(args, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 1 and "dataset fingerprint was" in done.stderr
+
+
+def test_hdf5_killed_dump_resumes_or_restarts_to_the_same_values(slow_setup):
+    root = slow_setup
+    reference = root / "reference.h5"
+    assert run_dump(root, reference).returncode == 0
+    for chunks in (2, 12):
+        out = root / f"killed{chunks}.h5"
+        kill_after(root, out, chunks)
+        assert not out.exists()
+        resumed = run_dump(root, out, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        with h5py.File(out, "r") as f, h5py.File(reference, "r") as g:
+            assert f["logits"][:].tobytes() == g["logits"][:].tobytes()
+    out = root / "garbage.h5"
+    Path(str(out) + ".partial").write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(4096))
+    resumed = run_dump(root, out, "--resume")
+    assert resumed.returncode == 0 and "unreadable" in resumed.stderr and "starting again" in resumed.stderr
+
+
+def test_second_dump_to_the_same_path_is_refused_and_a_killed_lock_is_not_stuck(slow_setup):
+    root = slow_setup
+    out = root / "c.zarr"
+    slower = {**os.environ, "SLOW_DELAY": "0.5"}
+    first = subprocess.Popen(dump_args(root, out), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=slower)
+    while committed(Path(str(out) + ".partial")) < 1:
+        time.sleep(0.01)
+    second = run_dump(root, out)
+    assert second.returncode == 1 and "another dump is writing" in second.stderr
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert run_dump(root, out, "--resume").returncode == 0
+
+
+def test_out_of_disk_space_keeps_a_resumable_partial(tmp_path, npz_data, linear_teacher, monkeypatch):
+    teacher = load_model(linear_teacher, arch="linear", input_shape=(12,))
+    source = open_data(str(npz_data))
+    dump(teacher, source, tmp_path / "ref.zarr", batch_size=32, chunk_rows=40, progress=False)
+    original = CacheWriter.write_chunk
+    calls = []
+
+    def full_disk(self, index, logits, labels):
+        calls.append(index)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, index, logits, labels)
+
+    monkeypatch.setattr(CacheWriter, "write_chunk", full_disk)
+    out = tmp_path / "c.zarr"
+    with pytest.raises(SoftlabelsError, match="no space left on device.*--resume"):
+        dump(teacher, source, out, batch_size=32, chunk_rows=40, progress=False)
+    assert not out.exists()
+    monkeypatch.setattr(CacheWriter, "write_chunk", original)
+    result = dump(teacher, source, out, batch_size=32, chunk_rows=40, progress=False, resume=True)
+    assert result.resumed_chunks == 3
+    ref, got = open_cache(tmp_path / "ref.zarr"), open_cache(out)
+    assert got.read(0, 300)[0].tobytes() == ref.read(0, 300)[0].tobytes()
+    assert got.manifest["teacher_accuracy"] == ref.manifest["teacher_accuracy"]
+
+
+def test_nonfinite_teacher_output_stops_at_the_first_bad_sample(tmp_path, linear_teacher):
+    x = np.random.default_rng(0).normal(size=(300, 12)).astype(np.float32)
+    x[123, 4] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    args = ["dump", "--teacher", str(linear_teacher), "--arch", "linear", "--data", str(tmp_path / "nan.npz")]
+    result = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "c.zarr")])
+    assert result.exit_code == 1 and "NaN or Inf at sample 123" in result.output
+    assert not (tmp_path / "c.zarr").exists()
+    result = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "d.zarr"), "--allow-nonfinite"])
+    assert result.exit_code == 0
+    assert np.isnan(open_cache(tmp_path / "d.zarr").read(123, 124)[0]).all()
+
+
+def test_teacher_output_of_the_wrong_shape_is_refused_before_any_write(slow_setup):
+    root = slow_setup
+    torch.manual_seed(0)
+    torch.save({"fc.weight": torch.zeros(5, 12), "fc.bias": torch.zeros(5)}, root / "flat.pth")
+    args = dump_args(root, root / "c.zarr")
+    args[args.index("slowzoo:Slow")] = "slowzoo:Flat"
+    args[args.index(str(root / "slow.pth"))] = str(root / "flat.pth")
+    done = subprocess.run(args, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 1 and "must output [batch, classes]" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (root / "c.zarr").exists() and not (root / "c.zarr.partial").exists()
+
+
+@pytest.fixture
+def cache_and_teacher(tmp_path, npz_data, linear_teacher):
+    teacher = load_model(linear_teacher, arch="linear", input_shape=(12,))
+    out = tmp_path / "c.zarr"
+    dump(teacher, open_data(str(npz_data)), out, chunk_rows=50, progress=False)
+    return out, linear_teacher
+
+
+def verify(*args):
+    return CliRunner().invoke(cli, ["verify", *[str(a) for a in args]])
+
+
+def test_verify_passes_an_intact_cache_and_recomputes_rows(cache_and_teacher):
+    out, teacher = cache_and_teacher
+    result = verify(out, "--recompute", 40, "--teacher", teacher, "--arch", "linear")
+    assert result.exit_code == 0, result.output
+    assert "ok:" in result.output and "6 chunks checked, 40 rows recomputed" in result.output
+
+
+def test_verify_catches_flipped_truncated_and_missing_chunks(cache_and_teacher):
+    out, _ = cache_and_teacher
+    flipped, truncated, missing = out / "logits/c/1/0", out / "logits/c/3/0", out / "labels/c/5"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    missing.unlink()
+    result = verify(out)
+    assert result.exit_code == 1
+    bad = [line for line in result.output.splitlines() if line.startswith("bad: ")]
+    assert len(bad) == 3
+    assert bad[0].startswith("bad: chunk 1 (rows 50-99):")
+    assert bad[1].startswith("bad: chunk 3 (rows 150-199):")
+    assert bad[2] == "bad: chunk 5 (rows 250-299): checksum mismatch (bytes changed since the dump)"
+    assert result.output.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_verify_catches_a_flipped_byte_in_hdf5(tmp_path, npz_data, linear_teacher):
+    teacher = load_model(linear_teacher, arch="linear", input_shape=(12,))
+    out = tmp_path / "c.h5"
+    dump(teacher, open_data(str(npz_data)), out, chunk_rows=50, progress=False)
+    with h5py.File(out, "r") as f:
+        offset = f["logits"].id.get_chunk_info(2).byte_offset
+    with open(out, "r+b") as f:
+        f.seek(offset + 10)
+        byte = f.read(1)
+        f.seek(offset + 10)
+        f.write(bytes([byte[0] ^ 0x40]))
+    result = verify(out)
+    assert result.exit_code == 1 and "bad: chunk 2 (rows 100-149): checksum mismatch" in result.output
+
+
+def test_verify_recompute_catches_logits_rewritten_with_valid_checksums(cache_and_teacher, tmp_path):
+    out, teacher = cache_and_teacher
+    group = zarr.open_group(str(out), mode="r+")
+    logits = group["logits"][:]
+    logits[:, 0] += 3.0
+    group["logits"][:] = logits
+    from softlabels.store import chunk_checksum
+    labels = group["labels"][:]
+    group["chunk_crc32"][:] = [chunk_checksum(logits[s:s + 50], labels[s:s + 50]) for s in range(0, 300, 50)]
+    assert verify(out).exit_code == 0  # the bytes match their checksums...
+    result = verify(out, "--recompute", 20, "--teacher", teacher, "--arch", "linear")
+    assert result.exit_code == 1 and "cached logits differ from the teacher's" in result.output  # ...the teacher does not
+    other = tmp_path / "other.pth"
+    torch.save({"1.weight": torch.zeros(5, 12), "1.bias": torch.zeros(5)}, other)
+    result = verify(out, "--recompute", 20, "--teacher", other, "--arch", "linear")
+    assert result.exit_code == 1 and "is not the teacher this cache was dumped with" in result.output
+
+
+def user_error(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    return result.output
+
+
+def test_readers_refuse_untrustworthy_caches(cache_and_teacher, tmp_path):
+    out, teacher = cache_and_teacher
+    group = zarr.open_group(str(out), mode="r+")
+    manifest = dict(group.attrs["softlabels"])
+    group.attrs["softlabels"] = {**manifest, "complete": False}
+    assert "incomplete" in user_error("train-student", "--cache", out, "--student", "mlp", "--out", tmp_path / "r")
+    group.attrs["softlabels"] = {**manifest, "format_version": 7}
+    assert "format version 7, newer" in user_error("evaluate", "--model", teacher, "--arch", "linear", "--cache", out)
+    group.attrs["softlabels"] = {**manifest, "num_samples": 301}
+    assert "has shape [300, 5] but the manifest says [301, 5]" in user_error("train-student", "--cache", out, "--student", "mlp", "--out", tmp_path / "r")
+    group.attrs["softlabels"] = manifest
+    assert "--eval-data inputs have shape [40]" in user_error(
+        "train-student", "--cache", out, "--student", "mlp", "--eval-data", "mnist1d://test", "--out", tmp_path / "r"
+    )
+
+
+VALID = {
+    "format": "softlabels-cache", "format_version": 1, "kind": "dense", "num_samples": 300, "num_classes": 5,
+    "dtype": "float16", "chunk_rows": 50, "complete": True, "teacher": {"sha256": "0"}, "dataset": {"spec": "x.npz"},
+}
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    mutation=st.one_of(
+        st.tuples(st.just("replace"), st.sampled_from(sorted(VALID)), json_values),
+        st.tuples(st.just("delete"), st.sampled_from(sorted(VALID)), st.none()),
+        st.tuples(st.just("whole"), st.none(), json_values),
+    )
+)
+def test_mutated_manifests_get_a_clean_error_never_a_crash(cache_and_teacher, mutation):
+    out, _ = cache_and_teacher
+    kind, key, value = mutation
+    manifest = dict(VALID)
+    if kind == "replace":
+        manifest[key] = value
+    elif kind == "delete":
+        del manifest[key]
+    else:
+        manifest = value
+    zarr.open_group(str(out), mode="r+").attrs["softlabels"] = manifest
+    try:
+        with open_cache(out) as cache:
+            assert cache.manifest == manifest
+    except SoftlabelsError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    result = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert result.exit_code in (0, 1) and "Traceback" not in result.output
+    if result.exit_code == 1:
+        assert result.output.startswith("error: ") or "INCOMPLETE" in result.output
