@@ -29,6 +29,8 @@ import logging
 import os
 import random
 import re
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl
@@ -205,13 +207,43 @@ class DatasetSource(Source):
         return self._fingerprint
 
 
+def _npz_member(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    """Memory-map an uncompressed ``.npy`` member of an npz file, or load a compressed one whole.
+
+    ``np.savez`` stores members uncompressed, so their bytes lie in the zip file as they are and
+    can be mapped: an npz larger than memory then streams like a Zarr or HDF5 dataset.
+    """
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        with archive.open(name) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:  # a newer .npy version: read it whole rather than guess its layout
+            with archive.open(name) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise SoftlabelsError(f"{path}: array '{name[:-4]}' holds Python objects, which are not loaded")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
 def _npz_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
     def open_npz() -> tuple[Any, Any]:
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                if "x" not in archive.files:
-                    raise SoftlabelsError(f"dataset {spec} has no array 'x' (found: {', '.join(archive.files) or 'none'})")
-                return archive["x"], (archive["y"] if "y" in archive.files else None)
+            with zipfile.ZipFile(path) as archive:
+                names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+                if "x" not in names:
+                    raise SoftlabelsError(f"dataset {spec} has no array 'x' (found: {', '.join(names) or 'none'})")
+                x = _npz_member(path, archive, "x.npy")
+                y = _npz_member(path, archive, "y.npy") if "y" in names else None
+                return x, y
         except SoftlabelsError:
             raise
         except Exception as exc:
@@ -325,13 +357,6 @@ def open_data(spec: str) -> Source:
         return _mnist1d_source(spec)
     if "://" in spec:
         raise SoftlabelsError(f"data spec {spec}: unknown scheme (the built-in one is mnist1d://)")
-    path = Path(spec)
-    if path.suffix in _STORE_SUFFIXES:
-        if not path.exists():
-            raise SoftlabelsError(f"data spec {spec}: no such file or directory")
-        canonical = str(path.resolve())
-        opener = {".npz": _npz_opener, ".zarr": _zarr_opener}.get(path.suffix, _h5_opener)
-        return ArraySource(canonical, opener(path.resolve(), spec))
     if _CALLABLE_SPEC.match(spec):
         target, _, query = spec.partition("?")
         kwargs = {k: _parse_value(v) for k, v in parse_qsl(query, keep_blank_values=True)}
@@ -341,6 +366,13 @@ def open_data(spec: str) -> Source:
         except Exception as exc:
             raise SoftlabelsError(f"dataset {spec} failed to build: {type(exc).__name__}: {exc}") from exc
         return DatasetSource(spec, dataset)
+    path = Path(spec)
+    if path.suffix in _STORE_SUFFIXES:
+        if not path.exists():
+            raise SoftlabelsError(f"data spec {spec}: no such file or directory")
+        canonical = str(path.resolve())
+        opener = {".npz": _npz_opener, ".zarr": _zarr_opener}.get(path.suffix, _h5_opener)
+        return ArraySource(canonical, opener(path.resolve(), spec))
     if path.exists():
         raise SoftlabelsError(f"data spec {spec}: unsupported file type (use .npz, .zarr, .h5 or .hdf5)")
     raise SoftlabelsError(

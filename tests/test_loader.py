@@ -83,3 +83,21 @@ def test_without_a_cache_serves_inputs_and_labels(pair):
     idx = np.concatenate([b.indices.numpy() for b in batches])
     assert sorted(idx.tolist()) == list(range(1000))
     np.testing.assert_array_equal(np.concatenate([b.labels.numpy() for b in batches]), y[idx])
+
+
+def test_shards_read_disjoint_chunks_and_together_form_the_global_batches(pair):
+    source, cache, _, _ = pair
+    whole = SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, shards=3)
+    ranks = [SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, shards=3, shard=r) for r in range(3)]
+    global_batches = collect(whole, 1)
+    rank_batches = [collect(r, 1) for r in ranks]
+    assert 0 < len(global_batches) == len(whole) == len(rank_batches[0]) == len(rank_batches[1]) == len(rank_batches[2])
+    for b, parts in zip(global_batches, zip(*rank_batches)):
+        assert all(len(p.indices) == 20 for p in parts)
+        np.testing.assert_array_equal(b.indices.numpy(), np.concatenate([p.indices.numpy() for p in parts]))
+        np.testing.assert_array_equal(b.teacher_logits.numpy()[:, 0], b.indices.numpy())
+    chunks = [set(np.concatenate([p.indices.numpy() for p in batches]) // 64) for batches in rank_batches]
+    assert not (chunks[0] & chunks[1]) and not (chunks[0] & chunks[2]) and not (chunks[1] & chunks[2])
+    served = np.concatenate([b.indices.numpy() for b in global_batches])
+    assert len(set(served.tolist())) == len(served) >= 840  # no row twice; a few wait for the next epoch
+    np.testing.assert_array_equal(served, whole.order(1))

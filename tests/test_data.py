@@ -1,0 +1,92 @@
+"""Data specs: every form reads the same rows, fingerprints follow content, bad specs are refused."""
+
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from softlabels import SoftlabelsError, open_data
+
+
+@pytest.fixture
+def arrays():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(50, 3, 4)).astype(np.float32), rng.integers(0, 6, 50)
+
+
+def test_every_array_format_reads_the_same_rows_and_fingerprint(tmp_path, arrays, monkeypatch):
+    x, y = arrays
+    np.savez(tmp_path / "plain.npz", x=x, y=y)
+    np.savez_compressed(tmp_path / "packed.npz", x=x, y=y)
+    group = zarr.open_group(str(tmp_path / "d.zarr"), mode="w")
+    group.create_array("x", data=x, chunks=(16, 3, 4))
+    group.create_array("y", data=y, chunks=(16,))
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x"], f["y"] = x, y
+    (tmp_path / "userdata.py").write_text(textwrap.dedent("""
+        import numpy as np, torch
+        class Pairs(torch.utils.data.Dataset):
+            def __init__(self, path):
+                d = np.load(path)
+                self.x, self.y = d["x"], d["y"]
+            def __len__(self):
+                return len(self.x)
+            def __getitem__(self, i):
+                return torch.from_numpy(self.x[i]), int(self.y[i])
+    """))
+    monkeypatch.chdir(tmp_path)
+    specs = ["plain.npz", "packed.npz", "d.zarr", "d.h5", f"userdata:Pairs?path={tmp_path / 'plain.npz'}"]
+    sources = [open_data(spec) for spec in specs]
+    assert isinstance(sources[0]._open()[0], np.memmap)  # uncompressed npz members are mapped, not loaded
+    for source in sources:
+        assert len(source) == 50 and source.input_shape == (3, 4) and source.has_labels
+        xs, ys = source.read(10, 27)
+        np.testing.assert_array_equal(xs, x[10:27])
+        np.testing.assert_array_equal(ys, y[10:27])
+    assert len({s.fingerprint() for s in sources[:4]}) == 1
+    assert sources[4].fingerprint().startswith("sampled-sha256:")
+
+
+def test_fingerprint_changes_with_one_value(tmp_path, arrays):
+    x, y = arrays
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    x2 = x.copy()
+    x2[37, 1, 2] += 1e-3
+    np.savez(tmp_path / "b.npz", x=x2, y=y)
+    assert open_data(str(tmp_path / "a.npz")).fingerprint() != open_data(str(tmp_path / "b.npz")).fingerprint()
+
+
+def test_unlabeled_data_reads_minus_one(tmp_path, arrays):
+    np.savez(tmp_path / "u.npz", x=arrays[0])
+    source = open_data(str(tmp_path / "u.npz"))
+    assert not source.has_labels
+    assert (source.read(0, 5)[1] == -1).all()
+
+
+def test_mnist1d_transfer_is_unlabeled_and_differs_from_train():
+    transfer = open_data("mnist1d://transfer?n=200&seed=3")
+    train = open_data("mnist1d://train")
+    assert len(transfer) == 200 and transfer.input_shape == (40,) and not transfer.has_labels
+    assert len(train) == 4000 and len(open_data("mnist1d://test")) == 1000
+    assert not np.isin(transfer.read(0, 200)[0][:, 0], train.read(0, 4000)[0][:, 0]).any()
+    assert open_data("mnist1d://transfer?n=200&seed=3").fingerprint() == transfer.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("mnist1d://transfer?n=15", "multiple of 10"),
+        ("mnist1d://transfer?n=100&seed=42", "seed 42"),
+        ("mnist1d://transfer?size=10", "unknown parameter"),
+        ("mnist1d://train?n=3", "takes no parameters"),
+        ("s3://bucket/data.zarr", "unknown scheme"),
+        ("missing.h5", "no such file"),
+        ("no_such_module_q:make", "cannot import dataset"),
+        ("", "empty data spec"),
+    ],
+)
+def test_bad_specs_are_refused(spec, message):
+    with pytest.raises(SoftlabelsError, match=message):
+        open_data(spec)
