@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 
 import click
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import load_model
 from .data import open_data
 from .dump import PRECISIONS, dump as run_dump
@@ -129,11 +129,12 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers reading the inputs.")
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True)
 @click.option("--chunk-rows", type=POSITIVE, help="Rows per chunk (default: about 0.5 MiB of logits).")
+@click.option("--compress-logits", is_flag=True, help="Compress the logits too (zstd in Zarr, gzip in HDF5): ~10% smaller, slower.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache (and any interrupted dump) at --out.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted dump from its committed chunks.")
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf logits instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, overwrite, resume, allow_nonfinite, quiet):
+def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, overwrite, resume, allow_nonfinite, quiet):
     """Run a teacher over a dataset and store its logits in a cache.
     """
     source = open_data(data_spec)
@@ -147,13 +148,15 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         precision=precision,
         store_dtype=store_dtype,
         chunk_rows=chunk_rows,
+        compress_logits=compress_logits,
         num_workers=num_workers,
         overwrite=overwrite,
         resume=resume,
         check_finite=not allow_nonfinite,
         progress=not quiet,
     )
-    click.echo(result.summary())
+    if distributed.world()[0] == 0:
+        click.echo(result.summary())
 
 
 @cli.command("train-student", epilog="Example:\n\n\b\n  softlabels train-student --cache transfer.zarr --student mlp --student cnn1d \\\n      --student 'wide=mlp?width=400' --eval-data mnist1d://test --eval-cache test.zarr \\\n      --epochs 30 --out runs/kd\n  softlabels train-student --data mnist1d://train --student mlp --hard-labels-only \\\n      --eval-data mnist1d://test --out runs/scratch")
@@ -175,14 +178,15 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--hard-labels-only", is_flag=True, help="Ignore soft targets: the scratch baseline (needs no cache).")
 @click.option("--num-classes", type=POSITIVE, help="Classes when there is no cache (default: largest label + 1).")
+@click.option("--shards", type=POSITIVE, help="Split each batch as N torchrun ranks would, to reproduce such a run in one process.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, seed, hard_labels_only, num_classes, device, quiet):
+def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, seed, hard_labels_only, num_classes, shards, device, quiet):
     """Train one or more students from a cache of teacher logits.
     """
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
-        alpha=alpha, kl=kl, seed=seed, hard_labels_only=hard_labels_only, device=device,
+        alpha=alpha, kl=kl, seed=seed, hard_labels_only=hard_labels_only, device=device, shards=shards,
     )
     shared = _json_object(student_kwargs, "--student-kwargs")
     specs = [_student_spec(s, shared) for s in students]
@@ -202,8 +206,9 @@ def train_student(cache_path, data_spec, students, student_kwargs, out, eval_dat
         specs, source=source, cache=cache, config=config, out_dir=out, eval_source=eval_source,
         eval_teacher_logits=eval_logits, num_classes=num_classes, progress=not quiet,
     )
-    click.echo(format_table(summary, SUMMARY_COLUMNS))
-    click.echo(f"wrote {Path(out) / 'summary.json'}")
+    if distributed.world()[0] == 0:
+        click.echo(format_table(summary, SUMMARY_COLUMNS))
+        click.echo(f"wrote {Path(out) / 'summary.json'}")
 
 
 def _eval_inputs(eval_data, eval_cache, eval_teacher, device):

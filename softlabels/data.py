@@ -75,6 +75,11 @@ class Source:
         """Inputs ``x[start:stop]`` and labels ``y[start:stop]`` as numpy arrays."""
         raise NotImplementedError
 
+    @property
+    def chunk_rows(self) -> int | None:
+        """Rows per stored chunk of the inputs (``None`` when reads cost the same at any offset)."""
+        return None
+
     def fingerprint(self) -> str:
         raise NotImplementedError
 
@@ -131,9 +136,15 @@ class ArraySource(Source):
     def has_labels(self) -> bool:
         return self._open()[1] is not None
 
+    @property
+    def chunk_rows(self) -> int | None:
+        chunks = getattr(self._open()[0], "chunks", None)  # zarr and chunked h5py datasets
+        return int(chunks[0]) if chunks else None
+
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         x, y = self._open()
-        xs = _as_input_array(np.asarray(x[start:stop]))
+        # A slice of a memory-mapped npz is read-only; torch wants arrays it may write.
+        xs = np.require(_as_input_array(np.asarray(x[start:stop])), requirements=["C", "W"])
         if y is None:
             return xs, np.full(stop - start, NO_LABEL, dtype=np.int64)
         return xs, np.asarray(y[start:stop]).astype(np.int64)

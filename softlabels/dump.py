@@ -2,8 +2,8 @@
 
 The main thread only feeds the model: each batch's logits are cast to the storage dtype on the
 device, copied to the host (into pinned buffers, without blocking, on CUDA) and handed through a
-bounded queue to a writer thread, which assembles whole chunks, checks them, compresses and writes
-them. Compression and storage writes release the GIL, so they overlap with the next batches.
+bounded queue to a writer thread, which assembles whole chunks and writes them, a run of finished
+chunks per store call. Storage writes release the GIL, so they overlap with the next batches.
 
 Example:
     >>> teacher = load_model("teacher.pth")
@@ -14,7 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
+import itertools
 import logging
 import queue
 import threading
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import LoadedModel
 from .data import NO_LABEL, Source
 from .errors import SoftlabelsError
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _QUEUE_BATCHES = 8
+_WRITE_GROUP = 8  # finished chunks written per store call at most
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,9 +154,9 @@ class _Accuracy:
     def __init__(self) -> None:
         self.correct = self.labeled = 0
 
-    def add(self, logits: np.ndarray, labels: np.ndarray) -> None:
+    def add(self, predicted: np.ndarray, labels: np.ndarray) -> None:
         has_label = labels != NO_LABEL
-        self.correct += int((logits.argmax(1)[has_label] == labels[has_label]).sum())
+        self.correct += int((predicted[has_label] == labels[has_label]).sum())
         self.labeled += int(has_label.sum())
 
     @property
@@ -169,8 +173,9 @@ class _ChunkWriter(threading.Thread):
         self.check_finite = check_finite
         self.inbox: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
         self.error: BaseException | None = None
-        self._parts: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        self._parts: dict[int, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._filled: dict[int, int] = {}
+        self._done: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def put(self, item: Any) -> None:
         while True:
@@ -185,24 +190,25 @@ class _ChunkWriter(threading.Thread):
     def run(self) -> None:
         try:
             while (item := self.inbox.get()) is not None:
-                start, host_logits, labels, ready = item
+                start, host_logits, finite, predicted, labels, ready = item
                 if ready is not None:
                     ready.synchronize()
-                self._add(start, host_logits.numpy(), labels.numpy())
+                self._add(start, host_logits.numpy(), finite.numpy(), predicted.numpy(), labels.numpy())
+                if self.inbox.empty() or len(self._done) >= _WRITE_GROUP:
+                    self._flush()
+            self._flush()
         except BaseException as exc:  # handed to the main thread, which re-raises it
             self.error = exc
             while self.inbox.get() is not None:  # drain so the producer never blocks on a dead writer
                 pass
 
-    def _add(self, start: int, logits: np.ndarray, labels: np.ndarray) -> None:
-        if self.check_finite:
-            bad = ~np.isfinite(logits).all(axis=1)
-            if bad.any():
-                hint = " (float16 overflows beyond 65504: try --store-dtype float32)" if logits.dtype == np.float16 else ""
-                raise SoftlabelsError(
-                    f"teacher logits are NaN or Inf at sample {start + int(np.flatnonzero(bad)[0])}{hint}; "
-                    "nothing was published (pass --allow-nonfinite to store them anyway)"
-                )
+    def _add(self, start: int, logits: np.ndarray, finite: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> None:
+        if self.check_finite and not finite.all():
+            hint = " (float16 overflows beyond 65504: try --store-dtype float32)" if logits.dtype == np.float16 else ""
+            raise SoftlabelsError(
+                f"teacher logits are NaN or Inf at sample {start + int(np.flatnonzero(~finite)[0])}{hint}; "
+                "nothing was published (pass --allow-nonfinite to store them anyway)"
+            )
         rows = self.writer.chunk_rows
         stop = start + len(logits)
         for chunk in range(start // rows, (stop - 1) // rows + 1):
@@ -210,17 +216,32 @@ class _ChunkWriter(threading.Thread):
                 continue
             lo, hi = self.writer.chunk_bounds(chunk)
             a, b = max(lo, start), min(hi, stop)
-            self._parts.setdefault(chunk, []).append((a - lo, logits[a - start:b - start], labels[a - start:b - start]))
+            part = (logits[a - start:b - start], predicted[a - start:b - start], labels[a - start:b - start])
+            self._parts.setdefault(chunk, []).append((a - lo, *part))
             self._filled[chunk] = self._filled.get(chunk, 0) + (b - a)
             if self._filled[chunk] == hi - lo:
-                chunk_logits = np.empty((hi - lo, logits.shape[1]), dtype=logits.dtype)
-                chunk_labels = np.empty(hi - lo, dtype=np.int64)
-                for offset, part_logits, part_labels in self._parts.pop(chunk):
-                    chunk_logits[offset:offset + len(part_logits)] = part_logits
-                    chunk_labels[offset:offset + len(part_labels)] = part_labels
-                self.writer.write_chunk(chunk, chunk_logits, chunk_labels)
-                self.accuracy.add(chunk_logits, chunk_labels)
+                parts = sorted(self._parts.pop(chunk), key=lambda part: part[0])
+                self._done[chunk] = tuple(np.concatenate([part[i] for part in parts]) for i in (1, 2, 3))
                 del self._filled[chunk]
+
+    def _flush(self) -> None:
+        """Write the finished chunks, each run of consecutive ones in one store call."""
+        for first, run in _consecutive_runs(sorted(self._done)):
+            logits, predicted, labels = (np.concatenate([self._done[c][i] for c in run]) for i in range(3))
+            self.writer.write_chunks(first, logits, labels)
+            self.accuracy.add(predicted, labels)
+        self._done.clear()
+
+
+def _consecutive_runs(indices: list[int]) -> Iterator[tuple[int, list[int]]]:
+    run: list[int] = []
+    for index in indices:
+        if run and index != run[-1] + 1:
+            yield run[0], run
+            run = []
+        run.append(index)
+    if run:
+        yield run[0], run
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, start: int) -> None:
@@ -241,6 +262,7 @@ _RESUME_KEYS = {
     "number of samples": ("num_samples",),
     "store dtype": ("dtype",),
     "rows per chunk": ("chunk_rows",),
+    "logits compression": ("compress_logits",),
     "batch size": ("batch_size",),
     "precision": ("precision",),
     "device type": ("device",),
@@ -278,17 +300,18 @@ def _open_for_resume(out: Path, expected: dict[str, Any]) -> CacheWriter | None:
     return writer
 
 
-def _committed_chunks(writer: CacheWriter, accuracy: _Accuracy) -> set[int]:
-    """Chunks of a reopened dump whose bytes match their recorded checksum (counted into ``accuracy``)."""
+def _committed_chunks(writer: CacheWriter, accuracy: _Accuracy, chunks: range) -> set[int]:
+    """Those of ``chunks`` whose bytes match their recorded checksum (counted into ``accuracy``)."""
     kept = set()
-    for chunk in np.flatnonzero(writer.recorded_checksums() >= 0):
+    recorded = writer.recorded_checksums()
+    for chunk in (c for c in chunks if recorded[c] >= 0):
         try:
             logits, labels = writer.read_chunk(int(chunk))
         except Exception:  # an unreadable chunk is simply written again
             continue
-        if chunk_checksum(logits, labels) == writer.recorded_checksums()[chunk]:
+        if chunk_checksum(logits, labels) == recorded[chunk]:
             kept.add(int(chunk))
-            accuracy.add(logits, labels)
+            accuracy.add(torch.from_numpy(logits).argmax(1).numpy(), labels)
     return kept
 
 
@@ -302,6 +325,7 @@ def dump(
     precision: str = "fp32",
     store_dtype: str = "float16",
     chunk_rows: int | None = None,
+    compress_logits: bool = False,
     num_workers: int = 0,
     overwrite: bool = False,
     resume: bool = False,
@@ -314,79 +338,107 @@ def dump(
     provided the teacher, data and storage options are the ones it recorded.
     """
     out = Path(out)
-    backend_name(out)
     if len(source) == 0:
         raise SoftlabelsError(f"dataset {source.spec} is empty")
     if precision not in PRECISIONS:
         raise SoftlabelsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    rank, size = distributed.world()
+    if size > 1 and backend_name(out) == "hdf5":
+        raise SoftlabelsError("an HDF5 file has one writer: under torchrun, dump to a .zarr path")
     dev = resolve_device(device)
+    if dev.type == "cuda" and size > 1:
+        dev = torch.device("cuda", torch.cuda.current_device())
     began = time.perf_counter()
-    with dump_lock(out):
-        if out.exists() and not overwrite:
-            raise SoftlabelsError(f"{out} already exists; pass --overwrite to replace it")
-        manifest = {
-            "teacher": teacher.describe(),
-            "dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": len(source)},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "softlabels_version": __version__,
-            "torch_version": torch.__version__,
-            "precision": precision,
-            "device": dev.type,
-            "batch_size": batch_size,
-        }
-        expected = {**manifest, "num_samples": len(source), "dtype": store_dtype, "chunk_rows": chunk_rows}
-        if partial_path(out).exists() and not (resume or overwrite):
-            raise SoftlabelsError(
-                f"{partial_path(out)} holds an interrupted dump: pass --resume to continue it or --overwrite to discard it"
-            )
-        accuracy = _Accuracy()
-        writer = _open_for_resume(out, expected) if resume else None
-        kept = _committed_chunks(writer, accuracy) if writer is not None else set()
-        num_batches = -(-len(source) // batch_size)
-        if writer is None:
-            batches = list(range(num_batches))
+    logits_of = functools.partial(
+        iter_logits, teacher.model, source, batch_size=batch_size, device=dev, precision=precision, num_workers=num_workers
+    )
+    accuracy = _Accuracy()
+    first = None
+    with dump_lock(out) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            writer, first = _start(out, teacher, source, logits_of, overwrite=overwrite, resume=resume, expected={
+                "precision": precision, "device": dev.type, "batch_size": batch_size, "dtype": store_dtype,
+                "chunk_rows": chunk_rows, "compress_logits": compress_logits,
+            })
+        distributed.barrier()  # rank 0 has made (or reopened) the partial cache the others now open
+        if rank != 0:
+            writer = CacheWriter.resume(out)
+        # Each rank owns a contiguous, chunk-aligned range of rows; batches are fixed by the batch size
+        # alone, so the bytes do not depend on how many ranks there are.
+        mine = range(writer.num_chunks * rank // size, writer.num_chunks * (rank + 1) // size)
+        kept = _committed_chunks(writer, accuracy, mine)
+        pending = set(mine) - kept
+        bounds = [writer.chunk_bounds(c) for c in sorted(pending)]
+        batches = sorted({b for lo, hi in bounds for b in range(lo // batch_size, (hi - 1) // batch_size + 1)})
+        if first is not None and batches[:1] == [0]:
+            stream = itertools.chain([first], logits_of(batches=batches[1:]))
         else:
-            pending_rows = [writer.chunk_bounds(c) for c in range(writer.num_chunks) if c not in kept]
-            batches = sorted({b for lo, hi in pending_rows for b in range(lo // batch_size, (hi - 1) // batch_size + 1)})
-        stream = iter_logits(
-            teacher.model, source, batch_size=batch_size, device=dev, precision=precision, num_workers=num_workers, batches=batches
-        )
-        first = next(stream, None)  # the first batch tells the number of classes, before any write
-        if writer is None:
-            num_classes = int(first[1].shape[1])
-            writer = CacheWriter(
-                out, num_samples=len(source), num_classes=num_classes,
-                chunk_rows=chunk_rows or default_chunk_rows(num_classes, store_dtype), dtype=store_dtype, manifest=manifest,
-            )
-        num_classes = writer.manifest["num_classes"]
-        pending = set(range(writer.num_chunks)) - kept
+            stream = logits_of(batches=batches)
         with writer:
             thread = _ChunkWriter(writer, pending, accuracy, check_finite)
-            rows = sum(hi - lo for lo, hi in map(writer.chunk_bounds, pending))
             try:
-                _feed(thread, first, stream, num_classes=num_classes, store_dtype=store_dtype, device=dev, rows=rows, progress=progress)
-                writer.finish(teacher_accuracy=accuracy.value)
+                _feed(thread, stream, num_classes=writer.manifest["num_classes"], store_dtype=writer.manifest["dtype"],
+                      device=dev, rows=sum(hi - lo for lo, hi in bounds), progress=progress and rank == 0)
+                distributed.barrier()  # every rank's chunks are written
+                correct, labeled = distributed.sum_ints(accuracy.correct, accuracy.labeled)
+                kept_chunks = distributed.sum_ints(len(kept))[0]
+                if rank == 0:
+                    writer.finish(teacher_accuracy=correct / labeled if labeled else None)
             except OSError as exc:
                 reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
                 raise SoftlabelsError(
                     f"cannot write {writer.partial}: {reason}; the chunks written so far are kept: "
                     "fix the cause and rerun with --resume"
                 ) from exc
+    distributed.barrier()  # the cache is published
     return DumpResult(
         path=out,
         num_samples=len(source),
-        num_classes=num_classes,
+        num_classes=writer.manifest["num_classes"],
         bytes_on_disk=directory_bytes(out),
         seconds=time.perf_counter() - began,
-        teacher_accuracy=accuracy.value,
-        labeled=accuracy.labeled,
-        resumed_chunks=len(kept),
+        teacher_accuracy=correct / labeled if labeled else None,
+        labeled=labeled,
+        resumed_chunks=kept_chunks,
     )
+
+
+def _start(
+    out: Path, teacher: LoadedModel, source: Source, logits_of: Any, *, overwrite: bool, resume: bool, expected: dict[str, Any]
+) -> tuple[CacheWriter, tuple[int, torch.Tensor, torch.Tensor] | None]:
+    """Reopen the interrupted dump, or make a new partial cache; the latter needs the first batch's
+    output for the number of classes, which is returned so that it is not computed twice."""
+    if out.exists() and not overwrite:
+        raise SoftlabelsError(f"{out} already exists; pass --overwrite to replace it")
+    if partial_path(out).exists() and not (resume or overwrite):
+        raise SoftlabelsError(
+            f"{partial_path(out)} holds an interrupted dump: pass --resume to continue it or --overwrite to discard it"
+        )
+    manifest = {
+        "teacher": teacher.describe(),
+        "dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": len(source)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "softlabels_version": __version__,
+        "torch_version": torch.__version__,
+        "precision": expected["precision"],
+        "device": expected["device"],
+        "batch_size": expected["batch_size"],
+    }
+    writer = _open_for_resume(out, {**manifest, **expected, "num_samples": len(source)}) if resume else None
+    if writer is not None:
+        return writer, None
+    first = next(logits_of(batches=[0]))
+    num_classes = int(first[1].shape[1])
+    writer = CacheWriter(
+        out, num_samples=len(source), num_classes=num_classes, dtype=expected["dtype"], manifest=manifest,
+        chunk_rows=expected["chunk_rows"] or default_chunk_rows(num_classes, expected["dtype"]),
+        compress_logits=expected["compress_logits"],
+    )
+    return writer, first
 
 
 def _feed(
     thread: _ChunkWriter,
-    first: tuple[int, torch.Tensor, torch.Tensor] | None,
     stream: Iterator[tuple[int, torch.Tensor, torch.Tensor]],
     *,
     num_classes: int,
@@ -400,23 +452,24 @@ def _feed(
     thread.start()
     bar = tqdm(total=rows, unit="samples", unit_scale=True, desc="dump", disable=None if progress else True)
     try:
-        item = first
-        while item is not None:
-            start, logits, labels = item
+        for start, logits, labels in stream:
             if logits.shape[1] != num_classes:
                 raise SoftlabelsError(f"the teacher gives {logits.shape[1]} classes at sample {start}; the cache has {num_classes}")
             _check_labels(labels, num_classes, start)
             stored = logits.to(out_dtype)
+            # Checked and ranked on the device, from the stored values: finiteness catches float16
+            # overflow too, and the argmax gives the teacher accuracy the cache itself implies.
+            finite, predicted = torch.isfinite(stored).all(1), stored.argmax(1)
             if device.type == "cuda":
                 host = torch.empty(stored.shape, dtype=out_dtype, pin_memory=True)
                 host.copy_(stored, non_blocking=True)
+                finite, predicted = finite.to("cpu", non_blocking=True), predicted.to("cpu", non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record()
             else:
                 host, ready = stored, None
-            thread.put((start, host, labels, ready))
+            thread.put((start, host, finite, predicted, labels, ready))
             bar.update(len(labels))
-            item = next(stream, None)
     finally:
         bar.close()
         thread.inbox.put(None)

@@ -27,6 +27,7 @@ from .errors import SoftlabelsError
 from .store import Cache, chunk_bounds, num_chunks
 
 DEFAULT_CHUNK_ROWS = 1024  # the shuffle's block size when there is no cache to follow
+_MAX_BLOCK_BYTES = 16 << 20
 
 
 def source_for_cache(cache: Cache, spec: str | None = None) -> Source:
@@ -49,6 +50,22 @@ def source_for_cache(cache: Cache, spec: str | None = None) -> Source:
             f"differs from the recorded {expected[:19]} (the data changed or is another dataset)"
         )
     return source
+
+
+def block_rows(source: Source, cache: Cache | None) -> int:
+    """The shuffle's unit: whole cache chunks that also cover whole input chunks where that is cheap.
+
+    Reading 256 rows out of a 65,536-row compressed input chunk decodes all of it, so when the
+    inputs' chunks are larger than the cache's the unit grows to a whole number of cache chunks that
+    spans one input chunk (up to 16 MiB of logits; beyond that the inputs are decoded repeatedly).
+    """
+    unit = cache.chunk_rows if cache is not None else DEFAULT_CHUNK_ROWS
+    inputs = source.chunk_rows
+    if inputs is None or inputs <= unit:
+        return unit
+    grown = -(-inputs // unit) * unit
+    row_bytes = (cache.num_classes * np.dtype(cache.manifest["dtype"]).itemsize) if cache is not None else 0
+    return grown if grown * row_bytes <= _MAX_BLOCK_BYTES else unit
 
 
 class Batch(NamedTuple):
@@ -102,7 +119,8 @@ class SoftTargetLoader:
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.shuffle_chunks, self.drop_last = shuffle_chunks, drop_last or shards > 1
         self.shards, self.shard, self.read_threads = shards, shard, read_threads
-        self.chunk_rows = cache.chunk_rows if cache is not None else DEFAULT_CHUNK_ROWS
+        self._pool: ThreadPoolExecutor | None = None
+        self.block_rows = block_rows(source, cache)
         self.num_samples = len(source)
         self.epoch = 0
 
@@ -114,7 +132,7 @@ class SoftTargetLoader:
 
         The permuted chunks are dealt round-robin to the shards, so shards differ by at most one chunk.
         """
-        chunks = np.arange(num_chunks(self.num_samples, self.chunk_rows))
+        chunks = np.arange(num_chunks(self.num_samples, self.block_rows))
         if not self.shuffle:
             return [[([int(c)], None) for c in chunks[r::self.shards]] for r in range(self.shards)]
         rng = np.random.default_rng([self.seed, epoch])
@@ -127,7 +145,7 @@ class SoftTargetLoader:
         return plans
 
     def _rows(self, group: list[int]) -> int:
-        return sum(b - a for a, b in (chunk_bounds(c, self.chunk_rows, self.num_samples) for c in group))
+        return sum(b - a for a, b in (chunk_bounds(c, self.block_rows, self.num_samples) for c in group))
 
     def _steps(self, plans: list[list[tuple[list[int], np.ndarray | None]]]) -> int:
         """Batches per shard in an epoch: the same on every shard."""
@@ -155,44 +173,62 @@ class SoftTargetLoader:
         shards = range(self.shards) if self.shard is None else [self.shard]
         streams = [self._stream(plans[r], per_shard, read) for r in shards]
         for parts in itertools.islice(zip(*streams), steps):
-            yield parts[0] if len(parts) == 1 else _Window(*(None if p[0] is None else np.concatenate(p) for p in zip(*parts)))
+            yield _concat(list(parts))
 
     def _stream(self, plan: list, batch_size: int, read: Callable[..., _Window]) -> Iterator[_Window]:
-        """Batches cut from the windows of ``plan`` in order, the next window read while one is served."""
+        """Batches cut from the windows of ``plan`` in order, the next window read while one is served.
+
+        A window is kept as read (its blocks concatenated) and each batch gathers its rows through the
+        window's permutation, so no permuted copy of the whole window is ever made.
+        """
         carry: _Window | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-prefetch") as prefetch:
-            pending = prefetch.submit(read, *plan[0]) if plan else None
-            for i in range(len(plan)):
+            pending = prefetch.submit(read, plan[0][0]) if plan else None
+            for i, (_, perm) in enumerate(plan):
                 window = pending.result()
-                pending = prefetch.submit(read, *plan[i + 1]) if i + 1 < len(plan) else None
+                pending = prefetch.submit(read, plan[i + 1][0]) if i + 1 < len(plan) else None
+                order = np.arange(len(window.indices)) if perm is None else perm
                 if carry is not None:
-                    window = _Window(*(None if a is None else np.concatenate([c, a]) for c, a in zip(carry, window)))
-                rows = len(window.indices)
-                usable = rows if pending is None else rows // batch_size * batch_size
-                for start in range(0, usable, batch_size):
-                    stop = min(start + batch_size, usable)
-                    if self.drop_last and stop - start < batch_size:
-                        break
-                    yield _Window(*(None if a is None else a[start:stop] for a in window))
-                carry = _Window(*(None if a is None else a[usable:] for a in window))
+                    need = batch_size - len(carry.indices)
+                    carry = _concat([carry, _take(window, order[:need])])
+                    order = order[need:]
+                    if len(carry.indices) == batch_size:
+                        yield carry
+                        carry = None
+                    elif pending is not None:
+                        continue
+                full = len(order) // batch_size * batch_size
+                for start in range(0, full, batch_size):
+                    yield _take(window, order[start:start + batch_size])
+                rest = _take(window, order[full:]) if full < len(order) else None
+                carry = rest if carry is None or rest is None else _concat([carry, rest])
+            if carry is not None and not self.drop_last:
+                yield carry
 
-    def _window_indices(self, group: list[int], perm: np.ndarray | None) -> _Window:
-        rows = np.concatenate([np.arange(*chunk_bounds(c, self.chunk_rows, self.num_samples)) for c in group])
-        return _Window(None, None, None, rows if perm is None else rows[perm])
+    def _window_indices(self, group: list[int]) -> _Window:
+        rows = np.concatenate([np.arange(*chunk_bounds(c, self.block_rows, self.num_samples)) for c in group])
+        return _Window(None, None, None, rows)
 
-    def _read_chunk(self, chunk: int) -> _Window:
-        start, stop = chunk_bounds(chunk, self.chunk_rows, self.num_samples)
+    def _read_block(self, block: int) -> _Window:
+        start, stop = chunk_bounds(block, self.block_rows, self.num_samples)
         x, y = self.source.read(start, stop)
         t = None
         if self.cache is not None:
             t, y = self.cache.read(start, stop)
         return _Window(x, y, t, np.arange(start, stop))
 
-    def _read_window(self, group: list[int], perm: np.ndarray | None) -> _Window:
-        # Chunks are read concurrently: zarr and h5py release the GIL while they read and decode.
-        with ThreadPoolExecutor(max_workers=min(self.read_threads, len(group)), thread_name_prefix="softlabels-read") as pool:
-            parts = list(pool.map(self._read_chunk, group))
-        window = _Window(*(None if p[0] is None else np.concatenate(p) for p in zip(*parts)))
-        if perm is None:
-            return window
-        return _Window(*(None if a is None else a[perm] for a in window))
+    def _read_window(self, group: list[int]) -> _Window:
+        # Blocks are read concurrently: zarr and h5py release the GIL while they read and decode.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="softlabels-read")
+        return _concat(list(self._pool.map(self._read_block, group)))
+
+
+def _take(window: _Window, rows: np.ndarray) -> _Window:
+    return _Window(*(None if a is None else a[rows] for a in window))
+
+
+def _concat(parts: list[_Window]) -> _Window:
+    if len(parts) == 1:
+        return parts[0]
+    return _Window(*(None if p[0] is None else np.concatenate(p) for p in zip(*parts)))

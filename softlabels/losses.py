@@ -26,6 +26,9 @@ def kl_divergence(
 ) -> torch.Tensor:
     """Per-sample ``KL(p || q)`` (forward) or ``KL(q || p)`` (reverse) at temperature ``T``, unscaled.
 
+    The teacher's side carries no gradient, so it is computed once without autograd; for the forward
+    direction ``KL = sum p log p - sum p log q``, and only the second term reaches the student.
+
     Example:
         >>> kl_divergence(torch.zeros(1, 3), torch.zeros(1, 3))
         tensor([0.])
@@ -33,9 +36,13 @@ def kl_divergence(
     if kl not in KL_DIRECTIONS:
         raise ValueError(f"kl must be 'forward' or 'reverse', got {kl!r}")
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    with torch.no_grad():
+        log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if kl == "forward":
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
+        with torch.no_grad():
+            p = log_p.exp()
+            neg_entropy = (p * log_p).sum(-1)
+        return neg_entropy - (p * log_q).sum(-1)
     return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
@@ -62,15 +69,12 @@ def kd_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    batch = student_logits.shape[0]
-    hard = student_logits.new_zeros(batch, dtype=torch.float32)
-    if labels is not None:
-        labeled = labels != NO_LABEL
-        if labeled.any():
-            ce = F.cross_entropy(student_logits[labeled].float(), labels[labeled], reduction="none")
-            hard = hard.index_put((labeled.nonzero(as_tuple=True)[0],), ce)
     if teacher_logits is None:
-        count = (labels != NO_LABEL).sum().clamp(min=1) if labels is not None else 1
-        return hard.sum() / count
-    soft = kl_divergence(student_logits, teacher_logits, temperature=temperature, kl=kl) * temperature**2
-    return (alpha * hard + (1.0 - alpha) * soft).mean()
+        if labels is None or not (labels != NO_LABEL).any():
+            return student_logits.sum() * 0.0
+        return F.cross_entropy(student_logits.float(), labels, ignore_index=NO_LABEL)
+    loss = (1.0 - alpha) * temperature**2 * kl_divergence(student_logits, teacher_logits, temperature=temperature, kl=kl)
+    if labels is not None and alpha > 0:
+        # ignore_index gives unlabeled samples a hard term of exactly zero
+        loss = loss + alpha * F.cross_entropy(student_logits.float(), labels, ignore_index=NO_LABEL, reduction="none")
+    return loss.mean()

@@ -94,8 +94,6 @@ class _ZarrBackend:
     def create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any, compress: bool) -> Any:
         from zarr.codecs import ZstdCodec
 
-        # zstd: 1.1x smaller logits than no codec at 0.7-0.8x its read speed, and better on both
-        # counts than Blosc-LZ4/Blosc-zstd (scripts/bench_codecs.py, BENCHMARKS.md).
         compressors = [ZstdCodec(level=0)] if compress else None
         return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=compressors)
 
@@ -108,13 +106,14 @@ class _ZarrBackend:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.group.attrs[MANIFEST_KEY] = manifest
 
-    def sync(self, chunk: int | None) -> None:
-        """fsync the files of ``chunk`` (``None``: the manifest), which zarr writes but never syncs."""
-        if chunk is None:
+    def sync(self, chunks: range | None) -> None:
+        """fsync the files of ``chunks`` (``None``: the manifest), which zarr writes but never syncs."""
+        if chunks is None:
             _fsync_file(self.root / "zarr.json")
             return
-        _fsync_file(self.root / "logits" / "c" / str(chunk) / "0")
-        _fsync_file(self.root / "labels" / "c" / str(chunk))
+        for chunk in chunks:
+            _fsync_file(self.root / "logits" / "c" / str(chunk) / "0")
+            _fsync_file(self.root / "labels" / "c" / str(chunk))
 
     def close(self) -> None:
         pass
@@ -130,12 +129,9 @@ class _H5Backend:
             raise SoftlabelsError(f"{path} is not a softlabels cache: cannot open it as HDF5 ({exc})") from exc
 
     def create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any, compress: bool) -> Any:
-        # h5py's own filters do not pay on logits: LZF leaves them as they are and gzip reads 5-10x
-        # slower for 1.1x (scripts/bench_codecs.py), so only the labels (small integers) get LZF.
-        compression = "lzf" if compress and not np.issubdtype(np.dtype(dtype), np.floating) else None
-        return self.file.create_dataset(
-            name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill, compression=compression
-        )
+        # gzip is the filter every HDF5 reader has; LZF (h5py's own) is faster but needs h5py to read.
+        compression = ("gzip" if np.issubdtype(np.dtype(dtype), np.floating) else "lzf") if compress else None
+        return self.file.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill, compression=compression)
 
     def arrays(self) -> dict[str, Any]:
         import h5py
@@ -156,7 +152,7 @@ class _H5Backend:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
 
-    def sync(self, chunk: int | None) -> None:
+    def sync(self, chunks: range | None) -> None:
         self.file.flush()
         os.fsync(self.file.id.get_vfd_handle())
 
@@ -326,6 +322,7 @@ class CacheWriter:
         chunk_rows: int,
         dtype: str,
         manifest: dict[str, Any],
+        compress_logits: bool = False,
     ):
         path = Path(path)
         backend_name(path)
@@ -341,15 +338,21 @@ class CacheWriter:
             "num_classes": num_classes,
             "dtype": dtype,
             "chunk_rows": chunk_rows,
+            "compress_logits": compress_logits,
             "complete": False,
         }
         partial = partial_path(path)
         remove_path(partial)
         backend = _open_backend(partial, "w")
         chunks = num_chunks(num_samples, chunk_rows)
-        backend.create_array("logits", (num_samples, num_classes), (chunk_rows, num_classes), dtype, 0, True)
+        # Logits are stored raw unless asked: float16 mantissas are close to random, so codecs gain
+        # about 10% at 2-5x the write CPU and half the read speed (scripts/bench_codecs.py).
+        backend.create_array("logits", (num_samples, num_classes), (chunk_rows, num_classes), dtype, 0, compress_logits)
         backend.create_array("labels", (num_samples,), (chunk_rows,), "int64", -1, True)
-        backend.create_array("chunk_crc32", (chunks,), (max(1, min(chunks, _CHECKSUMS_PER_CHUNK)),), "int64", -1, False)
+        # In Zarr each checksum gets a file of its own, so ranks of a distributed dump never rewrite
+        # each other's records; HDF5 has a single writer.
+        per_file = 1 if backend_name(path) == "zarr" else max(1, min(chunks, _CHECKSUMS_PER_CHUNK))
+        backend.create_array("chunk_crc32", (chunks,), (per_file,), "int64", -1, False)
         backend.write_manifest(manifest)
         backend.sync(None)
         self._attach(path, backend, manifest)
@@ -392,15 +395,24 @@ class CacheWriter:
 
     def write_chunk(self, index: int, logits: np.ndarray, labels: np.ndarray) -> None:
         """Write chunk ``index`` (rows ``index * chunk_rows`` onwards), then record its checksum."""
-        start, stop = self.chunk_bounds(index)
+        self.write_chunks(index, logits, labels)
+
+    def write_chunks(self, first: int, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Write consecutive chunks from ``first`` on in one call each for logits and labels (a store
+        call costs milliseconds of overhead), sync them, then record their checksums."""
+        start, _ = self.chunk_bounds(first)
+        count = -(-len(logits) // self.chunk_rows)
+        stop = self.chunk_bounds(first + count - 1)[1]
         if logits.shape[0] != stop - start or labels.shape[0] != stop - start:
-            raise ValueError(f"chunk {index} needs {stop - start} rows, got {logits.shape[0]}")
+            raise ValueError(f"chunks {first}..{first + count - 1} need {stop - start} rows, got {logits.shape[0]}")
         logits = logits.astype(self.manifest["dtype"], copy=False)
         labels = labels.astype(np.int64, copy=False)
         self._logits[start:stop] = logits
         self._labels[start:stop] = labels
-        self._backend.sync(index)
-        self._checksums[index] = chunk_checksum(logits, labels)
+        self._backend.sync(range(first, first + count))
+        sums = [chunk_checksum(logits[a - start:b - start], labels[a - start:b - start])
+                for a, b in map(self.chunk_bounds, range(first, first + count))]
+        self._checksums[first:first + count] = sums
 
     def finish(self, **manifest_updates: Any) -> None:
         """Mark the cache complete and move it from ``PATH.partial`` to ``PATH``."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import save_checkpoint
 from .data import NO_LABEL, Source
 from .dump import iter_logits, resolve_device
@@ -58,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     hard_labels_only: bool = False
     device: str = "auto"
+    shards: int | None = None  # split each batch as this many ranks would; None: the number of ranks
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -70,6 +72,8 @@ class TrainConfig:
             raise SoftlabelsError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.kl not in KL_DIRECTIONS:
             raise SoftlabelsError(f"kl must be forward or reverse, got {self.kl}")
+        if self.shards is not None and (self.shards < 1 or self.batch_size % self.shards):
+            raise SoftlabelsError(f"batch size {self.batch_size} does not split into {self.shards} shards")
 
 
 def predict(model: torch.nn.Module, source: Source, *, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -124,6 +128,7 @@ def _student_seed(seed: int, name: str) -> int:
 class _Student:
     def __init__(self, name: str, spec: StudentSpec, model: torch.nn.Module, config: TrainConfig, total_steps: int):
         self.name, self.spec, self.model = name, spec, model
+        self.forward = torch.nn.parallel.DistributedDataParallel(model) if torch.distributed.is_initialized() else model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
@@ -168,7 +173,17 @@ def train_students(
             f"--eval-data inputs have shape {list(eval_source.input_shape)}, the training data {list(source.input_shape)}"
         )
     device = resolve_device(config.device)
-    loader = SoftTargetLoader(source, cache, batch_size=config.batch_size, seed=config.seed)
+    # Hard-label training reads the cache only for labels the dataset lacks, never the logits otherwise.
+    loader_cache = None if config.hard_labels_only and source.has_labels else cache
+    # Under torchrun each rank reads its own shard of every epoch and DistributedDataParallel averages
+    # the gradients, which equals one process taking the mean over the whole (sharded) batch.
+    rank, ranks = distributed.world()
+    shards = config.shards or ranks
+    if ranks > 1 and shards != ranks:
+        raise SoftlabelsError(f"--shards {shards} differs from the {ranks} ranks torchrun started")
+    loader = SoftTargetLoader(
+        source, loader_cache, batch_size=config.batch_size, seed=config.seed, shards=shards, shard=rank if ranks > 1 else None
+    )
     total_steps = max(1, config.epochs * len(loader))
     sample = torch.from_numpy(source.read(0, min(2, len(source)))[0])
     out = Path(out_dir) if out_dir is not None else None
@@ -179,13 +194,15 @@ def train_students(
         model = build_model(spec.arch, input_shape=source.input_shape, num_classes=num_classes, kwargs=spec.kwargs)
         check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'")
         trained.append(_Student(name, spec, model.to(device), config, total_steps))
+    if rank != 0:
+        out, eval_source = None, None  # rank 0 evaluates and writes
     if out is not None:
         for student in trained:
             (out / student.name).mkdir(parents=True, exist_ok=True)
             (out / student.name / "metrics.jsonl").write_text("")
 
     run_rng = torch.get_rng_state()
-    bar = tqdm(total=config.epochs * len(loader), unit="batch", desc="train", disable=None if progress else True)
+    bar = tqdm(total=config.epochs * len(loader), unit="batch", desc="train", disable=None if progress and rank == 0 else True)
     try:
         for epoch in range(config.epochs):
             loader.set_epoch(epoch)
@@ -197,7 +214,7 @@ def train_students(
                     began = time.perf_counter()
                     torch.set_rng_state(student.rng_state)
                     student.model.train()
-                    loss = kd_loss(student.model(x), t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl)
+                    loss = kd_loss(student.forward(x), t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl)
                     student.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     student.optimizer.step()

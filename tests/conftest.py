@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+
+import h5py
+import zarr
 
 import numpy as np
 import pytest
@@ -60,3 +66,65 @@ def linear_teacher(tmp_path) -> Path:
     path = tmp_path / "linear_teacher.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+SLOW_ZOO = textwrap.dedent("""
+    import os
+    import time
+    import torch
+    from torch import nn
+
+    class Slow(nn.Module):
+        '''A linear teacher that sleeps per batch, so a dump lasts long enough to be killed.'''
+        def __init__(self):
+            super().__init__()
+            self.delay = float(os.environ.get("SLOW_DELAY", "0.04"))
+            self.fc = nn.Linear(12, 5)
+        def forward(self, x):
+            time.sleep(self.delay)
+            return self.fc(x) * 7
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 5)
+        def forward(self, x):
+            return self.fc(x).sum(1)
+""")
+
+
+@pytest.fixture
+def slow_setup(tmp_path):
+    (tmp_path / "slowzoo.py").write_text(SLOW_ZOO)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+        zoo = importlib.import_module("slowzoo")
+        importlib.reload(zoo)
+        torch.manual_seed(0)
+        torch.save(zoo.Slow().state_dict(), tmp_path / "slow.pth")
+    finally:
+        sys.path.remove(str(tmp_path))
+    make_npz(tmp_path / "data.npz", n=2000, features=12, classes=5)
+    return tmp_path
+
+
+def dump_args(root, out, *extra):
+    return [sys.executable, "-m", "softlabels", "dump", "--teacher", str(root / "slow.pth"), "--arch", "slowzoo:Slow",
+            "--data", str(root / "data.npz"), "--out", str(out), "--batch-size", "50", "--chunk-rows", "100",
+            "--device", "cpu", "--quiet", *extra]
+
+
+def run_dump(root, out, *extra):
+    done = subprocess.run(dump_args(root, out, *extra), cwd=root, capture_output=True, text=True, timeout=300)
+    return done
+
+
+def committed(partial: Path) -> int:
+    try:
+        if partial.name.endswith(".zarr.partial"):
+            return int((zarr.open_group(str(partial), mode="r")["chunk_crc32"][:] >= 0).sum())
+        with h5py.File(partial, "r", locking=False) as f:
+            return int((f["chunk_crc32"][:] >= 0).sum())
+    except Exception:
+        return -1

@@ -10,7 +10,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from softlabels import load_model, open_cache, open_data
+from softlabels import load_model, open_data
 from softlabels.cli import cli
 
 from .conftest import TRANSFER

@@ -1,12 +1,9 @@
 """Crash safety, resumption, locking, verification and refusal of untrustworthy caches."""
 
 import errno
-import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,69 +20,7 @@ from softlabels import SoftlabelsError, dump, load_model, open_cache, open_data
 from softlabels.cli import cli
 from softlabels.store import CacheWriter
 
-from .conftest import make_npz
-
-SLOW_ZOO = textwrap.dedent("""
-    import os
-    import time
-    import torch
-    from torch import nn
-
-    class Slow(nn.Module):
-        '''A linear teacher that sleeps per batch, so a dump lasts long enough to be killed.'''
-        def __init__(self):
-            super().__init__()
-            self.delay = float(os.environ.get("SLOW_DELAY", "0.04"))
-            self.fc = nn.Linear(12, 5)
-        def forward(self, x):
-            time.sleep(self.delay)
-            return self.fc(x) * 7
-
-    class Flat(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(12, 5)
-        def forward(self, x):
-            return self.fc(x).sum(1)
-""")
-
-
-@pytest.fixture
-def slow_setup(tmp_path):
-    (tmp_path / "slowzoo.py").write_text(SLOW_ZOO)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import importlib
-        zoo = importlib.import_module("slowzoo")
-        importlib.reload(zoo)
-        torch.manual_seed(0)
-        torch.save(zoo.Slow().state_dict(), tmp_path / "slow.pth")
-    finally:
-        sys.path.remove(str(tmp_path))
-    make_npz(tmp_path / "data.npz", n=2000, features=12, classes=5)
-    return tmp_path
-
-
-def dump_args(root, out, *extra):
-    return [sys.executable, "-m", "softlabels", "dump", "--teacher", str(root / "slow.pth"), "--arch", "slowzoo:Slow",
-            "--data", str(root / "data.npz"), "--out", str(out), "--batch-size", "50", "--chunk-rows", "100",
-            "--device", "cpu", "--quiet", *extra]
-
-
-def run_dump(root, out, *extra):
-    done = subprocess.run(dump_args(root, out, *extra), cwd=root, capture_output=True, text=True, timeout=300)
-    return done
-
-
-def committed(partial: Path) -> int:
-    try:
-        if partial.name.endswith(".zarr.partial"):
-            return int((zarr.open_group(str(partial), mode="r")["chunk_crc32"][:] >= 0).sum())
-        with h5py.File(partial, "r", locking=False) as f:
-            return int((f["chunk_crc32"][:] >= 0).sum())
-    except Exception:
-        return -1
-
+from .conftest import committed, dump_args, make_npz, run_dump
 
 def kill_after(root, out, chunks: int) -> None:
     """Start a dump and SIGKILL it once ``chunks`` chunks are committed (0: as soon as it runs)."""
@@ -176,21 +111,22 @@ def test_out_of_disk_space_keeps_a_resumable_partial(tmp_path, npz_data, linear_
     teacher = load_model(linear_teacher, arch="linear", input_shape=(12,))
     source = open_data(str(npz_data))
     dump(teacher, source, tmp_path / "ref.zarr", batch_size=32, chunk_rows=40, progress=False)
-    original = CacheWriter.write_chunk
-    calls = []
+    original = CacheWriter.write_chunks
 
-    def full_disk(self, index, logits, labels):
-        calls.append(index)
-        if len(calls) > 3:
+    def full_disk(self, first, logits, labels):
+        """The disk fills up after the first three chunks."""
+        fits = max(0, min(len(logits), (3 - first) * self.chunk_rows))
+        if fits:
+            original(self, first, logits[:fits], labels[:fits])
+        if fits < len(logits):
             raise OSError(errno.ENOSPC, "No space left on device")
-        original(self, index, logits, labels)
 
-    monkeypatch.setattr(CacheWriter, "write_chunk", full_disk)
+    monkeypatch.setattr(CacheWriter, "write_chunks", full_disk)
     out = tmp_path / "c.zarr"
     with pytest.raises(SoftlabelsError, match="no space left on device.*--resume"):
         dump(teacher, source, out, batch_size=32, chunk_rows=40, progress=False)
     assert not out.exists()
-    monkeypatch.setattr(CacheWriter, "write_chunk", original)
+    monkeypatch.setattr(CacheWriter, "write_chunks", original)
     result = dump(teacher, source, out, batch_size=32, chunk_rows=40, progress=False, resume=True)
     assert result.resumed_chunks == 3
     ref, got = open_cache(tmp_path / "ref.zarr"), open_cache(out)

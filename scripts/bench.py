@@ -1,0 +1,313 @@
+"""Performance of softlabels, as ratios measured within one run. Prints Markdown for BENCHMARKS.md.
+
+    python scripts/bench.py                       # every section, 1 GB and 8 GB caches
+    python scripts/bench.py --sections dump,stream --big-gb 0
+
+Sections:
+  dump      wall time of `dump` over the teacher's bare forward pass (same data, batch, device)
+  stream    loader rows/s against sequential whole-chunk reads and per-row reads, C = 1000, >= 1 GB
+  train     an epoch from the cache against an epoch on hard labels (same loop), and against online
+            distillation (the teacher run at every step), with the ideal speed-up measured
+  students  K = 4 students in one command against 4 commands: chunk reads and wall time
+  memory    peak RSS of `softlabels train-student` over a 1 GB and an 8 GB cache (C = 1000)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+import softlabels
+from softlabels import CacheWriter, SoftTargetLoader, StudentSpec, TrainConfig, kd_loss, open_cache, open_data
+from softlabels.checkpoint import LoadedModel
+from softlabels.dump import iter_logits
+from softlabels.store import Cache
+
+CLASSES = 1000
+FEATURES = 16
+
+
+def timed(fn) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def row(*cells) -> None:
+    print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+def make_synthetic_cache(root: Path, rows: int, fmt: str = ".zarr") -> Path:
+    """A cache of teacher-like float16 logits over zarr inputs, C = 1000, written chunk by chunk."""
+    data = root / f"inputs-{rows}.zarr"
+    rng = np.random.default_rng(0)
+    if not data.exists():
+        group = zarr.open_group(str(data), mode="w")
+        x = group.create_array("x", shape=(rows, FEATURES), chunks=(4096, FEATURES), dtype="float32")
+        y = group.create_array("y", shape=(rows,), chunks=(4096,), dtype="int64")
+        for s in range(0, rows, 65536):
+            n = min(65536, rows - s)
+            x[s:s + n] = rng.normal(size=(n, FEATURES)).astype(np.float32)
+            y[s:s + n] = rng.integers(0, CLASSES, n)
+    source = open_data(str(data))
+    path = root / f"synthetic-{rows}{fmt}"
+    if path.exists():
+        return path
+    manifest = {"dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": rows}}
+    # A pool of 64 distinct chunks, reused round-robin: generating 4e9 normals would dominate the run.
+    chunk_rows = softlabels.store.default_chunk_rows(CLASSES, "float16")
+    pool = rng.normal(0.0, 2.0, size=(64, chunk_rows, CLASSES)).astype(np.float32)
+    pool[:, np.arange(chunk_rows), rng.integers(0, CLASSES, chunk_rows)] += 10.0
+    pool = pool.astype(np.float16)
+    labels = np.asarray(open_data(str(data)).labels())
+    with CacheWriter(path, num_samples=rows, num_classes=CLASSES, chunk_rows=chunk_rows, dtype="float16", manifest=manifest) as w:
+        for i in range(w.num_chunks):
+            a, b = w.chunk_bounds(i)
+            w.write_chunk(i, pool[i % 64][: b - a], labels[a:b])
+        w.finish()
+    return path
+
+
+def bench_dump(root: Path) -> None:
+    print("\n### Dump overhead\n")
+    rows, batch = 16384, 256
+    x = np.random.default_rng(0).normal(size=(rows, 256)).astype(np.float32)
+    np.savez(root / "dump-inputs.npz", x=x)
+    source = open_data(str(root / "dump-inputs.npz"))
+    print(f"{rows:,} samples of 256 features, C = {CLASSES}, batch {batch}, CPU ({torch.get_num_threads()} threads), "
+          "float16 storage; best of 3 alternating runs.\n")
+    row("teacher", "forward pass, outputs discarded (s)", "dump to .zarr (s)", "ratio", "dump to .h5 (s)", "ratio")
+    row("---", "---:", "---:", "---:", "---:", "---:")
+    for width in (1024, 4096):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(256, width), torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU(),
+            torch.nn.Linear(width, CLASSES),
+        )
+        teacher = LoadedModel(model, root / "teacher.pth", "0" * 64, "mlp-bench")
+
+        def forward_only():
+            for _ in iter_logits(model, source, batch_size=batch, device="cpu"):
+                pass
+
+        def dump_to(fmt):
+            return lambda: softlabels.dump(teacher, source, root / f"bench-dump{fmt}", batch_size=batch, device="cpu",
+                                           overwrite=True, progress=False)
+
+        forward_only()  # warm-up
+        times = {"forward": [], ".zarr": [], ".h5": []}
+        for _ in range(3):
+            times["forward"].append(timed(forward_only))
+            times[".zarr"].append(timed(dump_to(".zarr")))
+            times[".h5"].append(timed(dump_to(".h5")))
+        best = {k: min(v) for k, v in times.items()}
+        params = sum(p.numel() for p in model.parameters())
+        row(f"MLP 256-{width}-{width}-{CLASSES} ({params / 1e6:.1f}M parameters)", f"{best['forward']:.2f}",
+            f"{best['.zarr']:.2f}", f"{best['.zarr'] / best['forward']:.3f}", f"{best['.h5']:.2f}", f"{best['.h5'] / best['forward']:.3f}")
+
+
+def bench_stream(root: Path, rows: int) -> None:
+    print("\n### Streaming soft targets\n")
+    for fmt in (".zarr", ".h5"):
+        path = make_synthetic_cache(root, rows, fmt)
+        cache = open_cache(path)
+        source = softlabels.source_for_cache(cache)
+
+        def sequential():
+            for _ in cache.iter_chunks():
+                pass
+
+        def shuffled():
+            loader = SoftTargetLoader(source, cache, batch_size=1024, seed=0)
+            for _ in loader:
+                pass
+
+        logits = cache._logits  # the raw zarr/h5py array: what a naive per-row Dataset would index
+        probe = np.random.default_rng(1).choice(rows, 400, replace=False)
+        seq_s = timed(sequential)
+        loader_s = timed(shuffled)
+        row_s = timed(lambda: [np.asarray(logits[int(i)]) for i in probe])
+        seq_rate, loader_rate, row_rate = rows / seq_s, rows / loader_s, len(probe) / row_s
+        size = cache.nbytes_on_disk() / 1e9
+        print(f"{fmt} cache: {rows:,} x {CLASSES} float16 ({rows * CLASSES * 2 / 1e9:.2f} GB of logits, {size:.2f} GB on disk), "
+              f"{cache.chunk_rows} rows per chunk, page cache warm.\n")
+        row("reader", "rows/s", "loader over it")
+        row("---", "---:", "---:")
+        row("sequential whole-chunk reads (logits only)", f"{seq_rate:,.0f}", f"{loader_rate / seq_rate:.2f}x")
+        row("naive per-row `__getitem__` (400 random rows)", f"{row_rate:,.0f}", f"{loader_rate / row_rate:,.0f}x")
+        row("SoftTargetLoader, shuffled, with inputs, batch 1024", f"{loader_rate:,.0f}", "1.00x")
+        print()
+        cache.close()
+
+
+def _epoch_seconds(source, cache, student, *, hard: bool, batch_size: int) -> float:
+    config = TrainConfig(epochs=1, batch_size=batch_size, hard_labels_only=hard, device="cpu")
+    return timed(lambda: softlabels.train_students([StudentSpec(*student)], source=source, cache=None if hard else cache,
+                                                   config=config, num_classes=cache.num_classes, progress=False))
+
+
+def bench_train(root: Path, rows: int) -> None:
+    print("\n### Training from the cache\n")
+    print("One epoch, the same `train_students` loop; the hard-label run reads inputs and labels, the cached run "
+          "also the logits and adds the KD loss. Best of 2.\n")
+    row("data", "student", "hard labels only (s)", "from the cache (s)", "ratio")
+    row("---", "---", "---:", "---:", "---:")
+    cache = open_cache(make_synthetic_cache(root, rows))
+    source = softlabels.source_for_cache(cache)
+    student = ("mlp", {"width": 256, "depth": 1})
+    hard = min(_epoch_seconds(source, cache, student, hard=True, batch_size=1024) for _ in range(2))
+    soft = min(_epoch_seconds(source, cache, student, hard=False, batch_size=1024) for _ in range(2))
+    row(f"synthetic, {rows:,} rows, C = {CLASSES}, batch 1024", "mlp 16-256-1000", f"{hard:.2f}", f"{soft:.2f}", f"{soft / hard:.3f}")
+
+    teacher_path = root / "mnist1d-teacher" / "teacher" / "student.pth"
+    if not teacher_path.exists():
+        softlabels.train_students([StudentSpec("cnn1d", {"channels": 64}, name="teacher")], source=open_data("mnist1d://train"),
+                                  cache=None, config=TrainConfig(epochs=10, hard_labels_only=True, device="cpu"),
+                                  out_dir=teacher_path.parent.parent, num_classes=10, progress=False)
+    teacher = softlabels.load_model(teacher_path)
+    labeled = root / "mnist1d-transfer-labeled.npz"
+    cache_path = root / "mnist1d-transfer-labeled.zarr"
+    if not cache_path.exists():  # the teacher's argmax as hard labels, so both runs train on the same rows
+        transfer = open_data("mnist1d://transfer?n=40000&seed=1")
+        x = transfer.read(0, len(transfer))[0]
+        with torch.inference_mode():
+            y = teacher.model(torch.from_numpy(x)).argmax(1).numpy()
+        np.savez(labeled, x=x, y=y)
+        softlabels.dump(teacher, open_data(str(labeled)), cache_path, device="cpu", progress=False)
+    mcache = open_cache(cache_path)
+    msource = softlabels.source_for_cache(mcache)
+    hard = min(_epoch_seconds(msource, mcache, ("mlp", {}), hard=True, batch_size=128) for _ in range(2))
+    soft = min(_epoch_seconds(msource, mcache, ("mlp", {}), hard=False, batch_size=128) for _ in range(2))
+    row("MNIST-1D transfer, 40,000 rows, C = 10, batch 128", "mlp 40-100-100-10", f"{hard:.2f}", f"{soft:.2f}", f"{soft / hard:.3f}")
+    print()
+    transfer = msource
+
+    # Online distillation runs the teacher at every step; the same loop below serves both.
+    loader = SoftTargetLoader(transfer, mcache, batch_size=128, seed=0)
+
+    def epoch(online: bool) -> float:
+        torch.manual_seed(0)
+        student = softlabels.build_model("mlp", input_shape=(40,), num_classes=10)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
+        model = teacher.model.eval()
+
+        def run():
+            for batch in loader:
+                if online:
+                    with torch.inference_mode():
+                        targets = model(batch.inputs)
+                else:
+                    targets = batch.teacher_logits
+                loss = kd_loss(student(batch.inputs), targets, batch.labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+        return timed(run)
+
+    def teacher_pass():
+        with torch.inference_mode():
+            for batch in loader:
+                teacher.model(batch.inputs)
+
+    t_teacher = min(timed(teacher_pass) for _ in range(2))
+    t_cached = min(epoch(False) for _ in range(2))
+    t_online = min(epoch(True) for _ in range(2))
+    ideal = (t_teacher + t_cached) / t_cached
+    print(f"Online against cached distillation, MNIST-1D transfer (40,000 rows), teacher cnn1d-64 "
+          f"({sum(p.numel() for p in teacher.model.parameters()):,} parameters), student mlp, batch 128:\n")
+    row("measure", "seconds per epoch")
+    row("---", "---:")
+    row("t_teacher: teacher forward over the epoch", f"{t_teacher:.2f}")
+    row("t_student: student epoch from the cache", f"{t_cached:.2f}")
+    row("online epoch (teacher at every step)", f"{t_online:.2f}")
+    print(f"\nSpeed-up of the cache over online distillation: {t_online / t_cached:.2f}x; ideal "
+          f"(t_teacher + t_student) / t_student = {ideal:.2f}x; reached {t_online / t_cached / ideal:.0%} of the ideal.\n")
+
+
+def bench_students(root: Path, rows: int) -> None:
+    print("\n### Many students, one read\n")
+    cache = open_cache(make_synthetic_cache(root, rows))
+    source = softlabels.source_for_cache(cache)
+    reads = []
+    original = Cache.read
+    Cache.read = lambda self, a, b: reads.append(b - a) or original(self, a, b)
+    config = TrainConfig(epochs=1, batch_size=1024, device="cpu")
+    students = [StudentSpec("linear", name=f"linear-{i}") for i in range(4)]
+    try:
+        together = timed(lambda: softlabels.train_students(students, source=source, cache=cache, config=config, progress=False))
+        reads_together = sum(reads)
+        reads.clear()
+        apart = sum(timed(lambda s=s: softlabels.train_students([s], source=source, cache=cache, config=config, progress=False))
+                    for s in students)
+        reads_apart = sum(reads)
+    finally:
+        Cache.read = original
+    print(f"4 linear students (16 -> {CLASSES}), one epoch over {rows:,} rows, C = {CLASSES}:\n")
+    row("run", "rows read from the cache", "seconds")
+    row("---", "---:", "---:")
+    row("one command, 4 x --student", f"{reads_together:,}", f"{together:.1f}")
+    row("4 commands, one student each", f"{reads_apart:,}", f"{apart:.1f}")
+    print(f"\nReads: {reads_apart / reads_together:.1f}x fewer in one command; wall time {apart / together:.2f}x shorter.\n")
+
+
+def peak_rss_mb(args: list[str]) -> float:
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    done = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def bench_memory(root: Path, small_rows: int, big_gb: float) -> None:
+    print("\n### Memory against cache size\n")
+    sizes = [small_rows] + ([int(big_gb * 1e9 / (CLASSES * 2))] if big_gb else [])
+    row("cache (logits)", "rows", "peak RSS of train-student, MB")
+    row("---", "---:", "---:")
+    peaks = []
+    for rows in sizes:
+        path = make_synthetic_cache(root, rows)
+        peak = peak_rss_mb([sys.executable, "-m", "softlabels", "train-student", "--cache", str(path), "--student", "linear",
+                            "--epochs", "1", "--batch-size", "1024", "--device", "cpu", "--quiet", "--out", str(root / "mem-run")])
+        peaks.append(peak)
+        row(f"{rows * CLASSES * 2 / 1e9:.2f} GB", f"{rows:,}", f"{peak:,.0f}")
+    if len(peaks) == 2:
+        print(f"\nGrowth from the small to the large cache: {peaks[1] - peaks[0]:+.0f} MB.\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="dump,stream,train,students,memory")
+    parser.add_argument("--rows", type=int, default=524288, help="rows of the C = 1000 cache (524288 = 1.05 GB)")
+    parser.add_argument("--big-gb", type=float, default=8.0, help="size of the large cache for the memory section (0: skip)")
+    parser.add_argument("--workdir", help="keep generated caches here between runs")
+    args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+          f"zarr {zarr.__version__}. Command: `python scripts/bench.py {' '.join(sys.argv[1:])}`".rstrip())
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.workdir or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        if "dump" in sections:
+            bench_dump(root)
+        if "stream" in sections:
+            bench_stream(root, args.rows)
+        if "train" in sections:
+            bench_train(root, args.rows)
+        if "students" in sections:
+            bench_students(root, args.rows)
+        if "memory" in sections:
+            bench_memory(root, args.rows, args.big_gb)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""torchrun with 2 CPU ranks (gloo): the same cache bytes as one process, resumable, and DDP training
+that matches one process serving the same global batches."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import zarr
+
+from .conftest import committed, dump_args
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def torchrun(root, args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(TORCHRUN + args, cwd=root, capture_output=True, text=True, env=env, timeout=300, **kwargs)
+
+
+def softlabels_args(args):
+    return ["-m", "softlabels"] + args[3:]  # drop "python -m softlabels"
+
+
+def kill_tree(root_pid: int) -> None:
+    """SIGKILL torchrun and every process below it (its workers get sessions of their own)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+    tree, frontier = set(), {root_pid}
+    while frontier:
+        tree |= frontier
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
+    for pid in sorted(tree, reverse=True):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def logits_bytes(path):
+    return zarr.open_group(str(path), mode="r")["logits"][:].tobytes()
+
+
+def test_two_ranks_write_the_bytes_of_one_process_and_resume_after_sigkill(slow_setup):
+    root = slow_setup
+    single = root / "single.zarr"
+    assert subprocess.run(dump_args(root, single), cwd=root, capture_output=True).returncode == 0
+    two = root / "two.zarr"
+    done = torchrun(root, softlabels_args(dump_args(root, two)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert logits_bytes(two) == logits_bytes(single)
+    assert (zarr.open_group(str(two), mode="r")["chunk_crc32"][:] == zarr.open_group(str(single), mode="r")["chunk_crc32"][:]).all()
+
+    killed = root / "killed.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_DELAY": "0.2"}
+    proc = subprocess.Popen(TORCHRUN + softlabels_args(dump_args(root, killed)), cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while committed(Path(str(killed) + ".partial")) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    kill_tree(proc.pid)
+    proc.wait()
+    assert not killed.exists()
+    resumed = torchrun(root, softlabels_args(dump_args(root, killed, "--resume")))
+    assert resumed.returncode == 0, resumed.stderr[:3000]
+    assert logits_bytes(killed) == logits_bytes(single)
+
+
+def test_hdf5_is_refused_under_torchrun(slow_setup):
+    done = torchrun(slow_setup, softlabels_args(dump_args(slow_setup, slow_setup / "c.h5")))
+    assert done.returncode != 0 and "under torchrun, dump to a .zarr path" in done.stderr
+
+
+def test_ddp_training_matches_one_process_with_the_same_global_batches(tmp_path, npz_data, linear_teacher):
+    from click.testing import CliRunner
+
+    from softlabels.cli import cli
+
+    cache = tmp_path / "c.zarr"
+    assert CliRunner().invoke(cli, ["dump", "--teacher", str(linear_teacher), "--arch", "linear", "--data", str(npz_data),
+                                    "--out", str(cache), "--chunk-rows", "32"]).exit_code == 0
+    common = ["train-student", "--cache", str(cache), "--student", "mlp?width=32", "--student", "linear", "--epochs", "1",
+              "--batch-size", "64", "--seed", "3", "--quiet"]
+    done = torchrun(tmp_path, ["-m", "softlabels"] + common + ["--out", str(tmp_path / "ddp")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    single = CliRunner().invoke(cli, common + ["--shards", "2", "--out", str(tmp_path / "single")])
+    assert single.exit_code == 0, single.output
+    unsharded = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "unsharded")])
+    assert unsharded.exit_code == 0
+    for name in ("mlp", "linear"):
+        ddp = torch.load(tmp_path / "ddp" / name / "student.pth", weights_only=True)["state_dict"]
+        one = torch.load(tmp_path / "single" / name / "student.pth", weights_only=True)["state_dict"]
+        other = torch.load(tmp_path / "unsharded" / name / "student.pth", weights_only=True)["state_dict"]
+        # Same global batches: equal up to the order of floating-point reductions.
+        assert max((ddp[k] - one[k]).abs().max().item() for k in ddp) < 1e-5
+        assert max((ddp[k] - other[k]).abs().max().item() for k in ddp) > 1e-4  # another batch order
