@@ -132,7 +132,7 @@ def bench_stream(root: Path, rows: int) -> None:
             for _ in loader:
                 pass
 
-        logits = cache._logits  # the raw zarr/h5py array: what a naive per-row Dataset would index
+        logits = cache._targets["logits"]  # the raw zarr/h5py array: what a naive per-row Dataset would index
         probe = np.random.default_rng(1).choice(rows, 400, replace=False)
         seq_s = timed(sequential)
         loader_s = timed(shuffled)

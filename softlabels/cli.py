@@ -14,11 +14,13 @@ import click
 
 from . import __version__, distributed
 from .checkpoint import load_model
+from .convert import convert_cache
 from .data import open_data
 from .dump import PRECISIONS, dump as run_dump
 from .errors import SoftlabelsError
 from .loader import source_for_cache
 from .losses import KL_DIRECTIONS
+from .sparse import DEFAULT_TEMPERATURES, teacher_argmax
 from .report import SUMMARY_COLUMNS, cache_report, format_cache_report, format_table
 from .store import STORE_DTYPES, open_cache
 from .train import StudentSpec, TrainConfig, evaluate as run_evaluate, predict, train_students
@@ -107,6 +109,39 @@ def _teacher_options(f: Any) -> Any:
     return f
 
 
+def _sparse_options(f: Any) -> Any:
+    for decorator in reversed(
+        [
+            click.option("--top-k", type=POSITIVE, metavar="K", help="Store the K largest logits per sample (kind topk)."),
+            click.option("--sample", type=POSITIVE, metavar="S", help="Store S classes drawn from the teacher per sample (kind sampled)."),
+            click.option("--proposal-temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+                         help="Temperature of the distribution --sample draws from (use the training temperature or higher)."),
+            click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the --sample draws."),
+            click.option("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES), show_default=True,
+                         help="Temperatures whose log-partition a sparse cache keeps; training must use one of them."),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def _sparse(top_k, sample, proposal_temperature, sample_seed, temperatures) -> dict[str, Any] | None:
+    if top_k and sample:
+        raise click.UsageError("give --top-k or --sample, not both")
+    try:
+        grid = [float(t) for t in temperatures.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{temperatures}' is not a comma-separated list of numbers", param_hint="--temperatures") from None
+    if not grid or min(grid) <= 0:
+        raise click.BadParameter("temperatures must be positive", param_hint="--temperatures")
+    if top_k:
+        return {"kind": "topk", "k": top_k, "temperatures": grid}
+    if sample:
+        return {"kind": "sampled", "samples": sample, "proposal_temperature": proposal_temperature,
+                "sample_seed": sample_seed, "temperatures": grid}
+    return None
+
+
 def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None, num_classes: int | None, trust_code: bool):
     return load_model(
         path,
@@ -130,11 +165,12 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True)
 @click.option("--chunk-rows", type=POSITIVE, help="Rows per chunk (default: about 0.5 MiB of logits).")
 @click.option("--compress-logits", is_flag=True, help="Compress the logits too (zstd in Zarr, gzip in HDF5): ~10% smaller, slower.")
+@_sparse_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache (and any interrupted dump) at --out.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted dump from its committed chunks.")
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf logits instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, overwrite, resume, allow_nonfinite, quiet):
+def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, temperatures, overwrite, resume, allow_nonfinite, quiet):
     """Run a teacher over a dataset and store its logits in a cache.
     """
     source = open_data(data_spec)
@@ -149,6 +185,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         store_dtype=store_dtype,
         chunk_rows=chunk_rows,
         compress_logits=compress_logits,
+        sparse=_sparse(top_k, sample, proposal_temperature, sample_seed, temperatures),
         num_workers=num_workers,
         overwrite=overwrite,
         resume=resume,
@@ -201,10 +238,10 @@ def train_student(cache_path, data_spec, students, student_kwargs, out, eval_dat
         num_classes = num_classes or int(source.labels().max()) + 1
     else:
         raise SoftlabelsError("give --cache (or --data with --hard-labels-only)")
-    eval_source, eval_logits = _eval_inputs(eval_data, eval_cache, eval_teacher, device)
+    eval_source, eval_top1 = _eval_inputs(eval_data, eval_cache, eval_teacher, device)
     summary = train_students(
         specs, source=source, cache=cache, config=config, out_dir=out, eval_source=eval_source,
-        eval_teacher_logits=eval_logits, num_classes=num_classes, progress=not quiet,
+        eval_teacher_top1=eval_top1, num_classes=num_classes, progress=not quiet,
     )
     if distributed.world()[0] == 0:
         click.echo(format_table(summary, SUMMARY_COLUMNS))
@@ -217,7 +254,7 @@ def _eval_inputs(eval_data, eval_cache, eval_teacher, device):
     if eval_cache:
         with open_cache(eval_cache) as cache:
             source = source_for_cache(cache, eval_data)
-            return source, cache.read(0, len(cache))[0].astype("float32")
+            return source, teacher_argmax(cache.read(0, len(cache))[0])
     if not eval_data:
         if eval_teacher:
             raise SoftlabelsError("--eval-teacher needs --eval-data")
@@ -225,7 +262,7 @@ def _eval_inputs(eval_data, eval_cache, eval_teacher, device):
     source = open_data(eval_data)
     if eval_teacher:
         teacher = load_model(eval_teacher, input_shape=source.input_shape)
-        return source, predict(teacher.model, source, device=device if device != "auto" else "cpu")[0]
+        return source, predict(teacher.model, source, device=device if device != "auto" else "cpu")[0].argmax(1)
     return source, None
 
 
@@ -239,17 +276,17 @@ def _eval_inputs(eval_data, eval_cache, eval_teacher, device):
 def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, trust_code, device, as_json):
     """Print a model's accuracy on a dataset (and its agreement with a cached teacher).
     """
-    teacher_logits = None
+    teacher_top1 = None
     if cache_path:
         with open_cache(cache_path) as cache:
             source = source_for_cache(cache, data_spec)
-            teacher_logits = cache.read(0, len(cache))[0].astype("float32")
+            teacher_top1 = teacher_argmax(cache.read(0, len(cache))[0])
     elif data_spec:
         source = open_data(data_spec)
     else:
         raise SoftlabelsError("give --data (or --cache)")
     model = _load(model_path, source, arch, arch_kwargs, num_classes, trust_code)
-    metrics = run_evaluate(model.model, source, teacher_logits=teacher_logits, device=device)
+    metrics = run_evaluate(model.model, source, teacher_top1=teacher_top1, device=device)
     result = {"model": model_path, "data": source.spec, "samples": len(source), **metrics}
     if as_json:
         click.echo(json.dumps(result))
@@ -300,6 +337,21 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
     if not report.ok:
         raise SoftlabelsError(f"{path} failed verification: {len(report.problems)} problem(s), {checked}")
     click.echo(f"ok: {path}: {checked}")
+
+
+@cli.command(epilog="Example:\n\n\b\n  softlabels convert train.zarr train-top10.zarr --top-k 10\n  softlabels convert train.zarr train-s12.h5 --sample 12 --sample-seed 1")
+@click.argument("src")
+@click.argument("dst")
+@_sparse_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def convert(src, dst, top_k, sample, proposal_temperature, sample_seed, temperatures, overwrite, quiet):
+    """Derive a top-k or sampled cache from a dense one, without running the teacher."""
+    sparse = _sparse(top_k, sample, proposal_temperature, sample_seed, temperatures)
+    if sparse is None:
+        raise click.UsageError("give --top-k K or --sample S")
+    size = convert_cache(src, dst, sparse=sparse, overwrite=overwrite, progress=not quiet)
+    click.echo(f"wrote {dst}: {sparse['kind']} cache, {size / 2**20:.2f} MiB on disk")
 
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels compare runs/scratch runs/distilled")

@@ -35,7 +35,8 @@ from . import __version__, distributed
 from .checkpoint import LoadedModel
 from .data import NO_LABEL, Source
 from .errors import SoftlabelsError
-from .store import CacheWriter, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock, partial_path
+from .sparse import DEFAULT_TEMPERATURES, FIELDS, sparsify, teacher_argmax, to_rows
+from .store import CacheWriter, sparse_size, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock, partial_path
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +111,21 @@ def iter_logits(
         raise SoftlabelsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
     autocast_dtype = PRECISIONS[precision]
     model.eval().to(device)
-    with torch.inference_mode():
-        for start, x, y in iter_batches(
-            source, batch_size=batch_size, device=device, num_workers=num_workers, batches=batches
-        ):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                try:
-                    out = model(x)
-                except Exception as exc:
-                    raise SoftlabelsError(
-                        f"the model failed on samples {start}..{start + len(y) - 1} "
-                        f"(inputs {list(x.shape[1:])}): {type(exc).__name__}: {exc}"
-                    ) from exc
-            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(y):
-                shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise SoftlabelsError(f"the teacher must output [batch, classes]; it gave {shape} for a batch of {len(y)}")
-            yield start, out, y
+    for start, x, y in iter_batches(source, batch_size=batch_size, device=device, num_workers=num_workers, batches=batches):
+        # The modes are entered per batch, never held across a yield: a suspended generator would
+        # otherwise leave the caller's thread in inference mode.
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            try:
+                out = model(x)
+            except Exception as exc:
+                raise SoftlabelsError(
+                    f"the model failed on samples {start}..{start + len(y) - 1} "
+                    f"(inputs {list(x.shape[1:])}): {type(exc).__name__}: {exc}"
+                ) from exc
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(y):
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise SoftlabelsError(f"the teacher must output [batch, classes]; it gave {shape} for a batch of {len(y)}")
+        yield start, out, y
 
 
 @dataclass
@@ -193,7 +193,9 @@ class _ChunkWriter(threading.Thread):
                 start, host_logits, finite, predicted, labels, ready = item
                 if ready is not None:
                     ready.synchronize()
-                self._add(start, host_logits.numpy(), finite.numpy(), predicted.numpy(), labels.numpy())
+                rows = (to_rows({k: v.numpy() for k, v in host_logits.items()}, self.writer.row_dtype)
+                        if isinstance(host_logits, dict) else host_logits.numpy())
+                self._add(start, rows, finite.numpy(), predicted.numpy(), labels.numpy())
                 if self.inbox.empty() or len(self._done) >= _WRITE_GROUP:
                     self._flush()
             self._flush()
@@ -244,6 +246,39 @@ def _consecutive_runs(indices: list[int]) -> Iterator[tuple[int, list[int]]]:
         yield run[0], run
 
 
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in pinned host memory, started without waiting; the writer synchronises before use."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+_SPARSE_KEYS = ("kind", "k", "samples", "temperatures", "proposal_temperature", "sample_seed")
+
+
+def sparse_settings(sparse: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest fields of a sparse kind, with defaults filled in (empty for dense)."""
+    if not sparse or sparse.get("kind", "dense") == "dense":
+        return {}
+    settings = {"kind": sparse["kind"], "temperatures": [float(t) for t in sparse.get("temperatures") or DEFAULT_TEMPERATURES]}
+    if sparse["kind"] == "topk":
+        settings["k"] = int(sparse["k"])
+    elif sparse["kind"] == "sampled":
+        proposal = float(sparse.get("proposal_temperature", 1.0))
+        settings.update(samples=int(sparse["samples"]), proposal_temperature=proposal, sample_seed=int(sparse.get("sample_seed", 0)))
+        if proposal not in settings["temperatures"]:  # the importance weights need the proposal's partition
+            settings["temperatures"].append(proposal)
+    else:
+        raise SoftlabelsError(f"unknown cache kind {sparse['kind']!r} (use dense, topk or sampled)")
+    if sparse_size_of(settings) < 1:
+        raise SoftlabelsError("--top-k and --sample need a positive number")
+    return settings
+
+
+def sparse_size_of(settings: dict[str, Any]) -> int:
+    return settings.get("k") or settings.get("samples") or 0
+
+
 def _check_labels(labels: torch.Tensor, num_classes: int, start: int) -> None:
     bad = (labels < NO_LABEL) | (labels >= num_classes)
     if bad.any():
@@ -263,6 +298,12 @@ _RESUME_KEYS = {
     "store dtype": ("dtype",),
     "rows per chunk": ("chunk_rows",),
     "logits compression": ("compress_logits",),
+    "cache kind": ("kind",),
+    "top-k": ("k",),
+    "samples": ("samples",),
+    "temperatures": ("temperatures",),
+    "proposal temperature": ("proposal_temperature",),
+    "sample seed": ("sample_seed",),
     "batch size": ("batch_size",),
     "precision": ("precision",),
     "device type": ("device",),
@@ -311,7 +352,7 @@ def _committed_chunks(writer: CacheWriter, accuracy: _Accuracy, chunks: range) -
             continue
         if chunk_checksum(logits, labels) == recorded[chunk]:
             kept.add(int(chunk))
-            accuracy.add(torch.from_numpy(logits).argmax(1).numpy(), labels)
+            accuracy.add(teacher_argmax(logits), labels)
     return kept
 
 
@@ -326,6 +367,7 @@ def dump(
     store_dtype: str = "float16",
     chunk_rows: int | None = None,
     compress_logits: bool = False,
+    sparse: dict[str, Any] | None = None,
     num_workers: int = 0,
     overwrite: bool = False,
     resume: bool = False,
@@ -333,6 +375,10 @@ def dump(
     progress: bool = True,
 ) -> DumpResult:
     """Run ``teacher`` over ``source`` and write its logits to the cache at ``out``.
+
+    ``sparse`` stores a sparse kind instead of dense logits: ``{"kind": "topk", "k": 10}`` or
+    ``{"kind": "sampled", "samples": 12, "proposal_temperature": 1.0, "sample_seed": 0}``, either
+    with ``"temperatures"`` (default :data:`softlabels.sparse.DEFAULT_TEMPERATURES`).
 
     With ``resume=True`` an interrupted dump (``out.partial``) continues from its committed chunks,
     provided the teacher, data and storage options are the ones it recorded.
@@ -358,7 +404,7 @@ def dump(
         if rank == 0:
             writer, first = _start(out, teacher, source, logits_of, overwrite=overwrite, resume=resume, expected={
                 "precision": precision, "device": dev.type, "batch_size": batch_size, "dtype": store_dtype,
-                "chunk_rows": chunk_rows, "compress_logits": compress_logits,
+                "chunk_rows": chunk_rows, "compress_logits": compress_logits, **sparse_settings(sparse),
             })
         distributed.barrier()  # rank 0 has made (or reopened) the partial cache the others now open
         if rank != 0:
@@ -377,8 +423,8 @@ def dump(
         with writer:
             thread = _ChunkWriter(writer, pending, accuracy, check_finite)
             try:
-                _feed(thread, stream, num_classes=writer.manifest["num_classes"], store_dtype=writer.manifest["dtype"],
-                      device=dev, rows=sum(hi - lo for lo, hi in bounds), progress=progress and rank == 0)
+                _feed(thread, stream, manifest=writer.manifest, device=dev, rows=sum(hi - lo for lo, hi in bounds),
+                      progress=progress and rank == 0)
                 distributed.barrier()  # every rank's chunks are written
                 correct, labeled = distributed.sum_ints(accuracy.correct, accuracy.labeled)
                 kept_chunks = distributed.sum_ints(len(kept))[0]
@@ -429,10 +475,13 @@ def _start(
         return writer, None
     first = next(logits_of(batches=[0]))
     num_classes = int(first[1].shape[1])
+    sparse = {key: expected[key] for key in _SPARSE_KEYS if key in expected}
+    if sparse and sparse_size_of(sparse) > num_classes and sparse["kind"] == "topk":
+        raise SoftlabelsError(f"--top-k {sparse['k']} exceeds the teacher's {num_classes} classes")
     writer = CacheWriter(
         out, num_samples=len(source), num_classes=num_classes, dtype=expected["dtype"], manifest=manifest,
         chunk_rows=expected["chunk_rows"] or default_chunk_rows(num_classes, expected["dtype"]),
-        compress_logits=expected["compress_logits"],
+        compress_logits=expected["compress_logits"], sparse=sparse or None,
     )
     return writer, first
 
@@ -441,14 +490,14 @@ def _feed(
     thread: _ChunkWriter,
     stream: Iterator[tuple[int, torch.Tensor, torch.Tensor]],
     *,
-    num_classes: int,
-    store_dtype: str,
+    manifest: dict[str, Any],
     device: torch.device,
     rows: int,
     progress: bool,
 ) -> None:
     """Hand the teacher's batches to the writer thread; re-raise whatever stopped either side."""
-    out_dtype = getattr(torch, store_dtype)
+    out_dtype = getattr(torch, manifest["dtype"])
+    num_classes, kind = manifest["num_classes"], manifest["kind"]
     thread.start()
     bar = tqdm(total=rows, unit="samples", unit_scale=True, desc="dump", disable=None if progress else True)
     try:
@@ -456,14 +505,21 @@ def _feed(
             if logits.shape[1] != num_classes:
                 raise SoftlabelsError(f"the teacher gives {logits.shape[1]} classes at sample {start}; the cache has {num_classes}")
             _check_labels(labels, num_classes, start)
-            stored = logits.to(out_dtype)
-            # Checked and ranked on the device, from the stored values: finiteness catches float16
-            # overflow too, and the argmax gives the teacher accuracy the cache itself implies.
-            finite, predicted = torch.isfinite(stored).all(1), stored.argmax(1)
+            # Cast, rank, check (and sparsify) on the device: finiteness of the stored values catches
+            # float16 overflow too, and only what is stored crosses to the host.
+            predicted = logits.argmax(1)
+            if kind == "dense":
+                stored = logits.to(out_dtype)
+                finite = torch.isfinite(stored).all(1)
+            else:
+                stored = sparsify(logits, kind=kind, size=sparse_size(manifest), temperatures=tuple(manifest["temperatures"]),
+                                  proposal_temperature=manifest.get("proposal_temperature", 1.0),
+                                  seed=manifest.get("sample_seed", 0), start_row=start)
+                stored[FIELDS[kind][0]] = stored[FIELDS[kind][0]].to(out_dtype)
+                finite = torch.isfinite(stored[FIELDS[kind][0]]).all(1) & torch.isfinite(stored["logsumexp"]).all(1)
             if device.type == "cuda":
-                host = torch.empty(stored.shape, dtype=out_dtype, pin_memory=True)
-                host.copy_(stored, non_blocking=True)
-                finite, predicted = finite.to("cpu", non_blocking=True), predicted.to("cpu", non_blocking=True)
+                host = {k: _to_host(v) for k, v in stored.items()} if isinstance(stored, dict) else _to_host(stored)
+                finite, predicted = _to_host(finite), _to_host(predicted)
                 ready = torch.cuda.Event()
                 ready.record()
             else:

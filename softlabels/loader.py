@@ -71,7 +71,7 @@ def block_rows(source: Source, cache: Cache | None) -> int:
 class Batch(NamedTuple):
     inputs: torch.Tensor
     labels: torch.Tensor
-    teacher_logits: torch.Tensor | None  # as stored (float16 or float32); None without a cache
+    teacher_logits: torch.Tensor | dict[str, torch.Tensor] | None  # dense logits as stored, or sparse targets
     indices: torch.Tensor  # dataset row of each sample
 
 
@@ -164,7 +164,22 @@ class SoftTargetLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         for window in self._batches(self.epoch, self._read_window):
-            yield Batch(*(None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in window))
+            x, y, t, i = (None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in (window.inputs, window.labels, None, window.indices))
+            yield Batch(x, y, self._soft_targets(window.teacher_logits), i)
+
+    def _soft_targets(self, targets: np.ndarray | None) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """Dense logits as a tensor; sparse targets as the dict :func:`softlabels.kd_loss` takes."""
+        if targets is None or targets.dtype.names is None:
+            return None if targets is None else torch.from_numpy(np.ascontiguousarray(targets))
+        served = {}
+        for name in targets.dtype.names:
+            field = targets[name]
+            served[name] = torch.from_numpy(np.ascontiguousarray(field, dtype=np.int64 if field.dtype.kind == "u" else field.dtype))
+        manifest = self.cache.manifest
+        served["temperatures"] = torch.tensor(manifest["temperatures"], dtype=torch.float64)
+        if "proposal_temperature" in manifest:
+            served["proposal_temperature"] = torch.tensor(manifest["proposal_temperature"], dtype=torch.float64)
+        return served
 
     def _batches(self, epoch: int, read: Callable[..., _Window]) -> Iterator[_Window]:
         plans = self._plan(epoch)

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .store import Cache
+from .sparse import teacher_argmax
+from .store import Cache, sparse_size
 
 
 def _percent(value: Any) -> str:
@@ -53,48 +54,76 @@ def format_table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
 
 
 def cache_report(cache: Cache) -> dict[str, Any]:
-    """What ``softlabels inspect`` prints: manifest, sizes, teacher accuracy and soft-target entropy."""
-    logits_bytes = len(cache) * cache.num_classes * np.dtype(cache.manifest["dtype"]).itemsize
-    raw_bytes = logits_bytes + len(cache) * 8
+    """What ``softlabels inspect`` prints: manifest, sizes, teacher accuracy and soft-target statistics.
+
+    Entropy (nats, T = 1) is exact for dense caches; top-k caches report the teacher mass their K
+    classes keep instead, and sampled caches the mean number of distinct classes drawn.
+    """
+    kind = cache.kind
     on_disk = cache.nbytes_on_disk()
     correct = labeled = 0
-    entropy_sum = 0.0
-    for _, logits, labels in cache.iter_chunks():
-        z = logits.astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        entropy_sum += float(-(np.exp(log_p) * log_p).sum())
+    statistic = 0.0
+    for _, targets, labels in cache.iter_chunks():
+        if kind == "dense":
+            z = targets.astype(np.float64)
+            log_p = z - logsumexp(z)
+            statistic += float(-(np.exp(log_p) * log_p).sum())
+        elif kind == "topk":
+            lse_1 = targets["logsumexp"][:, cache.manifest["temperatures"].index(1.0)] if 1.0 in cache.manifest["temperatures"] else None
+            if lse_1 is not None:
+                statistic += float(np.exp(targets["topk_logits"].astype(np.float64) - lse_1[:, None]).sum())
+        else:
+            statistic += float((targets["sample_counts"] > 0).sum())
         has_label = labels >= 0
-        correct += int((logits.argmax(1)[has_label] == labels[has_label]).sum())
+        correct += int((teacher_argmax(targets)[has_label] == labels[has_label]).sum())
         labeled += int(has_label.sum())
-    return {
+    n = len(cache)
+    dense_float32 = n * cache.num_classes * 4
+    report = {
         "path": str(cache.path),
         "complete": bool(cache.manifest.get("complete")),
-        "shape": [len(cache), cache.num_classes],
+        "kind": kind,
+        "size": sparse_size(cache.manifest) or None,
+        "shape": [n, cache.num_classes],
         "dtype": cache.manifest["dtype"],
         "chunk_rows": cache.chunk_rows,
         "bytes_on_disk": on_disk,
-        "compression_ratio": raw_bytes / on_disk if on_disk else None,
+        "bytes_per_sample": on_disk / n if n else None,
+        "compression_vs_dense_float32": dense_float32 / on_disk if on_disk else None,
         "labeled_rows": labeled,
         "teacher_accuracy": correct / labeled if labeled else None,
-        "mean_entropy_nats": entropy_sum / len(cache) if len(cache) else None,
+        "mean_entropy_nats": statistic / n if n and kind == "dense" else None,
+        "mean_topk_mass": statistic / n if n and kind == "topk" and 1.0 in cache.manifest["temperatures"] else None,
+        "mean_distinct_samples": statistic / n if n and kind == "sampled" else None,
         "manifest": cache.manifest,
     }
+    return report
+
+
+def logsumexp(z: np.ndarray) -> np.ndarray:
+    top = z.max(axis=1, keepdims=True)
+    return top + np.log(np.exp(z - top).sum(axis=1, keepdims=True))
 
 
 def format_cache_report(report: dict[str, Any]) -> str:
     m = report["manifest"]
     teacher, dataset = m.get("teacher", {}), m.get("dataset", {})
-    ratio = report["compression_ratio"]
+    kind = report["kind"] if report["kind"] == "dense" else f"{report['kind']} ({'K' if report['kind'] == 'topk' else 'S'} = {report['size']})"
+    statistic = {
+        "dense": ("entropy", report["mean_entropy_nats"], "{:.3f} nats mean at T=1"),
+        "topk": ("top-k mass", report["mean_topk_mass"], "{:.2%} of the teacher's probability at T=1, on average"),
+        "sampled": ("distinct", report["mean_distinct_samples"], "{:.1f} classes per sample on average"),
+    }[report["kind"]]
     lines = [
         f"cache        {report['path']} ({'complete' if report['complete'] else 'INCOMPLETE'})",
-        f"format       {m['format']} v{m['format_version']}, kind {m['kind']}",
-        f"logits       {report['shape'][0]:,} x {report['shape'][1]:,} {report['dtype']}, {report['chunk_rows']} rows per chunk",
-        f"on disk      {report['bytes_on_disk'] / 2**20:.2f} MiB" + (f" (compression {ratio:.2f}x)" if ratio else ""),
+        f"format       {m['format']} v{m['format_version']}, kind {kind}",
+        f"targets      {report['shape'][0]:,} samples x {report['shape'][1]:,} classes, {report['dtype']}, {report['chunk_rows']} rows per chunk",
+        f"on disk      {report['bytes_on_disk'] / 2**20:.2f} MiB, {report['bytes_per_sample']:.1f} bytes per sample "
+        f"({report['compression_vs_dense_float32']:.1f}x smaller than dense float32)",
         f"teacher      {teacher.get('arch')} from {teacher.get('file')} ({_count(teacher.get('params'))} params, sha256 {str(teacher.get('sha256'))[:12]}...)",
-        f"dataset      {dataset.get('spec')} ({_count(dataset.get('num_samples'))} samples, {dataset.get('fingerprint', '')[:20]}...)",
+        f"dataset      {dataset.get('spec')} ({_count(dataset.get('num_samples'))} samples, {str(dataset.get('fingerprint', ''))[:20]}...)",
         f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_rows']:,} labeled rows",
-        f"entropy      {report['mean_entropy_nats']:.3f} nats mean at T=1" if report["mean_entropy_nats"] is not None else "entropy      -",
+        f"{statistic[0]:<12} " + ("-" if statistic[1] is None else statistic[2].format(statistic[1])),
         f"created      {m.get('created')} by softlabels {m.get('softlabels_version')}, torch {m.get('torch_version')}",
     ]
     return "\n".join(lines)

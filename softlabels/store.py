@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import SoftlabelsError
+from .sparse import KINDS, target_dtype
 
 FORMAT = "softlabels-cache"
 FORMAT_VERSION = 1
@@ -69,10 +70,43 @@ def default_chunk_rows(num_classes: int, dtype: str) -> int:
     return int(min(_MAX_DEFAULT_CHUNK_ROWS, max(16, rows)))
 
 
-def chunk_checksum(logits: np.ndarray, labels: np.ndarray) -> int:
-    """CRC-32 of a chunk as stored: its logits' bytes, then its labels' bytes, little-endian."""
-    crc = zlib.crc32(np.ascontiguousarray(logits, dtype=logits.dtype.newbyteorder("<")).tobytes())
+def chunk_checksum(targets: np.ndarray, labels: np.ndarray) -> int:
+    """CRC-32 of a chunk as stored: each target array's bytes in manifest order (for dense, just the
+    logits), then the labels' bytes, all little-endian and C order."""
+    parts = [targets[name] for name in targets.dtype.names] if targets.dtype.names else [targets]
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(np.ascontiguousarray(part, dtype=part.dtype.newbyteorder("<")).tobytes(), crc)
     return zlib.crc32(np.ascontiguousarray(labels, dtype="<i8").tobytes(), crc)
+
+
+def row_dtype(manifest: dict[str, Any]) -> np.dtype:
+    """The dtype of one sample's soft targets in a cache with this manifest."""
+    return target_dtype(
+        manifest["kind"], num_classes=manifest["num_classes"], size=sparse_size(manifest),
+        store_dtype=manifest["dtype"], temperatures=len(manifest.get("temperatures") or ()),
+    )
+
+
+def sparse_size(manifest: dict[str, Any]) -> int:
+    """K of a top-k cache, S of a sampled one, 0 for dense."""
+    return {"topk": manifest.get("k"), "sampled": manifest.get("samples")}.get(manifest["kind"]) or 0
+
+
+def _fields(dtype: np.dtype) -> list[tuple[str, np.dtype, int]]:
+    """``(array name, dtype, width)`` of each target array of a cache."""
+    if dtype.names is None:
+        return [("logits", dtype.base, dtype.shape[0])]
+    return [(name, dtype[name].base, dtype[name].shape[0]) for name in dtype.names]
+
+
+def _assemble(arrays: dict[str, Any], dtype: np.dtype, start: int, stop: int) -> np.ndarray:
+    if dtype.names is None:
+        return np.asarray(arrays["logits"][start:stop])
+    rows = np.empty(stop - start, dtype=dtype)
+    for name in dtype.names:
+        rows[name] = arrays[name][start:stop]
+    return rows
 
 
 def directory_bytes(path: Path) -> int:
@@ -106,13 +140,15 @@ class _ZarrBackend:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.group.attrs[MANIFEST_KEY] = manifest
 
-    def sync(self, chunks: range | None) -> None:
-        """fsync the files of ``chunks`` (``None``: the manifest), which zarr writes but never syncs."""
+    def sync(self, chunks: range | None, names: list[str] = ()) -> None:
+        """fsync the files of ``chunks`` of the 2-D arrays ``names`` and of the labels (``None``: the
+        manifest), which zarr writes but never syncs."""
         if chunks is None:
             _fsync_file(self.root / "zarr.json")
             return
         for chunk in chunks:
-            _fsync_file(self.root / "logits" / "c" / str(chunk) / "0")
+            for name in names:
+                _fsync_file(self.root / name / "c" / str(chunk) / "0")
             _fsync_file(self.root / "labels" / "c" / str(chunk))
 
     def close(self) -> None:
@@ -152,7 +188,7 @@ class _H5Backend:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
 
-    def sync(self, chunks: range | None) -> None:
+    def sync(self, chunks: range | None, names: list[str] = ()) -> None:
         self.file.flush()
         os.fsync(self.file.id.get_vfd_handle())
 
@@ -182,13 +218,18 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> dict
         raise SoftlabelsError(
             f"{path} uses cache format version {version}, newer than this softlabels reads ({FORMAT_VERSION}): upgrade softlabels"
         )
-    if manifest.get("kind") != "dense":
-        raise SoftlabelsError(f"{path}: unsupported cache kind {manifest.get('kind')!r}")
+    kind = manifest.get("kind")
+    if kind not in KINDS:
+        raise SoftlabelsError(f"{path}: unsupported cache kind {kind!r}")
     fields = {"num_samples": int, "num_classes": int, "chunk_rows": int, "dtype": str}
-    for key, kind in fields.items():
+    if kind == "topk":
+        fields.update(k=int, temperatures=list)
+    elif kind == "sampled":
+        fields.update(samples=int, temperatures=list, sample_seed=int)
+    for key, kind_of in fields.items():
         value = manifest.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise SoftlabelsError(f"{path}: manifest field '{key}' is missing or not {kind.__name__}")
+        if not isinstance(value, kind_of) or isinstance(value, bool):
+            raise SoftlabelsError(f"{path}: manifest field '{key}' is missing or not {kind_of.__name__}")
     for key in ("teacher", "dataset"):
         if not isinstance(manifest.get(key, {}), dict):
             raise SoftlabelsError(f"{path}: manifest field '{key}' is not an object")
@@ -197,17 +238,21 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> dict
     n, c = manifest["num_samples"], manifest["num_classes"]
     if n < 0 or c < 1 or manifest["chunk_rows"] < 1 or manifest["dtype"] not in STORE_DTYPES:
         raise SoftlabelsError(f"{path}: manifest has impossible values (num_samples={n}, num_classes={c})")
-    for name in ("logits", "labels", "chunk_crc32"):
+    if kind != "dense" and (not 1 <= sparse_size(manifest) <= max(c, sparse_size(manifest) if kind == "sampled" else c)
+                            or not manifest["temperatures"]
+                            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in manifest["temperatures"])):
+        raise SoftlabelsError(f"{path}: manifest has impossible sparse settings (size {sparse_size(manifest)})")
+    expected = {name: ((n, width), dtype) for name, dtype, width in _fields(row_dtype(manifest))}
+    expected.update(labels=((n,), np.dtype(np.int64)), chunk_crc32=((num_chunks(n, manifest["chunk_rows"]),), np.dtype(np.int64)))
+    for name, (shape, dtype) in expected.items():
         if name not in arrays:
             raise SoftlabelsError(f"{path}: array '{name}' is missing")
-    expected = {"logits": (n, c), "labels": (n,), "chunk_crc32": (num_chunks(n, manifest["chunk_rows"]),)}
-    for name, shape in expected.items():
         if tuple(arrays[name].shape) != shape:
             raise SoftlabelsError(
                 f"{path}: array '{name}' has shape {list(arrays[name].shape)} but the manifest says {list(shape)}"
             )
-    if str(arrays["logits"].dtype) != manifest["dtype"]:
-        raise SoftlabelsError(f"{path}: logits are {arrays['logits'].dtype} but the manifest says {manifest['dtype']}")
+        if np.dtype(str(arrays[name].dtype)) != dtype:
+            raise SoftlabelsError(f"{path}: array '{name}' is {arrays[name].dtype} but the manifest implies {dtype}")
     return manifest
 
 
@@ -235,7 +280,8 @@ class Cache:
         except BaseException:
             self._backend.close()
             raise
-        self._logits = arrays["logits"]
+        self.row_dtype = row_dtype(self.manifest)
+        self._targets = {name: arrays[name] for name, _, _ in _fields(self.row_dtype)}
         self._labels = arrays["labels"]
         self._checksums = arrays["chunk_crc32"]
 
@@ -257,9 +303,17 @@ class Cache:
     def chunk_bounds(self, index: int) -> tuple[int, int]:
         return chunk_bounds(index, self.chunk_rows, len(self))
 
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and labels of rows ``start:stop``; aligned ranges read whole chunks."""
-        return np.asarray(self._logits[start:stop]), np.asarray(self._labels[start:stop])
+        """Soft targets and labels of rows ``start:stop``; aligned ranges read whole chunks.
+
+        Dense targets are the ``[rows, C]`` logits; sparse ones a structured array with one field
+        per stored array (``targets["topk_logits"]``, ...).
+        """
+        return _assemble(self._targets, self.row_dtype, start, stop), np.asarray(self._labels[start:stop])
 
     def labels(self) -> np.ndarray:
         """Every row's hard label (``-1`` for none)."""
@@ -269,7 +323,7 @@ class Cache:
         return np.asarray(self._checksums[:])
 
     def iter_chunks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(start_row, logits, labels)`` for each chunk, in order."""
+        """``(start_row, targets, labels)`` for each chunk, in order."""
         for index in range(self.num_chunks):
             start, stop = self.chunk_bounds(index)
             yield (start, *self.read(start, stop))
@@ -323,7 +377,10 @@ class CacheWriter:
         dtype: str,
         manifest: dict[str, Any],
         compress_logits: bool = False,
+        sparse: dict[str, Any] | None = None,
     ):
+        """``sparse`` holds ``kind`` (``topk`` or ``sampled``) and its manifest fields (``k``, or
+        ``samples``, ``proposal_temperature`` and ``sample_seed``; ``temperatures``)."""
         path = Path(path)
         backend_name(path)
         chunk_rows = max(1, min(chunk_rows, num_samples))  # HDF5 refuses chunks larger than the array
@@ -334,6 +391,7 @@ class CacheWriter:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "kind": "dense",
+            **(sparse or {}),
             "num_samples": num_samples,
             "num_classes": num_classes,
             "dtype": dtype,
@@ -345,9 +403,11 @@ class CacheWriter:
         remove_path(partial)
         backend = _open_backend(partial, "w")
         chunks = num_chunks(num_samples, chunk_rows)
-        # Logits are stored raw unless asked: float16 mantissas are close to random, so codecs gain
-        # about 10% at 2-5x the write CPU and half the read speed (scripts/bench_codecs.py).
-        backend.create_array("logits", (num_samples, num_classes), (chunk_rows, num_classes), dtype, 0, compress_logits)
+        for name, field_dtype, width in _fields(row_dtype(manifest)):
+            # Logits are stored raw unless asked: float16 mantissas are close to random, so codecs gain
+            # about 10% at 2-5x the write CPU and half the read speed (scripts/bench_codecs.py).
+            compress = compress_logits or not np.issubdtype(field_dtype, np.floating)
+            backend.create_array(name, (num_samples, width), (chunk_rows, width), field_dtype.str, 0, compress)
         backend.create_array("labels", (num_samples,), (chunk_rows,), "int64", -1, True)
         # In Zarr each checksum gets a file of its own, so ranks of a distributed dump never rewrite
         # each other's records; HDF5 has a single writer.
@@ -379,7 +439,9 @@ class CacheWriter:
         self.num_chunks = num_chunks(self.num_samples, self.chunk_rows)
         self._backend = backend
         arrays = backend.arrays()
-        self._logits, self._labels, self._checksums = arrays["logits"], arrays["labels"], arrays["chunk_crc32"]
+        self.row_dtype = row_dtype(manifest)
+        self._targets = {name: arrays[name] for name, _, _ in _fields(self.row_dtype)}
+        self._labels, self._checksums = arrays["labels"], arrays["chunk_crc32"]
         self._finished = False
 
     def chunk_bounds(self, index: int) -> tuple[int, int]:
@@ -391,26 +453,30 @@ class CacheWriter:
 
     def read_chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         start, stop = self.chunk_bounds(index)
-        return np.asarray(self._logits[start:stop]), np.asarray(self._labels[start:stop])
+        return _assemble(self._targets, self.row_dtype, start, stop), np.asarray(self._labels[start:stop])
 
-    def write_chunk(self, index: int, logits: np.ndarray, labels: np.ndarray) -> None:
+    def write_chunk(self, index: int, targets: np.ndarray, labels: np.ndarray) -> None:
         """Write chunk ``index`` (rows ``index * chunk_rows`` onwards), then record its checksum."""
-        self.write_chunks(index, logits, labels)
+        self.write_chunks(index, targets, labels)
 
-    def write_chunks(self, first: int, logits: np.ndarray, labels: np.ndarray) -> None:
-        """Write consecutive chunks from ``first`` on in one call each for logits and labels (a store
-        call costs milliseconds of overhead), sync them, then record their checksums."""
+    def write_chunks(self, first: int, targets: np.ndarray, labels: np.ndarray) -> None:
+        """Write consecutive chunks from ``first`` on, one store call per array (a call costs
+        milliseconds of overhead), sync them, then record their checksums.
+
+        ``targets`` are ``[rows, C]`` logits for a dense cache, rows of :attr:`row_dtype` otherwise.
+        """
         start, _ = self.chunk_bounds(first)
-        count = -(-len(logits) // self.chunk_rows)
+        count = -(-len(targets) // self.chunk_rows)
         stop = self.chunk_bounds(first + count - 1)[1]
-        if logits.shape[0] != stop - start or labels.shape[0] != stop - start:
-            raise ValueError(f"chunks {first}..{first + count - 1} need {stop - start} rows, got {logits.shape[0]}")
-        logits = logits.astype(self.manifest["dtype"], copy=False)
+        if targets.shape[0] != stop - start or labels.shape[0] != stop - start:
+            raise ValueError(f"chunks {first}..{first + count - 1} need {stop - start} rows, got {targets.shape[0]}")
+        targets = targets.astype(self.row_dtype.base if self.row_dtype.names is None else self.row_dtype, copy=False)
         labels = labels.astype(np.int64, copy=False)
-        self._logits[start:stop] = logits
+        for name, array in self._targets.items():
+            array[start:stop] = targets if self.row_dtype.names is None else targets[name]
         self._labels[start:stop] = labels
-        self._backend.sync(range(first, first + count))
-        sums = [chunk_checksum(logits[a - start:b - start], labels[a - start:b - start])
+        self._backend.sync(range(first, first + count), list(self._targets))
+        sums = [chunk_checksum(targets[a - start:b - start], labels[a - start:b - start])
                 for a, b in map(self.chunk_bounds, range(first, first + count))]
         self._checksums[first:first + count] = sums
 

@@ -87,28 +87,28 @@ def predict(model: torch.nn.Module, source: Source, *, device: torch.device | st
     return np.concatenate(outputs), np.concatenate(labels)
 
 
-def agreement_metrics(logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray | None) -> dict[str, float | None]:
+def agreement_metrics(logits: np.ndarray, labels: np.ndarray, teacher_top1: np.ndarray | None) -> dict[str, float | None]:
     """Accuracy on labeled rows and top-1 agreement with the teacher, each ``None`` when undefined."""
     predicted = logits.argmax(1)
     labeled = labels != NO_LABEL
     accuracy = float((predicted[labeled] == labels[labeled]).mean()) if labeled.any() else None
-    agreement = float((predicted == teacher_logits.argmax(1)).mean()) if teacher_logits is not None else None
+    agreement = float((predicted == teacher_top1).mean()) if teacher_top1 is not None else None
     return {"accuracy": accuracy, "teacher_agreement": agreement}
 
 
 def evaluate(
-    model: torch.nn.Module, source: Source, *, teacher_logits: np.ndarray | None = None, device: str = "cpu"
+    model: torch.nn.Module, source: Source, *, teacher_top1: np.ndarray | None = None, device: str = "cpu"
 ) -> dict[str, float | None]:
-    """Accuracy of ``model`` on ``source`` and, given the teacher's logits there, agreement with it.
+    """Accuracy of ``model`` on ``source`` and, given the teacher's top class per row, agreement with it.
 
     Example:
         >>> evaluate(load_model("student.pth").model, open_data("mnist1d://test"))
         {'accuracy': 0.8, 'teacher_agreement': None}
     """
-    if teacher_logits is not None and len(teacher_logits) != len(source):
-        raise SoftlabelsError(f"teacher logits cover {len(teacher_logits)} rows, the data has {len(source)}")
+    if teacher_top1 is not None and len(teacher_top1) != len(source):
+        raise SoftlabelsError(f"teacher predictions cover {len(teacher_top1)} rows, the data has {len(source)}")
     logits, labels = predict(model, source, device=resolve_device(device))
-    return agreement_metrics(logits, labels, teacher_logits)
+    return agreement_metrics(logits, labels, teacher_top1)
 
 
 def _student_names(students: list[StudentSpec]) -> list[str]:
@@ -148,7 +148,7 @@ def train_students(
     config: TrainConfig,
     out_dir: str | Path | None = None,
     eval_source: Source | None = None,
-    eval_teacher_logits: np.ndarray | None = None,
+    eval_teacher_top1: np.ndarray | None = None,
     num_classes: int | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -209,7 +209,7 @@ def train_students(
             for batch in loader:
                 x = batch.inputs.to(device, non_blocking=True)
                 y = batch.labels.to(device, non_blocking=True)
-                t = None if config.hard_labels_only else batch.teacher_logits.to(device, non_blocking=True)
+                t = None if config.hard_labels_only else _to_device(batch.teacher_logits, device)
                 for student in trained:
                     began = time.perf_counter()
                     torch.set_rng_state(student.rng_state)
@@ -225,7 +225,7 @@ def train_students(
                     student.seconds += time.perf_counter() - began
                 bar.update(1)
             for student in trained:
-                _end_epoch(student, epoch, eval_source, eval_teacher_logits, device, out)
+                _end_epoch(student, epoch, eval_source, eval_teacher_top1, device, out)
     finally:
         bar.close()
         torch.set_rng_state(run_rng)
@@ -258,17 +258,23 @@ def train_students(
     return summary
 
 
+def _to_device(targets: Any, device: torch.device) -> Any:
+    if isinstance(targets, dict):
+        return {name: value.to(device, non_blocking=True) for name, value in targets.items()}
+    return targets.to(device, non_blocking=True)
+
+
 def _end_epoch(
     student: _Student,
     epoch: int,
     eval_source: Source | None,
-    eval_teacher_logits: np.ndarray | None,
+    eval_teacher_top1: np.ndarray | None,
     device: torch.device,
     out: Path | None,
 ) -> None:
     began = time.perf_counter()
     if eval_source is not None:
-        student.metrics = evaluate(student.model, eval_source, teacher_logits=eval_teacher_logits, device=str(device))
+        student.metrics = evaluate(student.model, eval_source, teacher_top1=eval_teacher_top1, device=str(device))
     student.seconds += time.perf_counter() - began
     record = {
         "epoch": epoch + 1,

@@ -22,6 +22,7 @@ import torch
 from .checkpoint import LoadedModel
 from .errors import SoftlabelsError
 from .loader import source_for_cache
+from .sparse import FIELDS
 from .store import chunk_checksum, open_cache
 
 # Relative tolerance of a recomputed logit by the precision the dump ran at; float16 storage adds
@@ -85,10 +86,16 @@ def _recompute(cache, report: VerifyReport, count: int, teacher: LoadedModel | N
     source = source_for_cache(cache, data_spec)
     rows = np.sort(np.random.default_rng(seed).choice(len(cache), size=min(count, len(cache)), replace=False))
     inputs = np.concatenate([source.read(int(i), int(i) + 1)[0] for i in rows])
-    cached = np.concatenate([cache.read(int(i), int(i) + 1)[0] for i in rows]).astype(np.float32)
+    targets = np.concatenate([cache.read(int(i), int(i) + 1)[0] for i in rows])
     model = teacher.model.eval().to(device)
     with torch.inference_mode():
         fresh = model(torch.from_numpy(inputs).to(device)).float().cpu().numpy()
+    if targets.dtype.names is None:
+        cached = targets.astype(np.float32)
+    else:  # a sparse cache: compare the logits it kept, at the classes it kept
+        values, classes = FIELDS[cache.kind][:2]
+        cached = targets[values].astype(np.float32)
+        fresh = np.take_along_axis(fresh, targets[classes].astype(np.int64), axis=1)
     rtol = _RTOL.get(cache.manifest.get("precision"), _RTOL["fp32"]) + (2**-11 if cache.manifest["dtype"] == "float16" else 0)
     scale = np.abs(fresh).max(axis=1, keepdims=True) + 1e-6
     far = np.abs(fresh - cached) > rtol * scale

@@ -153,3 +153,10 @@ def test_student_whose_output_does_not_match_the_classes_is_refused(tmp_path, ca
     )
     assert result.exit_code == 1
     assert "outputs [2, 7] for a batch of 2, but the cache has 10 classes" in result.output
+
+
+def test_reading_one_batch_of_logits_leaves_grad_mode_alone(teacher):
+    from softlabels import iter_logits
+
+    next(iter_logits(teacher.model, open_data("mnist1d://test"), batch_size=8))
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
