@@ -63,13 +63,13 @@ def h5_case(compression, opts=None):
 
 
 CASES = {
-    "zarr, no codec": (".zarr", zarr_case(None)),
+    "zarr, no codec (default)": (".zarr", zarr_case(None)),
     "zarr, blosc-lz4 + shuffle": (".zarr", zarr_case([BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")])),
     "zarr, blosc-zstd + shuffle": (".zarr", zarr_case([BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")])),
-    "zarr, zstd (default)": (".zarr", zarr_case([ZstdCodec(level=0)])),
+    "zarr, zstd (--compress-logits)": (".zarr", zarr_case([ZstdCodec(level=0)])),
     "hdf5, no filter (default)": (".h5", h5_case(None)),
     "hdf5, lzf": (".h5", h5_case("lzf")),
-    "hdf5, gzip level 4": (".h5", h5_case("gzip", 4)),
+    "hdf5, gzip level 4 (--compress-logits)": (".h5", h5_case("gzip", 4)),
 }
 
 

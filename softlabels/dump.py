@@ -188,6 +188,7 @@ class _ChunkWriter(threading.Thread):
                 continue
 
     def run(self) -> None:
+        received_end = False
         try:
             while (item := self.inbox.get()) is not None:
                 start, host_logits, finite, predicted, labels, ready = item
@@ -198,10 +199,11 @@ class _ChunkWriter(threading.Thread):
                 self._add(start, rows, finite.numpy(), predicted.numpy(), labels.numpy())
                 if self.inbox.empty() or len(self._done) >= _WRITE_GROUP:
                     self._flush()
+            received_end = True
             self._flush()
         except BaseException as exc:  # handed to the main thread, which re-raises it
             self.error = exc
-            while self.inbox.get() is not None:  # drain so the producer never blocks on a dead writer
+            while not received_end and self.inbox.get() is not None:  # the producer must never block on a dead writer
                 pass
 
     def _add(self, start: int, logits: np.ndarray, finite: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> None:
