@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .dump import sparse_settings, sparse_size_of
+from .dump import sparse_settings
 from .errors import SoftlabelsError
 from .sparse import sparsify, to_rows
-from .store import CacheWriter, directory_bytes, dump_lock, open_cache
+from .store import CacheWriter, directory_bytes, dump_lock, open_cache, sparse_size
 
 # Fields the writer sets itself; everything else in the source manifest (teacher, dataset, ...) carries over.
 _WRITER_FIELDS = {"format", "format_version", "kind", "num_samples", "num_classes", "dtype", "chunk_rows",
@@ -31,7 +31,7 @@ def convert_cache(src: str | Path, dst: str | Path, *, sparse: dict[str, Any], o
     with open_cache(src) as cache, dump_lock(dst):
         if cache.kind != "dense":
             raise SoftlabelsError(f"{src} is a {cache.kind} cache; convert reads dense caches")
-        if settings["kind"] == "topk" and sparse_size_of(settings) > cache.num_classes:
+        if settings["kind"] == "topk" and sparse_size(settings) > cache.num_classes:
             raise SoftlabelsError(f"--top-k {settings['k']} exceeds the cache's {cache.num_classes} classes")
         if dst.exists() and not overwrite:
             raise SoftlabelsError(f"{dst} already exists; pass --overwrite to replace it")
@@ -45,7 +45,7 @@ def convert_cache(src: str | Path, dst: str | Path, *, sparse: dict[str, Any], o
                 tqdm(cache.iter_chunks(), total=cache.num_chunks, unit="chunk", desc="convert", disable=None if progress else True)
             ):
                 targets = sparsify(
-                    torch.from_numpy(logits), kind=settings["kind"], size=sparse_size_of(settings),
+                    torch.from_numpy(logits), kind=settings["kind"], size=sparse_size(settings),
                     temperatures=tuple(settings["temperatures"]), proposal_temperature=settings.get("proposal_temperature", 1.0),
                     seed=settings.get("sample_seed", 0), start_row=start,
                 )

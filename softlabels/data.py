@@ -218,6 +218,12 @@ class DatasetSource(Source):
         return self._fingerprint
 
 
+def _require_x(spec: str, names: Any) -> None:
+    names = sorted(names)
+    if "x" not in names:
+        raise SoftlabelsError(f"dataset {spec} has no array 'x' (found: {', '.join(names) or 'none'})")
+
+
 def _npz_member(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
     """Memory-map an uncompressed ``.npy`` member of an npz file, or load a compressed one whole.
 
@@ -250,8 +256,7 @@ def _npz_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
-                if "x" not in names:
-                    raise SoftlabelsError(f"dataset {spec} has no array 'x' (found: {', '.join(names) or 'none'})")
+                _require_x(spec, names)
                 x = _npz_member(path, archive, "x.npy")
                 y = _npz_member(path, archive, "y.npy") if "y" in names else None
                 return x, y
@@ -272,8 +277,7 @@ def _zarr_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
             names = set(group.array_keys())
         except Exception as exc:
             raise SoftlabelsError(f"cannot read dataset {spec}: not a Zarr group ({exc})") from exc
-        if "x" not in names:
-            raise SoftlabelsError(f"dataset {spec} has no array 'x' (found: {', '.join(sorted(names)) or 'none'})")
+        _require_x(spec, names)
         return group["x"], (group["y"] if "y" in names else None)
 
     return open_zarr
@@ -287,8 +291,7 @@ def _h5_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
             f = h5py.File(path, "r")
         except Exception as exc:
             raise SoftlabelsError(f"cannot read dataset {spec}: not an HDF5 file ({exc})") from exc
-        if "x" not in f:
-            raise SoftlabelsError(f"dataset {spec} has no array 'x' (found: {', '.join(f.keys()) or 'none'})")
+        _require_x(spec, f.keys())
         return f["x"], (f["y"] if "y" in f else None)
 
     return open_h5

@@ -36,7 +36,9 @@ from .checkpoint import LoadedModel
 from .data import NO_LABEL, Source
 from .errors import SoftlabelsError
 from .sparse import DEFAULT_TEMPERATURES, FIELDS, sparsify, teacher_argmax, to_rows
-from .store import CacheWriter, sparse_size, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock, partial_path
+from .store import (
+    CacheWriter, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock, partial_path, sparse_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +161,6 @@ class _Accuracy:
         self.correct += int((predicted[has_label] == labels[has_label]).sum())
         self.labeled += int(has_label.sum())
 
-    @property
-    def value(self) -> float | None:
-        return self.correct / self.labeled if self.labeled else None
-
 
 class _ChunkWriter(threading.Thread):
     """Assembles batches into whole chunks and writes the ``pending`` ones; runs beside inference."""
@@ -272,13 +270,9 @@ def sparse_settings(sparse: dict[str, Any] | None) -> dict[str, Any]:
             settings["temperatures"].append(proposal)
     else:
         raise SoftlabelsError(f"unknown cache kind {sparse['kind']!r} (use dense, topk or sampled)")
-    if sparse_size_of(settings) < 1:
+    if sparse_size(settings) < 1:
         raise SoftlabelsError("--top-k and --sample need a positive number")
     return settings
-
-
-def sparse_size_of(settings: dict[str, Any]) -> int:
-    return settings.get("k") or settings.get("samples") or 0
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, start: int) -> None:
@@ -478,7 +472,7 @@ def _start(
     first = next(logits_of(batches=[0]))
     num_classes = int(first[1].shape[1])
     sparse = {key: expected[key] for key in _SPARSE_KEYS if key in expected}
-    if sparse and sparse_size_of(sparse) > num_classes and sparse["kind"] == "topk":
+    if sparse and sparse_size(sparse) > num_classes and sparse["kind"] == "topk":
         raise SoftlabelsError(f"--top-k {sparse['k']} exceeds the teacher's {num_classes} classes")
     writer = CacheWriter(
         out, num_samples=len(source), num_classes=num_classes, dtype=expected["dtype"], manifest=manifest,
