@@ -11,11 +11,11 @@ Accepted forms, in the order they are recognised:
 
 A refused or failed safe load is never retried unsafely.
 
-Example:
-    >>> save_checkpoint("student.pth", model, arch="mlp", arch_kwargs={}, input_shape=(40,), num_classes=10)
-    >>> loaded = load_model("student.pth")
-    >>> loaded.arch, loaded.num_classes
-    ('mlp', 10)
+Example::
+
+    save_checkpoint("student.pth", model, arch="mlp", arch_kwargs={}, input_shape=(40,), num_classes=10)
+    loaded = load_model("student.pth")
+    loaded.arch, loaded.num_classes   # ('mlp', 10)
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from torch import nn
 
 from . import __version__
 from .errors import SoftlabelsError
-from .models import build_model, count_parameters
+from .models import arch_names_code, build_model, count_parameters
+from .trust import check_recorded_spec
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
 
@@ -119,13 +120,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise SoftlabelsError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
-    described = {}
+    described: Any = {}
     if "softlabels" in metadata:
         try:
             described = json.loads(metadata["softlabels"])
         except json.JSONDecodeError:
             described = {}
-    return tensors, described
+    return tensors, described if isinstance(described, dict) else {}
 
 
 def _read_pickle(path: Path, trust_code: bool) -> Any:
@@ -198,7 +199,9 @@ def load_model(
     """Load a checkpoint into an ``nn.Module`` in eval mode; see the module docstring for the forms.
 
     ``arch``/``arch_kwargs`` override what a self-describing checkpoint says; ``input_shape`` and
-    ``num_classes`` fill in what a bare state dict cannot say.
+    ``num_classes`` fill in what a bare state dict cannot say. An architecture named inside the file
+    must be a built-in one unless ``trust_code`` (see :mod:`softlabels.trust`): passing the same
+    ``module:callable`` as ``arch`` is how a user allows it.
     """
     path = Path(path)
     if not path.exists():
@@ -228,15 +231,47 @@ def load_model(
             raise SoftlabelsError(f"{path} is not a state dict: some values are not tensors")
 
     state_dict = _strip_wrappers(state_dict)
-    arch = arch or described.get("arch")
-    if not arch:
-        raise SoftlabelsError(f"{path} is a bare state dict: pass --arch NAME or module:callable")
+    described = _validated_description(described, path)
+    if arch is None:
+        if "arch" not in described:
+            raise SoftlabelsError(f"{path} is a bare state dict: pass --arch NAME or module:callable")
+        arch = check_recorded_spec(
+            described["arch"], names_code=arch_names_code(described["arch"]), where=f"checkpoint {path} (field 'arch')",
+            option="--arch", trust_code=trust_code,
+        )
     if arch_kwargs is None:
-        arch_kwargs = described.get("arch_kwargs") or {}
-    if described.get("input_shape") is not None:
-        input_shape = tuple(described["input_shape"])
+        arch_kwargs = described.get("arch_kwargs", {})
+    input_shape = described.get("input_shape", input_shape)
     num_classes = num_classes or described.get("num_classes") or _infer_num_classes(state_dict)
     model = build_model(arch, input_shape=input_shape, num_classes=num_classes, kwargs=arch_kwargs)
     _load_state(model, state_dict, path, arch)
     model.eval()
     return LoadedModel(model, path, sha256, arch, dict(arch_kwargs), num_classes, input_shape)
+
+
+def _validated_description(described: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The fields of a self-describing checkpoint, each checked for type and range (the file may
+    come from anyone); an absent field is left out."""
+    checked: dict[str, Any] = {}
+    if described.get("arch") is not None:
+        checked["arch"] = described["arch"]  # a string or not, check_recorded_spec decides
+    kwargs = described.get("arch_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise SoftlabelsError(f"checkpoint {path}: field 'arch_kwargs' is not an object of keyword arguments")
+        checked["arch_kwargs"] = kwargs
+    shape = described.get("input_shape")
+    if shape is not None:
+        if not isinstance(shape, (list, tuple)) or not all(_positive_int(d) for d in shape):
+            raise SoftlabelsError(f"checkpoint {path}: field 'input_shape' is not a list of positive integers: {shape!r}")
+        checked["input_shape"] = tuple(int(d) for d in shape)
+    classes = described.get("num_classes")
+    if classes is not None:
+        if not _positive_int(classes):
+            raise SoftlabelsError(f"checkpoint {path}: field 'num_classes' is not a positive integer: {classes!r}")
+        checked["num_classes"] = int(classes)
+    return checked
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

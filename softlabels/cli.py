@@ -27,6 +27,11 @@ from .train import StudentSpec, TrainConfig, evaluate as run_evaluate, predict, 
 from .verify import verify_cache
 
 POSITIVE = click.IntRange(min=1)
+TRUST_CODE = click.option(
+    "--trust-code", is_flag=True,
+    help="Run code named inside the files read (a module:callable architecture or dataset recorded in a "
+         "checkpoint or cache), and load TorchScript and pickled modules. Only for files you trust.",
+)
 
 
 class _Group(click.Group):
@@ -102,7 +107,7 @@ def _teacher_options(f: Any) -> Any:
             click.option("--arch", help="Architecture of a bare state dict: a built-in name or module:callable."),
             click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object."),
             click.option("--num-classes", type=POSITIVE, help="Output classes of a bare state dict (default: inferred)."),
-            click.option("--trust-code", is_flag=True, help="Allow TorchScript and pickled modules, which run code when loaded."),
+            TRUST_CODE,
         ]
     ):
         f = decorator(f)
@@ -217,8 +222,9 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--num-classes", type=POSITIVE, help="Classes when there is no cache (default: largest label + 1).")
 @click.option("--shards", type=POSITIVE, help="Split each batch as N torchrun ranks would, to reproduce such a run in one process.")
 @click.option("--device", default="auto", show_default=True)
+@TRUST_CODE
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, seed, hard_labels_only, num_classes, shards, device, quiet):
+def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, seed, hard_labels_only, num_classes, shards, device, trust_code, quiet):
     """Train one or more students from a cache of teacher logits.
     """
     config = TrainConfig(
@@ -229,7 +235,7 @@ def train_student(cache_path, data_spec, students, student_kwargs, out, eval_dat
     specs = [_student_spec(s, shared) for s in students]
     cache = open_cache(cache_path) if cache_path else None
     if cache is not None:
-        source = source_for_cache(cache, data_spec)
+        source = source_for_cache(cache, data_spec, trust_code=trust_code)
         num_classes = cache.num_classes
     elif data_spec:
         if not hard_labels_only:
@@ -238,7 +244,7 @@ def train_student(cache_path, data_spec, students, student_kwargs, out, eval_dat
         num_classes = num_classes or int(source.labels().max()) + 1
     else:
         raise SoftlabelsError("give --cache (or --data with --hard-labels-only)")
-    eval_source, eval_top1 = _eval_inputs(eval_data, eval_cache, eval_teacher, device)
+    eval_source, eval_top1 = _eval_inputs(eval_data, eval_cache, eval_teacher, device, trust_code)
     summary = train_students(
         specs, source=source, cache=cache, config=config, out_dir=out, eval_source=eval_source,
         eval_teacher_top1=eval_top1, num_classes=num_classes, progress=not quiet,
@@ -248,12 +254,12 @@ def train_student(cache_path, data_spec, students, student_kwargs, out, eval_dat
         click.echo(f"wrote {Path(out) / 'summary.json'}")
 
 
-def _eval_inputs(eval_data, eval_cache, eval_teacher, device):
+def _eval_inputs(eval_data, eval_cache, eval_teacher, device, trust_code):
     if eval_cache and eval_teacher:
         raise SoftlabelsError("give --eval-cache or --eval-teacher, not both")
     if eval_cache:
         with open_cache(eval_cache) as cache:
-            source = source_for_cache(cache, eval_data)
+            source = source_for_cache(cache, eval_data, trust_code=trust_code)
             return source, teacher_argmax(cache.read(0, len(cache))[0])
     if not eval_data:
         if eval_teacher:
@@ -261,7 +267,7 @@ def _eval_inputs(eval_data, eval_cache, eval_teacher, device):
         return None, None
     source = open_data(eval_data)
     if eval_teacher:
-        teacher = load_model(eval_teacher, input_shape=source.input_shape)
+        teacher = load_model(eval_teacher, input_shape=source.input_shape, trust_code=trust_code)
         return source, predict(teacher.model, source, device=device if device != "auto" else "cpu")[0].argmax(1)
     return source, None
 
@@ -279,7 +285,7 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
     teacher_top1 = None
     if cache_path:
         with open_cache(cache_path) as cache:
-            source = source_for_cache(cache, data_spec)
+            source = source_for_cache(cache, data_spec, trust_code=trust_code)
             teacher_top1 = teacher_argmax(cache.read(0, len(cache))[0])
     elif data_spec:
         source = open_data(data_spec)
@@ -326,9 +332,10 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
         if not teacher_path:
             raise SoftlabelsError("--recompute needs --teacher")
         with open_cache(path, allow_incomplete=True) as cache:
-            source = source_for_cache(cache, data_spec)
+            source = source_for_cache(cache, data_spec, trust_code=trust_code)
         teacher = _load(teacher_path, source, arch, arch_kwargs, num_classes, trust_code)
-    report = verify_cache(path, recompute=recompute, teacher=teacher, data_spec=data_spec, seed=seed, device=device)
+    report = verify_cache(path, recompute=recompute, teacher=teacher, data_spec=data_spec, seed=seed, device=device,
+                          trust_code=trust_code)
     for problem in report.problems:
         click.echo(f"bad: {problem}")
     checked = f"{report.chunks} chunks checked"
@@ -367,6 +374,8 @@ def compare(summaries):
             entries = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise SoftlabelsError(f"cannot read summary {path}: {exc}") from exc
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise SoftlabelsError(f"{path} is not a train-student summary (a JSON list of objects)")
         rows += [{"run": path.parent.name, **entry} for entry in entries]
     click.echo(format_table(rows, [("run", "run", str)] + SUMMARY_COLUMNS))
 

@@ -108,6 +108,10 @@ class ArraySource(Source):
         self._pid: int | None = None
         self._fingerprint: str | None = None
         x, y = self._open()
+        # Only numbers: an object array would be unpickled on read (a Zarr v2 array may use numcodecs' Pickle).
+        for name, array in (("x", x), ("y", y)):
+            if array is not None and np.dtype(array.dtype).kind not in "biuf":
+                raise SoftlabelsError(f"dataset {spec}: '{name}' must hold numbers, got dtype {array.dtype}")
         if len(x.shape) < 2:
             raise SoftlabelsError(f"dataset {spec}: 'x' must have a sample axis and a feature axis, got shape {list(x.shape)}")
         if y is not None:
@@ -324,7 +328,7 @@ def _mnist1d_arrays(split: str, n: int | None, seed: int | None) -> tuple[np.nda
         else:
             np.savez(tmp, x=data["x"].astype(np.float32))
         os.replace(tmp, path)
-    with np.load(path) as archive:
+    with np.load(path, allow_pickle=False) as archive:
         return archive["x"], (archive["y"] if "y" in archive.files else None)
 
 
@@ -362,8 +366,23 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def data_names_code(spec: str) -> bool:
+    """Whether opening ``spec`` could run code: anything but ``mnist1d://`` and a plain array file path.
+
+    What this calls safe is exactly what :func:`open_data` opens without importing anything.
+    """
+    spec = spec.strip()
+    if spec.startswith("mnist1d://"):
+        return False
+    return "://" in spec or bool(_CALLABLE_SPEC.match(spec)) or Path(spec).suffix not in _STORE_SUFFIXES
+
+
 def open_data(spec: str) -> Source:
-    """Open the dataset named by ``spec`` (see the module docstring for the syntax)."""
+    """Open the dataset named by ``spec`` (see the module docstring for the syntax).
+
+    ``spec`` is the user's: a ``module:callable`` is imported and called. A spec read from a file
+    goes through :func:`softlabels.trust.check_recorded_spec` with :func:`data_names_code` first.
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise SoftlabelsError("empty data spec")
     spec = spec.strip()

@@ -22,24 +22,34 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .data import Source, open_data
+from .data import Source, data_names_code, open_data
 from .errors import SoftlabelsError
 from .store import Cache, chunk_bounds, num_chunks
+from .trust import check_recorded_spec
 
 DEFAULT_CHUNK_ROWS = 1024  # the shuffle's block size when there is no cache to follow
 _MAX_BLOCK_BYTES = 16 << 20
 
 
-def source_for_cache(cache: Cache, spec: str | None = None) -> Source:
+def source_for_cache(cache: Cache, spec: str | None = None, *, trust_code: bool = False) -> Source:
     """The dataset a cache was dumped from (or ``spec``), refused if its fingerprint differs.
 
-    Example:
-        >>> source = source_for_cache(open_cache("train.zarr"))
+    The manifest's ``dataset.spec`` may name only a built-in dataset or an array file (resolved as
+    written: a relative path from the working directory), unless ``trust_code``; a user who gives
+    ``spec`` decides for themselves.
+
+    Example::
+
+        source = source_for_cache(open_cache("train.zarr"))
     """
     recorded = cache.manifest.get("dataset") or {}
-    spec = spec or recorded.get("spec")
-    if not isinstance(spec, str) or not spec:
-        raise SoftlabelsError(f"{cache.path} does not name its dataset; pass --data")
+    if spec is None:
+        if recorded.get("spec") is None:
+            raise SoftlabelsError(f"{cache.path} does not name its dataset; pass --data")
+        spec = check_recorded_spec(
+            recorded["spec"], names_code=data_names_code(str(recorded["spec"])),
+            where=f"cache {cache.path} (manifest field 'dataset.spec')", option="--data", trust_code=trust_code,
+        )
     source = open_data(spec)
     if len(source) != len(cache):
         raise SoftlabelsError(f"dataset {source.spec} has {len(source)} samples but cache {cache.path} has {len(cache)}")

@@ -3,10 +3,10 @@
 Every architecture is a callable ``f(input_shape, num_classes, **kwargs) -> nn.Module``. Teachers and
 students share this registry, so a trained student can serve as the next teacher.
 
-Example:
-    >>> model = build_model("mlp", input_shape=(40,), num_classes=10, kwargs={"width": 64})
-    >>> model(torch.zeros(2, 40)).shape
-    torch.Size([2, 10])
+Example::
+
+    model = build_model("mlp", input_shape=(40,), num_classes=10, kwargs={"width": 64})
+    model(torch.zeros(2, 40)).shape   # torch.Size([2, 10])
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import importlib.util
 import inspect
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -107,15 +108,27 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+@contextmanager
+def _working_directory_importable() -> Iterator[None]:
+    """Put the working directory first on ``sys.path`` for one import, as ``python -m`` would, and
+    take it off again so that no later import of the process finds a stray module there."""
+    entry = str(Path.cwd())
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        sys.path.remove(entry)
+
+
 def resolve_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
     """Import ``module:callable`` (or ``path/to/file.py:callable``) and return the callable.
 
-    The working directory is importable, as it is for ``python -m``, so a user's ``models.py`` next to
-    their data needs no installation.
+    Only for specs the user gave (see :mod:`softlabels.trust`). The working directory is importable
+    during the import, so a user's ``models.py`` next to their data needs no installation.
 
-    Example:
-        >>> resolve_callable("softlabels.models:mlp") is mlp
-        True
+    Example::
+
+        resolve_callable("softlabels.models:mlp")   # the function softlabels.models.mlp
     """
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
@@ -129,9 +142,8 @@ def resolve_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
-            if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))
-            module = importlib.import_module(module_name)
+            with _working_directory_importable():
+                module = importlib.import_module(module_name)
     except SoftlabelsError:
         raise
     except Exception as exc:  # an import can fail in any way the user's code can
@@ -143,6 +155,11 @@ def resolve_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
     if not callable(target):
         raise SoftlabelsError(f"{what} '{spec}' is not callable")
     return target
+
+
+def arch_names_code(arch: str) -> bool:
+    """Whether building ``arch`` would import code: anything but a built-in architecture."""
+    return arch not in ARCHITECTURES
 
 
 def _arch_factory(arch: str) -> Callable[..., nn.Module]:
@@ -182,7 +199,7 @@ def build_model(
         model = factory(**kwargs)
     except SoftlabelsError:
         raise
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a width of -1 read from a checkpoint
         raise SoftlabelsError(f"cannot build architecture '{arch}' with arguments {sorted(kwargs)}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise SoftlabelsError(f"architecture '{arch}' returned {type(model).__name__}, not a torch.nn.Module")

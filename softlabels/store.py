@@ -233,6 +233,9 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> dict
     for key in ("teacher", "dataset"):
         if not isinstance(manifest.get(key, {}), dict):
             raise SoftlabelsError(f"{path}: manifest field '{key}' is not an object")
+        for name, value in manifest.get(key, {}).items():
+            if name in ("spec", "fingerprint", "sha256", "arch", "file") and not isinstance(value, (str, type(None))):
+                raise SoftlabelsError(f"{path}: manifest field '{key}.{name}' is not a string")
     if not isinstance(manifest.get("complete"), bool):
         raise SoftlabelsError(f"{path}: manifest field 'complete' is missing or not true/false")
     n, c = manifest["num_samples"], manifest["num_classes"]

@@ -51,8 +51,13 @@ def verify_cache(
     data_spec: str | None = None,
     seed: int = 0,
     device: str = "cpu",
+    trust_code: bool = False,
 ) -> VerifyReport:
-    """Check manifest, completeness and every chunk's checksum; rerun ``teacher`` on ``recompute`` rows."""
+    """Check manifest, completeness and every chunk's checksum; rerun ``teacher`` on ``recompute`` rows.
+
+    ``data_spec`` and ``trust_code`` say where the recomputed rows' inputs come from, as for
+    :func:`softlabels.source_for_cache`.
+    """
     report = VerifyReport(Path(path))
     with open_cache(path, allow_incomplete=True) as cache:
         if not cache.manifest.get("complete"):
@@ -73,17 +78,18 @@ def verify_cache(
             if chunk_checksum(logits, labels) != recorded[index]:
                 report.problems.append(f"{where}: checksum mismatch (bytes changed since the dump)")
         if recompute:
-            _recompute(cache, report, recompute, teacher, data_spec, seed, device)
+            _recompute(cache, report, recompute, teacher, data_spec, seed, device, trust_code)
     return report
 
 
-def _recompute(cache, report: VerifyReport, count: int, teacher: LoadedModel | None, data_spec, seed: int, device: str) -> None:
+def _recompute(cache, report: VerifyReport, count: int, teacher: LoadedModel | None, data_spec, seed: int, device: str,
+               trust_code: bool) -> None:
     if teacher is None:
         raise SoftlabelsError("--recompute needs --teacher")
     recorded_sha = (cache.manifest.get("teacher") or {}).get("sha256")
     if recorded_sha and teacher.sha256 != recorded_sha:
         raise SoftlabelsError(f"{teacher.path} is not the teacher this cache was dumped with (sha256 differs)")
-    source = source_for_cache(cache, data_spec)
+    source = source_for_cache(cache, data_spec, trust_code=trust_code)
     rows = np.sort(np.random.default_rng(seed).choice(len(cache), size=min(count, len(cache)), replace=False))
     inputs = np.concatenate([source.read(int(i), int(i) + 1)[0] for i in rows])
     targets = np.concatenate([cache.read(int(i), int(i) + 1)[0] for i in rows])

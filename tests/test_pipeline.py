@@ -10,7 +10,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from softlabels import load_model, open_data
+from softlabels import SoftlabelsError, load_model, open_data
 from softlabels.cli import cli
 
 from .conftest import TRANSFER
@@ -122,8 +122,8 @@ def test_unseen_teacher_and_student_as_module_callables(tmp_path, monkeypatch):
     """))
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    import importlib, sys
-    sys.path.insert(0, str(tmp_path))
+    import importlib
+    monkeypatch.syspath_prepend(str(tmp_path))
     zoo = importlib.import_module("zoo")
     teacher = zoo.Teacher()
     torch.save(teacher.state_dict(), tmp_path / "teacher_sd.pth")
@@ -141,9 +141,12 @@ def test_unseen_teacher_and_student_as_module_callables(tmp_path, monkeypatch):
     assert (top2[differs, 0] == top2[differs, 1]).all()
     assert differs.mean() < 0.01
     run("train-student", "--cache", "t.h5", "--student", "zoo:student?hidden=16", "--epochs", 2, "--out", "runs", "--quiet")
-    loaded = load_model(tmp_path / "runs" / "student" / "student.pth")
+    # The checkpoint names user code, so loading it needs the user's consent: the same spec, or trust.
+    with pytest.raises(SoftlabelsError, match="names code 'zoo:student'"):
+        load_model(tmp_path / "runs" / "student" / "student.pth")
+    loaded = load_model(tmp_path / "runs" / "student" / "student.pth", arch="zoo:student")
     assert loaded.arch == "zoo:student" and loaded.arch_kwargs == {"hidden": 16}
-    sys.path.remove(str(tmp_path))
+    assert load_model(tmp_path / "runs" / "student" / "student.pth", trust_code=True).arch_kwargs == {"hidden": 16}
 
 
 def test_student_whose_output_does_not_match_the_classes_is_refused(tmp_path, caches):
