@@ -65,15 +65,16 @@ def make_synthetic_cache(root: Path, rows: int, fmt: str = ".zarr") -> Path:
         return path
     manifest = {"dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": rows}}
     # A pool of 64 distinct chunks, reused round-robin: generating 4e9 normals would dominate the run.
-    chunk_rows = softlabels.store.default_chunk_rows(CLASSES, "float16")
+    chunk_rows = softlabels.store.default_chunk_rows(CLASSES * 2)
     pool = rng.normal(0.0, 2.0, size=(64, chunk_rows, CLASSES)).astype(np.float32)
     pool[:, np.arange(chunk_rows), rng.integers(0, CLASSES, chunk_rows)] += 10.0
     pool = pool.astype(np.float16)
     labels = np.asarray(open_data(str(data)).labels())
-    with CacheWriter(path, num_samples=rows, num_classes=CLASSES, chunk_rows=chunk_rows, dtype="float16", manifest=manifest) as w:
+    layout = softlabels.Layout(softlabels.Dense(), rows, CLASSES, "float16", chunk_rows)
+    with CacheWriter(path, layout, manifest=manifest) as w:
         for i in range(w.num_chunks):
             a, b = w.chunk_bounds(i)
-            w.write_chunk(i, pool[i % 64][: b - a], labels[a:b])
+            w.write_chunks(i, {"logits": pool[i % 64][: b - a]}, labels[a:b])
         w.finish()
     return path
 
@@ -277,7 +278,8 @@ def bench_memory(root: Path, small_rows: int, big_gb: float) -> None:
     for rows in sizes:
         path = make_synthetic_cache(root, rows)
         peak = peak_rss_mb([sys.executable, "-m", "softlabels", "train-student", "--cache", str(path), "--student", "linear",
-                            "--epochs", "1", "--batch-size", "1024", "--device", "cpu", "--quiet", "--out", str(root / "mem-run")])
+                            "--epochs", "1", "--batch-size", "1024", "--device", "cpu", "--quiet", "--overwrite",
+                            "--out", str(root / "mem-run")])
         peaks.append(peak)
         row(f"{rows * CLASSES * 2 / 1e9:.2f} GB", f"{rows:,}", f"{peak:,.0f}")
     if len(peaks) == 2:

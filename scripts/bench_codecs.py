@@ -81,11 +81,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_cache:
         with open_cache(args.from_cache) as cache:
-            data = cache.read(0, len(cache))[0].astype(np.float16)
+            data = cache.read(0, len(cache))[0]["logits"].astype(np.float16)
         args.rows, args.classes = data.shape
     else:
         data = teacher_like_logits(args.rows, args.classes)
-    chunk = default_chunk_rows(args.classes, "float16")
+    chunk = default_chunk_rows(args.classes * 2)
     raw = data.nbytes
     print(f"{args.rows} x {args.classes} float16 logits ({raw / 2**20:.0f} MiB), {chunk} rows per chunk\n")
     print("| codec | ratio | write MB/s | read MB/s | read vs no codec |")

@@ -101,7 +101,7 @@ def main() -> None:
                                       num_classes=CLASSES, progress=False)
             return student_metrics(out, test)
 
-        grid = {"temperatures": [args.temperature]}
+        grid = (args.temperature,)
         dense32 = root / "dense32.zarr"
         softlabels.dump(teacher, open_data(str(paths["transfer"])), dense32, store_dtype="float32", device="cpu", progress=False)
         caches = {"dense float32": dense32}
@@ -109,11 +109,11 @@ def main() -> None:
         softlabels.dump(teacher, open_data(str(paths["transfer"])), caches["dense float16"], device="cpu", progress=False)
         for k in (1, 5, 10, 20):
             caches[f"top-k, K = {k}"] = root / f"top{k}.zarr"
-            convert_cache(dense32, caches[f"top-k, K = {k}"], sparse={"kind": "topk", "k": k, **grid}, progress=False)
+            convert_cache(dense32, caches[f"top-k, K = {k}"], kind=softlabels.TopK(k=k, temperatures=grid), progress=False)
         for s in (4, 12, 32):
             caches[f"sampled, S = {s}"] = root / f"sampled{s}.zarr"
-            convert_cache(dense32, caches[f"sampled, S = {s}"], progress=False, sparse={
-                "kind": "sampled", "samples": s, "proposal_temperature": args.temperature, "sample_seed": 0, **grid})
+            convert_cache(dense32, caches[f"sampled, S = {s}"], progress=False, kind=softlabels.Sampled(
+                samples=s, proposal_temperature=args.temperature, sample_seed=0, temperatures=grid))
 
         scratch_accuracy, scratch_ece = train(None, "scratch")
         results = {name: train(path, name.replace(" ", "").replace(",", "-").replace("=", "")) for name, path in caches.items()}

@@ -20,10 +20,11 @@ from .dump import PRECISIONS, dump as run_dump
 from .errors import SoftlabelsError
 from .loader import source_for_cache
 from .losses import KL_DIRECTIONS
-from .sparse import DEFAULT_TEMPERATURES, teacher_argmax
+from .kinds import DEFAULT_TEMPERATURES, Dense, Sampled, TargetKind, TopK, kind_from_settings
 from .report import SUMMARY_COLUMNS, cache_report, format_cache_report, format_table
-from .store import STORE_DTYPES, open_cache
-from .train import StudentSpec, TrainConfig, evaluate as run_evaluate, predict, train_students
+from .store import open_cache
+from .kinds import STORE_DTYPES
+from .train import StudentSpec, TrainConfig, eval_inputs, evaluate as run_evaluate, train_students
 from .verify import verify_cache
 
 POSITIVE = click.IntRange(min=1)
@@ -119,9 +120,11 @@ def _sparse_options(f: Any) -> Any:
         [
             click.option("--top-k", type=POSITIVE, metavar="K", help="Store the K largest logits per sample (kind topk)."),
             click.option("--sample", type=POSITIVE, metavar="S", help="Store S classes drawn from the teacher per sample (kind sampled)."),
-            click.option("--proposal-temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+            click.option("--proposal-temperature", type=click.FloatRange(min=0, min_open=True),
+                         default=Sampled.proposal_temperature, show_default=True,
                          help="Temperature of the distribution --sample draws from (use the training temperature or higher)."),
-            click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the --sample draws."),
+            click.option("--sample-seed", type=click.IntRange(0, 2**63 - 1), default=Sampled.sample_seed, show_default=True,
+                         help="Seed of the --sample draws."),
             click.option("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES), show_default=True,
                          help="Temperatures whose log-partition a sparse cache keeps; training must use one of them."),
         ]
@@ -130,7 +133,8 @@ def _sparse_options(f: Any) -> Any:
     return f
 
 
-def _sparse(top_k, sample, proposal_temperature, sample_seed, temperatures) -> dict[str, Any] | None:
+def _kind(top_k, sample, proposal_temperature, sample_seed, temperatures) -> TargetKind | None:
+    """The kind the sparse options ask for, or ``None`` when they ask for none."""
     if top_k and sample:
         raise click.UsageError("give --top-k or --sample, not both")
     try:
@@ -140,11 +144,14 @@ def _sparse(top_k, sample, proposal_temperature, sample_seed, temperatures) -> d
     if not grid or min(grid) <= 0:
         raise click.BadParameter("temperatures must be positive", param_hint="--temperatures")
     if top_k:
-        return {"kind": "topk", "k": top_k, "temperatures": grid}
-    if sample:
-        return {"kind": "sampled", "samples": sample, "proposal_temperature": proposal_temperature,
-                "sample_seed": sample_seed, "temperatures": grid}
-    return None
+        settings = {"kind": TopK.name, "k": top_k, "temperatures": grid}
+    elif sample:
+        settings = {"kind": Sampled.name, "samples": sample, "proposal_temperature": proposal_temperature,
+                    "sample_seed": sample_seed, "temperatures": grid}
+    else:
+        return None
+    # the number of classes is checked once the teacher (or the cache) says it
+    return kind_from_settings(settings, num_classes=2**62, where="--top-k/--sample")
 
 
 def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None, num_classes: int | None, trust_code: bool):
@@ -178,6 +185,7 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, temperatures, overwrite, resume, allow_nonfinite, quiet):
     """Run a teacher over a dataset and store its logits in a cache.
     """
+    distributed.init()
     source = open_data(data_spec)
     teacher = _load(teacher_path, source, arch, arch_kwargs, num_classes, trust_code)
     result = run_dump(
@@ -190,7 +198,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         store_dtype=store_dtype,
         chunk_rows=chunk_rows,
         compress_logits=compress_logits,
-        sparse=_sparse(top_k, sample, proposal_temperature, sample_seed, temperatures),
+        kind=_kind(top_k, sample, proposal_temperature, sample_seed, temperatures) or Dense(),
         num_workers=num_workers,
         overwrite=overwrite,
         resume=resume,
@@ -201,7 +209,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         click.echo(result.summary())
 
 
-@cli.command("train-student", epilog="Example:\n\n\b\n  softlabels train-student --cache transfer.zarr --student mlp --student cnn1d \\\n      --student 'wide=mlp?width=400' --eval-data mnist1d://test --eval-cache test.zarr \\\n      --epochs 30 --out runs/kd\n  softlabels train-student --data mnist1d://train --student mlp --hard-labels-only \\\n      --eval-data mnist1d://test --out runs/scratch")
+@cli.command("train-student", epilog="Example:\n\n\b\n  softlabels train-student --cache transfer.zarr --student mlp --student cnn1d \\\n      --student 'wide=mlp?width=400' --eval-data mnist1d://test --eval-cache test.zarr \\\n      --epochs 30 --out runs/kd\n  softlabels train-student --data mnist1d://train --student mlp --hard-labels-only \\\n      --eval-data mnist1d://test --out runs/scratch\n  softlabels train-student --cache transfer.zarr --student mlp --checkpoint-every 200 \\\n      --out runs/long --resume")
 @click.option("--cache", "cache_path", metavar="PATH", help="Cache written by dump (its manifest names the data).")
 @click.option("--data", "data_spec", metavar="SPEC", help="Training inputs (default: the cache's dataset; must match its fingerprint).")
 @click.option("--student", "students", multiple=True, required=True, metavar="[NAME=]ARCH[?k=v]", help="Repeat to train several students from one pass over the cache.")
@@ -220,56 +228,42 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--hard-labels-only", is_flag=True, help="Ignore soft targets: the scratch baseline (needs no cache).")
 @click.option("--num-classes", type=POSITIVE, help="Classes when there is no cache (default: largest label + 1).")
-@click.option("--shards", type=POSITIVE, help="Split each batch as N torchrun ranks would, to reproduce such a run in one process.")
+@click.option("--shards", type=POSITIVE, help="Train as N torchrun ranks would (the same global batches, an incomplete last one dropped), in one process.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), help="DataLoader worker processes reading batches (default: 0, or a few for a module:callable dataset).")
+@click.option("--checkpoint-every", type=POSITIVE, metavar="STEPS", help="Also write DIR/checkpoint.pt every STEPS steps (default: after each epoch only).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (the options must be the same).")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @TRUST_CODE
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, seed, hard_labels_only, num_classes, shards, device, trust_code, quiet):
+def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, seed, hard_labels_only, num_classes, shards, device, num_workers, checkpoint_every, resume, overwrite, trust_code, quiet):
     """Train one or more students from a cache of teacher logits.
     """
+    distributed.init()
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
         alpha=alpha, kl=kl, seed=seed, hard_labels_only=hard_labels_only, device=device, shards=shards,
+        checkpoint_every=checkpoint_every, num_workers=num_workers,
     )
     shared = _json_object(student_kwargs, "--student-kwargs")
     specs = [_student_spec(s, shared) for s in students]
     cache = open_cache(cache_path) if cache_path else None
     if cache is not None:
         source = source_for_cache(cache, data_spec, trust_code=trust_code)
-        num_classes = cache.num_classes
     elif data_spec:
         if not hard_labels_only:
             raise SoftlabelsError("without --cache, train-student needs --hard-labels-only")
         source = open_data(data_spec)
-        num_classes = num_classes or int(source.labels().max()) + 1
     else:
         raise SoftlabelsError("give --cache (or --data with --hard-labels-only)")
-    eval_source, eval_top1 = _eval_inputs(eval_data, eval_cache, eval_teacher, device, trust_code)
+    eval_source, eval_top1 = eval_inputs(eval_data, eval_cache, eval_teacher, device=device, trust_code=trust_code)
     summary = train_students(
         specs, source=source, cache=cache, config=config, out_dir=out, eval_source=eval_source,
-        eval_teacher_top1=eval_top1, num_classes=num_classes, progress=not quiet,
+        eval_teacher_top1=eval_top1, num_classes=num_classes, progress=not quiet, resume=resume, overwrite=overwrite,
     )
     if distributed.world()[0] == 0:
         click.echo(format_table(summary, SUMMARY_COLUMNS))
         click.echo(f"wrote {Path(out) / 'summary.json'}")
-
-
-def _eval_inputs(eval_data, eval_cache, eval_teacher, device, trust_code):
-    if eval_cache and eval_teacher:
-        raise SoftlabelsError("give --eval-cache or --eval-teacher, not both")
-    if eval_cache:
-        with open_cache(eval_cache) as cache:
-            source = source_for_cache(cache, eval_data, trust_code=trust_code)
-            return source, teacher_argmax(cache.read(0, len(cache))[0])
-    if not eval_data:
-        if eval_teacher:
-            raise SoftlabelsError("--eval-teacher needs --eval-data")
-        return None, None
-    source = open_data(eval_data)
-    if eval_teacher:
-        teacher = load_model(eval_teacher, input_shape=source.input_shape, trust_code=trust_code)
-        return source, predict(teacher.model, source, device=device if device != "auto" else "cpu")[0].argmax(1)
-    return source, None
 
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels evaluate --model runs/kd/mlp/student.pth --data mnist1d://test\n  softlabels evaluate --model runs/kd/mlp/student.pth --cache test.zarr --json")
@@ -286,7 +280,7 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
     if cache_path:
         with open_cache(cache_path) as cache:
             source = source_for_cache(cache, data_spec, trust_code=trust_code)
-            teacher_top1 = teacher_argmax(cache.read(0, len(cache))[0])
+            teacher_top1 = cache.teacher_top1()
     elif data_spec:
         source = open_data(data_spec)
     else:
@@ -324,7 +318,7 @@ def inspect(path, as_json):
 @_teacher_options
 @click.option("--data", "data_spec", metavar="SPEC", help="The cache's dataset, if not where the manifest says.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed choosing the rows to recompute.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_code, data_spec, seed, device):
     """Check a cache's manifest, completeness and per-chunk checksums (exit 0 only if all is well)."""
     teacher = None
@@ -334,8 +328,8 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
         with open_cache(path, allow_incomplete=True) as cache:
             source = source_for_cache(cache, data_spec, trust_code=trust_code)
         teacher = _load(teacher_path, source, arch, arch_kwargs, num_classes, trust_code)
-    report = verify_cache(path, recompute=recompute, teacher=teacher, data_spec=data_spec, seed=seed, device=device,
-                          trust_code=trust_code)
+    report = verify_cache(path, recompute=recompute, teacher=teacher, source=source if recompute else None, seed=seed,
+                          device=device)
     for problem in report.problems:
         click.echo(f"bad: {problem}")
     checked = f"{report.chunks} chunks checked"
@@ -346,19 +340,21 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
     click.echo(f"ok: {path}: {checked}")
 
 
-@cli.command(epilog="Example:\n\n\b\n  softlabels convert train.zarr train-top10.zarr --top-k 10\n  softlabels convert train.zarr train-s12.h5 --sample 12 --sample-seed 1")
+@cli.command(epilog="Example:\n\n\b\n  softlabels convert train.zarr train-top10.zarr --top-k 10\n  softlabels convert train.zarr train-s12.h5 --sample 12 --sample-seed 1\n  softlabels convert old-v1.zarr new.zarr --upgrade")
 @click.argument("src")
 @click.argument("dst")
 @_sparse_options
+@click.option("--upgrade", is_flag=True, help="Rewrite SRC in the current format version, same kind.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, dst, top_k, sample, proposal_temperature, sample_seed, temperatures, overwrite, quiet):
-    """Derive a top-k or sampled cache from a dense one, without running the teacher."""
-    sparse = _sparse(top_k, sample, proposal_temperature, sample_seed, temperatures)
-    if sparse is None:
-        raise click.UsageError("give --top-k K or --sample S")
-    size = convert_cache(src, dst, sparse=sparse, overwrite=overwrite, progress=not quiet)
-    click.echo(f"wrote {dst}: {sparse['kind']} cache, {size / 2**20:.2f} MiB on disk")
+def convert(src, dst, top_k, sample, proposal_temperature, sample_seed, temperatures, upgrade, overwrite, quiet):
+    """Derive a top-k or sampled cache from a dense one, or upgrade an old cache, without running the teacher."""
+    kind = _kind(top_k, sample, proposal_temperature, sample_seed, temperatures)
+    if (kind is None) == (not upgrade):
+        raise click.UsageError("give --top-k K, --sample S or --upgrade (one of them)")
+    size = convert_cache(src, dst, kind=kind, overwrite=overwrite, progress=not quiet)
+    with open_cache(dst) as cache:
+        click.echo(f"wrote {dst}: {cache.kind.name} cache, format v{cache.manifest['format_version']}, {size / 2**20:.2f} MiB on disk")
 
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels compare runs/scratch runs/distilled")

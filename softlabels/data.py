@@ -14,11 +14,11 @@ Spec syntax (first match wins):
 Every source reads contiguous row ranges (``read(start, stop)``), which is how the loader and the
 dump consume it: array stores are read slice by slice, never row by row.
 
-Example:
-    >>> source = open_data("mnist1d://test")
-    >>> len(source), source.input_shape, source.has_labels
-    (1000, (40,), True)
-    >>> x, y = source.read(0, 4)
+Example::
+
+    source = open_data("mnist1d://test")
+    len(source), source.input_shape, source.has_labels   # (1000, (40,), True)
+    x, y = source.read(0, 4)
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ device, copied to the host (into pinned buffers, without blocking, on CUDA) and 
 bounded queue to a writer thread, which assembles whole chunks and writes them, a run of finished
 chunks per store call. Storage writes release the GIL, so they overlap with the next batches.
 
-Example:
-    >>> teacher = load_model("teacher.pth")
-    >>> result = dump(teacher, open_data("mnist1d://train"), "train.zarr")
-    >>> result.num_samples, result.num_classes
-    (4000, 10)
+Example::
+
+    teacher = load_model("teacher.pth")
+    result = dump(teacher, open_data("mnist1d://train"), "train.zarr", kind=TopK(k=5))
+    result.num_samples, result.num_classes   # (4000, 10)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import dataclasses
 import itertools
 import logging
 import queue
@@ -35,10 +36,8 @@ from . import __version__, distributed
 from .checkpoint import LoadedModel
 from .data import NO_LABEL, Source
 from .errors import SoftlabelsError
-from .sparse import DEFAULT_TEMPERATURES, FIELDS, sparsify, teacher_argmax, to_rows
-from .store import (
-    CacheWriter, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock, partial_path, sparse_size,
-)
+from .kinds import Dense, TargetKind
+from .store import CacheWriter, Layout, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock, partial_path
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +102,12 @@ def iter_logits(
     num_workers: int = 0,
     batches: list[int] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """``(start_row, logits_on_device, labels)`` for every batch of ``source`` (or those in ``batches``).
+    """``(start_row, logits_on_device, labels)`` for every batch of ``source`` (or those in ``batches``);
+    the logits are ``[batch, ..., classes]``.
 
-    Example:
-        >>> logits = torch.cat([out.cpu() for _, out, _ in iter_logits(model, open_data("mnist1d://test"))])
+    Example::
+
+        logits = torch.cat([out.cpu() for _, out, _ in iter_logits(model, open_data("mnist1d://test"))])
     """
     device = torch.device(device)
     if precision not in PRECISIONS:
@@ -124,9 +125,9 @@ def iter_logits(
                     f"the model failed on samples {start}..{start + len(y) - 1} "
                     f"(inputs {list(x.shape[1:])}): {type(exc).__name__}: {exc}"
                 ) from exc
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(y):
+        if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != len(y):
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise SoftlabelsError(f"the teacher must output [batch, classes]; it gave {shape} for a batch of {len(y)}")
+            raise SoftlabelsError(f"the teacher must output [batch, ..., classes]; it gave {shape} for a batch of {len(y)}")
         yield start, out, y
 
 
@@ -189,12 +190,10 @@ class _ChunkWriter(threading.Thread):
         received_end = False
         try:
             while (item := self.inbox.get()) is not None:
-                start, host_logits, finite, predicted, labels, ready = item
+                start, targets, finite, predicted, labels, ready = item
                 if ready is not None:
                     ready.synchronize()
-                rows = (to_rows({k: v.numpy() for k, v in host_logits.items()}, self.writer.row_dtype)
-                        if isinstance(host_logits, dict) else host_logits.numpy())
-                self._add(start, rows, finite.numpy(), predicted.numpy(), labels.numpy())
+                self._add(start, {k: v.numpy() for k, v in targets.items()}, finite.numpy(), predicted.numpy(), labels.numpy())
                 if self.inbox.empty() or len(self._done) >= _WRITE_GROUP:
                     self._flush()
             received_end = True
@@ -204,35 +203,42 @@ class _ChunkWriter(threading.Thread):
             while not received_end and self.inbox.get() is not None:  # the producer must never block on a dead writer
                 pass
 
-    def _add(self, start: int, logits: np.ndarray, finite: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> None:
+    def _add(self, start: int, targets: dict[str, np.ndarray], finite: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> None:
         if self.check_finite and not finite.all():
-            hint = " (float16 overflows beyond 65504: try --store-dtype float32)" if logits.dtype == np.float16 else ""
+            float16 = any(t.dtype == np.float16 for t in targets.values())
+            hint = " (float16 overflows beyond 65504: try --store-dtype float32)" if float16 else ""
             raise SoftlabelsError(
                 f"teacher logits are NaN or Inf at sample {start + int(np.flatnonzero(~finite)[0])}{hint}; "
                 "nothing was published (pass --allow-nonfinite to store them anyway)"
             )
         rows = self.writer.chunk_rows
-        stop = start + len(logits)
+        stop = start + len(labels)
         for chunk in range(start // rows, (stop - 1) // rows + 1):
             if chunk not in self.pending:
                 continue
             lo, hi = self.writer.chunk_bounds(chunk)
             a, b = max(lo, start), min(hi, stop)
-            part = (logits[a - start:b - start], predicted[a - start:b - start], labels[a - start:b - start])
+            part = ({k: v[a - start:b - start] for k, v in targets.items()}, predicted[a - start:b - start], labels[a - start:b - start])
             self._parts.setdefault(chunk, []).append((a - lo, *part))
             self._filled[chunk] = self._filled.get(chunk, 0) + (b - a)
             if self._filled[chunk] == hi - lo:
-                parts = sorted(self._parts.pop(chunk), key=lambda part: part[0])
-                self._done[chunk] = tuple(np.concatenate([part[i] for part in parts]) for i in (1, 2, 3))
+                parts = [part[1:] for part in sorted(self._parts.pop(chunk), key=lambda part: part[0])]
+                self._done[chunk] = _concat_parts(parts)
                 del self._filled[chunk]
 
     def _flush(self) -> None:
         """Write the finished chunks, each run of consecutive ones in one store call."""
         for first, run in _consecutive_runs(sorted(self._done)):
-            logits, predicted, labels = (np.concatenate([self._done[c][i] for c in run]) for i in range(3))
-            self.writer.write_chunks(first, logits, labels)
+            targets, predicted, labels = _concat_parts([self._done[c] for c in run])
+            self.writer.write_chunks(first, targets, labels)
             self.accuracy.add(predicted, labels)
         self._done.clear()
+
+
+def _concat_parts(parts: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Row-wise concatenation of ``(targets, predicted, labels)`` parts."""
+    targets = {name: np.concatenate([part[0][name] for part in parts]) for name in parts[0][0]}
+    return targets, np.concatenate([part[1] for part in parts]), np.concatenate([part[2] for part in parts])
 
 
 def _consecutive_runs(indices: list[int]) -> Iterator[tuple[int, list[int]]]:
@@ -251,28 +257,6 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     return host
-
-
-_SPARSE_KEYS = ("kind", "k", "samples", "temperatures", "proposal_temperature", "sample_seed")
-
-
-def sparse_settings(sparse: dict[str, Any] | None) -> dict[str, Any]:
-    """The manifest fields of a sparse kind, with defaults filled in (empty for dense)."""
-    if not sparse or sparse.get("kind", "dense") == "dense":
-        return {}
-    settings = {"kind": sparse["kind"], "temperatures": [float(t) for t in sparse.get("temperatures") or DEFAULT_TEMPERATURES]}
-    if sparse["kind"] == "topk":
-        settings["k"] = int(sparse["k"])
-    elif sparse["kind"] == "sampled":
-        proposal = float(sparse.get("proposal_temperature", 1.0))
-        settings.update(samples=int(sparse["samples"]), proposal_temperature=proposal, sample_seed=int(sparse.get("sample_seed", 0)))
-        if proposal not in settings["temperatures"]:  # the importance weights need the proposal's partition
-            settings["temperatures"].append(proposal)
-    else:
-        raise SoftlabelsError(f"unknown cache kind {sparse['kind']!r} (use dense, topk or sampled)")
-    if sparse_size(settings) < 1:
-        raise SoftlabelsError("--top-k and --sample need a positive number")
-    return settings
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, start: int) -> None:
@@ -294,12 +278,7 @@ _RESUME_KEYS = {
     "store dtype": ("dtype",),
     "rows per chunk": ("chunk_rows",),
     "logits compression": ("compress_logits",),
-    "cache kind": ("kind",),
-    "top-k": ("k",),
-    "samples": ("samples",),
-    "temperatures": ("temperatures",),
-    "proposal temperature": ("proposal_temperature",),
-    "sample seed": ("sample_seed",),
+    "item axes": ("item_axes",),
     "batch size": ("batch_size",),
     "precision": ("precision",),
     "device type": ("device",),
@@ -313,7 +292,7 @@ def _lookup(manifest: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return value
 
 
-def _open_for_resume(out: Path, expected: dict[str, Any]) -> CacheWriter | None:
+def _open_for_resume(out: Path, expected: dict[str, Any], kind: TargetKind) -> CacheWriter | None:
     """The interrupted dump's writer, or ``None`` when there is nothing usable to resume."""
     partial = partial_path(out)
     if not partial.exists():
@@ -326,7 +305,7 @@ def _open_for_resume(out: Path, expected: dict[str, Any]) -> CacheWriter | None:
             log.warning("the partial HDF5 file %s is unreadable (%s): starting again", partial, exc)
             return None
         raise SoftlabelsError(f"cannot resume {partial}: {exc}") from exc
-    differences = []
+    differences = [] if writer.layout.kind == kind else [f"cache kind was {writer.layout.kind.settings()}, now {kind.settings()}"]
     for what, keys in _RESUME_KEYS.items():
         was, now = _lookup(writer.manifest, keys), _lookup(expected, keys)
         if now is not None and was != now:
@@ -343,12 +322,12 @@ def _committed_chunks(writer: CacheWriter, accuracy: _Accuracy, chunks: range) -
     recorded = writer.recorded_checksums()
     for chunk in (c for c in chunks if recorded[c] >= 0):
         try:
-            logits, labels = writer.read_chunk(int(chunk))
+            targets, labels = writer.read_chunk(int(chunk))
         except Exception:  # an unreadable chunk is simply written again
             continue
-        if chunk_checksum(logits, labels) == recorded[chunk]:
+        if chunk_checksum(targets, labels) == recorded[chunk]:
             kept.add(int(chunk))
-            accuracy.add(teacher_argmax(logits), labels)
+            accuracy.add(writer.layout.kind.top_class(targets), labels)
     return kept
 
 
@@ -363,18 +342,19 @@ def dump(
     store_dtype: str = "float16",
     chunk_rows: int | None = None,
     compress_logits: bool = False,
-    sparse: dict[str, Any] | None = None,
+    kind: TargetKind = Dense(),
+    item_axes: tuple[str, ...] = (),
     num_workers: int = 0,
     overwrite: bool = False,
     resume: bool = False,
     check_finite: bool = True,
     progress: bool = True,
 ) -> DumpResult:
-    """Run ``teacher`` over ``source`` and write its logits to the cache at ``out``.
+    """Run ``teacher`` over ``source`` and write its targets to the cache at ``out``.
 
-    ``sparse`` stores a sparse kind instead of dense logits: ``{"kind": "topk", "k": 10}`` or
-    ``{"kind": "sampled", "samples": 12, "proposal_temperature": 1.0, "sample_seed": 0}``, either
-    with ``"temperatures"`` (default :data:`softlabels.sparse.DEFAULT_TEMPERATURES`).
+    ``kind`` chooses what is stored (:mod:`softlabels.kinds`: ``Dense()``, ``TopK(k=10)``,
+    ``Sampled(samples=12)``). A teacher whose output is ``[batch, *items, classes]`` needs one name
+    per item axis in ``item_axes`` (``("view",)``, ``("token",)``); each item gets its sample's label.
 
     With ``resume=True`` an interrupted dump (``out.partial``) continues from its committed chunks,
     provided the teacher, data and storage options are the ones it recorded.
@@ -398,10 +378,9 @@ def dump(
     first = None
     with dump_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
-            writer, first = _start(out, teacher, source, logits_of, overwrite=overwrite, resume=resume, expected={
-                "precision": precision, "device": dev.type, "batch_size": batch_size, "dtype": store_dtype,
-                "chunk_rows": chunk_rows, "compress_logits": compress_logits, **sparse_settings(sparse),
-            })
+            writer, first = _start(out, teacher, source, logits_of, kind, tuple(item_axes), overwrite=overwrite, resume=resume,
+                                   expected={"precision": precision, "device": dev.type, "batch_size": batch_size,
+                                             "dtype": store_dtype, "chunk_rows": chunk_rows, "compress_logits": compress_logits})
         distributed.barrier()  # rank 0 has made (or reopened) the partial cache the others now open
         if rank != 0:
             writer = CacheWriter.resume(out)
@@ -419,7 +398,7 @@ def dump(
         with writer:
             thread = _ChunkWriter(writer, pending, accuracy, check_finite)
             try:
-                _feed(thread, stream, manifest=writer.manifest, device=dev, rows=sum(hi - lo for lo, hi in bounds),
+                _feed(thread, stream, layout=writer.layout, device=dev, rows=sum(hi - lo for lo, hi in bounds),
                       progress=progress and rank == 0)
                 distributed.barrier()  # every rank's chunks are written
                 correct, labeled = distributed.sum_ints(accuracy.correct, accuracy.labeled)
@@ -436,7 +415,7 @@ def dump(
     return DumpResult(
         path=out,
         num_samples=len(source),
-        num_classes=writer.manifest["num_classes"],
+        num_classes=writer.layout.num_classes,
         bytes_on_disk=directory_bytes(out),
         seconds=time.perf_counter() - began,
         teacher_accuracy=correct / labeled if labeled else None,
@@ -446,10 +425,11 @@ def dump(
 
 
 def _start(
-    out: Path, teacher: LoadedModel, source: Source, logits_of: Any, *, overwrite: bool, resume: bool, expected: dict[str, Any]
+    out: Path, teacher: LoadedModel, source: Source, logits_of: Any, kind: TargetKind, item_axes: tuple[str, ...], *,
+    overwrite: bool, resume: bool, expected: dict[str, Any],
 ) -> tuple[CacheWriter, tuple[int, torch.Tensor, torch.Tensor] | None]:
     """Reopen the interrupted dump, or make a new partial cache; the latter needs the first batch's
-    output for the number of classes, which is returned so that it is not computed twice."""
+    output for the number of classes and items, which is returned so that it is not computed twice."""
     if out.exists() and not overwrite:
         raise SoftlabelsError(f"{out} already exists; pass --overwrite to replace it")
     if partial_path(out).exists() and not (resume or overwrite):
@@ -466,19 +446,23 @@ def _start(
         "device": expected["device"],
         "batch_size": expected["batch_size"],
     }
-    writer = _open_for_resume(out, {**manifest, **expected, "num_samples": len(source)}) if resume else None
-    if writer is not None:
-        return writer, None
+    if resume:
+        writer = _open_for_resume(out, {**manifest, **expected, "num_samples": len(source)}, kind)
+        if writer is not None:
+            return writer, None
     first = next(logits_of(batches=[0]))
-    num_classes = int(first[1].shape[1])
-    sparse = {key: expected[key] for key in _SPARSE_KEYS if key in expected}
-    if sparse and sparse_size(sparse) > num_classes and sparse["kind"] == "topk":
-        raise SoftlabelsError(f"--top-k {sparse['k']} exceeds the teacher's {num_classes} classes")
-    writer = CacheWriter(
-        out, num_samples=len(source), num_classes=num_classes, dtype=expected["dtype"], manifest=manifest,
-        chunk_rows=expected["chunk_rows"] or default_chunk_rows(num_classes, expected["dtype"]),
-        compress_logits=expected["compress_logits"], sparse=sparse or None,
-    )
+    shape = tuple(first[1].shape)
+    if len(shape) != 2 + len(item_axes):
+        raise SoftlabelsError(
+            f"the teacher outputs {list(shape)} for a batch; expected [batch, {''.join(a + ', ' for a in item_axes)}classes]"
+        )
+    num_classes = shape[-1]
+    kind.validate(num_classes=num_classes, where="the cache kind")
+    axes = tuple(zip(item_axes, shape[1:-1]))
+    layout = Layout(kind, len(source), num_classes, expected["dtype"], expected["chunk_rows"] or 1, axes)
+    if not expected["chunk_rows"]:
+        layout = dataclasses.replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes))
+    writer = CacheWriter(out, layout, manifest=manifest, compress_logits=expected["compress_logits"])
     return writer, first
 
 
@@ -486,41 +470,38 @@ def _feed(
     thread: _ChunkWriter,
     stream: Iterator[tuple[int, torch.Tensor, torch.Tensor]],
     *,
-    manifest: dict[str, Any],
+    layout: Layout,
     device: torch.device,
     rows: int,
     progress: bool,
 ) -> None:
     """Hand the teacher's batches to the writer thread; re-raise whatever stopped either side."""
-    out_dtype = getattr(torch, manifest["dtype"])
-    num_classes, kind = manifest["num_classes"], manifest["kind"]
+    out_dtype = getattr(torch, layout.dtype)
     thread.start()
     bar = tqdm(total=rows, unit="samples", unit_scale=True, desc="dump", disable=None if progress else True)
     try:
         for start, logits, labels in stream:
-            if logits.shape[1] != num_classes:
-                raise SoftlabelsError(f"the teacher gives {logits.shape[1]} classes at sample {start}; the cache has {num_classes}")
-            _check_labels(labels, num_classes, start)
+            if tuple(logits.shape[1:]) != (*layout.items, layout.num_classes):
+                raise SoftlabelsError(
+                    f"the teacher gives {list(logits.shape[1:])} per sample at sample {start}; "
+                    f"the cache holds {[*layout.items, layout.num_classes]}"
+                )
+            _check_labels(labels, layout.num_classes, start)
+            labels = labels.reshape(-1, *([1] * len(layout.items))).expand(-1, *layout.items)  # one per item
             # Cast, rank, check (and sparsify) on the device: finiteness of the stored values catches
             # float16 overflow too, and only what is stored crosses to the host.
-            predicted = logits.argmax(1)
-            if kind == "dense":
-                stored = logits.to(out_dtype)
-                finite = torch.isfinite(stored).all(1)
-            else:
-                stored = sparsify(logits, kind=kind, size=sparse_size(manifest), temperatures=tuple(manifest["temperatures"]),
-                                  proposal_temperature=manifest.get("proposal_temperature", 1.0),
-                                  seed=manifest.get("sample_seed", 0), start_row=start)
-                stored[FIELDS[kind][0]] = stored[FIELDS[kind][0]].to(out_dtype)
-                finite = torch.isfinite(stored[FIELDS[kind][0]]).all(1) & torch.isfinite(stored["logsumexp"]).all(1)
+            predicted = logits.argmax(-1)
+            rows_here = torch.arange(start, start + len(logits), device=logits.device)
+            stored = layout.kind.build(logits, rows=rows_here, store_dtype=out_dtype)
+            finite = layout.kind.finite(stored).reshape(len(logits), -1).all(1)
             if device.type == "cuda":
-                host = {k: _to_host(v) for k, v in stored.items()} if isinstance(stored, dict) else _to_host(stored)
+                host = {k: _to_host(v) for k, v in stored.items()}
                 finite, predicted = _to_host(finite), _to_host(predicted)
                 ready = torch.cuda.Event()
                 ready.record()
             else:
                 host, ready = stored, None
-            thread.put((start, host, finite, predicted, labels, ready))
+            thread.put((start, host, finite, predicted.cpu(), labels.contiguous(), ready))
             bar.update(len(labels))
     finally:
         bar.close()

@@ -4,8 +4,7 @@
 class SoftlabelsError(Exception):
     """A problem the user can fix: bad input, a refused checkpoint, an unusable cache.
 
-    Example:
-        >>> raise SoftlabelsError("checkpoint not found: teacher.pth")
-        Traceback (most recent call last):
-        softlabels.errors.SoftlabelsError: checkpoint not found: teacher.pth
+    Example::
+
+        raise SoftlabelsError("checkpoint not found: teacher.pth")   # the CLI prints: error: checkpoint not found: ...
     """

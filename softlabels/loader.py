@@ -1,30 +1,35 @@
-"""Shuffled, chunk-aware batches of ``(inputs, labels, teacher logits)`` from a source and a cache.
+"""Shuffled, chunk-aware batches of ``(inputs, labels, teacher targets)`` from a source and a cache.
 
-The epoch's order is a pure function of ``(seed, epoch)``: the chunks are permuted, consecutive
-groups of ``shuffle_chunks`` chunks form a window, and the rows of each window are permuted. Every
-read is a whole chunk of the cache and the matching slice of the inputs, never a single row, and the
-next window is read in a background thread while the current one is trained on.
+An epoch's global batches are a pure function of ``(seed, epoch)``: the blocks (whole cache chunks)
+are permuted, consecutive groups of ``shuffle_chunks`` blocks form a window, the rows of each window
+are permuted, and the resulting row order is cut into batches. Ranks take slices of each global
+batch and DataLoader workers take every W-th batch, so neither changes what is trained on. Every
+read is a whole chunk of the cache and the matching slice of the inputs, and the next window is
+read in a background thread while the current one is served.
 
-Example:
-    >>> cache = open_cache("transfer.zarr")
-    >>> loader = SoftTargetLoader(source_for_cache(cache), cache, batch_size=128, seed=0)
-    >>> loader.set_epoch(0)
-    >>> for batch in loader:
-    ...     loss = kd_loss(model(batch.inputs), batch.teacher_logits, batch.labels)
+Example::
+
+    cache = open_cache("transfer.zarr")
+    loader = SoftTargetLoader(source_for_cache(cache), cache, batch_size=128, seed=0)
+    loader.set_epoch(0)
+    for batch in loader:
+        loss = kd_loss(model(batch.inputs), batch.teacher_logits, batch.labels)
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 
-from .data import Source, data_names_code, open_data
+from .data import NO_LABEL, DatasetSource, Source, data_names_code, open_data
 from .errors import SoftlabelsError
-from .store import Cache, chunk_bounds, num_chunks
+from .kinds import SoftTargets
+from .store import Cache, chunk_bounds, num_chunks, open_cache
 from .trust import check_recorded_spec
 
 DEFAULT_CHUNK_ROWS = 1024  # the shuffle's block size when there is no cache to follow
@@ -74,33 +79,53 @@ def block_rows(source: Source, cache: Cache | None) -> int:
     if inputs is None or inputs <= unit:
         return unit
     grown = -(-inputs // unit) * unit
-    row_bytes = (cache.num_classes * np.dtype(cache.manifest["dtype"]).itemsize) if cache is not None else 0
+    row_bytes = cache.layout.row_bytes if cache is not None else 0
     return grown if grown * row_bytes <= _MAX_BLOCK_BYTES else unit
 
 
 class Batch(NamedTuple):
     inputs: torch.Tensor
     labels: torch.Tensor
-    teacher_logits: torch.Tensor | dict[str, torch.Tensor] | None  # dense logits as stored, or sparse targets
+    teacher_logits: SoftTargets | None  # the cached targets of these rows, whatever their kind
     indices: torch.Tensor  # dataset row of each sample
 
 
 class _Window(NamedTuple):
-    inputs: np.ndarray
-    labels: np.ndarray
-    teacher_logits: np.ndarray | None
+    inputs: np.ndarray | None
+    labels: np.ndarray | None
+    teacher_logits: dict[str, np.ndarray] | None
     indices: np.ndarray
 
 
-class SoftTargetLoader:
-    """Iterates one epoch of shuffled batches; call :meth:`set_epoch` before each epoch.
+_Plan = list[tuple[list[int], np.ndarray | None]]  # per window: its blocks, and the permutation of its rows
 
-    ``shards`` splits each epoch for data-parallel training: the epoch's permuted chunks are dealt
-    round-robin to the shards, shard ``r`` serves batches of ``batch_size // shards`` rows from its
-    own chunks only, and every shard serves the same number of batches (the few rows left over on
-    some shards wait for the next epoch's shuffle). A loader with
-    ``shard=r`` is rank ``r``'s view; with ``shard=None`` it serves each global batch whole, the
-    concatenation of the shards' batches, which is what one process needs to match N ranks.
+
+class SoftTargetLoader(torch.utils.data.IterableDataset):
+    """One epoch of shuffled batches per iteration; call :meth:`set_epoch` before each epoch.
+
+    The epoch's global batches (``batch_size`` rows each) are a pure function of ``(seed, epoch)``,
+    whatever the number of ranks or DataLoader workers. ``shards`` and ``shard`` give rank ``shard``
+    of ``shards`` its slice of every global batch, rows ``[shard * b, (shard + 1) * b)`` with
+    ``b = batch_size // shards``; with ``shard=None`` each global batch is served whole. With more
+    than one shard an incomplete last batch is dropped, so every rank takes the same number of steps
+    and one process with ``shards=N`` trains on the batches N ranks train on.
+
+    It is a ``torch.utils.data.IterableDataset``: under ``DataLoader(loader, batch_size=None,
+    num_workers=W)`` worker ``w`` serves global batches ``w, w + W, ...``, so the DataLoader's
+    round-robin yields them in the same order as ``num_workers=0``. A worker reads only the windows
+    its batches draw from, and of a ``module:callable`` dataset only the items they hold; files
+    (HDF5 included) are opened anew in each worker.
+
+    :meth:`state_dict` and :meth:`load_state_dict` resume mid-epoch: the state is the epoch and the
+    number of its global batches already served, and a resumed loader serves exactly the rest,
+    reading none of the windows that only the served batches needed.
+
+    Example::
+
+        loader = SoftTargetLoader(source, cache, batch_size=128, seed=0)
+        loader.load_state_dict({"epoch": 3, "batches": 40})    # continue epoch 3 at its 41st batch
+        for batch in torch.utils.data.DataLoader(loader, batch_size=None, num_workers=2):
+            loss = kd_loss(model(batch.inputs), batch.teacher_logits, batch.labels)
     """
 
     def __init__(
@@ -125,135 +150,214 @@ class SoftTargetLoader:
             raise SoftlabelsError(f"batch size {batch_size} does not split evenly over {shards} shards")
         if shard is not None and not 0 <= shard < shards:
             raise SoftlabelsError(f"shard {shard} is outside 0..{shards - 1}")
-        self.source, self.cache = source, cache
+        self.source = source
+        self._cache, self._cache_path, self._cache_pid = cache, (cache.path if cache is not None else None), os.getpid()
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.shuffle_chunks, self.drop_last = shuffle_chunks, drop_last or shards > 1
         self.shards, self.shard, self.read_threads = shards, shard, read_threads
-        self._pool: ThreadPoolExecutor | None = None
         self.block_rows = block_rows(source, cache)
         self.num_samples = len(source)
+        # A dataset read item by item costs the same per item wherever it lies: read only the items served.
+        self._reads_items = isinstance(source, DatasetSource)
         self.epoch = 0
+        self._start = 0  # global batches of this epoch skipped (a resumed epoch)
+        self._served = 0  # global batches of this epoch served so far in this process
+
+    @property
+    def cache(self) -> Cache | None:
+        # An HDF5 handle inherited through fork reads wrong data, so each DataLoader worker opens its own.
+        if self._cache_path is not None and (self._cache is None or self._cache_pid != os.getpid()):
+            self._cache, self._cache_pid = open_cache(self._cache_path), os.getpid()
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}  # open handles do not pickle; the cache reopens by path
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches in every epoch (the same for any seed, epoch, rank or worker count)."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Serve ``epoch`` next, from its first batch (unless it is the epoch :meth:`load_state_dict` resumed)."""
+        if epoch != self.epoch:
+            self.epoch, self._start, self._served = epoch, 0, 0
 
-    def _plan(self, epoch: int) -> list[list[tuple[list[int], np.ndarray | None]]]:
-        """Per shard, its windows: chunks and a permutation of their rows (a pure function of seed and epoch).
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: the epoch and how many of its global batches were served.
 
-        The permuted chunks are dealt round-robin to the shards, so shards differ by at most one chunk.
+        Under a DataLoader with workers the loader in the main process does not see the batches go
+        by: count them where they arrive and pass the count to :meth:`load_state_dict` instead.
         """
-        chunks = np.arange(num_chunks(self.num_samples, self.block_rows))
+        return {"epoch": self.epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue epoch ``state["epoch"]`` after its first ``state["batches"]`` global batches."""
+        try:
+            epoch, batches = int(state["epoch"]), int(state["batches"])
+        except (KeyError, TypeError, ValueError):
+            raise SoftlabelsError(f"a loader state is {{'epoch': E, 'batches': N}}, got {state!r}") from None
+        if epoch < 0 or not 0 <= batches <= self.batches_per_epoch:
+            raise SoftlabelsError(f"loader state {state} is outside the epoch's 0..{self.batches_per_epoch} batches")
+        self.epoch, self._start, self._served = epoch, batches, batches
+
+    def __len__(self) -> int:
+        """The batches left to serve in this epoch."""
+        return self.batches_per_epoch - self._start
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The dataset rows of a whole epoch in the order this loader (this shard) serves them."""
+        batches = self._batches(epoch, 0, 0, 1, self._window_indices)
+        return np.concatenate([b.indices for b in batches] or [np.zeros(0, np.int64)])
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._served = self._start
+        # The read threads live only as long as this iteration: closing the generator (the end of
+        # the epoch, or garbage collection after a break) shuts them down.
+        with ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="softlabels-read") as pool:
+            read = functools.partial(self._read_window, pool)
+            for window in self._batches(self.epoch, self._start, worker, workers, read):
+                x, y, i = (torch.from_numpy(np.ascontiguousarray(a)) for a in (window.inputs, window.labels, window.indices))
+                self._served += 1
+                yield Batch(x, y, self._soft_targets(window.teacher_logits), i)
+
+    def _soft_targets(self, targets: dict[str, np.ndarray] | None) -> SoftTargets | None:
+        """The window rows' cached arrays as the :class:`SoftTargets` that :func:`softlabels.kd_loss`
+        takes; class indices and counts, stored as small unsigned types, become int64 for ``gather``."""
+        if targets is None:
+            return None
+        return SoftTargets(self.cache.kind, {
+            name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64 if a.dtype.kind == "u" else a.dtype))
+            for name, a in targets.items()
+        })
+
+    def _plan(self, epoch: int) -> _Plan:
+        """The epoch's windows in order: blocks permuted by ``(seed, epoch)``, then rows within each window."""
+        blocks = np.arange(num_chunks(self.num_samples, self.block_rows))
         if not self.shuffle:
-            return [[([int(c)], None) for c in chunks[r::self.shards]] for r in range(self.shards)]
+            return [([int(b)], None) for b in blocks]
         rng = np.random.default_rng([self.seed, epoch])
-        chunks = rng.permutation(chunks)
-        plans = []
-        for r in range(self.shards):
-            mine = chunks[r::self.shards]
-            groups = [[int(c) for c in mine[i:i + self.shuffle_chunks]] for i in range(0, len(mine), self.shuffle_chunks)]
-            plans.append([(group, rng.permutation(self._rows(group))) for group in groups])
-        return plans
+        blocks = rng.permutation(blocks)
+        groups = [[int(b) for b in blocks[i:i + self.shuffle_chunks]] for i in range(0, len(blocks), self.shuffle_chunks)]
+        return [(group, rng.permutation(self._rows(group))) for group in groups]
 
     def _rows(self, group: list[int]) -> int:
         return sum(b - a for a, b in (chunk_bounds(c, self.block_rows, self.num_samples) for c in group))
 
-    def _steps(self, plans: list[list[tuple[list[int], np.ndarray | None]]]) -> int:
-        """Batches per shard in an epoch: the same on every shard."""
-        per_shard = self.batch_size // self.shards
-        rows = [sum(self._rows(group) for group, _ in plan) for plan in plans]
-        if self.drop_last:
-            return min(r // per_shard for r in rows)
-        return -(-rows[0] // per_shard)
+    def _slices(self, start: int, worker: int, workers: int) -> list[tuple[int, int]]:
+        """Positions ``[lo, hi)`` in the epoch's row order of the batches this process serves."""
+        per = self.batch_size // self.shards
+        slices = []
+        for b in range(start + worker, self.batches_per_epoch, workers):
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
+            if self.shard is not None:
+                lo, hi = lo + self.shard * per, min(lo + (self.shard + 1) * per, hi)
+            slices.append((lo, hi))
+        return slices
 
-    def __len__(self) -> int:
-        return self._steps(self._plan(self.epoch))
+    def _batches(self, epoch: int, start: int, worker: int, workers: int, read: Callable[..., _Window]) -> Iterator[_Window]:
+        """The batches this process serves, each gathered from the one or two windows it spans.
 
-    def order(self, epoch: int) -> np.ndarray:
-        """The dataset rows of an epoch in the order this loader serves them."""
-        return np.concatenate([b.indices for b in self._batches(epoch, self._window_indices)] or [np.zeros(0, np.int64)])
+        Only the windows these batches draw from are read, in order, the next one in a background
+        thread while the current one is served. A window is kept as read (its blocks concatenated)
+        and a batch gathers its rows through the window's permutation, so no permuted copy of the
+        whole window is ever made.
+        """
+        plan = self._plan(epoch)
+        sizes = np.array([self._rows(group) for group, _ in plan], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        begins = ends - sizes
+        slices = self._slices(start, worker, workers)
+        spans = [(int(np.searchsorted(ends, lo, "right")), int(np.searchsorted(begins, hi, "left"))) for lo, hi in slices]
+        needed = sorted({w for a, b in spans for w in range(a, b)})
+        items = self._served_rows(plan, begins, ends, slices, spans) if self._reads_items else {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-prefetch") as prefetch:
+            queue = iter(needed)
 
-    def __iter__(self) -> Iterator[Batch]:
-        for window in self._batches(self.epoch, self._read_window):
-            x, y, t, i = (None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in (window.inputs, window.labels, None, window.indices))
-            yield Batch(x, y, self._soft_targets(window.teacher_logits), i)
+            def submit():
+                w = next(queue, None)
+                return None if w is None else prefetch.submit(read, plan[w][0], items.get(w))
 
-    def _soft_targets(self, targets: np.ndarray | None) -> torch.Tensor | dict[str, torch.Tensor] | None:
-        """Dense logits as a tensor; sparse targets as the dict :func:`softlabels.kd_loss` takes."""
-        if targets is None or targets.dtype.names is None:
-            return None if targets is None else torch.from_numpy(np.ascontiguousarray(targets))
+            pending, loaded = submit(), {}
+            for (lo, hi), (a, b) in zip(slices, spans):
+                parts = []
+                for w in range(a, b):
+                    if w not in loaded:  # windows are needed in order, so this is the one being read
+                        loaded[w] = pending.result()
+                        pending = submit()
+                    rows = slice(max(lo, begins[w]) - begins[w], min(hi, ends[w]) - begins[w])
+                    perm = plan[w][1]
+                    parts.append(_take(loaded[w], rows if perm is None else perm[rows]))
+                for w in [w for w in loaded if ends[w] <= hi]:  # no later batch reaches back into it
+                    del loaded[w]
+                yield _concat(parts)
+
+    @staticmethod
+    def _served_rows(plan: _Plan, begins: np.ndarray, ends: np.ndarray, slices: list, spans: list) -> dict[int, np.ndarray | None]:
+        """Per window, the rows (offsets in the window as read) that the served batches take; ``None``: all."""
+        rows: dict[int, list[np.ndarray]] = {}
+        for (lo, hi), (a, b) in zip(slices, spans):
+            for w in range(a, b):
+                positions = np.arange(max(lo, begins[w]), min(hi, ends[w])) - begins[w]
+                rows.setdefault(w, []).append(positions if plan[w][1] is None else plan[w][1][positions])
         served = {}
-        for name in targets.dtype.names:
-            field = targets[name]
-            served[name] = torch.from_numpy(np.ascontiguousarray(field, dtype=np.int64 if field.dtype.kind == "u" else field.dtype))
-        manifest = self.cache.manifest
-        served["temperatures"] = torch.tensor(manifest["temperatures"], dtype=torch.float64)
-        if "proposal_temperature" in manifest:
-            served["proposal_temperature"] = torch.tensor(manifest["proposal_temperature"], dtype=torch.float64)
+        for w, parts in rows.items():
+            taken = np.unique(np.concatenate(parts))
+            served[w] = None if len(taken) == ends[w] - begins[w] else taken
         return served
 
-    def _batches(self, epoch: int, read: Callable[..., _Window]) -> Iterator[_Window]:
-        plans = self._plan(epoch)
-        steps = self._steps(plans)
-        per_shard = self.batch_size // self.shards
-        shards = range(self.shards) if self.shard is None else [self.shard]
-        streams = [self._stream(plans[r], per_shard, read) for r in shards]
-        for parts in itertools.islice(zip(*streams), steps):
-            yield _concat(list(parts))
+    def _window_indices(self, group: list[int], rows: np.ndarray | None = None) -> _Window:
+        indices = np.concatenate([np.arange(*chunk_bounds(c, self.block_rows, self.num_samples)) for c in group])
+        return _Window(None, None, None, indices)
 
-    def _stream(self, plan: list, batch_size: int, read: Callable[..., _Window]) -> Iterator[_Window]:
-        """Batches cut from the windows of ``plan`` in order, the next window read while one is served.
-
-        A window is kept as read (its blocks concatenated) and each batch gathers its rows through the
-        window's permutation, so no permuted copy of the whole window is ever made.
-        """
-        carry: _Window | None = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-prefetch") as prefetch:
-            pending = prefetch.submit(read, plan[0][0]) if plan else None
-            for i, (_, perm) in enumerate(plan):
-                window = pending.result()
-                pending = prefetch.submit(read, plan[i + 1][0]) if i + 1 < len(plan) else None
-                order = np.arange(len(window.indices)) if perm is None else perm
-                if carry is not None:
-                    need = batch_size - len(carry.indices)
-                    carry = _concat([carry, _take(window, order[:need])])
-                    order = order[need:]
-                    if len(carry.indices) == batch_size:
-                        yield carry
-                        carry = None
-                    elif pending is not None:
-                        continue
-                full = len(order) // batch_size * batch_size
-                for start in range(0, full, batch_size):
-                    yield _take(window, order[start:start + batch_size])
-                rest = _take(window, order[full:]) if full < len(order) else None
-                carry = rest if carry is None or rest is None else _concat([carry, rest])
-            if carry is not None and not self.drop_last:
-                yield carry
-
-    def _window_indices(self, group: list[int]) -> _Window:
-        rows = np.concatenate([np.arange(*chunk_bounds(c, self.block_rows, self.num_samples)) for c in group])
-        return _Window(None, None, None, rows)
-
-    def _read_block(self, block: int) -> _Window:
+    def _read_block(self, block: int, inputs: bool = True) -> _Window:
         start, stop = chunk_bounds(block, self.block_rows, self.num_samples)
-        x, y = self.source.read(start, stop)
+        x, y = self.source.read(start, stop) if inputs else (None, None)
         t = None
         if self.cache is not None:
             t, y = self.cache.read(start, stop)
         return _Window(x, y, t, np.arange(start, stop))
 
-    def _read_window(self, group: list[int]) -> _Window:
-        # Blocks are read concurrently: zarr and h5py release the GIL while they read and decode.
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="softlabels-read")
-        return _concat(list(self._pool.map(self._read_block, group)))
+    def _read_window(self, pool: ThreadPoolExecutor, group: list[int], rows: np.ndarray | None) -> _Window:
+        """The window's blocks, read concurrently (zarr and h5py release the GIL while they read and decode).
+
+        Given ``rows``, only those rows of the inputs are read (the others stay zero and are never
+        served); the cache is still read in whole chunks.
+        """
+        window = _concat(list(pool.map(functools.partial(self._read_block, inputs=rows is None), group)))
+        if rows is None:
+            return window
+        ids = window.indices[rows]
+        x, y = None, np.full(len(window.indices), NO_LABEL, dtype=np.int64)
+        # Runs of consecutive rows, each one read call.
+        breaks = np.flatnonzero((np.diff(ids) != 1) | (np.diff(rows) != 1)) + 1
+        for run_rows, run_ids in zip(np.split(rows, breaks), np.split(ids, breaks)):
+            xs, ys = self.source.read(int(run_ids[0]), int(run_ids[-1]) + 1)
+            if x is None:
+                x = np.zeros((len(window.indices), *xs.shape[1:]), dtype=xs.dtype)
+            x[run_rows] = xs
+            y[run_rows] = ys
+        return window._replace(inputs=x, labels=window.labels if window.labels is not None else y)
 
 
-def _take(window: _Window, rows: np.ndarray) -> _Window:
-    return _Window(*(None if a is None else a[rows] for a in window))
+def _take(window: _Window, rows: np.ndarray | slice) -> _Window:
+    """Rows ``rows`` of every field; cached targets are a dict of arrays, each indexed alike."""
+    def take(a):
+        return {k: v[rows] for k, v in a.items()} if isinstance(a, dict) else a[rows]
+    return _Window(*(None if a is None else take(a) for a in window))
 
 
 def _concat(parts: list[_Window]) -> _Window:
+    """The rows of ``parts`` one after another; cached targets are a dict of arrays, each joined alike."""
     if len(parts) == 1:
         return parts[0]
-    return _Window(*(None if p[0] is None else np.concatenate(p) for p in zip(*parts)))
+
+    def concat(p):
+        if isinstance(p[0], dict):
+            return {k: np.concatenate([a[k] for a in p]) for k in p[0]}
+        return np.concatenate(p)
+    return _Window(*(None if p[0] is None else concat(p) for p in zip(*parts)))

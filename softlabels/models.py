@@ -206,8 +206,10 @@ def build_model(
     return model
 
 
-def check_output_shape(model: nn.Module, sample: torch.Tensor, *, num_classes: int, name: str) -> None:
-    """Refuse a model whose output for a batch of real inputs is not ``[batch, num_classes]``."""
+def check_output_shape(
+    model: nn.Module, sample: torch.Tensor, *, num_classes: int, name: str, items: tuple[int, ...] = ()
+) -> None:
+    """Refuse a model whose output for a batch of real inputs is not ``[batch, *items, num_classes]``."""
     was_training = model.training
     model.eval()
     try:
@@ -219,10 +221,11 @@ def check_output_shape(model: nn.Module, sample: torch.Tensor, *, num_classes: i
         ) from exc
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.shape != (sample.shape[0], num_classes):
+    expected = (sample.shape[0], *items, num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise SoftlabelsError(
-            f"{name} outputs {shape} for a batch of {sample.shape[0]}, but the cache has {num_classes} classes"
+            f"{name} outputs {shape} for a batch of {sample.shape[0]}, but the cache has {list(expected[1:])} per sample"
         )
 
 

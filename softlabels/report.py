@@ -1,20 +1,22 @@
 """Plain-text tables and cache statistics for the CLI's output.
 
-Example:
-    >>> print(format_table([{"student": "mlp", "eval_accuracy": 0.81}], SUMMARY_COLUMNS[:1] + SUMMARY_COLUMNS[3:4]))
-    student  eval acc
-    -------  --------
-    mlp        81.00%
+Example::
+
+    print(format_table([{"student": "mlp", "eval_accuracy": 0.81}], SUMMARY_COLUMNS[:1] + SUMMARY_COLUMNS[3:4]))
+    # student  eval acc
+    # -------  --------
+    # mlp        81.00%
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
 
-from .sparse import teacher_argmax
-from .store import Cache, sparse_size
+from .kinds import KINDS
+from .store import Cache
 
 
 def _percent(value: Any) -> str:
@@ -54,76 +56,61 @@ def format_table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
 
 
 def cache_report(cache: Cache) -> dict[str, Any]:
-    """What ``softlabels inspect`` prints: manifest, sizes, teacher accuracy and soft-target statistics.
-
-    Entropy (nats, T = 1) is exact for dense caches; top-k caches report the teacher mass their K
-    classes keep instead, and sampled caches the mean number of distinct classes drawn.
-    """
+    """What ``softlabels inspect`` prints: manifest, sizes, teacher accuracy and the kind's statistic
+    (dense: entropy in nats at T = 1; top-k: the teacher mass its K classes keep at T = 1; sampled:
+    distinct classes drawn), averaged over items. Chunks never written are left out."""
     kind = cache.kind
     on_disk = cache.nbytes_on_disk()
-    correct = labeled = 0
+    correct = labeled = items = 0
     statistic = 0.0
-    for _, targets, labels in cache.iter_chunks():
-        if kind == "dense":
-            z = targets.astype(np.float64)
-            log_p = z - logsumexp(z)
-            statistic += float(-(np.exp(log_p) * log_p).sum())
-        elif kind == "topk":
-            lse_1 = targets["logsumexp"][:, cache.manifest["temperatures"].index(1.0)] if 1.0 in cache.manifest["temperatures"] else None
-            if lse_1 is not None:
-                statistic += float(np.exp(targets["topk_logits"].astype(np.float64) - lse_1[:, None]).sum())
-        else:
-            statistic += float((targets["sample_counts"] > 0).sum())
+    recorded = cache.checksums()
+    for index in np.flatnonzero(recorded >= 0):
+        targets, labels = cache.read(*cache.chunk_bounds(int(index)))
+        statistic += kind.statistic(targets)
         has_label = labels >= 0
-        correct += int((teacher_argmax(targets)[has_label] == labels[has_label]).sum())
+        correct += int((kind.top_class(targets)[has_label] == labels[has_label]).sum())
         labeled += int(has_label.sum())
+        items += labels.size
     n = len(cache)
-    dense_float32 = n * cache.num_classes * 4
-    report = {
+    dense_float32 = n * math.prod(cache.items) * cache.num_classes * 4
+    mean = statistic / items if items else None
+    return {
         "path": str(cache.path),
         "complete": bool(cache.manifest.get("complete")),
-        "kind": kind,
-        "size": sparse_size(cache.manifest) or None,
-        "shape": [n, cache.num_classes],
-        "dtype": cache.manifest["dtype"],
+        "kind": kind.settings(),
+        "item_axes": [{"name": name, "size": size} for name, size in cache.layout.item_axes],
+        "shape": [n, *cache.items, cache.num_classes],
+        "dtype": cache.layout.dtype,
         "chunk_rows": cache.chunk_rows,
         "bytes_on_disk": on_disk,
         "bytes_per_sample": on_disk / n if n else None,
         "compression_vs_dense_float32": dense_float32 / on_disk if on_disk else None,
-        "labeled_rows": labeled,
+        "labeled_items": labeled,
         "teacher_accuracy": correct / labeled if labeled else None,
-        "mean_entropy_nats": statistic / n if n and kind == "dense" else None,
-        "mean_topk_mass": statistic / n if n and kind == "topk" and 1.0 in cache.manifest["temperatures"] else None,
-        "mean_distinct_samples": statistic / n if n and kind == "sampled" else None,
+        "statistic": {"name": kind.statistic_name, "mean": None if mean is None or math.isnan(mean) else mean},
         "manifest": cache.manifest,
     }
-    return report
-
-
-def logsumexp(z: np.ndarray) -> np.ndarray:
-    top = z.max(axis=1, keepdims=True)
-    return top + np.log(np.exp(z - top).sum(axis=1, keepdims=True))
 
 
 def format_cache_report(report: dict[str, Any]) -> str:
     m = report["manifest"]
     teacher, dataset = m.get("teacher", {}), m.get("dataset", {})
-    kind = report["kind"] if report["kind"] == "dense" else f"{report['kind']} ({'K' if report['kind'] == 'topk' else 'S'} = {report['size']})"
-    statistic = {
-        "dense": ("entropy", report["mean_entropy_nats"], "{:.3f} nats mean at T=1"),
-        "topk": ("top-k mass", report["mean_topk_mass"], "{:.2%} of the teacher's probability at T=1, on average"),
-        "sampled": ("distinct", report["mean_distinct_samples"], "{:.1f} classes per sample on average"),
-    }[report["kind"]]
+    settings = {k: v for k, v in report["kind"].items() if k != "kind"}
+    kind = report["kind"]["kind"] + (f" ({', '.join(f'{k}={v}' for k, v in settings.items())})" if settings else "")
+    kind_type = KINDS[report["kind"]["kind"]]
+    statistic = report["statistic"]
+    shape = " x ".join([f"{report['shape'][0]:,} samples", *(f"{a['size']:,} {a['name']}s" for a in report["item_axes"]),
+                        f"{report['shape'][-1]:,} classes"])
     lines = [
         f"cache        {report['path']} ({'complete' if report['complete'] else 'INCOMPLETE'})",
         f"format       {m['format']} v{m['format_version']}, kind {kind}",
-        f"targets      {report['shape'][0]:,} samples x {report['shape'][1]:,} classes, {report['dtype']}, {report['chunk_rows']} rows per chunk",
+        f"targets      {shape}, {report['dtype']}, {report['chunk_rows']} samples per chunk",
         f"on disk      {report['bytes_on_disk'] / 2**20:.2f} MiB, {report['bytes_per_sample']:.1f} bytes per sample "
         f"({report['compression_vs_dense_float32']:.1f}x smaller than dense float32)",
         f"teacher      {teacher.get('arch')} from {teacher.get('file')} ({_count(teacher.get('params'))} params, sha256 {str(teacher.get('sha256'))[:12]}...)",
         f"dataset      {dataset.get('spec')} ({_count(dataset.get('num_samples'))} samples, {str(dataset.get('fingerprint', ''))[:20]}...)",
-        f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_rows']:,} labeled rows",
-        f"{statistic[0]:<12} " + ("-" if statistic[1] is None else statistic[2].format(statistic[1])),
+        f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_items']:,} labeled items",
+        f"{statistic['name']:<12} " + ("-" if statistic["mean"] is None else kind_type.statistic_format.format(statistic["mean"])),
         f"created      {m.get('created')} by softlabels {m.get('softlabels_version')}, torch {m.get('torch_version')}",
     ]
     return "\n".join(lines)

@@ -1,47 +1,61 @@
 """The cache on disk: a Zarr v3 group (``*.zarr``) or an HDF5 file (``*.h5``/``*.hdf5``), one layout.
 
-==================  ======================  ==========================================================
-name                shape, dtype            meaning
-==================  ======================  ==========================================================
-``logits``          ``[N, C]`` float16/32    teacher logits for sample ``i`` in row ``i``
-``labels``          ``[N]`` int64            hard labels, ``-1`` where a sample has none
-``chunk_crc32``     ``[N_chunks]`` int64     zlib CRC-32 of each chunk's logits then labels bytes
-                                             (little-endian, C order); ``-1`` until it is written
-attribute           JSON object              the manifest (``format``, ``format_version``, ...); in
-``softlabels``                               HDF5 a JSON string
-==================  ======================  ==========================================================
+Format version 2. A cache holds ``N`` samples; each sample holds the items of the cache's item axes
+(none for one target per sample, ``[V]`` recorded views, ``[L]`` tokens), and every array is
+``[N, *item_axes, width]``:
 
-Arrays are chunked along samples only (``chunk_rows`` rows, every class in one chunk). A cache is
-written as ``PATH.partial`` and renamed to ``PATH`` once every chunk is written and the manifest says
-``complete``; a chunk counts as written only once its checksum is recorded, after its bytes.
+==================  ============================  ====================================================
+name                shape, dtype                  meaning
+==================  ============================  ====================================================
+the kind's arrays   ``[N, *items, width]``        e.g. ``logits [N, *items, C]`` for dense; see
+                                                  :mod:`softlabels.kinds`
+``labels``          ``[N, *items]`` int64         hard labels, ``-1`` where an item has none
+``chunk_crc32``     ``[N_chunks]`` int64          zlib CRC-32 of each chunk's arrays in kind order,
+                                                  then its labels (little-endian, C order); ``-1``
+                                                  until the chunk is written: the commit record
+attribute           JSON object                   the manifest (``format``, ``format_version``,
+``softlabels``                                    ``kind`` and its settings, ``item_axes``, ...); in
+                                                  HDF5 a JSON string
+==================  ============================  ====================================================
 
-Example:
-    >>> with open_cache("logits.zarr") as cache:
-    ...     logits, labels = cache.read(0, 128)
-    ...     cache.manifest["teacher"]["sha256"]
+Arrays are chunked along samples only (``chunk_rows`` samples with all their items per chunk).
+Every chunk also carries the store's own checksum (Zarr's ``crc32c`` codec, HDF5's ``fletcher32``
+filter), so a damaged chunk fails when it is read, by softlabels or by plain zarr/h5py. Version-1
+caches (no item axes, no per-chunk codec checksum) are read as they are.
+
+A cache is written as ``PATH.partial`` and renamed to ``PATH`` once every chunk is written and the
+manifest says ``complete``; a chunk counts as written only once its checksum is recorded, after its
+bytes.
+
+Example::
+
+    with open_cache("logits.zarr") as cache:
+        targets, labels = cache.read(0, 128)      # {"logits": [128, C]}, [128]
+        cache.manifest["teacher"]["sha256"]
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from .errors import SoftlabelsError
-from .sparse import KINDS, target_dtype
+from .kinds import STORE_DTYPES, StoredArray, TargetKind, kind_from_settings
 
 FORMAT = "softlabels-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_KEY = "softlabels"
 PARTIAL_SUFFIX = ".partial"
-STORE_DTYPES = ("float16", "float32")
 _TARGET_CHUNK_BYTES = 512 << 10
 _MAX_DEFAULT_CHUNK_ROWS = 4096
 _CHECKSUMS_PER_CHUNK = 4096
@@ -59,60 +73,94 @@ def backend_name(path: str | Path) -> str:
     raise SoftlabelsError(f"cache path {path} must end in .zarr, .h5 or .hdf5")
 
 
-def default_chunk_rows(num_classes: int, dtype: str) -> int:
-    """Rows per chunk: about 0.5 MiB of logits, a power of two, at most 4096 rows.
+def default_chunk_rows(row_bytes: int) -> int:
+    """Samples per chunk: about 0.5 MiB of targets, a power of two, at most 4096 samples.
 
-    The cap keeps the matching block of inputs small when there are few classes (4096 rows of
-    224x224 images are already 2.4 GB in float32).
+    The cap keeps the matching block of inputs small when rows are small (4096 rows of 224x224
+    images are already 2.4 GB in float32).
     """
-    row_bytes = num_classes * np.dtype(dtype).itemsize
-    rows = 2 ** int(np.log2(max(1, _TARGET_CHUNK_BYTES // row_bytes)))
+    rows = 2 ** int(np.log2(max(1, _TARGET_CHUNK_BYTES // max(1, row_bytes))))
     return int(min(_MAX_DEFAULT_CHUNK_ROWS, max(16, rows)))
 
 
-def chunk_checksum(targets: np.ndarray, labels: np.ndarray) -> int:
-    """CRC-32 of a chunk as stored: each target array's bytes in manifest order (for dense, just the
-    logits), then the labels' bytes, all little-endian and C order."""
-    parts = [targets[name] for name in targets.dtype.names] if targets.dtype.names else [targets]
+def chunk_checksum(targets: dict[str, np.ndarray], labels: np.ndarray) -> int:
+    """CRC-32 of a chunk as stored: each target array's bytes in the kind's order, then the labels'
+    bytes, all little-endian and C order."""
     crc = 0
-    for part in parts:
+    for part in targets.values():
         crc = zlib.crc32(np.ascontiguousarray(part, dtype=part.dtype.newbyteorder("<")).tobytes(), crc)
     return zlib.crc32(np.ascontiguousarray(labels, dtype="<i8").tobytes(), crc)
 
 
-def row_dtype(manifest: dict[str, Any]) -> np.dtype:
-    """The dtype of one sample's soft targets in a cache with this manifest."""
-    return target_dtype(
-        manifest["kind"], num_classes=manifest["num_classes"], size=sparse_size(manifest),
-        store_dtype=manifest["dtype"], temperatures=len(manifest.get("temperatures") or ()),
-    )
+def num_chunks(num_samples: int, chunk_rows: int) -> int:
+    return -(-num_samples // chunk_rows)
 
 
-def sparse_size(manifest: dict[str, Any]) -> int:
-    """K of a top-k cache, S of a sampled one, 0 for dense."""
-    return {"topk": manifest.get("k"), "sampled": manifest.get("samples")}.get(manifest["kind"]) or 0
-
-
-def _fields(dtype: np.dtype) -> list[tuple[str, np.dtype, int]]:
-    """``(array name, dtype, width)`` of each target array of a cache."""
-    if dtype.names is None:
-        return [("logits", dtype.base, dtype.shape[0])]
-    return [(name, dtype[name].base, dtype[name].shape[0]) for name in dtype.names]
-
-
-def _assemble(arrays: dict[str, Any], dtype: np.dtype, start: int, stop: int) -> np.ndarray:
-    if dtype.names is None:
-        return np.asarray(arrays["logits"][start:stop])
-    rows = np.empty(stop - start, dtype=dtype)
-    for name in dtype.names:
-        rows[name] = arrays[name][start:stop]
-    return rows
+def chunk_bounds(index: int, chunk_rows: int, num_samples: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of chunk ``index``."""
+    start = index * chunk_rows
+    return start, min(start + chunk_rows, num_samples)
 
 
 def directory_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a cache's arrays must be: kind, sizes, dtype, item axes and chunking.
+
+    Example::
+
+        layout = Layout(TopK(k=5), num_samples=1000, num_classes=100, dtype="float16", chunk_rows=256)
+        layout.shapes()["topk_logits"]   # ((1000, 5), dtype('float16'))
+    """
+
+    kind: TargetKind
+    num_samples: int
+    num_classes: int
+    dtype: str
+    chunk_rows: int
+    item_axes: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def items(self) -> tuple[int, ...]:
+        return tuple(size for _, size in self.item_axes)
+
+    @property
+    def num_chunks(self) -> int:
+        return num_chunks(self.num_samples, self.chunk_rows)
+
+    def chunk_bounds(self, index: int) -> tuple[int, int]:
+        return chunk_bounds(index, self.chunk_rows, self.num_samples)
+
+    def target_arrays(self) -> list[StoredArray]:
+        return self.kind.arrays(self.num_classes, self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one sample's targets, all items and arrays."""
+        return sum(a.dtype.itemsize * a.width for a in self.target_arrays()) * math.prod(self.items)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Every array's shape and dtype."""
+        n, items = self.num_samples, self.items
+        shapes = {a.name: ((n, *items, a.width), a.dtype) for a in self.target_arrays()}
+        shapes["labels"] = ((n, *items), np.dtype(np.int64))
+        shapes["chunk_crc32"] = ((self.num_chunks,), np.dtype(np.int64))
+        return shapes
+
+    def manifest_fields(self) -> dict[str, Any]:
+        return {
+            **self.kind.settings(),
+            "item_axes": [{"name": name, "size": size} for name, size in self.item_axes],
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "dtype": self.dtype,
+            "chunk_rows": self.chunk_rows,
+        }
 
 
 class _ZarrBackend:
@@ -125,14 +173,17 @@ class _ZarrBackend:
         except Exception as exc:
             raise SoftlabelsError(f"{path} is not a softlabels cache: cannot open it as a Zarr group ({exc})") from exc
 
-    def create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any, compress: bool) -> Any:
-        from zarr.codecs import ZstdCodec
+    def create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype, fill: Any, compress: bool) -> Any:
+        from zarr.codecs import Crc32cCodec, ZstdCodec
 
-        compressors = [ZstdCodec(level=0)] if compress else None
+        # crc32c last, over the stored bytes: any zarr reader then refuses a damaged chunk. Every
+        # chunk is stored, even one equal to the fill value, so a deleted chunk file is noticed.
+        compressors = [ZstdCodec(level=0), Crc32cCodec()] if compress else [Crc32cCodec()]
         return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=compressors)
 
     def arrays(self) -> dict[str, Any]:
-        return {name: self.group[name] for name in self.group.array_keys()}
+        # The config is per handle, not stored: every handle that writes must ask for empty chunks too.
+        return {name: self.group[name].with_config({"write_empty_chunks": True}) for name in self.group.array_keys()}
 
     def read_manifest(self) -> Any:
         return self.group.attrs.get(MANIFEST_KEY)
@@ -140,19 +191,83 @@ class _ZarrBackend:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.group.attrs[MANIFEST_KEY] = manifest
 
-    def sync(self, chunks: range | None, names: list[str] = ()) -> None:
-        """fsync the files of ``chunks`` of the 2-D arrays ``names`` and of the labels (``None``: the
-        manifest), which zarr writes but never syncs."""
+    def _chunk_file(self, name: str, chunk: int, ndim: int) -> Path:
+        # Chunked along the first axis only, so every other chunk coordinate is 0.
+        return self.root / name / "c" / str(chunk) / Path(*(["0"] * (ndim - 1)))
+
+    def sync(self, chunks: range | None, arrays: dict[str, int] | None = None) -> None:
+        """fsync the files of ``chunks`` of ``arrays`` (name -> ndim), or with ``chunks=None`` the
+        manifest, which zarr writes but never syncs."""
         if chunks is None:
             _fsync_file(self.root / "zarr.json")
             return
         for chunk in chunks:
-            for name in names:
-                _fsync_file(self.root / name / "c" / str(chunk) / "0")
-            _fsync_file(self.root / "labels" / "c" / str(chunk))
+            for name, ndim in (arrays or {}).items():
+                _fsync_file(self._chunk_file(name, chunk, ndim))
+
+    def missing_chunk(self, name: str, chunks: range, ndim: int) -> int | None:
+        """The first of ``chunks`` of array ``name`` whose file is gone (zarr would read fill values)."""
+        for chunk in chunks:
+            if not self._chunk_file(name, chunk, ndim).is_file():
+                return chunk
+        return None
+
+    def raw_reader(self, name: str, array: Any) -> "_RawChunks | None":
+        """A direct reader of ``array``'s chunk files when they are raw little-endian bytes followed by
+        a crc32c (what version 2 writes for uncompressed arrays), else ``None``."""
+        meta = array.metadata
+        codecs = [type(codec).__name__ for codec in meta.codecs]
+        endian = getattr(getattr(meta.codecs[0], "endian", None), "value", None)
+        dtype = np.dtype(array.dtype)
+        if (codecs != ["BytesCodec", "Crc32cCodec"] or (endian != "little" and dtype.itemsize > 1)
+                or getattr(meta.chunk_key_encoding, "separator", None) != "/" or type(meta.chunk_key_encoding).__name__ != "DefaultChunkKeyEncoding"):
+            return None
+        return _RawChunks(self, name, dtype.newbyteorder("<"), tuple(meta.chunk_grid.chunk_shape), tuple(array.shape))
 
     def close(self) -> None:
         pass
+
+
+class _ChunkDamaged(Exception):
+    def __init__(self, chunk: int, why: str):
+        super().__init__(why)
+        self.chunk = chunk
+
+
+class _RawChunks:
+    """Reads rows of an uncompressed Zarr array straight from its chunk files, checking each file's
+    crc32c trailer: the bytes a zarr reader would check, without its per-chunk pipeline overhead."""
+
+    def __init__(self, backend: _ZarrBackend, name: str, dtype: np.dtype, chunk_shape: tuple[int, ...], shape: tuple[int, ...]):
+        self.backend, self.name, self.dtype = backend, name, dtype
+        self.chunk_shape, self.shape = chunk_shape, shape
+        self.chunk_bytes = dtype.itemsize * math.prod(chunk_shape)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        import google_crc32c
+
+        rows = self.chunk_shape[0]
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        buffer = np.empty(self.chunk_bytes + 4, np.uint8)
+        for chunk in range(start // rows, -(-stop // rows)):
+            path = self.backend._chunk_file(self.name, chunk, len(self.shape))
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    got = f.readinto(memoryview(buffer))
+                    longer = f.read(1)
+            except FileNotFoundError:
+                raise _ChunkDamaged(chunk, "its chunk file is missing") from None
+            if got != len(buffer) or longer:
+                raise _ChunkDamaged(chunk, f"its chunk file has {got if not longer else 'more than ' + str(got)} bytes, not {len(buffer)}")
+            data = buffer[:-4].view()
+            data.flags.writeable = False  # google_crc32c takes read-only buffers only
+            if google_crc32c.value(data) != int.from_bytes(buffer[-4:].tobytes(), "little"):
+                raise _ChunkDamaged(chunk, "its crc32c does not match its bytes")
+            values = buffer[:-4].view(self.dtype).reshape(self.chunk_shape)
+            lo = chunk * rows
+            a, b = max(lo, start), min(lo + rows, stop)
+            out[a - start:b - start] = values[a - lo:b - lo]
+        return out
 
 
 class _H5Backend:
@@ -164,10 +279,11 @@ class _H5Backend:
         except Exception as exc:
             raise SoftlabelsError(f"{path} is not a softlabels cache: cannot open it as HDF5 ({exc})") from exc
 
-    def create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill: Any, compress: bool) -> Any:
+    def create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype, fill: Any, compress: bool) -> Any:
         # gzip is the filter every HDF5 reader has; LZF (h5py's own) is faster but needs h5py to read.
-        compression = ("gzip" if np.issubdtype(np.dtype(dtype), np.floating) else "lzf") if compress else None
-        return self.file.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill, compression=compression)
+        compression = ("gzip" if np.issubdtype(dtype, np.floating) else "lzf") if compress else None
+        return self.file.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill,
+                                        compression=compression, fletcher32=True)
 
     def arrays(self) -> dict[str, Any]:
         import h5py
@@ -188,9 +304,15 @@ class _H5Backend:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
 
-    def sync(self, chunks: range | None, names: list[str] = ()) -> None:
+    def sync(self, chunks: range | None, arrays: dict[str, int] | None = None) -> None:
         self.file.flush()
         os.fsync(self.file.id.get_vfd_handle())
+
+    def missing_chunk(self, name: str, chunks: range, ndim: int) -> int | None:
+        return None  # an HDF5 file cannot lose one chunk silently: a damaged one fails its read
+
+    def raw_reader(self, name: str, array: Any) -> None:
+        return None  # h5py reads with the fletcher32 filter checking each chunk
 
     def close(self) -> None:
         self.file.close()
@@ -205,8 +327,18 @@ def _open_backend(path: Path, mode: str) -> _ZarrBackend | _H5Backend:
     return _H5Backend(path, mode)
 
 
-def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Check a manifest against this reader and the arrays it describes; return it or raise."""
+def _item_axes(manifest: dict[str, Any], path: Path) -> tuple[tuple[str, int], ...]:
+    axes = manifest.get("item_axes", [])  # version 1 had none
+    if not isinstance(axes, list) or not all(
+        isinstance(a, dict) and isinstance(a.get("name"), str) and a["name"].isidentifier()
+        and isinstance(a.get("size"), int) and not isinstance(a.get("size"), bool) and a["size"] > 0 for a in axes
+    ):
+        raise SoftlabelsError(f"{path}: manifest field 'item_axes' must be a list of {{name, size}} objects, got {axes!r}")
+    return tuple((a["name"], a["size"]) for a in axes)
+
+
+def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tuple[dict[str, Any], Layout]:
+    """Check a manifest against this reader and the arrays it describes; return it and its layout."""
     if not isinstance(manifest, dict):
         raise SoftlabelsError(f"{path} is not a softlabels cache: no '{MANIFEST_KEY}' manifest")
     if manifest.get("format") != FORMAT:
@@ -218,15 +350,7 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> dict
         raise SoftlabelsError(
             f"{path} uses cache format version {version}, newer than this softlabels reads ({FORMAT_VERSION}): upgrade softlabels"
         )
-    kind = manifest.get("kind")
-    if kind not in KINDS:
-        raise SoftlabelsError(f"{path}: unsupported cache kind {kind!r}")
-    fields = {"num_samples": int, "num_classes": int, "chunk_rows": int, "dtype": str}
-    if kind == "topk":
-        fields.update(k=int, temperatures=list)
-    elif kind == "sampled":
-        fields.update(samples=int, temperatures=list, sample_seed=int)
-    for key, kind_of in fields.items():
+    for key, kind_of in {"num_samples": int, "num_classes": int, "chunk_rows": int, "dtype": str, "kind": str}.items():
         value = manifest.get(key)
         if not isinstance(value, kind_of) or isinstance(value, bool):
             raise SoftlabelsError(f"{path}: manifest field '{key}' is missing or not {kind_of.__name__}")
@@ -241,13 +365,9 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> dict
     n, c = manifest["num_samples"], manifest["num_classes"]
     if n < 0 or c < 1 or manifest["chunk_rows"] < 1 or manifest["dtype"] not in STORE_DTYPES:
         raise SoftlabelsError(f"{path}: manifest has impossible values (num_samples={n}, num_classes={c})")
-    if kind != "dense" and (not 1 <= sparse_size(manifest) <= max(c, sparse_size(manifest) if kind == "sampled" else c)
-                            or not manifest["temperatures"]
-                            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in manifest["temperatures"])):
-        raise SoftlabelsError(f"{path}: manifest has impossible sparse settings (size {sparse_size(manifest)})")
-    expected = {name: ((n, width), dtype) for name, dtype, width in _fields(row_dtype(manifest))}
-    expected.update(labels=((n,), np.dtype(np.int64)), chunk_crc32=((num_chunks(n, manifest["chunk_rows"]),), np.dtype(np.int64)))
-    for name, (shape, dtype) in expected.items():
+    kind = kind_from_settings(manifest, num_classes=c, where=f"{path}: manifest", require_all=True)
+    layout = Layout(kind, n, c, manifest["dtype"], manifest["chunk_rows"], _item_axes(manifest, path))
+    for name, (shape, dtype) in layout.shapes().items():
         if name not in arrays:
             raise SoftlabelsError(f"{path}: array '{name}' is missing")
         if tuple(arrays[name].shape) != shape:
@@ -256,17 +376,62 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> dict
             )
         if np.dtype(str(arrays[name].dtype)) != dtype:
             raise SoftlabelsError(f"{path}: array '{name}' is {arrays[name].dtype} but the manifest implies {dtype}")
-    return manifest
+    return manifest, layout
 
 
-def num_chunks(num_samples: int, chunk_rows: int) -> int:
-    return -(-num_samples // chunk_rows)
+class _Arrays:
+    """The arrays of an open cache (or partial cache), read with the store's checksums checked."""
 
+    def __init__(self, path: Path, backend: Any, layout: Layout, version: int):
+        self.path, self.backend, self.layout = path, backend, layout
+        arrays = backend.arrays()
+        self.targets = {a.name: arrays[a.name] for a in layout.target_arrays()}
+        self.labels = arrays["labels"]
+        self.checksums = arrays["chunk_crc32"]
+        # Version 1 stored no codec checksums and skipped chunks equal to the fill value.
+        self.checked = version >= 2
+        named = {**self.targets, "labels": self.labels}
+        self._raw = {name: backend.raw_reader(name, array) for name, array in named.items()} if self.checked else {}
 
-def chunk_bounds(index: int, chunk_rows: int, num_samples: int) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of chunk ``index``."""
-    start = index * chunk_rows
-    return start, min(start + chunk_rows, num_samples)
+    def read(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Targets and labels of rows ``[start, stop)``; a damaged chunk raises, naming it."""
+        out = {name: self._read(name, array, start, stop) for name, array in {**self.targets, "labels": self.labels}.items()}
+        labels = out.pop("labels")
+        return out, labels
+
+    def _read(self, name: str, array: Any, start: int, stop: int) -> np.ndarray:
+        raw = self._raw.get(name)
+        if raw is not None:  # the bulk of the bytes: read directly, crc32c checked
+            try:
+                return raw.read(start, stop)
+            except _ChunkDamaged as exc:
+                raise self._damaged(name, exc.chunk, str(exc)) from None
+        if self.checked:
+            chunks = range(start // self.layout.chunk_rows, -(-stop // self.layout.chunk_rows))
+            missing = self.backend.missing_chunk(name, chunks, array.ndim)
+            if missing is not None:
+                raise self._damaged(name, missing, "its chunk file is missing")
+        try:
+            return np.asarray(array[start:stop])
+        except Exception as exc:  # a checksum or decode failure, whatever the codec raised
+            raise self._damaged(name, self._first_bad_chunk(array, start, stop), f"{type(exc).__name__}: {exc}") from exc
+
+    def _first_bad_chunk(self, array: Any, start: int, stop: int) -> int:
+        rows = self.layout.chunk_rows
+        for chunk in range(start // rows, -(-stop // rows)):
+            a, b = self.layout.chunk_bounds(chunk)
+            try:
+                array[a:b]
+            except Exception:
+                return chunk
+        return start // rows
+
+    def _damaged(self, name: str, chunk: int, why: str) -> SoftlabelsError:
+        a, b = self.layout.chunk_bounds(chunk)
+        return SoftlabelsError(
+            f"{self.path}: array '{name}' chunk {chunk} (rows {a}-{b - 1}) is damaged ({' '.join(why.split())}); "
+            "run softlabels verify for a full report"
+        )
 
 
 class Cache:
@@ -276,60 +441,69 @@ class Cache:
         self.path = path
         self._backend = _open_backend(path, "r")
         try:
-            arrays = self._backend.arrays()
-            self.manifest = validate_manifest(self._backend.read_manifest(), arrays, path)
+            self.manifest, self.layout = validate_manifest(self._backend.read_manifest(), self._backend.arrays(), path)
             if not self.manifest.get("complete") and not allow_incomplete:
                 raise SoftlabelsError(f"{path} is incomplete (its dump did not finish); resume or rerun the dump")
         except BaseException:
             self._backend.close()
             raise
-        self.row_dtype = row_dtype(self.manifest)
-        self._targets = {name: arrays[name] for name, _, _ in _fields(self.row_dtype)}
-        self._labels = arrays["labels"]
-        self._checksums = arrays["chunk_crc32"]
+        self._arrays = _Arrays(path, self._backend, self.layout, self.manifest["format_version"])
 
     def __len__(self) -> int:
-        return self.manifest["num_samples"]
+        return self.layout.num_samples
+
+    @property
+    def kind(self) -> TargetKind:
+        return self.layout.kind
 
     @property
     def num_classes(self) -> int:
-        return self.manifest["num_classes"]
+        return self.layout.num_classes
 
     @property
     def chunk_rows(self) -> int:
-        return self.manifest["chunk_rows"]
+        return self.layout.chunk_rows
 
     @property
     def num_chunks(self) -> int:
-        return num_chunks(len(self), self.chunk_rows)
-
-    def chunk_bounds(self, index: int) -> tuple[int, int]:
-        return chunk_bounds(index, self.chunk_rows, len(self))
+        return self.layout.num_chunks
 
     @property
-    def kind(self) -> str:
-        return self.manifest["kind"]
+    def items(self) -> tuple[int, ...]:
+        """The sizes of the item axes (``()`` for one target per sample)."""
+        return self.layout.items
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Soft targets and labels of rows ``start:stop``; aligned ranges read whole chunks.
+    def chunk_bounds(self, index: int) -> tuple[int, int]:
+        return self.layout.chunk_bounds(index)
 
-        Dense targets are the ``[rows, C]`` logits; sparse ones a structured array with one field
-        per stored array (``targets["topk_logits"]``, ...).
-        """
-        return _assemble(self._targets, self.row_dtype, start, stop), np.asarray(self._labels[start:stop])
+    def read(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The kind's arrays (``[rows, *items, width]`` each) and labels (``[rows, *items]``) of
+        rows ``start:stop``, every chunk's store checksum checked; aligned ranges read whole chunks."""
+        return self._arrays.read(start, stop)
 
-    def labels(self) -> np.ndarray:
-        """Every row's hard label (``-1`` for none)."""
-        return np.asarray(self._labels[:])
+    def read_chunk_raw(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Chunk ``index`` as stored, without the damaged-chunk check (for ``verify``)."""
+        start, stop = self.chunk_bounds(index)
+        arrays = {name: np.asarray(array[start:stop]) for name, array in self._arrays.targets.items()}
+        return arrays, np.asarray(self._arrays.labels[start:stop])
 
-    def checksums(self) -> np.ndarray:
-        return np.asarray(self._checksums[:])
-
-    def iter_chunks(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(start_row, targets, labels)`` for each chunk, in order."""
+    def iter_chunks(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
+        """``(start_row, targets, labels)`` for each chunk, in order, each checked as it is read."""
         for index in range(self.num_chunks):
             start, stop = self.chunk_bounds(index)
             yield (start, *self.read(start, stop))
+
+    def teacher_top1(self) -> np.ndarray:
+        """The teacher's top class of every item (``[N, *items]``), read chunk by chunk."""
+        parts = [self.kind.top_class(targets) for _, targets, _ in self.iter_chunks()]
+        return np.concatenate(parts) if parts else np.zeros((0, *self.items), np.int64)
+
+    def labels(self) -> np.ndarray:
+        """Every item's hard label (``-1`` for none)."""
+        return np.asarray(self._arrays.labels[:])
+
+    def checksums(self) -> np.ndarray:
+        return np.asarray(self._arrays.checksums[:])
 
     def nbytes_on_disk(self) -> int:
         return directory_bytes(self.path)
@@ -347,10 +521,10 @@ class Cache:
 def open_cache(path: str | Path, *, allow_incomplete: bool = False) -> Cache:
     """Open a cache read-only after checking its manifest, its arrays' shapes and its completeness.
 
-    Example:
-        >>> cache = open_cache("logits.zarr")
-        >>> len(cache), cache.num_classes
-        (40000, 10)
+    Example::
+
+        cache = open_cache("logits.zarr")
+        len(cache), cache.num_classes, cache.kind.name   # (40000, 10, 'dense')
     """
     return Cache(Path(path), allow_incomplete=allow_incomplete)
 
@@ -362,63 +536,50 @@ class CacheWriter:
     checksums name exactly the chunks that survive a crash. Leaving the ``with`` block by an
     exception keeps the partial cache as it is (never complete); :meth:`resume` reopens it.
 
-    Example:
-        >>> with CacheWriter("out.zarr", num_samples=100, num_classes=10, chunk_rows=64,
-        ...                  dtype="float16", manifest=manifest) as writer:
-        ...     writer.write_chunk(0, logits[:64], labels[:64])
-        ...     writer.write_chunk(1, logits[64:], labels[64:])
-        ...     writer.finish()
+    Example::
+
+        layout = Layout(Dense(), num_samples=100, num_classes=10, dtype="float16", chunk_rows=64)
+        with CacheWriter("out.zarr", layout, manifest={"teacher": ..., "dataset": ...}) as writer:
+            writer.write_chunks(0, {"logits": logits[:64]}, labels[:64])
+            writer.write_chunks(1, {"logits": logits[64:]}, labels[64:])
+            writer.finish()
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        num_samples: int,
-        num_classes: int,
-        chunk_rows: int,
-        dtype: str,
-        manifest: dict[str, Any],
-        compress_logits: bool = False,
-        sparse: dict[str, Any] | None = None,
-    ):
-        """``sparse`` holds ``kind`` (``topk`` or ``sampled``) and its manifest fields (``k``, or
-        ``samples``, ``proposal_temperature`` and ``sample_seed``; ``temperatures``)."""
+    def __init__(self, path: str | Path, layout: Layout, *, manifest: dict[str, Any], compress_logits: bool = False):
         path = Path(path)
         backend_name(path)
-        chunk_rows = max(1, min(chunk_rows, num_samples))  # HDF5 refuses chunks larger than the array
-        if dtype not in STORE_DTYPES:
-            raise SoftlabelsError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype}")
+        # HDF5 refuses chunks larger than the array
+        layout = Layout(layout.kind, layout.num_samples, layout.num_classes, layout.dtype,
+                        max(1, min(layout.chunk_rows, layout.num_samples)), layout.item_axes)
+        if layout.dtype not in STORE_DTYPES:
+            raise SoftlabelsError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {layout.dtype}")
         manifest = {
             **manifest,
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "kind": "dense",
-            **(sparse or {}),
-            "num_samples": num_samples,
-            "num_classes": num_classes,
-            "dtype": dtype,
-            "chunk_rows": chunk_rows,
+            **layout.manifest_fields(),
             "compress_logits": compress_logits,
             "complete": False,
         }
         partial = partial_path(path)
         remove_path(partial)
         backend = _open_backend(partial, "w")
-        chunks = num_chunks(num_samples, chunk_rows)
-        for name, field_dtype, width in _fields(row_dtype(manifest)):
-            # Logits are stored raw unless asked: float16 mantissas are close to random, so codecs gain
-            # about 10% at 2-5x the write CPU and half the read speed (scripts/bench_codecs.py).
-            compress = compress_logits or not np.issubdtype(field_dtype, np.floating)
-            backend.create_array(name, (num_samples, width), (chunk_rows, width), field_dtype.str, 0, compress)
-        backend.create_array("labels", (num_samples,), (chunk_rows,), "int64", -1, True)
-        # In Zarr each checksum gets a file of its own, so ranks of a distributed dump never rewrite
-        # each other's records; HDF5 has a single writer.
-        per_file = 1 if backend_name(path) == "zarr" else max(1, min(chunks, _CHECKSUMS_PER_CHUNK))
-        backend.create_array("chunk_crc32", (chunks,), (per_file,), "int64", -1, False)
+        rows = layout.chunk_rows
+        for name, (shape, dtype) in layout.shapes().items():
+            if name == "chunk_crc32":
+                # In Zarr each checksum gets a file of its own, so ranks of a distributed dump never
+                # rewrite each other's records; HDF5 has a single writer.
+                per_file = 1 if backend_name(path) == "zarr" else max(1, min(shape[0], _CHECKSUMS_PER_CHUNK))
+                backend.create_array(name, shape, (per_file,), dtype, -1, False)
+            else:
+                # Logits are stored raw unless asked: float16 mantissas are close to random, so codecs
+                # gain about 10% at 2-5x the write CPU and half the read speed (scripts/bench_codecs.py).
+                floating = np.issubdtype(dtype, np.floating)
+                backend.create_array(name, shape, (rows, *shape[1:]), dtype, -1 if name == "labels" else 0,
+                                     compress_logits or not floating)
         backend.write_manifest(manifest)
         backend.sync(None)
-        self._attach(path, backend, manifest)
+        self._attach(path, backend, manifest, layout)
 
     @classmethod
     def resume(cls, path: str | Path) -> "CacheWriter":
@@ -427,61 +588,64 @@ class CacheWriter:
         partial = partial_path(path)
         backend = _open_backend(partial, "r+")
         try:
-            manifest = validate_manifest(backend.read_manifest(), backend.arrays(), partial)
+            manifest, layout = validate_manifest(backend.read_manifest(), backend.arrays(), partial)
+            if manifest["format_version"] != FORMAT_VERSION:
+                raise SoftlabelsError(f"{partial} was started by an older softlabels (format {manifest['format_version']})")
         except BaseException:
             backend.close()
             raise
         writer = cls.__new__(cls)
-        writer._attach(path, backend, manifest)
+        writer._attach(path, backend, manifest, layout)
         return writer
 
-    def _attach(self, path: Path, backend: Any, manifest: dict[str, Any]) -> None:
+    def _attach(self, path: Path, backend: Any, manifest: dict[str, Any], layout: Layout) -> None:
         self.path, self.partial = path, partial_path(path)
-        self.manifest = manifest
-        self.chunk_rows, self.num_samples = manifest["chunk_rows"], manifest["num_samples"]
-        self.num_chunks = num_chunks(self.num_samples, self.chunk_rows)
+        self.manifest, self.layout = manifest, layout
         self._backend = backend
-        arrays = backend.arrays()
-        self.row_dtype = row_dtype(manifest)
-        self._targets = {name: arrays[name] for name, _, _ in _fields(self.row_dtype)}
-        self._labels, self._checksums = arrays["labels"], arrays["chunk_crc32"]
+        self._arrays = _Arrays(self.partial, backend, layout, manifest["format_version"])
+        self._ndims = {name: len(shape) for name, (shape, _) in layout.shapes().items() if name != "chunk_crc32"}
         self._finished = False
 
+    @property
+    def chunk_rows(self) -> int:
+        return self.layout.chunk_rows
+
+    @property
+    def num_chunks(self) -> int:
+        return self.layout.num_chunks
+
     def chunk_bounds(self, index: int) -> tuple[int, int]:
-        return chunk_bounds(index, self.chunk_rows, self.num_samples)
+        return self.layout.chunk_bounds(index)
 
     def recorded_checksums(self) -> np.ndarray:
         """Each chunk's recorded CRC-32, ``-1`` for chunks not (durably) written yet."""
-        return np.asarray(self._checksums[:])
+        return np.asarray(self._arrays.checksums[:])
 
-    def read_chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        start, stop = self.chunk_bounds(index)
-        return _assemble(self._targets, self.row_dtype, start, stop), np.asarray(self._labels[start:stop])
+    def read_chunk(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        return self._arrays.read(*self.chunk_bounds(index))
 
-    def write_chunk(self, index: int, targets: np.ndarray, labels: np.ndarray) -> None:
-        """Write chunk ``index`` (rows ``index * chunk_rows`` onwards), then record its checksum."""
-        self.write_chunks(index, targets, labels)
-
-    def write_chunks(self, first: int, targets: np.ndarray, labels: np.ndarray) -> None:
+    def write_chunks(self, first: int, targets: dict[str, np.ndarray], labels: np.ndarray) -> None:
         """Write consecutive chunks from ``first`` on, one store call per array (a call costs
         milliseconds of overhead), sync them, then record their checksums.
 
-        ``targets`` are ``[rows, C]`` logits for a dense cache, rows of :attr:`row_dtype` otherwise.
+        ``targets`` maps each of the kind's arrays to ``[rows, *items, width]``.
         """
         start, _ = self.chunk_bounds(first)
-        count = -(-len(targets) // self.chunk_rows)
+        count = -(-len(labels) // self.chunk_rows)
         stop = self.chunk_bounds(first + count - 1)[1]
-        if targets.shape[0] != stop - start or labels.shape[0] != stop - start:
-            raise ValueError(f"chunks {first}..{first + count - 1} need {stop - start} rows, got {targets.shape[0]}")
-        targets = targets.astype(self.row_dtype.base if self.row_dtype.names is None else self.row_dtype, copy=False)
+        shapes = self.layout.shapes()
+        if labels.shape != (stop - start, *self.layout.items) or set(targets) != set(self._arrays.targets):
+            raise ValueError(f"chunks {first}..{first + count - 1} need {stop - start} rows of {sorted(self._arrays.targets)}")
+        targets = {name: np.asarray(targets[name]).astype(shapes[name][1], copy=False) for name in self._arrays.targets}
         labels = labels.astype(np.int64, copy=False)
-        for name, array in self._targets.items():
-            array[start:stop] = targets if self.row_dtype.names is None else targets[name]
-        self._labels[start:stop] = labels
-        self._backend.sync(range(first, first + count), list(self._targets))
-        sums = [chunk_checksum(targets[a - start:b - start], labels[a - start:b - start])
-                for a, b in map(self.chunk_bounds, range(first, first + count))]
-        self._checksums[first:first + count] = sums
+        for name, array in self._arrays.targets.items():
+            array[start:stop] = targets[name]
+        self._arrays.labels[start:stop] = labels
+        self._backend.sync(range(first, first + count), self._ndims)
+        sums = []
+        for a, b in map(self.chunk_bounds, range(first, first + count)):
+            sums.append(chunk_checksum({k: v[a - start:b - start] for k, v in targets.items()}, labels[a - start:b - start]))
+        self._arrays.checksums[first:first + count] = sums
 
     def finish(self, **manifest_updates: Any) -> None:
         """Mark the cache complete and move it from ``PATH.partial`` to ``PATH``."""

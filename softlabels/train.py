@@ -1,41 +1,52 @@
-"""Train one or many students from one cache, and evaluate models.
+"""Train one or many students from one cache, resumably, and evaluate models.
 
 All students share one pass over the data per epoch: each batch is read once and fed to every
 student. Each student keeps its own initial seed (derived from the run's seed and its name) and its
-own random-number state, so a student trained beside others gets the same weights as one trained
-alone, and two runs with the same options give bit-identical weights on the CPU.
+own random-number state (CPU, and CUDA when training there), so a student trained beside others gets
+the same weights as one trained alone, and two runs with the same options give bit-identical weights
+on the CPU.
 
-Example:
-    >>> config = TrainConfig(epochs=10, temperature=4.0, alpha=0.5)
-    >>> students = [StudentSpec("mlp"), StudentSpec("cnn1d", {"channels": 16})]
-    >>> summary = train_students(students, source=source, cache=cache, config=config, out_dir="runs/kd")
+A run writes ``OUT/checkpoint.pt`` after every epoch (and every ``checkpoint_every`` steps): every
+student's weights, optimizer, schedule, random state and running metrics, the loader's position and
+the options. ``resume=True`` continues from it and ends with the weights an uninterrupted run gets.
+
+Example::
+
+    config = TrainConfig(epochs=10, temperature=4.0, alpha=0.5, checkpoint_every=500)
+    students = [StudentSpec("mlp"), StudentSpec("cnn1d", {"channels": 16})]
+    summary = train_students(students, source=source, cache=cache, config=config, out_dir="runs/kd")
+    # killed? the same call with resume=True continues from runs/kd/checkpoint.pt
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import save_checkpoint
-from .data import NO_LABEL, Source
+from .checkpoint import load_model, save_checkpoint
+from .data import NO_LABEL, DatasetSource, Source, open_data
 from .dump import iter_logits, resolve_device
 from .errors import SoftlabelsError
-from .loader import SoftTargetLoader
+from .loader import Batch, SoftTargetLoader, source_for_cache
 from .losses import KL_DIRECTIONS, kd_loss
 from .models import build_model, check_output_shape, count_parameters
-from .store import Cache
+from .store import Cache, _fsync_directory, _fsync_file, open_cache
 
 _EVAL_BATCH = 1024
+CHECKPOINT = "checkpoint.pt"
+_CHECKPOINT_FORMAT = "softlabels-train-checkpoint"
 
 
 @dataclass
@@ -60,6 +71,12 @@ class TrainConfig:
     hard_labels_only: bool = False
     device: str = "auto"
     shards: int | None = None  # split each batch as this many ranks would; None: the number of ranks
+    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: at the end of each epoch only
+    num_workers: int | None = None  # DataLoader workers; None: some for a module:callable dataset, else none
+
+    # Options that change neither the batches nor the arithmetic, so a resumed run may change them.
+    # The device is compared as the type it resolves to ("auto" on a CPU machine equals "cpu").
+    FREE_ON_RESUME = ("checkpoint_every", "num_workers", "device")
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -74,6 +91,10 @@ class TrainConfig:
             raise SoftlabelsError(f"kl must be forward or reverse, got {self.kl}")
         if self.shards is not None and (self.shards < 1 or self.batch_size % self.shards):
             raise SoftlabelsError(f"batch size {self.batch_size} does not split into {self.shards} shards")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise SoftlabelsError(f"checkpoint interval must be positive, got {self.checkpoint_every}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise SoftlabelsError(f"number of workers must be >= 0, got {self.num_workers}")
 
 
 def predict(model: torch.nn.Module, source: Source, *, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -101,14 +122,63 @@ def evaluate(
 ) -> dict[str, float | None]:
     """Accuracy of ``model`` on ``source`` and, given the teacher's top class per row, agreement with it.
 
-    Example:
-        >>> evaluate(load_model("student.pth").model, open_data("mnist1d://test"))
-        {'accuracy': 0.8, 'teacher_agreement': None}
+    Example::
+
+        evaluate(load_model("student.pth").model, open_data("mnist1d://test"))
+        # {'accuracy': 0.8, 'teacher_agreement': None}
     """
     if teacher_top1 is not None and len(teacher_top1) != len(source):
         raise SoftlabelsError(f"teacher predictions cover {len(teacher_top1)} rows, the data has {len(source)}")
     logits, labels = predict(model, source, device=resolve_device(device))
     return agreement_metrics(logits, labels, teacher_top1)
+
+
+def eval_inputs(
+    eval_data: str | None, eval_cache: str | Path | None, eval_teacher: str | Path | None, *,
+    device: str = "auto", trust_code: bool = False,
+) -> tuple[Source | None, np.ndarray | None]:
+    """The evaluation data and the teacher's top class on each of its rows (``None`` where not asked).
+
+    The teacher's classes come from ``eval_cache`` (a cache dumped from the evaluation data, whose
+    manifest names it unless ``eval_data`` does) or from running ``eval_teacher`` once on ``eval_data``.
+
+    Example::
+
+        source, teacher_top1 = eval_inputs("mnist1d://test", "test.zarr", None)
+    """
+    if eval_cache and eval_teacher:
+        raise SoftlabelsError("give --eval-cache or --eval-teacher, not both")
+    if eval_cache:
+        with open_cache(eval_cache) as cache:
+            return source_for_cache(cache, eval_data, trust_code=trust_code), cache.teacher_top1()
+    if not eval_data:
+        if eval_teacher:
+            raise SoftlabelsError("--eval-teacher needs --eval-data")
+        return None, None
+    source = open_data(eval_data)
+    if eval_teacher:
+        teacher = load_model(eval_teacher, input_shape=source.input_shape, trust_code=trust_code)
+        return source, predict(teacher.model, source, device=resolve_device(device))[0].argmax(1)
+    return source, None
+
+
+def class_count(source: Source, cache: Cache | None, num_classes: int | None = None) -> int:
+    """The number of classes: the cache's, else ``num_classes``, else the dataset's largest label + 1.
+
+    Example::
+
+        class_count(open_data("mnist1d://train"), None)    # 10
+    """
+    if cache is not None:
+        if num_classes is not None and num_classes != cache.num_classes:
+            raise SoftlabelsError(f"--num-classes {num_classes} differs from the {cache.num_classes} classes of cache {cache.path}")
+        return cache.num_classes
+    if num_classes is not None:
+        return num_classes
+    largest = int(source.labels().max(initial=NO_LABEL))
+    if largest == NO_LABEL:
+        raise SoftlabelsError(f"dataset {source.spec} has no labels to count the classes from: pass --num-classes")
+    return largest + 1
 
 
 def _student_names(students: list[StudentSpec]) -> list[str]:
@@ -125,19 +195,48 @@ def _student_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 class _Student:
-    def __init__(self, name: str, spec: StudentSpec, model: torch.nn.Module, config: TrainConfig, total_steps: int):
+    def __init__(self, name: str, spec: StudentSpec, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
         self.name, self.spec, self.model = name, spec, model
-        self.forward = torch.nn.parallel.DistributedDataParallel(model) if torch.distributed.is_initialized() else model
+        self.forward = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
         )
-        self.rng_state = torch.get_rng_state()
+        self.rng = _rng_state(device)  # the random state its dropout and the like draw from
         self.seconds = 0.0
         self.loss_sum = 0.0
         self.loss_count = 0
         self.metrics: dict[str, float | None] = {"accuracy": None, "teacher_agreement": None}
+        self.history: list[dict[str, Any]] = []  # one record per finished epoch: metrics.jsonl
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": dict(self.rng),
+            "seconds": self.seconds, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+            "metrics": dict(self.metrics), "history": list(self.history),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.rng = state["rng"]
+        self.seconds, self.loss_sum, self.loss_count = state["seconds"], state["loss_sum"], state["loss_count"]
+        self.metrics, self.history = state["metrics"], state["history"]
 
 
 def train_students(
@@ -151,32 +250,40 @@ def train_students(
     eval_teacher_top1: np.ndarray | None = None,
     num_classes: int | None = None,
     progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every student in ``students`` from ``cache`` (or on hard labels alone); return the summary.
 
     With ``out_dir``, each student gets ``out_dir/NAME/student.pth`` and ``metrics.jsonl`` (one JSON
-    object per epoch), and the summary is written to ``out_dir/summary.json``.
+    object per epoch), the summary is written to ``out_dir/summary.json`` and the run's state to
+    ``out_dir/checkpoint.pt``; every file is replaced atomically. An ``out_dir`` that already holds a
+    run is refused unless ``resume`` (continue it from its checkpoint, with the same options) or
+    ``overwrite``. ``num_classes`` defaults to the cache's, or without one to the largest label + 1.
+    The caller's random state is the same after the call as before it.
+
+    Example::
+
+        summary = train_students([StudentSpec("mlp")], source=source, cache=cache,
+                                 config=TrainConfig(epochs=5), out_dir="runs/kd", resume=True)
     """
     config.validate()
     if not students:
         raise SoftlabelsError("no student to train: give at least one --student")
     if cache is None and not config.hard_labels_only:
         raise SoftlabelsError("without a cache only --hard-labels-only training is possible")
-    if num_classes is None:
-        if cache is None:
-            raise SoftlabelsError("the number of classes is unknown without a cache")
-        num_classes = cache.num_classes
     if config.hard_labels_only and not (source.has_labels or (cache is not None and (cache.labels() != NO_LABEL).any())):
         raise SoftlabelsError(f"--hard-labels-only needs labels, and dataset {source.spec} has none")
     if eval_source is not None and eval_source.input_shape != source.input_shape:
         raise SoftlabelsError(
             f"--eval-data inputs have shape {list(eval_source.input_shape)}, the training data {list(source.input_shape)}"
         )
+    num_classes = class_count(source, cache, num_classes)
     device = resolve_device(config.device)
     # Hard-label training reads the cache only for labels the dataset lacks, never the logits otherwise.
     loader_cache = None if config.hard_labels_only and source.has_labels else cache
-    # Under torchrun each rank reads its own shard of every epoch and DistributedDataParallel averages
-    # the gradients, which equals one process taking the mean over the whole (sharded) batch.
+    # Under torchrun each rank takes its slice of every global batch and DistributedDataParallel
+    # averages the gradients, which equals one process taking the mean over the whole batch.
     rank, ranks = distributed.world()
     shards = config.shards or ranks
     if ranks > 1 and shards != ranks:
@@ -184,107 +291,252 @@ def train_students(
     loader = SoftTargetLoader(
         source, loader_cache, batch_size=config.batch_size, seed=config.seed, shards=shards, shard=rank if ranks > 1 else None
     )
-    total_steps = max(1, config.epochs * len(loader))
-    sample = torch.from_numpy(source.read(0, min(2, len(source)))[0])
-    out = Path(out_dir) if out_dir is not None else None
+    steps = loader.batches_per_epoch
+    total_steps = max(1, config.epochs * steps)
+    names = _student_names(students)
+    run = Path(out_dir) if out_dir is not None else None
+    options = _options(config, shards, names, students, source, cache, eval_source, eval_teacher_top1, num_classes, device)
+    saved = _start_run(run, options, resume=resume, overwrite=overwrite, writer=rank == 0)
+    out = run if rank == 0 else None  # rank 0 evaluates and writes
+    if out is None:
+        eval_source = None
+    num_workers = config.num_workers
+    if num_workers is None:  # a dataset read item by item is read in worker processes, off the training loop
+        num_workers = max(1, min(4, (os.cpu_count() or 2) - 1)) if isinstance(source, DatasetSource) else 0
 
-    trained: list[_Student] = []
-    for name, spec in zip(_student_names(students), students):
-        torch.manual_seed(_student_seed(config.seed, name))
-        model = build_model(spec.arch, input_shape=source.input_shape, num_classes=num_classes, kwargs=spec.kwargs)
-        check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'")
-        trained.append(_Student(name, spec, model.to(device), config, total_steps))
-    if rank != 0:
-        out, eval_source = None, None  # rank 0 evaluates and writes
+    caller_rng = _rng_state(device)
+    try:
+        sample = torch.from_numpy(source.read(0, min(2, len(source)))[0])
+        trained: list[_Student] = []
+        for name, spec in zip(names, students):
+            torch.manual_seed(_student_seed(config.seed, name))
+            model = build_model(spec.arch, input_shape=source.input_shape, num_classes=num_classes, kwargs=spec.kwargs)
+            check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'")
+            trained.append(_Student(name, spec, model.to(device), config, total_steps, device))
+        position = {"epoch": 0, "batches": 0}
+        if saved is not None:
+            for student in trained:
+                student.load(saved["students"][student.name])
+            position = saved["position"]
+            if out is not None:
+                _write_metrics(out, trained)  # as the checkpoint has them, whatever a killed run wrote after it
+        if torch.distributed.is_initialized():
+            for student in trained:  # wrapped after loading: DDP broadcasts rank 0's weights when it wraps
+                student.forward = torch.nn.parallel.DistributedDataParallel(student.model)
+        loader.load_state_dict(position)
+
+        def checkpoint(epoch: int, batches: int) -> None:
+            if out is not None:
+                _write_atomically(out / CHECKPOINT, lambda f: torch.save({
+                    "format": _CHECKPOINT_FORMAT, "options": options, "position": {"epoch": epoch, "batches": batches},
+                    "students": {s.name: s.state() for s in trained},
+                }, f))
+
+        bar = tqdm(total=config.epochs * steps, initial=position["epoch"] * steps + position["batches"], unit="batch",
+                   desc="train", disable=None if progress and rank == 0 else True)
+        try:
+            for epoch in range(position["epoch"], config.epochs):
+                loader.set_epoch(epoch)  # keeps a resumed epoch's position
+                done = loader.state_dict()["batches"]
+                for batch in _epoch_batches(loader, num_workers):
+                    _step(trained, batch, config, device)
+                    done += 1
+                    bar.update(1)
+                    if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
+                        checkpoint(epoch, done)
+                for student in trained:
+                    _end_epoch(student, epoch, eval_source, eval_teacher_top1, device)
+                checkpoint(epoch + 1, 0)
+                if out is not None:
+                    _write_metrics(out, trained)
+        finally:
+            bar.close()
+    finally:
+        _set_rng_state(caller_rng, device)
+
+    summary = [_summary_row(student, config) for student in trained]
     if out is not None:
         for student in trained:
-            (out / student.name).mkdir(parents=True, exist_ok=True)
-            (out / student.name / "metrics.jsonl").write_text("")
-
-    run_rng = torch.get_rng_state()
-    bar = tqdm(total=config.epochs * len(loader), unit="batch", desc="train", disable=None if progress and rank == 0 else True)
-    try:
-        for epoch in range(config.epochs):
-            loader.set_epoch(epoch)
-            for batch in loader:
-                x = batch.inputs.to(device, non_blocking=True)
-                y = batch.labels.to(device, non_blocking=True)
-                t = None if config.hard_labels_only else _to_device(batch.teacher_logits, device)
-                for student in trained:
-                    began = time.perf_counter()
-                    torch.set_rng_state(student.rng_state)
-                    student.model.train()
-                    loss = kd_loss(student.forward(x), t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl)
-                    student.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    student.optimizer.step()
-                    student.schedule.step()
-                    student.rng_state = torch.get_rng_state()
-                    student.loss_sum += float(loss.detach())
-                    student.loss_count += 1
-                    student.seconds += time.perf_counter() - began
-                bar.update(1)
-            for student in trained:
-                _end_epoch(student, epoch, eval_source, eval_teacher_top1, device, out)
-    finally:
-        bar.close()
-        torch.set_rng_state(run_rng)
-
-    summary = []
-    for student in trained:
-        if out is not None:
-            save_checkpoint(
-                out / student.name / "student.pth",
-                student.model,
-                arch=student.spec.arch,
-                arch_kwargs=student.spec.kwargs,
-                input_shape=source.input_shape,
-                num_classes=num_classes,
-            )
-        summary.append(
-            {
-                "student": student.name,
-                "arch": student.spec.arch,
-                "params": count_parameters(student.model),
-                "targets": "hard labels" if config.hard_labels_only else f"cache (T={config.temperature:g}, alpha={config.alpha:g}, {config.kl} KL)",
-                "eval_accuracy": student.metrics["accuracy"],
-                "teacher_agreement": student.metrics["teacher_agreement"],
-                "seconds": round(student.seconds, 3),
-            }
-        )
-    if out is not None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (out / "config.json").write_text(json.dumps({**asdict(config), "cache": str(cache.path) if cache else None, "data": source.spec}, indent=2) + "\n")
+            _save_student(out / student.name / "student.pth", student, source, num_classes)
+        _write_atomically(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
     return summary
 
 
-def _to_device(targets: Any, device: torch.device) -> Any:
-    if isinstance(targets, dict):
-        return {name: value.to(device, non_blocking=True) for name, value in targets.items()}
-    return targets.to(device, non_blocking=True)
+def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: torch.device) -> None:
+    """One optimizer step of every student on ``batch``, each in its own random state."""
+    x = batch.inputs.to(device, non_blocking=True)
+    y = batch.labels.to(device, non_blocking=True)
+    t = None if config.hard_labels_only else batch.teacher_logits.to(device, non_blocking=True)
+    for student in trained:
+        began = time.perf_counter()
+        _set_rng_state(student.rng, device)
+        student.model.train()
+        loss = kd_loss(student.forward(x), t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl)
+        student.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        student.optimizer.step()
+        student.schedule.step()
+        student.rng = _rng_state(device)
+        student.loss_sum += float(loss.detach())
+        student.loss_count += 1
+        student.seconds += time.perf_counter() - began
 
 
-def _end_epoch(
-    student: _Student,
-    epoch: int,
-    eval_source: Source | None,
-    eval_teacher_top1: np.ndarray | None,
-    device: torch.device,
-    out: Path | None,
-) -> None:
+def _epoch_batches(loader: SoftTargetLoader, num_workers: int) -> Iterator[Batch]:
+    if not num_workers:
+        return iter(loader)
+    # Its own generator, so the DataLoader's worker seed is not drawn from the students' random state.
+    return iter(torch.utils.data.DataLoader(loader, batch_size=None, num_workers=num_workers, generator=torch.Generator()))
+
+
+def _end_epoch(student: _Student, epoch: int, eval_source: Source | None, eval_teacher_top1: np.ndarray | None, device: torch.device) -> None:
     began = time.perf_counter()
     if eval_source is not None:
         student.metrics = evaluate(student.model, eval_source, teacher_top1=eval_teacher_top1, device=str(device))
     student.seconds += time.perf_counter() - began
-    record = {
+    student.history.append({
         "epoch": epoch + 1,
         "train_loss": student.loss_sum / max(1, student.loss_count),
         "lr": student.schedule.get_last_lr()[0],
         "eval_accuracy": student.metrics["accuracy"],
         "teacher_agreement": student.metrics["teacher_agreement"],
         "seconds": round(student.seconds, 3),
-    }
+    })
     student.loss_sum, student.loss_count = 0.0, 0
-    if out is not None:
-        with open(out / student.name / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+
+
+def _summary_row(student: _Student, config: TrainConfig) -> dict[str, Any]:
+    return {
+        "student": student.name,
+        "arch": student.spec.arch,
+        "params": count_parameters(student.model),
+        "targets": "hard labels" if config.hard_labels_only else f"cache (T={config.temperature:g}, alpha={config.alpha:g}, {config.kl} KL)",
+        "eval_accuracy": student.metrics["accuracy"],
+        "teacher_agreement": student.metrics["teacher_agreement"],
+        "seconds": round(student.seconds, 3),
+    }
+
+
+def _save_student(path: Path, student: _Student, source: Source, num_classes: int) -> None:
+    # save_checkpoint renames its own temporary file into place; the fsync before our rename makes
+    # student.pth whole even after a crash of the machine, not only of the process.
+    staging = path.with_name(path.name + ".staging")
+    save_checkpoint(staging, student.model, arch=student.spec.arch, arch_kwargs=student.spec.kwargs,
+                    input_shape=source.input_shape, num_classes=num_classes)
+    _fsync_file(staging)
+    os.replace(staging, path)
+    _fsync_directory(path.parent)
+
+
+def _write_metrics(out: Path, trained: list[_Student]) -> None:
+    for student in trained:
+        text = "".join(json.dumps(record) + "\n" for record in student.history)
+        _write_atomically(out / student.name / "metrics.jsonl", lambda f: f.write(text.encode()))
+
+
+def _write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write ``path`` through a temporary file that is fsynced and renamed over it: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_directory(path.parent)
+
+
+# -- options recorded in a checkpoint, and the checks before a run starts ---------------------------------
+
+
+def _options(config: TrainConfig, shards: int, names: list[str], students: list[StudentSpec], source: Source, cache: Cache | None,
+             eval_source: Source | None, eval_teacher_top1: np.ndarray | None, num_classes: int, device: torch.device) -> dict[str, Any]:
+    """What a resumed run must repeat: plain strings, numbers, lists and dicts (loadable with weights_only)."""
+    identity = None
+    if cache is not None:
+        manifest = cache.manifest
+        identity = {"created": manifest.get("created"), "teacher.sha256": (manifest.get("teacher") or {}).get("sha256"),
+                    "dataset.fingerprint": (manifest.get("dataset") or {}).get("fingerprint"), "kind": str(manifest.get("kind"))}
+    return {
+        # shards as trained: a torchrun run may resume with another number of ranks (the same batches) but not 1
+        "config": {**{f.name: getattr(config, f.name) for f in fields(config) if f.name not in TrainConfig.FREE_ON_RESUME},
+                   "shards": shards},
+        "device": device.type,
+        "student": [_describe(name, spec) for name, spec in zip(names, students)],
+        "cache": str(cache.path) if cache is not None else None,
+        "cache_identity": identity,
+        "data": source.spec,
+        "num_classes": num_classes,
+        "eval_data": eval_source.spec if eval_source is not None else None,
+        "eval_teacher": hashlib.sha256(np.ascontiguousarray(eval_teacher_top1, dtype=np.int64).tobytes()).hexdigest()
+        if eval_teacher_top1 is not None else None,
+    }
+
+
+def _describe(name: str, spec: StudentSpec) -> str:
+    text = f"{name}={spec.arch}"
+    return text + (" " + json.dumps(spec.kwargs, sort_keys=True) if spec.kwargs else "")
+
+
+def _option_difference(before: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first option that differs, said as the command line says it; ``None`` if all agree."""
+    for key, value in now["config"].items():
+        if before["config"].get(key) != value:
+            return f"--{key.replace('_', '-')} was {before['config'].get(key)}, now {value}"
+    for key in ("device", "student", "data", "num_classes", "eval_data"):
+        if before.get(key) != now[key]:
+            old, new = before.get(key), now[key]
+            if key == "student":
+                old, new = ", ".join(old or []), ", ".join(new)
+            return f"--{key.replace('_', '-')} was {old}, now {new}"
+    if (before.get("cache") is None) != (now["cache"] is None):
+        return f"--cache was {before.get('cache')}, now {now['cache']}"
+    for key, value in (now["cache_identity"] or {}).items():
+        if (before.get("cache_identity") or {}).get(key) != value:
+            return f"--cache {now['cache']} is not the cache the run started from {before['cache']} (its {key} differs)"
+    if before.get("eval_teacher") != now["eval_teacher"]:
+        return "the teacher's predictions on the evaluation data (--eval-cache, --eval-teacher) differ"
+    return None
+
+
+def _holds_a_run(run: Path) -> bool:
+    if (run / "summary.json").exists() or (run / CHECKPOINT).exists():
+        return True
+    return run.is_dir() and any((child / "student.pth").exists() or (child / "metrics.jsonl").exists() for child in run.iterdir())
+
+
+def _start_run(run: Path | None, options: dict[str, Any], *, resume: bool, overwrite: bool, writer: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from (``None``: start afresh), after refusing what must not happen."""
+    if run is None:
+        if resume:
+            raise SoftlabelsError("resuming needs the run's output directory")
+        return None
+    if resume and overwrite:
+        raise SoftlabelsError("give --resume or --overwrite, not both")
+    path = run / CHECKPOINT
+    if resume and path.exists():
+        saved = _load_checkpoint(path)
+        difference = _option_difference(saved["options"], options)
+        if difference:
+            raise SoftlabelsError(f"cannot resume {run}: {difference}")
+        return saved
+    if _holds_a_run(run):
+        if resume:
+            raise SoftlabelsError(f"cannot resume {run}: it holds a run but no {CHECKPOINT}")
+        if not overwrite:
+            raise SoftlabelsError(f"{run} already holds a training run: pass --resume to continue it or --overwrite to replace it")
+        if writer:
+            path.unlink(missing_ok=True)  # so that a later --resume never continues the replaced run
+    if writer:
+        _write_atomically(run / "config.json", lambda f: f.write((json.dumps(options, indent=2) + "\n").encode()))
+    return None
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SoftlabelsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT:
+        raise SoftlabelsError(f"{path} is not a train-student checkpoint")
+    return saved

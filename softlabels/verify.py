@@ -2,13 +2,14 @@
 
 Every chunk is read whole and its CRC-32 compared with the one recorded at dump time, which catches
 flipped bytes, truncated or missing chunk files (Zarr reads a missing chunk as zeros without an
-error) and chunks a dump never finished. ``recompute`` reruns the teacher on random rows and compares
-its logits with the cached ones.
+error) and chunks a dump never finished. ``recompute`` reruns the teacher on whole dump batches
+chosen at random, the way the dump ran it (same batches, precision and autocast), and compares its
+logits with the cached ones.
 
-Example:
-    >>> report = verify_cache("train.zarr", recompute=64, teacher=load_model("teacher.pth"))
-    >>> report.ok, report.problems
-    (True, [])
+Example::
+
+    report = verify_cache("train.zarr", recompute=64, teacher=load_model("teacher.pth"))
+    report.ok, report.problems   # (True, [])
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
+from .data import Source
+from .dump import PRECISIONS, iter_logits, resolve_device
 from .errors import SoftlabelsError
 from .loader import source_for_cache
-from .sparse import FIELDS
-from .store import chunk_checksum, open_cache
+from .store import Cache, chunk_checksum, open_cache
 
-# Relative tolerance of a recomputed logit by the precision the dump ran at; float16 storage adds
-# its own rounding (2**-11 relative) on top.
+# Relative tolerance of a recomputed logit by the precision the dump ran at (another device or
+# library version may round differently); float16 storage adds its own rounding (2**-11) on top.
 _RTOL = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 3e-2}
 
 
@@ -48,15 +50,15 @@ def verify_cache(
     *,
     recompute: int = 0,
     teacher: LoadedModel | None = None,
+    source: Source | None = None,
     data_spec: str | None = None,
     seed: int = 0,
-    device: str = "cpu",
+    device: str = "auto",
     trust_code: bool = False,
 ) -> VerifyReport:
-    """Check manifest, completeness and every chunk's checksum; rerun ``teacher`` on ``recompute`` rows.
-
-    ``data_spec`` and ``trust_code`` say where the recomputed rows' inputs come from, as for
-    :func:`softlabels.source_for_cache`.
+    """Check manifest, completeness and every chunk's checksum; rerun ``teacher`` on at least
+    ``recompute`` rows. Their inputs come from ``source``, or else as for
+    :func:`softlabels.source_for_cache` with ``data_spec`` and ``trust_code``.
     """
     report = VerifyReport(Path(path))
     with open_cache(path, allow_incomplete=True) as cache:
@@ -71,47 +73,47 @@ def verify_cache(
                 report.problems.append(f"{where}: never written")
                 continue
             try:
-                logits, labels = cache.read(start, stop)
+                targets, labels = cache.read_chunk_raw(index)
             except Exception as exc:  # a damaged chunk can fail to decode in any codec-specific way
-                report.problems.append(f"{where}: unreadable ({type(exc).__name__}: {exc})")
+                report.problems.append(f"{where}: unreadable ({' '.join(f'{type(exc).__name__}: {exc}'.split())})")
                 continue
-            if chunk_checksum(logits, labels) != recorded[index]:
+            if chunk_checksum(targets, labels) != recorded[index]:
                 report.problems.append(f"{where}: checksum mismatch (bytes changed since the dump)")
         if recompute:
-            _recompute(cache, report, recompute, teacher, data_spec, seed, device, trust_code)
+            if teacher is None:
+                raise SoftlabelsError("--recompute needs --teacher")
+            source = source or source_for_cache(cache, data_spec, trust_code=trust_code)
+            _recompute(cache, report, recompute, teacher, source, seed, device)
     return report
 
 
-def _recompute(cache, report: VerifyReport, count: int, teacher: LoadedModel | None, data_spec, seed: int, device: str,
-               trust_code: bool) -> None:
-    if teacher is None:
-        raise SoftlabelsError("--recompute needs --teacher")
+def _recompute(cache: Cache, report: VerifyReport, count: int, teacher: LoadedModel, source: Source, seed: int, device: str) -> None:
     recorded_sha = (cache.manifest.get("teacher") or {}).get("sha256")
     if recorded_sha and teacher.sha256 != recorded_sha:
         raise SoftlabelsError(f"{teacher.path} is not the teacher this cache was dumped with (sha256 differs)")
-    source = source_for_cache(cache, data_spec, trust_code=trust_code)
-    rows = np.sort(np.random.default_rng(seed).choice(len(cache), size=min(count, len(cache)), replace=False))
-    inputs = np.concatenate([source.read(int(i), int(i) + 1)[0] for i in rows])
-    targets = np.concatenate([cache.read(int(i), int(i) + 1)[0] for i in rows])
-    model = teacher.model.eval().to(device)
-    with torch.inference_mode():
-        fresh = model(torch.from_numpy(inputs).to(device)).float().cpu().numpy()
-    if targets.dtype.names is None:
-        cached = targets.astype(np.float32)
-    else:  # a sparse cache: compare the logits it kept, at the classes it kept
-        values, classes = FIELDS[cache.kind][:2]
-        cached = targets[values].astype(np.float32)
-        fresh = np.take_along_axis(fresh, targets[classes].astype(np.int64), axis=1)
-    rtol = _RTOL.get(cache.manifest.get("precision"), _RTOL["fp32"]) + (2**-11 if cache.manifest["dtype"] == "float16" else 0)
-    scale = np.abs(fresh).max(axis=1, keepdims=True) + 1e-6
-    far = np.abs(fresh - cached) > rtol * scale
-    report.rows_recomputed = len(rows)
-    report.max_abs_difference = float(np.abs(fresh - cached).max())
-    for i in np.flatnonzero(far.any(axis=1))[:10]:
-        report.problems.append(
-            f"row {rows[i]}: cached logits differ from the teacher's by up to {np.abs(fresh[i] - cached[i]).max():.4g}"
-        )
-    extra = int(far.any(axis=1).sum()) - 10
-    if extra > 0:
-        report.problems.append(f"... and {extra} more rows differ")
-
+    recorded_batch = cache.manifest.get("batch_size")
+    batch_size = recorded_batch if isinstance(recorded_batch, int) and recorded_batch > 0 else 256
+    precision = cache.manifest.get("precision") if cache.manifest.get("precision") in PRECISIONS else "fp32"
+    # Whole batches of the dump: the teacher sees exactly the inputs it saw then, batched the same way.
+    batches = np.random.default_rng(seed).permutation(-(-len(cache) // batch_size))[: -(-count // batch_size)]
+    rtol = _RTOL[precision] + (2**-11 if cache.layout.dtype == "float16" else 0)
+    worst, differing, rows = 0.0, [], 0
+    for start, out, _ in iter_logits(teacher.model, source, batch_size=batch_size, device=resolve_device(device),
+                                     precision=precision, batches=sorted(int(b) for b in batches)):
+        stop = start + len(out)
+        # rounded as the dump stored it: the same teacher, batches and precision give a difference of 0
+        fresh = out.to(getattr(torch, cache.layout.dtype)).float().cpu().numpy()
+        cached, classes = cache.kind.logits_at(cache.read(start, stop)[0])
+        cached = cached.astype(np.float32)
+        if classes is not None:  # a sparse cache: compare the logits it kept, at the classes it kept
+            fresh = np.take_along_axis(fresh, classes.astype(np.int64), axis=-1)
+        scale = np.abs(fresh).max(axis=-1, keepdims=True) + 1e-6
+        far = (np.abs(fresh - cached) > rtol * scale).reshape(len(out), -1).any(axis=1)
+        worst = max(worst, float(np.abs(fresh - cached).max()))
+        differing += [(start + int(i), float(np.abs(fresh[i] - cached[i]).max())) for i in np.flatnonzero(far)]
+        rows += len(out)
+    report.rows_recomputed, report.max_abs_difference = rows, worst
+    for row, difference in differing[:10]:
+        report.problems.append(f"row {row}: cached logits differ from the teacher's by up to {difference:.4g}")
+    if len(differing) > 10:
+        report.problems.append(f"... and {len(differing) - 10} more rows differ")

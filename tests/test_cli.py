@@ -113,8 +113,8 @@ def test_inspect_json_and_evaluate(tmp_path, npz_data, linear_teacher):
     run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out, "--store-dtype", "float32")
     report = json.loads(run("inspect", out, "--json").output)
     assert report["complete"] and report["shape"] == [300, 5] and report["dtype"] == "float32"
-    assert report["labeled_rows"] == 300 and 0 <= report["teacher_accuracy"] <= 1
-    assert 0 < report["mean_entropy_nats"] <= np.log(5) + 1e-9
+    assert report["labeled_items"] == 300 and 0 <= report["teacher_accuracy"] <= 1
+    assert report["statistic"]["name"] == "entropy" and 0 < report["statistic"]["mean"] <= np.log(5) + 1e-9
     result = run("evaluate", "--model", linear_teacher, "--arch", "linear", "--cache", out, "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)

@@ -105,7 +105,7 @@ def test_an_architecture_named_in_a_checkpoint_is_refused_until_the_user_allows_
     # train-student has no --arch for its --eval-teacher: there the only consent is --trust-code
     consents = [["--trust-code"]] + ([] if route.startswith("train-student") else [["--arch", spec]])
     for consent in consents:
-        result = run(*args, *consent, *(["--overwrite"] if route == "dump" else []))
+        result = run(*args, *consent, *(["--overwrite"] if route.startswith(("dump", "train-student")) else []))
         # verify --recompute compares with another teacher's logits, so it may report differences: it ran
         assert result.exit_code in ((0, 1) if route == "verify --recompute" else (0,)), result.output
         assert "names code" not in result.output
@@ -163,7 +163,7 @@ def test_a_dataset_named_in_a_manifest_is_refused_until_the_user_allows_it(workd
 
     explicit = ["--eval-data", spec] if route == "train-student --eval-cache" else ["--data", spec]
     for consent in (["--trust-code"], explicit):
-        result = run(*args, *consent)
+        result = run(*args, *consent, *(["--overwrite"] if route.startswith("train-student") else []))
         assert result.exit_code == 0, result.output
         assert Path("CANARY").read_text() == "data"
         Path("CANARY").unlink()

@@ -1,32 +1,68 @@
-"""The shuffled loader: every row once per epoch, order a function of (seed, epoch), whole-chunk reads."""
+"""The shuffled loader: every row once per epoch, global batches a function of (seed, epoch) for any
+number of ranks or DataLoader workers, mid-epoch resume, whole-chunk reads."""
 
+import gc
+import os
+import textwrap
+import threading
+
+import h5py
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
-from softlabels import CacheWriter, SoftTargetLoader, open_cache, open_data
+from softlabels import CacheWriter, Dense, Layout, SoftTargetLoader, open_cache, open_data
+from softlabels.loader import _concat, _take, _Window
 
 from .conftest import make_npz
 
 
-@pytest.fixture
-def pair(tmp_path):
-    """A 1000-row npz dataset and a cache whose logits encode the row index (row i -> [i, -i])."""
-    data = make_npz(tmp_path / "d.npz", n=1000, features=3)
-    source = open_data(str(data))
-    x, y = source.read(0, 1000)
-    logits = np.stack([np.arange(1000), -np.arange(1000)], axis=1).astype(np.float32)
+def write_cache(path, source, y):
+    """A cache whose logits encode the row index (row i -> [i, -i])."""
+    n = len(source)
+    logits = np.stack([np.arange(n), -np.arange(n)], axis=1).astype(np.float32)
     manifest = {"dataset": {"spec": source.spec, "fingerprint": source.fingerprint()}}
-    with CacheWriter(tmp_path / "c.zarr", num_samples=1000, num_classes=2, chunk_rows=64, dtype="float32", manifest=manifest) as w:
+    with CacheWriter(path, Layout(Dense(), n, 2, "float32", 64), manifest=manifest) as w:
         for i in range(w.num_chunks):
             s, e = w.chunk_bounds(i)
-            w.write_chunk(i, logits[s:e], y[s:e])
+            w.write_chunks(i, {"logits": logits[s:e]}, y[s:e])
         w.finish()
-    return source, open_cache(tmp_path / "c.zarr"), x, y
+    return open_cache(path)
 
 
-def collect(loader, epoch):
-    loader.set_epoch(epoch)
+@pytest.fixture
+def pair(tmp_path):
+    """A 1000-row npz dataset and its cache."""
+    source = open_data(str(make_npz(tmp_path / "d.npz", n=1000, features=3)))
+    x, y = source.read(0, 1000)
+    return source, write_cache(tmp_path / "c.zarr", source, y), x, y
+
+
+def collect(loader, epoch=None, workers=0):
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    if workers:
+        return list(DataLoader(loader, batch_size=None, num_workers=workers))
     return list(loader)
+
+
+def assert_aligned(batches, x, y):
+    for b in batches:
+        i = b.indices.numpy()
+        np.testing.assert_array_equal(b.inputs.numpy(), x[i])
+        np.testing.assert_array_equal(b.labels.numpy(), y[i])
+        np.testing.assert_array_equal(b.teacher_logits["logits"].numpy()[:, 0], i)
+
+
+def indices(batches):
+    return [b.indices.numpy() for b in batches]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for p, q in zip(indices(a), indices(b)):
+        np.testing.assert_array_equal(p, q)
 
 
 def test_every_row_exactly_once_and_rows_stay_aligned(pair):
@@ -34,21 +70,18 @@ def test_every_row_exactly_once_and_rows_stay_aligned(pair):
     loader = SoftTargetLoader(source, cache, batch_size=100, seed=3, shuffle_chunks=4)
     batches = collect(loader, 0)
     assert [len(b.indices) for b in batches] == [100] * 10
-    idx = np.concatenate([b.indices.numpy() for b in batches])
+    idx = np.concatenate(indices(batches))
     assert sorted(idx.tolist()) == list(range(1000))
-    for b in batches:
-        i = b.indices.numpy()
-        np.testing.assert_array_equal(b.inputs.numpy(), x[i])
-        np.testing.assert_array_equal(b.labels.numpy(), y[i])
-        np.testing.assert_array_equal(b.teacher_logits.numpy()[:, 0], i)
+    assert_aligned(batches, x, y)
     np.testing.assert_array_equal(idx, loader.order(0))
 
 
 def test_order_is_a_function_of_seed_and_epoch(pair):
     source, cache, _, _ = pair
+
     def order(seed, epoch):
         loader = SoftTargetLoader(source, cache, batch_size=37, seed=seed)
-        return np.concatenate([b.indices.numpy() for b in collect(loader, epoch)])
+        return np.concatenate(indices(collect(loader, epoch)))
     a = order(0, 0)
     np.testing.assert_array_equal(a, order(0, 0))
     assert not np.array_equal(a, order(0, 1))
@@ -62,9 +95,7 @@ def test_reads_whole_chunks_only(pair, monkeypatch):
     reads = []
     original = type(cache).read
     monkeypatch.setattr(type(cache), "read", lambda self, a, b: reads.append((a, b)) or original(self, a, b))
-    loader = SoftTargetLoader(source, cache, batch_size=32, seed=0)
-    collect(loader, 0)
-    assert len(reads) == cache.num_chunks
+    collect(SoftTargetLoader(source, cache, batch_size=32, seed=0), 0)
     assert sorted(reads) == [cache.chunk_bounds(i) for i in range(cache.num_chunks)]
 
 
@@ -72,32 +103,167 @@ def test_drop_last_and_unshuffled(pair):
     source, cache, _, _ = pair
     loader = SoftTargetLoader(source, cache, batch_size=300, shuffle=False, drop_last=True)
     batches = collect(loader, 0)
-    assert len(loader) == len(batches) == 3
-    np.testing.assert_array_equal(np.concatenate([b.indices.numpy() for b in batches]), np.arange(900))
+    assert len(loader) == len(batches) == loader.batches_per_epoch == 3
+    np.testing.assert_array_equal(np.concatenate(indices(batches)), np.arange(900))
 
 
 def test_without_a_cache_serves_inputs_and_labels(pair):
     source, _, x, y = pair
     batches = collect(SoftTargetLoader(source, None, batch_size=128, seed=1), 2)
     assert all(b.teacher_logits is None for b in batches)
-    idx = np.concatenate([b.indices.numpy() for b in batches])
+    idx = np.concatenate(indices(batches))
     assert sorted(idx.tolist()) == list(range(1000))
     np.testing.assert_array_equal(np.concatenate([b.labels.numpy() for b in batches]), y[idx])
 
 
-def test_shards_read_disjoint_chunks_and_together_form_the_global_batches(pair):
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_every_number_of_ranks_trains_on_the_same_global_batches(pair, ranks):
+    source, cache, x, y = pair
+    reference = collect(SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, drop_last=True), 1)
+    whole = collect(SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, shards=ranks, drop_last=True), 1)
+    per_rank = [collect(SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, shards=ranks, shard=r, drop_last=True), 1)
+                for r in range(ranks)]
+    assert len(reference) == 16  # 1000 // 60: the incomplete last batch is dropped
+    assert_same_batches(whole, reference)
+    assert all(len(batches) == len(reference) for batches in per_rank)  # every rank takes the same steps
+    for r, batches in enumerate(per_rank):
+        assert_aligned(batches, x, y)
+        for b, part in zip(reference, batches):
+            np.testing.assert_array_equal(part.indices.numpy(), b.indices.numpy()[r * 60 // ranks:(r + 1) * 60 // ranks])
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("workers", [2, 3])
+def test_dataloader_workers_serve_the_batches_of_one_process_in_the_same_order(pair, workers):
+    source, cache, x, y = pair
+    loader = SoftTargetLoader(source, cache, batch_size=64, seed=5, shuffle_chunks=3)
+    alone = collect(loader, 2)
+    together = collect(loader, 2, workers=workers)
+    assert_same_batches(together, alone)
+    assert_aligned(together, x, y)
+    sharded = SoftTargetLoader(source, cache, batch_size=64, seed=5, shuffle_chunks=3, shards=2, shard=1)
+    assert_same_batches(collect(sharded, 2, workers=workers), collect(sharded, 2))
+
+
+@pytest.mark.parametrize("stop", [0, 1, 6, 9, 10])
+def test_a_resumed_epoch_serves_exactly_the_rest_without_reading_skipped_windows(pair, monkeypatch, stop):
+    source, cache, x, y = pair
+    make = lambda: SoftTargetLoader(source, cache, batch_size=100, seed=2, shuffle_chunks=2)  # noqa: E731
+    first = make()
+    first.set_epoch(3)
+    full = []
+    for batch in first:
+        full.append(batch)
+        if len(full) == stop:
+            assert first.state_dict() == {"epoch": 3, "batches": stop}
+    reads = []
+    original = type(cache).read
+    monkeypatch.setattr(type(cache), "read", lambda self, a, b: reads.append((a, b)) or original(self, a, b))
+    resumed = make()
+    resumed.load_state_dict({"epoch": 3, "batches": stop})
+    resumed.set_epoch(3)  # the trainer's loop calls it again: the resumed position stays
+    assert len(resumed) == 10 - stop
+    rest = list(resumed)
+    assert_same_batches(rest, full[stop:])
+    assert_aligned(rest, x, y)
+    # Windows of 2 blocks (128 rows): only those that the remaining rows (positions >= 100 * stop) fall in are read.
+    windows = {p // 128 for p in range(100 * stop, 1000)}
+    order = np.concatenate(indices(full))
+    blocks = {int(r) // 64 for w in windows for r in order[w * 128:(w + 1) * 128]}
+    assert sorted(reads) == sorted(cache.chunk_bounds(b) for b in blocks)
+    if stop >= 6:
+        assert len(reads) <= cache.num_chunks // 2 + 1
+    assert_same_batches(collect(resumed, 3, workers=2), full[stop:])  # the same with workers
+    resumed.set_epoch(4)  # another epoch starts from its first batch
+    assert len(collect(resumed)) == 10
+
+
+def test_a_loader_state_outside_the_epoch_is_refused(pair):
     source, cache, _, _ = pair
-    whole = SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, shards=3)
-    ranks = [SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, shards=3, shard=r) for r in range(3)]
-    global_batches = collect(whole, 1)
-    rank_batches = [collect(r, 1) for r in ranks]
-    assert 0 < len(global_batches) == len(whole) == len(rank_batches[0]) == len(rank_batches[1]) == len(rank_batches[2])
-    for b, parts in zip(global_batches, zip(*rank_batches)):
-        assert all(len(p.indices) == 20 for p in parts)
-        np.testing.assert_array_equal(b.indices.numpy(), np.concatenate([p.indices.numpy() for p in parts]))
-        np.testing.assert_array_equal(b.teacher_logits.numpy()[:, 0], b.indices.numpy())
-    chunks = [set(np.concatenate([p.indices.numpy() for p in batches]) // 64) for batches in rank_batches]
-    assert not (chunks[0] & chunks[1]) and not (chunks[0] & chunks[2]) and not (chunks[1] & chunks[2])
-    served = np.concatenate([b.indices.numpy() for b in global_batches])
-    assert len(set(served.tolist())) == len(served) >= 840  # no row twice; a few wait for the next epoch
-    np.testing.assert_array_equal(served, whole.order(1))
+    loader = SoftTargetLoader(source, cache, batch_size=100)
+    with pytest.raises(Exception, match="outside the epoch's 0..10 batches"):
+        loader.load_state_dict({"epoch": 0, "batches": 11})
+    with pytest.raises(Exception, match="a loader state is"):
+        loader.load_state_dict({"epoch": 0})
+
+
+def loader_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("softlabels-")]
+
+
+def test_read_threads_end_with_the_epoch_or_an_abandoned_iteration(pair):
+    source, cache, _, _ = pair
+    loader = SoftTargetLoader(source, cache, batch_size=50, seed=0)
+    for epoch in range(3):
+        collect(loader, epoch)
+    assert loader_threads() == []
+    it = iter(loader)
+    next(it)
+    assert loader_threads() != []
+    del it
+    gc.collect()
+    assert loader_threads() == []
+
+
+def test_hdf5_data_and_cache_are_reopened_in_each_worker(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(700, 4)).astype(np.float32)
+    y = rng.integers(0, 2, 700)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("x", data=x, chunks=(50, 4))
+        f.create_dataset("y", data=y)
+    source = open_data(str(tmp_path / "d.h5"))
+    cache = write_cache(tmp_path / "c.h5", source, y)
+    loader = SoftTargetLoader(source, cache, batch_size=32, seed=1, shuffle_chunks=2)
+    source.read(0, 10), cache.read(0, 10)  # handles open in the parent before the workers fork
+    batches = collect(loader, 0, workers=2)
+    assert sorted(np.concatenate(indices(batches)).tolist()) == list(range(700))
+    assert_aligned(batches, x, y)
+    assert_same_batches(batches, collect(loader, 0))
+
+
+ITEMS = textwrap.dedent("""
+    import os
+    import numpy as np
+
+    class Logged:
+        '''300 items; every __getitem__ appends "pid index" to a log file.'''
+        def __init__(self, log):
+            self.log = log
+        def __len__(self):
+            return 300
+        def __getitem__(self, i):
+            with open(self.log, "a") as f:
+                f.write(f"{os.getpid()} {i}\\n")
+            return np.full(3, i, dtype=np.float32), i % 4
+""")
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_dataset_read_item_by_item_is_read_in_the_workers_each_item_once(tmp_path, monkeypatch):
+    (tmp_path / "itemzoo.py").write_text(ITEMS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    log = tmp_path / "items.log"
+    source = open_data(f"itemzoo:Logged?log={log}")
+    loader = SoftTargetLoader(source, None, batch_size=20, seed=0, shuffle_chunks=2)
+    expected = collect(loader, 1)
+    log.unlink()
+    batches = collect(loader, 1, workers=3)
+    assert_same_batches(batches, expected)
+    for b in batches:
+        np.testing.assert_array_equal(b.inputs.numpy()[:, 0], b.indices.numpy())
+        np.testing.assert_array_equal(b.labels.numpy(), b.indices.numpy() % 4)
+    reads = [line.split() for line in log.read_text().splitlines()]
+    assert str(os.getpid()) not in {pid for pid, _ in reads}  # the main process read no item
+    assert len({pid for pid, _ in reads}) == 3
+    assert sorted(int(i) for _, i in reads) == list(range(300))  # each item read once, by one worker
+
+
+def test_take_and_concat_index_every_array_of_dict_targets():
+    window = _Window(np.arange(6.0)[:, None], np.arange(6), {"a": np.arange(12).reshape(6, 2), "b": np.arange(6) * 10},
+                     np.arange(6))
+    part = _take(window, np.array([4, 1]))
+    assert part.teacher_logits["a"].tolist() == [[8, 9], [2, 3]] and part.teacher_logits["b"].tolist() == [40, 10]
+    joined = _concat([part, _take(window, slice(0, 1))])
+    assert joined.teacher_logits["a"].tolist() == [[8, 9], [2, 3], [0, 1]] and joined.teacher_logits["b"].tolist() == [40, 10, 0]
+    assert joined.indices.tolist() == [4, 1, 0]

@@ -32,11 +32,12 @@ def test_forward_kd_value_and_gradient_match_closed_form(batch, temperature):
     labeled = y >= 0
     ce = np.zeros(len(y))
     ce[labeled] = -np.log(q1[labeled, y[labeled]])
-    expected = (alpha * ce + (1 - alpha) * temperature**2 * kl).mean()
+    # the hard term is the mean over labeled rows, the soft term the mean over all rows
+    expected = alpha * ce[labeled].mean() + (1 - alpha) * temperature**2 * kl.mean()
     # d/ds of T^2 KL(p||q) is T (q - p); of CE it is softmax(s) - onehot(y).
     onehot = np.zeros_like(s)
     onehot[labeled, y[labeled]] = 1
-    grad = (alpha * (q1 - onehot) * labeled[:, None] + (1 - alpha) * temperature * (q - p)) / len(y)
+    grad = alpha * (q1 - onehot) * labeled[:, None] / labeled.sum() + (1 - alpha) * temperature * (q - p) / len(y)
 
     st = torch.tensor(s, requires_grad=True)
     loss = kd_loss(st, torch.tensor(t), torch.tensor(y), temperature=temperature, alpha=alpha)
@@ -91,6 +92,20 @@ def test_no_teacher_is_cross_entropy_over_labeled_rows(batch):
     labeled = y >= 0
     expected = torch.nn.functional.cross_entropy(torch.tensor(s[labeled]), torch.tensor(y[labeled]))
     assert kd_loss(torch.tensor(s), None, torch.tensor(y)).item() == pytest.approx(expected.item())
+
+
+def test_the_hard_term_weighs_the_same_with_and_without_a_teacher(batch):
+    s, t, y = batch
+    baseline = kd_loss(torch.tensor(s), None, torch.tensor(y))
+    assert kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), alpha=1.0).item() == pytest.approx(baseline.item())
+
+
+def test_items_on_leading_axes_are_rows_like_any_other(batch):
+    s, t, y = batch
+    flat = kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), temperature=2.0, alpha=0.3)
+    items = kd_loss(torch.tensor(s).reshape(2, 3, 7), torch.tensor(t).reshape(2, 3, 7), torch.tensor(y).reshape(2, 3),
+                    temperature=2.0, alpha=0.3)
+    assert items.item() == pytest.approx(flat.item(), rel=1e-6)
 
 
 def test_float16_teacher_logits_are_accepted(batch):

@@ -155,7 +155,7 @@ def test_student_whose_output_does_not_match_the_classes_is_refused(tmp_path, ca
               "--out", str(tmp_path)],
     )
     assert result.exit_code == 1
-    assert "outputs [2, 7] for a batch of 2, but the cache has 10 classes" in result.output
+    assert "outputs [2, 7] for a batch of 2, but the cache has [10] per sample" in result.output
 
 
 def test_reading_one_batch_of_logits_leaves_grad_mode_alone(teacher):

@@ -9,19 +9,18 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from softlabels import CacheWriter, SoftlabelsError, open_cache
+from softlabels import CacheWriter, Dense, Layout, SoftlabelsError, open_cache
 from softlabels.store import chunk_checksum, default_chunk_rows
 
 MANIFEST = {"teacher": {"file": "t.pth"}, "dataset": {"spec": "x.npz", "fingerprint": "sha256:0"}}
 
 
-def write_cache(path, logits, labels, chunk_rows, dtype="float16"):
-    with CacheWriter(
-        path, num_samples=len(logits), num_classes=logits.shape[1], chunk_rows=chunk_rows, dtype=dtype, manifest=MANIFEST
-    ) as writer:
+def write_cache(path, logits, labels, chunk_rows, dtype="float16", item_axes=()):
+    layout = Layout(Dense(), len(logits), logits.shape[-1], dtype, chunk_rows, item_axes)
+    with CacheWriter(path, layout, manifest=MANIFEST) as writer:
         for index in range(writer.num_chunks):
             start, stop = writer.chunk_bounds(index)
-            writer.write_chunk(index, logits[start:stop], labels[start:stop])
+            writer.write_chunks(index, {"logits": logits[start:stop]}, labels[start:stop])
         writer.finish()
 
 
@@ -43,13 +42,13 @@ def test_round_trip_preserves_every_row(tmp_path_factory, n, c, chunk_rows, dtyp
 
     with open_cache(path) as cache:
         assert len(cache) == n and cache.num_classes == c
-        got_logits, got_labels = cache.read(0, n)
-        np.testing.assert_array_equal(got_logits, logits.astype(dtype))
+        got, got_labels = cache.read(0, n)
+        np.testing.assert_array_equal(got["logits"], logits.astype(dtype))
         np.testing.assert_array_equal(got_labels, labels)
-        rows = np.concatenate([chunk[1] for chunk in cache.iter_chunks()])
+        rows = np.concatenate([chunk[1]["logits"] for chunk in cache.iter_chunks()])
         np.testing.assert_array_equal(rows, logits.astype(dtype))
         expected_crc = [
-            chunk_checksum(logits[s:s + cache.chunk_rows].astype(dtype), labels[s:s + cache.chunk_rows])
+            chunk_checksum({"logits": logits[s:s + cache.chunk_rows].astype(dtype)}, labels[s:s + cache.chunk_rows])
             for s in range(0, n, cache.chunk_rows)
         ]
         np.testing.assert_array_equal(cache.checksums(), expected_crc)
@@ -62,7 +61,7 @@ def test_plain_zarr_reads_a_row_and_the_manifest(tmp_path):
     write_cache(tmp_path / "c.zarr", logits, labels, chunk_rows=16)
     group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     manifest = group.attrs["softlabels"]
-    assert manifest["format"] == "softlabels-cache" and manifest["format_version"] == 1
+    assert manifest["format"] == "softlabels-cache" and manifest["format_version"] == 2 and manifest["item_axes"] == []
     assert manifest["complete"] is True and manifest["num_samples"] == 50 and manifest["num_classes"] == 4
     np.testing.assert_array_equal(group["logits"][37], logits[37].astype(np.float16))
     assert group["labels"][37] == labels[37]
@@ -82,8 +81,8 @@ def test_plain_h5py_reads_a_row_and_the_manifest(tmp_path):
 
 def test_incomplete_cache_is_refused(tmp_path):
     path = tmp_path / "c.zarr"
-    writer = CacheWriter(path, num_samples=20, num_classes=3, chunk_rows=8, dtype="float16", manifest=MANIFEST)
-    writer.write_chunk(0, np.zeros((8, 3)), np.zeros(8, dtype=np.int64))
+    writer = CacheWriter(path, Layout(Dense(), 20, 3, "float16", 8), manifest=MANIFEST)
+    writer.write_chunks(0, {"logits": np.zeros((8, 3))}, np.zeros(8, dtype=np.int64))
     writer.close()
     assert not path.exists()
     with pytest.raises(SoftlabelsError, match="incomplete"):
@@ -93,8 +92,8 @@ def test_incomplete_cache_is_refused(tmp_path):
 
 def test_finish_refuses_missing_chunks(tmp_path):
     path = tmp_path / "c.h5"
-    with CacheWriter(path, num_samples=20, num_classes=3, chunk_rows=8, dtype="float16", manifest=MANIFEST) as writer:
-        writer.write_chunk(0, np.zeros((8, 3)), np.zeros(8, dtype=np.int64))
+    with CacheWriter(path, Layout(Dense(), 20, 3, "float16", 8), manifest=MANIFEST) as writer:
+        writer.write_chunks(0, {"logits": np.zeros((8, 3))}, np.zeros(8, dtype=np.int64))
         with pytest.raises(RuntimeError, match="chunk 1"):
             writer.finish()
     assert not path.exists()
@@ -104,7 +103,7 @@ def test_newer_format_version_is_refused(tmp_path):
     path = tmp_path / "c.zarr"
     write_cache(path, np.zeros((10, 2), dtype=np.float32), np.zeros(10, dtype=np.int64), chunk_rows=4)
     group = zarr.open_group(str(path), mode="r+")
-    group.attrs["softlabels"] = {**group.attrs["softlabels"], "format_version": 2}
+    group.attrs["softlabels"] = {**group.attrs["softlabels"], "format_version": 3}
     with pytest.raises(SoftlabelsError, match="newer"):
         open_cache(path)
 
@@ -126,6 +125,66 @@ def test_not_a_cache_is_refused(tmp_path):
         open_cache(tmp_path / "cache.txt")
 
 
-@pytest.mark.parametrize("classes,dtype,rows", [(10, "float16", 4096), (1000, "float16", 256), (1000, "float32", 128), (50000, "float16", 16)])
-def test_default_chunks_hold_about_half_a_mebibyte(classes, dtype, rows):
-    assert default_chunk_rows(classes, dtype) == rows
+@pytest.mark.parametrize("row_bytes,rows", [(20, 4096), (2000, 256), (4000, 128), (100000, 16), (4 * 3 * 1000 * 2, 16)])
+def test_default_chunks_hold_about_half_a_mebibyte(row_bytes, rows):
+    assert default_chunk_rows(row_bytes) == rows
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_rows_with_item_axes_round_trip_and_chunk_along_samples_only(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 4, 3, 7)).astype(np.float32)
+    labels = rng.integers(-1, 7, size=(50, 4, 3))
+    path = tmp_path / f"c{suffix}"
+    write_cache(path, logits, labels, chunk_rows=16, dtype="float32", item_axes=(("view", 4), ("crop", 3)))
+    with open_cache(path) as cache:
+        assert cache.items == (4, 3) and cache.manifest["item_axes"] == [{"name": "view", "size": 4}, {"name": "crop", "size": 3}]
+        got, got_labels = cache.read(10, 40)
+        np.testing.assert_array_equal(got["logits"], logits[10:40])
+        np.testing.assert_array_equal(got_labels, labels[10:40])
+        np.testing.assert_array_equal(cache.teacher_top1(), logits.argmax(-1))
+    if suffix == ".zarr":  # plain zarr reads row i, view v
+        group = zarr.open_group(str(path), mode="r")
+        assert group["logits"].chunks == (16, 4, 3, 7) and group["labels"].chunks == (16, 4, 3)
+        np.testing.assert_array_equal(group["logits"][33, 2], logits[33, 2])
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_a_damaged_zarr_chunk_fails_when_read_naming_array_chunk_and_rows(tmp_path, damage):
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    chunk_file = path / "logits" / "c" / "2" / "0"
+    _flip_a_byte(chunk_file) if damage == "flip" else chunk_file.unlink()
+    with open_cache(path) as cache:
+        cache.read(0, 32)  # the other chunks still read
+        with pytest.raises(SoftlabelsError, match=r"array 'logits' chunk 2 \(rows 32-47\) is damaged"):
+            cache.read(16, 64)
+        with pytest.raises(SoftlabelsError, match=r"array 'logits' chunk 2 \(rows 32-47\)"):
+            list(cache.iter_chunks())
+    if damage == "flip":  # plain zarr refuses it too: the store's own crc32c codec
+        with pytest.raises(Exception, match="checksum"):
+            zarr.open_group(str(path), mode="r")["logits"][32:48]
+
+
+def test_a_damaged_hdf5_chunk_fails_when_read(tmp_path):
+    path = tmp_path / "c.h5"
+    logits = np.random.default_rng(0).normal(size=(64, 50)).astype(np.float32)
+    write_cache(path, logits, np.zeros(64, dtype=np.int64), chunk_rows=16, dtype="float32")
+    with h5py.File(path, "r") as f:
+        offset = f["logits"].id.get_chunk_info(1).byte_offset
+    with open(path, "r+b") as f:
+        f.seek(offset + 100)
+        byte = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with open_cache(path) as cache:
+        with pytest.raises(SoftlabelsError, match=r"array 'logits' chunk 1 \(rows 16-31\) is damaged"):
+            cache.read(0, 64)
+    with h5py.File(path, "r") as f, pytest.raises(OSError, match="(?i)fletcher32|checksum|filter"):
+        f["logits"][16:32]

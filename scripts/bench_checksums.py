@@ -1,0 +1,123 @@
+"""What checking every chunk on read costs: the same cache with and without the store's checksums.
+
+A version-2 cache carries Zarr's crc32c codec on every chunk; softlabels reads its uncompressed
+chunk files directly and checks each crc32c itself. This script writes one dense float16 cache,
+makes a copy of the same bytes without the codec (a version-1 cache, read unchecked through
+zarr-python as version 1 always was), and measures both in one run, alternating, through whole-chunk
+``Cache.read`` calls and through ``SoftTargetLoader`` with inputs. The last row isolates the check
+itself: the time to compute the crc32c of every chunk file's bytes (already in memory) against the
+checked loader's epoch. It prints a Markdown table for BENCHMARKS.md.
+
+    python scripts/bench_checksums.py              # 65,536 x 1000 float16 (131 MB)
+    python scripts/bench_checksums.py --rows 16384 # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+import softlabels
+from softlabels import CacheWriter, Dense, Layout, SoftTargetLoader, open_cache, open_data
+from softlabels.store import default_chunk_rows
+
+
+def write_caches(root: Path, rows: int, classes: int) -> tuple[Path, Path, Path]:
+    rng = np.random.default_rng(0)
+    data = root / "inputs.npz"
+    np.savez(data, x=rng.normal(size=(rows, 40)).astype(np.float32), y=rng.integers(0, classes, rows))
+    source = open_data(str(data))
+    chunk_rows = default_chunk_rows(classes * 2)
+    checked = root / "checked.zarr"
+    pool = rng.normal(0.0, 2.0, size=(16, chunk_rows, classes)).astype(np.float16)
+    labels = source.labels()
+    manifest = {"dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": rows}}
+    with CacheWriter(checked, Layout(Dense(), rows, classes, "float16", chunk_rows), manifest=manifest) as writer:
+        for i in range(writer.num_chunks):
+            a, b = writer.chunk_bounds(i)
+            writer.write_chunks(i, {"logits": pool[i % 16][: b - a]}, labels[a:b])
+        writer.finish()
+    # The same arrays and chunks, no codec checksum, read as version 1 (no missing-chunk check either).
+    unchecked = root / "unchecked.zarr"
+    src = zarr.open_group(str(checked), mode="r")
+    dst = zarr.open_group(str(unchecked), mode="w")
+    for name in src.array_keys():
+        array = src[name]
+        compressors = [c for c in array.compressors if type(c).__name__ != "Crc32cCodec"]
+        copy = dst.create_array(name, shape=array.shape, chunks=array.chunks, dtype=array.dtype,
+                                fill_value=array.fill_value, compressors=compressors or None)
+        copy[:] = array[:]
+    dst.attrs["softlabels"] = {**src.attrs["softlabels"], "format_version": 1}
+    return checked, unchecked, data
+
+
+def read_chunks(path: Path) -> float:
+    """Seconds to read every chunk once, whole, in order."""
+    with open_cache(path) as cache:
+        began = time.perf_counter()
+        for _ in cache.iter_chunks():
+            pass
+        return time.perf_counter() - began
+
+
+def loader_epoch(path: Path, data: Path) -> float:
+    """Seconds for one shuffled epoch of batches with inputs."""
+    with open_cache(path) as cache:
+        loader = SoftTargetLoader(open_data(str(data)), cache, batch_size=1024, seed=0)
+        loader.set_epoch(0)
+        began = time.perf_counter()
+        for _ in loader:
+            pass
+        return time.perf_counter() - began
+
+
+def crc_seconds(array_dir: Path) -> float:
+    """Seconds to compute the crc32c of every chunk file of an array, its bytes already in memory."""
+    import google_crc32c
+
+    blobs = [np.frombuffer(path.read_bytes(), np.uint8) for path in sorted((array_dir / "c").rglob("*")) if path.is_file()]
+    began = time.perf_counter()
+    for blob in blobs:
+        google_crc32c.value(blob[:-4])
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=65536)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        checked, unchecked, data = write_caches(Path(tmp), args.rows, args.classes)
+        size = args.rows * args.classes * 2
+        times = {key: [] for key in ("read checked", "read unchecked", "loader checked", "loader unchecked")}
+        for _ in range(args.repeats):  # alternating, best of each: the machine is shared and noisy
+            times["read checked"].append(read_chunks(checked))
+            times["read unchecked"].append(read_chunks(unchecked))
+            times["loader checked"].append(loader_epoch(checked, data))
+            times["loader unchecked"].append(loader_epoch(unchecked, data))
+        best = {key: min(values) for key, values in times.items()}
+        spread = {key: (max(v) - min(v)) / min(v) for key, v in times.items()}
+        crc = crc_seconds(checked / "logits")
+    print(f"{args.rows:,} x {args.classes} float16 logits ({size / 1e6:.0f} MB), softlabels {softlabels.__version__}, "
+          f"best of {args.repeats} alternating runs\n")
+    print("| path | without checksums | with checksums | cost | run-to-run spread |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for what, unit, scale in (("read", "GB/s", size / 1e9), ("loader", "rows/s", args.rows)):
+        plain, checked_s = best[f"{what} unchecked"], best[f"{what} checked"]
+        noise = max(spread[f"{what} unchecked"], spread[f"{what} checked"])
+        label = "whole-chunk `Cache.read`" if what == "read" else "`SoftTargetLoader`, inputs, batch 1024"
+        print(f"| {label} | {scale / plain:,.2f} {unit} | {scale / checked_s:,.2f} {unit} | "
+              f"{checked_s / plain - 1:+.1%} | {noise:.0%} |")
+    print(f"\ncrc32c of every logits chunk file: {crc * 1e3:.1f} ms, {crc / best['loader checked']:.1%} of the checked "
+          f"loader's epoch ({best['loader checked']:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""What every target kind is: the arrays it stores per item, how it builds them from teacher logits,
+and what a reader does with them (top class, loss, statistics, checksum bytes).
+
+A cache row holds one or more items (one per sample, one per recorded view, one per token); every
+array is ``[N, *item_axes, width]`` on disk and ``[..., width]`` in memory, and every method works on
+the last axis, so a new leading axis costs nothing.
+
+Example::
+
+    kind = TopK(k=5)
+    targets = kind.build(torch.randn(8, 3, 100), rows=torch.arange(8))   # 8 samples x 3 views
+    {name: tuple(t.shape) for name, t in targets.items()}
+    # {'topk_logits': (8, 3, 5), 'topk_indices': (8, 3, 5), 'logsumexp': (8, 3, 4)}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import SoftlabelsError
+
+DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
+STORE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One array of a kind: its name, dtype and the size of its last (target) axis."""
+
+    name: str
+    dtype: np.dtype
+    width: int
+
+    @property
+    def is_float(self) -> bool:
+        return np.issubdtype(self.dtype, np.floating)
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every class index."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (JSON's ``true`` is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclass(frozen=True)
+class TargetKind:
+    """Base of the target kinds. A subclass is a frozen dataclass whose fields are its settings
+    (recorded in the manifest next to ``kind``) and which registers itself in :data:`KINDS`."""
+
+    name: ClassVar[str]
+
+    # -- settings and manifest ---------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        """The manifest fields of this kind, ``kind`` included."""
+        return {"kind": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}}
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], *, num_classes: int, where: str, require_all: bool = False) -> "TargetKind":
+        """Build the kind from manifest (``require_all``: every setting must be there) or user
+        settings (missing ones take the defaults), each checked; ``where`` names the source."""
+        values = {}
+        for f in fields(cls):
+            if f.name in settings:
+                values[f.name] = settings[f.name]
+            elif require_all:
+                raise SoftlabelsError(f"{where}: field '{f.name}' of kind {cls.name} is missing")
+        try:
+            kind = cls(**values)
+        except TypeError as exc:
+            raise SoftlabelsError(f"{where}: settings of kind {cls.name} are incomplete ({exc})") from None
+        kind.validate(num_classes=num_classes, where=where)
+        return kind
+
+    def validate(self, *, num_classes: int, where: str) -> None:
+        """Refuse impossible settings for a teacher with ``num_classes`` classes."""
+
+    # -- storage -----------------------------------------------------------------------------------
+
+    def arrays(self, num_classes: int, store_dtype: str) -> list[StoredArray]:
+        """The kind's arrays in checksum order."""
+        raise NotImplementedError
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def build(self, logits: torch.Tensor, *, rows: torch.Tensor, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The stored arrays for teacher logits ``[..., C]``, computed where the logits are.
+
+        ``rows`` holds the dataset row of each leading index (shape ``logits.shape[:1]``); a kind
+        that draws at random keys its draws by row and item, never by batch.
+        """
+        raise NotImplementedError
+
+    def finite(self, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per item, whether every stored float is finite (NaN, Inf and float16 overflow are not)."""
+        checks = [torch.isfinite(t).all(-1) for t in targets.values() if t.is_floating_point()]
+        return torch.stack(checks).all(0)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def top_class(self, targets: dict[str, np.ndarray]) -> np.ndarray:
+        """The teacher's top class per item (for a sampled cache, its best stored class)."""
+        values, classes = self.logits_at(targets)
+        best = np.argmax(values, axis=-1)
+        if classes is None:
+            return best.astype(np.int64)
+        return np.take_along_axis(classes, best[..., None], axis=-1)[..., 0].astype(np.int64)
+
+    def logits_at(self, targets: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The stored teacher logits and their classes (``None``: every class, in order)."""
+        raise NotImplementedError
+
+    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str) -> torch.Tensor:
+        """Per-item ``KL(p || q)`` (forward) or ``KL(q || p)`` (reverse) at ``temperature``, unscaled."""
+        raise NotImplementedError
+
+    def statistic(self, targets: dict[str, np.ndarray]) -> float:
+        """The sum over items of the kind's summary statistic (see :attr:`statistic_name`)."""
+        raise NotImplementedError
+
+    statistic_name: ClassVar[str] = ""
+    statistic_format: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class SparseKind(TargetKind):
+    """A kind that keeps some classes per item plus ``logsumexp(z / T)`` of the full logits at each
+    temperature of a grid, so the teacher's probability of every kept class is exact at those
+    temperatures: ``p_c = exp(z_c / T - lse_T)``."""
+
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
+
+    def __post_init__(self) -> None:
+        if isinstance(self.temperatures, list):
+            object.__setattr__(self, "temperatures", tuple(self.temperatures))
+
+    def validate(self, *, num_classes: int, where: str) -> None:
+        if (not isinstance(self.temperatures, tuple) or not self.temperatures
+                or not all(is_number(t) and t > 0 for t in self.temperatures)):
+            raise SoftlabelsError(f"{where}: temperatures must be a non-empty list of positive numbers, got {self.temperatures!r}")
+
+    def log_partition(self, targets: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        """``logsumexp(z / T)`` per item for a temperature of the grid."""
+        for i, t in enumerate(self.temperatures):
+            if abs(t - temperature) < 1e-6:
+                return targets["logsumexp"][..., i].float()
+        raise SoftlabelsError(
+            f"temperature {temperature:g} is not in the cache's grid {list(self.temperatures)}; "
+            "train at one of those or dump with it in --temperatures"
+        )
+
+    def grid(self, z: torch.Tensor) -> torch.Tensor:
+        """``logsumexp(z / T)`` at every temperature of the grid, ``[..., G]``."""
+        return torch.stack([torch.logsumexp(z / t, dim=-1) for t in self.temperatures], dim=-1)
+
+
+class SoftTargets:
+    """A batch of cached targets of one kind, as tensors: what :func:`softlabels.kd_loss` takes.
+
+    Example::
+
+        targets = SoftTargets(cache.kind, {"logits": torch.randn(8, 10)})
+        loss = kd_loss(student_logits, targets, labels, temperature=4.0)
+    """
+
+    def __init__(self, kind: TargetKind, arrays: dict[str, torch.Tensor]):
+        self.kind, self.arrays = kind, arrays
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SoftTargets":
+        return SoftTargets(self.kind, {k: v.to(device, non_blocking=non_blocking) for k, v in self.arrays.items()})
+
+    def kl(self, student_logits: torch.Tensor, *, temperature: float, kl: str) -> torch.Tensor:
+        return self.kind.kl(student_logits, self.arrays, temperature=temperature, kl=kl)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.arrays[name]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}={list(v.shape)}" for k, v in self.arrays.items())
+        return f"SoftTargets({self.kind.name}: {shapes})"

@@ -1,0 +1,42 @@
+"""Dense targets: every logit of the teacher, ``logits [N, *items, C]``.
+
+Example::
+
+    Dense().build(torch.randn(4, 10), rows=torch.arange(4), store_dtype=torch.float16)["logits"].dtype
+    # torch.float16
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..losses import kl_divergence
+from .base import StoredArray, TargetKind
+
+
+@dataclass(frozen=True)
+class Dense(TargetKind):
+    name: ClassVar[str] = "dense"
+    statistic_name: ClassVar[str] = "entropy"
+    statistic_format: ClassVar[str] = "{:.3f} nats mean at T=1"
+
+    def arrays(self, num_classes: int, store_dtype: str) -> list[StoredArray]:
+        return [StoredArray("logits", np.dtype(store_dtype), num_classes)]
+
+    def build(self, logits: torch.Tensor, *, rows: torch.Tensor, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        return {"logits": logits.to(store_dtype)}
+
+    def logits_at(self, targets: dict[str, np.ndarray]) -> tuple[np.ndarray, None]:
+        return targets["logits"], None
+
+    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str) -> torch.Tensor:
+        return kl_divergence(student_logits, targets["logits"], temperature=temperature, kl=kl)
+
+    def statistic(self, targets: dict[str, np.ndarray]) -> float:
+        """Summed entropy (nats) of the teacher at T = 1."""
+        log_p = torch.log_softmax(torch.from_numpy(np.asarray(targets["logits"], dtype=np.float64)), dim=-1)
+        return float(-(log_p.exp() * log_p).sum())

@@ -1,0 +1,138 @@
+"""Sampled targets: S classes drawn with replacement from the teacher at a proposal temperature,
+each distinct class stored once with its count, plus the log-partition grid.
+
+The loss weighs each draw by ``w_c = p_c / pi_c`` (teacher at the training temperature over the
+proposal), an unbiased estimate of the dense KL and of its gradient (Anshumann et al., ACL 2025).
+
+Draws are keyed by ``(sample_seed, row, item, draw)`` through a counter-based hash, never by batch:
+the same cache comes out for any batch size, any number of ranks, and a resumed dump.
+
+Example::
+
+    kind = Sampled(samples=12, proposal_temperature=4.0)
+    targets = kind.build(torch.randn(8, 100), rows=torch.arange(8))
+    targets["sample_counts"].sum(-1)   # tensor([12, 12, 12, 12, 12, 12, 12, 12])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import SoftlabelsError
+from .base import SparseKind, StoredArray, index_dtype, is_number, positive_int
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser on int64 tensors holding values below 2**32; both multipliers are
+    below 2**31, so no product overflows int64 on any device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def keyed_uniforms(seed: int, rows: torch.Tensor, items: tuple[int, ...], draws: int) -> torch.Tensor:
+    """Uniforms in ``[0, 1)`` of shape ``[len(rows), *items, draws]``, float64 with 53 random bits,
+    each a pure function of ``(seed, row, flat item index, draw)``."""
+    device = rows.device
+    shape = (len(rows), *items, draws)
+    row = rows.to(torch.int64).reshape(-1, *([1] * (len(items) + 1)))
+    item = torch.arange(math.prod(items), device=device, dtype=torch.int64).reshape(1, *items, 1)
+    draw = torch.arange(draws, device=device, dtype=torch.int64).reshape(1, *([1] * len(items)), draws)
+    words = [seed & _M32, (seed >> 32) & _M32, row & _M32, (row >> 32) & _M32, item, draw]
+    halves = []
+    for salt in (0x68E31DA4, 0x1B56C4E9):
+        h = torch.full((1,), salt, dtype=torch.int64, device=device)
+        for word in words:
+            h = _mix32(h ^ word)
+        halves.append(h.expand(shape))
+    bits = (halves[0] << 21) | (halves[1] >> 11)
+    return bits.to(torch.float64) * 2.0**-53
+
+
+@dataclass(frozen=True)
+class Sampled(SparseKind):
+    samples: int = 12
+    proposal_temperature: float = 4.0
+    sample_seed: int = 0
+
+    name: ClassVar[str] = "sampled"
+    statistic_name: ClassVar[str] = "distinct"
+    statistic_format: ClassVar[str] = "{:.1f} classes per sample on average"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # The importance weights need the proposal's log-partition, so the grid always holds it.
+        if (isinstance(self.temperatures, tuple) and is_number(self.proposal_temperature)
+                and float(self.proposal_temperature) not in self.temperatures):
+            object.__setattr__(self, "temperatures", (*self.temperatures, float(self.proposal_temperature)))
+
+    def validate(self, *, num_classes: int, where: str) -> None:
+        super().validate(num_classes=num_classes, where=where)
+        if not positive_int(self.samples) or self.samples >= 2**16:
+            raise SoftlabelsError(f"{where}: sampled targets need 1 to 65535 samples, got {self.samples!r}")
+        if not is_number(self.proposal_temperature) or self.proposal_temperature <= 0:
+            raise SoftlabelsError(f"{where}: the proposal temperature must be positive, got {self.proposal_temperature!r}")
+        if not isinstance(self.sample_seed, int) or isinstance(self.sample_seed, bool) or not 0 <= self.sample_seed < 2**63:
+            raise SoftlabelsError(f"{where}: the sample seed must be an integer in [0, 2**63), got {self.sample_seed!r}")
+
+    def width(self, num_classes: int) -> int:
+        return min(self.samples, num_classes)  # S draws hit at most C distinct classes
+
+    def arrays(self, num_classes: int, store_dtype: str) -> list[StoredArray]:
+        width = self.width(num_classes)
+        return [
+            StoredArray("sample_logits", np.dtype(store_dtype), width),
+            StoredArray("sample_indices", index_dtype(num_classes), width),
+            StoredArray("sample_counts", index_dtype(self.samples + 1), width),
+            StoredArray("logsumexp", np.dtype(np.float32), len(self.temperatures)),
+        ]
+
+    def build(self, logits: torch.Tensor, *, rows: torch.Tensor, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        z = logits.float()
+        classes = z.shape[-1]
+        cdf = torch.softmax(z.double() / self.proposal_temperature, dim=-1).cumsum(-1)
+        cdf = cdf / cdf[..., -1:]
+        u = keyed_uniforms(self.sample_seed, rows, tuple(z.shape[1:-1]), self.samples)
+        draws = torch.searchsorted(cdf, u, right=True).clamp_(max=classes - 1)
+        counts = torch.zeros(z.shape, dtype=torch.int64, device=z.device).scatter_add_(-1, draws, torch.ones_like(draws))
+        # Most drawn first, ties by class index, then padding (count 0): a key that is unique per class.
+        key = counts * classes + (classes - 1 - torch.arange(classes, device=z.device))
+        ranked = key.topk(self.width(classes), dim=-1).indices
+        return {
+            "sample_logits": z.gather(-1, ranked).to(store_dtype),
+            "sample_indices": ranked,
+            "sample_counts": counts.gather(-1, ranked),
+            "logsumexp": self.grid(z),
+        }
+
+    def logits_at(self, targets: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return targets["sample_logits"], targets["sample_indices"]
+
+    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str) -> torch.Tensor:
+        log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+        index = targets["sample_indices"].long()
+        counts = targets["sample_counts"].float()
+        share = counts / counts.sum(-1, keepdim=True)  # count / S
+        with torch.no_grad():
+            z = targets["sample_logits"].float()
+            log_p = z / temperature - self.log_partition(targets, temperature)[..., None]
+            log_pi = z / self.proposal_temperature - self.log_partition(targets, self.proposal_temperature)[..., None]
+        log_q_drawn = log_q.gather(-1, index)
+        if kl == "forward":
+            weight = (log_p - log_pi).exp()
+            return (share * weight * (log_p - log_q_drawn)).sum(-1)
+        q = log_q.exp()
+        return (q * log_q).sum(-1) - (share * (log_q_drawn - log_pi).exp() * log_p).sum(-1)
+
+    def statistic(self, targets: dict[str, np.ndarray]) -> float:
+        """Summed number of distinct classes drawn."""
+        return float((targets["sample_counts"] > 0).sum())

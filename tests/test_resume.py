@@ -1,0 +1,235 @@
+"""Training survives being killed: checkpoints, --resume to bit-identical weights, refused option
+changes, no silent overwrite, and the caller's random state left as it was."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from softlabels import StudentSpec, TrainConfig, open_cache, open_data, train_students
+from softlabels import train as train_module
+from softlabels.cli import cli
+
+ZOO = textwrap.dedent("""
+    import os
+    import time
+    from pathlib import Path
+    from torch import nn
+
+    Path("CANARY").write_text("imported")
+
+    class Sleepy(nn.Module):
+        '''A student with dropout that sleeps per step, so a run lasts long enough to be killed.'''
+        def __init__(self, num_classes):
+            super().__init__()
+            self.delay = float(os.environ.get("STEP_DELAY", "0"))
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, 24), nn.ReLU(), nn.Dropout(0.3), nn.Linear(24, num_classes))
+        def forward(self, x):
+            time.sleep(self.delay)
+            return self.net(x)
+""")
+
+STUDENTS = ["--student", "zoo:Sleepy", "--student", "mlp?width=16"]
+COMMON = ["--epochs", "3", "--batch-size", "32", "--checkpoint-every", "4", "--device", "cpu", "--seed", "1", "--quiet"]
+
+
+@pytest.fixture
+def setup(tmp_path, npz_data, linear_teacher, monkeypatch):
+    """A working directory with zoo.py, a 300-row cache (10 steps of 32 per epoch) and its data."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zoo.py").write_text(ZOO)
+    done = CliRunner().invoke(cli, ["dump", "--teacher", str(linear_teacher), "--arch", "linear", "--data", str(npz_data),
+                                    "--out", "c.zarr", "--chunk-rows", "32", "--quiet"])
+    assert done.exit_code == 0, done.output
+    yield tmp_path
+    sys.modules.pop("zoo", None)
+
+
+def train_args(out, *extra):
+    return ["train-student", "--cache", "c.zarr", *STUDENTS, *COMMON, "--out", str(out), *extra]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def weights(run_dir, name):
+    return torch.load(run_dir / name / "student.pth", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a, b):
+    for name in ("Sleepy", "mlp"):
+        wa, wb = weights(a, name), weights(b, name)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def without_seconds(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def metrics(run_dir, name):
+    return [json.loads(line) for line in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_position(path):
+    try:
+        return torch.load(path, weights_only=True)["position"]
+    except Exception:  # not written yet
+        return None
+
+
+def start_and_kill(root, out, *extra, until):
+    """Start train-student in a subprocess, SIGKILL it as soon as its checkpoint satisfies ``until``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEP_DELAY": "0.02"}
+    cmd = [sys.executable, "-m", "softlabels"] + [str(a) for a in train_args(out, *extra)]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    position = None
+    while time.time() < deadline and proc.poll() is None:
+        position = checkpoint_position(out / "checkpoint.pt")
+        if position is not None and until(position):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]  # killed, not finished
+    return position
+
+
+def test_a_run_killed_twice_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(setup):
+    root = setup
+    whole = subprocess.run([sys.executable, "-m", "softlabels"] + train_args(root / "whole"), cwd=root,
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert "wrote" in whole.stdout
+
+    killed = root / "killed"
+    first = start_and_kill(root, killed, until=lambda p: True)  # the first checkpoint: mid-epoch, step 4
+    assert first == {"epoch": 0, "batches": 4}
+    assert not (killed / "summary.json").exists()
+    second = start_and_kill(root, killed, "--resume", until=lambda p: p["epoch"] >= 1 and p["batches"] > 0)
+    assert second["epoch"] >= 1 and second["batches"] in (4, 8)  # a mid-epoch checkpoint after an epoch's end
+    assert len(metrics(killed, "mlp")) == second["epoch"]  # metrics.jsonl never runs ahead of the checkpoint's epochs
+    resumed = subprocess.run([sys.executable, "-m", "softlabels"] + train_args(killed, "--resume"), cwd=root,
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    assert_same_weights(root / "whole", killed)
+    for name in ("Sleepy", "mlp"):
+        assert without_seconds(metrics(killed, name)) == without_seconds(metrics(root / "whole", name))
+        assert [r["epoch"] for r in metrics(killed, name)] == [1, 2, 3]
+    summary = json.loads((killed / "summary.json").read_text())
+    assert [row["student"] for row in summary] == ["Sleepy", "mlp"]
+    assert not list(killed.rglob("*.tmp")) and not list(killed.rglob("*.staging"))
+
+
+@pytest.mark.parametrize("steps", [3, 10, 14, 29])
+def test_an_interrupted_run_resumes_exactly_from_any_checkpoint(setup, monkeypatch, steps):
+    """In process: the run stops at a step (an exception, like a kill), then resumes."""
+    cache = open_cache("c.zarr")
+    source = open_data("data.npz")
+    config = TrainConfig(epochs=3, batch_size=32, device="cpu", checkpoint_every=1, seed=2)
+    students = [StudentSpec("mlp", {"width": 8}), StudentSpec("linear")]
+    train_students(students, source=source, cache=cache, config=config, out_dir="whole", progress=False)
+    original, taken = train_module._step, []
+
+    def step(*args):
+        if len(taken) == steps:
+            raise KeyboardInterrupt
+        taken.append(1)
+        original(*args)
+    monkeypatch.setattr(train_module, "_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train_students(students, source=source, cache=cache, config=config, out_dir="cut", progress=False)
+    monkeypatch.setattr(train_module, "_step", original)
+    position = torch.load("cut/checkpoint.pt", weights_only=True)["position"]
+    assert position == {"epoch": steps // 10, "batches": steps % 10}
+    train_students(students, source=source, cache=cache, config=config, out_dir="cut", progress=False, resume=True)
+    for name in ("mlp", "linear"):
+        a, b = weights(setup / "whole", name), weights(setup / "cut", name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert metrics(setup / "cut", name) == [{**r, "seconds": s["seconds"]} for r, s in
+                                                zip(metrics(setup / "whole", name), metrics(setup / "cut", name))]
+
+
+def test_the_checkpoint_loads_safely_and_holds_the_whole_state(setup):
+    result = run(*train_args("r"))
+    assert result.exit_code == 0, result.output
+    saved = torch.load("r/checkpoint.pt", weights_only=True)
+    assert saved["position"] == {"epoch": 3, "batches": 0}
+    student = saved["students"]["Sleepy"]
+    assert set(student) >= {"model", "optimizer", "schedule", "rng", "history", "loss_sum", "loss_count"}
+    assert isinstance(student["rng"]["cpu"], torch.Tensor) and student["rng"]["cpu"].dtype == torch.uint8
+    assert saved["options"]["config"]["lr"] == 0.003 and saved["options"]["student"] == ["Sleepy=zoo:Sleepy", "mlp=mlp {\"width\": 16}"]
+    assert saved["options"]["cache_identity"]["teacher.sha256"] == open_cache("c.zarr").manifest["teacher"]["sha256"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--lr", "0.01"], "--lr was 0.003, now 0.01"),
+    (["--temperature", "2"], "--temperature was 4.0, now 2.0"),
+    (["--hard-labels-only"], "--hard-labels-only was False, now True"),
+])
+def test_resume_with_other_options_is_refused_naming_the_option(setup, change, message):
+    assert run(*train_args("r")).exit_code == 0
+    before = (setup / "r" / "checkpoint.pt").read_bytes()
+    result = run(*train_args("r"), "--resume", *change)
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: cannot resume r: {message}"
+    assert (setup / "r" / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_with_other_students_is_refused_before_their_code_is_imported(setup):
+    assert run(*train_args("r")).exit_code == 0
+    os.remove("CANARY")
+    sys.modules.pop("zoo", None)
+    result = run("train-student", "--cache", "c.zarr", "--student", "mlp?width=16", *COMMON, "--out", "r", "--resume")
+    assert result.output.strip() == ("error: cannot resume r: --student was Sleepy=zoo:Sleepy, mlp=mlp {\"width\": 16}, "
+                                     "now mlp=mlp {\"width\": 16}")
+    assert not os.path.exists("CANARY")  # the recorded zoo:Sleepy was never imported
+
+
+def test_an_existing_run_is_not_overwritten_without_overwrite(setup):
+    first = run(*train_args("r"))
+    assert first.exit_code == 0 and "wrote r/summary.json" in first.output
+    before = weights(setup / "r", "mlp")
+    again = run(*train_args("r"))
+    assert again.exit_code == 1
+    assert again.output.strip() == "error: r already holds a training run: pass --resume to continue it or --overwrite to replace it"
+    assert all(torch.equal(before[k], weights(setup / "r", "mlp")[k]) for k in before)
+    replaced = run(*train_args("r"), "--overwrite", "--lr", "0.01")
+    assert replaced.exit_code == 0 and "wrote r/summary.json" in replaced.output
+    assert torch.load("r/checkpoint.pt", weights_only=True)["options"]["config"]["lr"] == 0.01
+    finished = run(*train_args("r"), "--resume", "--lr", "0.01")  # a finished run resumes to the same outputs
+    assert finished.exit_code == 0 and "wrote r/summary.json" in finished.output
+
+
+def test_resume_without_a_checkpoint_starts_the_run(setup):
+    result = run(*train_args("fresh"), "--resume")
+    assert result.exit_code == 0 and "wrote fresh/summary.json" in result.output
+    assert (setup / "fresh" / "mlp" / "student.pth").exists()
+
+
+def test_train_students_gives_the_caller_its_random_state_back(setup):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    config = TrainConfig(epochs=1, batch_size=64, device="cpu")
+    train_students([StudentSpec("zoo:Sleepy"), StudentSpec("mlp")], source=open_data("data.npz"), cache=open_cache("c.zarr"),
+                   config=config, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_workers_do_not_change_what_is_trained(setup):
+    source, cache = open_data("data.npz"), open_cache("c.zarr")
+    for workers, out in ((0, "w0"), (2, "w2")):
+        config = TrainConfig(epochs=2, batch_size=32, device="cpu", num_workers=workers)
+        train_students([StudentSpec("zoo:Sleepy"), StudentSpec("mlp")], source=source, cache=cache, config=config,
+                       out_dir=out, progress=False)
+    assert_same_weights(setup / "w0", setup / "w2")
