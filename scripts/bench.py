@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import zarr
@@ -133,7 +134,8 @@ def bench_stream(root: Path, rows: int) -> None:
             for _ in loader:
                 pass
 
-        logits = cache._targets["logits"]  # the raw zarr/h5py array: what a naive per-row Dataset would index
+        # the raw zarr/h5py array: what a naive per-row Dataset would index
+        logits = zarr.open_group(str(path), mode="r")["logits"] if fmt == ".zarr" else h5py.File(path, "r")["logits"]
         probe = np.random.default_rng(1).choice(rows, 400, replace=False)
         seq_s = timed(sequential)
         loader_s = timed(shuffled)

@@ -21,7 +21,7 @@ runs=("$out/scratch" "$out/distilled")
 if [ -z "$teacher" ]; then
   echo "== 1. teacher: cnn1d (64 channels) on the 4000 MNIST-1D training labels"
   softlabels train-student --data mnist1d://train --hard-labels-only --student 'teacher=cnn1d?channels=64' \
-    --eval-data mnist1d://test --epochs "$epochs" --out "$out/teacher"
+    --eval-data mnist1d://test --epochs "$epochs" --out "$out/teacher" --overwrite
   teacher="$out/teacher/teacher/student.pth"
   runs=("$out/teacher" "${runs[@]}")
 fi
@@ -34,11 +34,11 @@ softlabels inspect "$out/transfer.zarr"
 
 echo "== 3. students from scratch on the 4000 hard labels"
 softlabels train-student --data mnist1d://train --hard-labels-only "${students[@]}" \
-  --eval-cache "$out/test.zarr" --epochs "$epochs" --out "$out/scratch"
+  --eval-cache "$out/test.zarr" --epochs "$epochs" --out "$out/scratch" --overwrite
 
 echo "== 4. the same students distilled from the cached transfer set (no labels, no teacher in the loop)"
 softlabels train-student --cache "$out/transfer.zarr" "${students[@]}" \
-  --eval-cache "$out/test.zarr" --epochs "$epochs" --out "$out/distilled"
+  --eval-cache "$out/test.zarr" --epochs "$epochs" --out "$out/distilled" --overwrite
 
 echo "== 5. test accuracy (1000 MNIST-1D test samples)"
 softlabels compare "${runs[@]}"

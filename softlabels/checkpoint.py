@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .durable import write_atomically
 from .errors import SoftlabelsError
 from .models import arch_names_code, build_model, count_parameters
 from .trust import check_recorded_spec
@@ -85,7 +86,8 @@ def save_checkpoint(
 ) -> None:
     """Write a checkpoint that :func:`load_model` (and ``dump --teacher``) rebuilds without ``--arch``.
 
-    It holds only tensors, strings, numbers, lists and dicts, so it loads with ``weights_only=True``.
+    It holds only tensors, strings, numbers, lists and dicts, so it loads with ``weights_only=True``,
+    and is written through a temporary file, fsynced and renamed, so it is never half-written.
     """
     payload = {
         "arch": arch,
@@ -95,9 +97,7 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "softlabels_version": __version__,
     }
-    tmp = Path(str(path) + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    write_atomically(Path(path), lambda f: torch.save(payload, f))
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -49,6 +49,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .durable import fsync_directory, fsync_file
 from .errors import SoftlabelsError
 from .kinds import STORE_DTYPES, StoredArray, TargetKind, kind_from_settings
 
@@ -199,11 +200,11 @@ class _ZarrBackend:
         """fsync the files of ``chunks`` of ``arrays`` (name -> ndim), or with ``chunks=None`` the
         manifest, which zarr writes but never syncs."""
         if chunks is None:
-            _fsync_file(self.root / "zarr.json")
+            fsync_file(self.root / "zarr.json")
             return
         for chunk in chunks:
             for name, ndim in (arrays or {}).items():
-                _fsync_file(self._chunk_file(name, chunk, ndim))
+                fsync_file(self._chunk_file(name, chunk, ndim))
 
     def missing_chunk(self, name: str, chunks: range, ndim: int) -> int | None:
         """The first of ``chunks`` of array ``name`` whose file is gone (zarr would read fill values)."""
@@ -658,7 +659,7 @@ class CacheWriter:
         self._backend.close()
         remove_path(self.path)
         os.replace(self.partial, self.path)
-        _fsync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
         self._finished = True
 
     def close(self) -> None:
@@ -674,30 +675,6 @@ class CacheWriter:
 
 def partial_path(path: Path) -> Path:
     return Path(str(path) + PARTIAL_SUFFIX)
-
-
-def _fsync_file(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return  # zarr does not store a chunk that is all fill value
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot sync a directory
-    finally:
-        os.close(fd)
 
 
 @contextmanager

@@ -28,7 +28,7 @@ import time
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -42,7 +42,8 @@ from .errors import SoftlabelsError
 from .loader import Batch, SoftTargetLoader, source_for_cache
 from .losses import KL_DIRECTIONS, kd_loss
 from .models import build_model, check_output_shape, count_parameters
-from .store import Cache, _fsync_directory, _fsync_file, open_cache
+from .durable import write_atomically
+from .store import Cache, open_cache
 
 _EVAL_BATCH = 1024
 CHECKPOINT = "checkpoint.pt"
@@ -327,7 +328,7 @@ def train_students(
 
         def checkpoint(epoch: int, batches: int) -> None:
             if out is not None:
-                _write_atomically(out / CHECKPOINT, lambda f: torch.save({
+                write_atomically(out / CHECKPOINT, lambda f: torch.save({
                     "format": _CHECKPOINT_FORMAT, "options": options, "position": {"epoch": epoch, "batches": batches},
                     "students": {s.name: s.state() for s in trained},
                 }, f))
@@ -358,7 +359,7 @@ def train_students(
     if out is not None:
         for student in trained:
             _save_student(out / student.name / "student.pth", student, source, num_classes)
-        _write_atomically(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+        write_atomically(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
     return summary
 
 
@@ -418,32 +419,14 @@ def _summary_row(student: _Student, config: TrainConfig) -> dict[str, Any]:
 
 
 def _save_student(path: Path, student: _Student, source: Source, num_classes: int) -> None:
-    # save_checkpoint renames its own temporary file into place; the fsync before our rename makes
-    # student.pth whole even after a crash of the machine, not only of the process.
-    staging = path.with_name(path.name + ".staging")
-    save_checkpoint(staging, student.model, arch=student.spec.arch, arch_kwargs=student.spec.kwargs,
+    save_checkpoint(path, student.model, arch=student.spec.arch, arch_kwargs=student.spec.kwargs,
                     input_shape=source.input_shape, num_classes=num_classes)
-    _fsync_file(staging)
-    os.replace(staging, path)
-    _fsync_directory(path.parent)
 
 
 def _write_metrics(out: Path, trained: list[_Student]) -> None:
     for student in trained:
         text = "".join(json.dumps(record) + "\n" for record in student.history)
-        _write_atomically(out / student.name / "metrics.jsonl", lambda f: f.write(text.encode()))
-
-
-def _write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
-    """Write ``path`` through a temporary file that is fsynced and renamed over it: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)
+        write_atomically(out / student.name / "metrics.jsonl", lambda f: f.write(text.encode()))
 
 
 # -- options recorded in a checkpoint, and the checks before a run starts ---------------------------------
@@ -528,7 +511,7 @@ def _start_run(run: Path | None, options: dict[str, Any], *, resume: bool, overw
         if writer:
             path.unlink(missing_ok=True)  # so that a later --resume never continues the replaced run
     if writer:
-        _write_atomically(run / "config.json", lambda f: f.write((json.dumps(options, indent=2) + "\n").encode()))
+        write_atomically(run / "config.json", lambda f: f.write((json.dumps(options, indent=2) + "\n").encode()))
     return None
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,20 +25,30 @@ TRANSFER = "mnist1d://transfer?n=3000&seed=7"
 
 
 @pytest.fixture(scope="session")
-def teacher_path(tmp_path_factory) -> Path:
-    """A cnn1d teacher trained for a few epochs on the 4000 MNIST-1D labels (about 85% test accuracy)."""
-    out = tmp_path_factory.mktemp("teacher")
-    config = TrainConfig(epochs=8, hard_labels_only=True, device="cpu", lr=5e-3)
-    train_students(
-        [StudentSpec("cnn1d", {"channels": 32}, name="teacher")],
-        source=open_data("mnist1d://train"),
-        cache=None,
-        config=config,
-        out_dir=out,
-        num_classes=10,
-        progress=False,
-    )
-    return out / "teacher" / "student.pth"
+def teacher_path(request, tmp_path_factory) -> Path:
+    """A cnn1d teacher trained for a few epochs on the 4000 MNIST-1D labels (about 85% test accuracy).
+
+    Training it takes a while, so it is kept in pytest's cache, keyed by the sources that decide its
+    weights: a change to any of them trains it anew.
+    """
+    sources = ["models.py", "train.py", "losses.py", "loader.py", "data.py", "checkpoint.py"]
+    package = Path(__file__).resolve().parent.parent / "softlabels"
+    key = hashlib.sha256(b"".join((package / name).read_bytes() for name in sources)).hexdigest()[:16]
+    cached = request.config.cache.mkdir("softlabels-teacher") / f"{key}.pth"
+    if not cached.exists():
+        out = tmp_path_factory.mktemp("teacher")
+        config = TrainConfig(epochs=8, hard_labels_only=True, device="cpu", lr=5e-3)
+        train_students(
+            [StudentSpec("cnn1d", {"channels": 32}, name="teacher")],
+            source=open_data("mnist1d://train"),
+            cache=None,
+            config=config,
+            out_dir=out,
+            num_classes=10,
+            progress=False,
+        )
+        shutil.copy(out / "teacher" / "student.pth", cached)
+    return cached
 
 
 @pytest.fixture(scope="session")
@@ -94,17 +106,14 @@ SLOW_ZOO = textwrap.dedent("""
 
 
 @pytest.fixture
-def slow_setup(tmp_path):
+def slow_setup(tmp_path, monkeypatch):
     (tmp_path / "slowzoo.py").write_text(SLOW_ZOO)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import importlib
-        zoo = importlib.import_module("slowzoo")
-        importlib.reload(zoo)
-        torch.manual_seed(0)
-        torch.save(zoo.Slow().state_dict(), tmp_path / "slow.pth")
-    finally:
-        sys.path.remove(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    zoo = importlib.import_module("slowzoo")
+    importlib.reload(zoo)
+    torch.manual_seed(0)
+    torch.save(zoo.Slow().state_dict(), tmp_path / "slow.pth")
     make_npz(tmp_path / "data.npz", n=2000, features=12, classes=5)
     return tmp_path
 

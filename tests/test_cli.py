@@ -78,12 +78,16 @@ def test_dump_errors_are_one_line(tmp_path, npz_data, linear_teacher, args, patt
 
 def test_existing_cache_is_kept_without_overwrite(tmp_path, npz_data, linear_teacher):
     out = tmp_path / "c.zarr"
-    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out).exit_code == 0
+    first = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out)
+    assert first.exit_code == 0 and f"wrote {out}" in first.output
     before = sorted(p.read_bytes() for p in out.rglob("*") if p.is_file())
     result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out)
     assert_one_line_error(result, "already exists; pass --overwrite")
     assert sorted(p.read_bytes() for p in out.rglob("*") if p.is_file()) == before
-    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out, "--overwrite").exit_code == 0
+    replaced = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out, "--overwrite")
+    assert replaced.exit_code == 0 and f"wrote {out}: 300 samples x 5 classes" in replaced.output
+    with open_cache(out) as cache:
+        assert len(cache) == 300 and cache.manifest["complete"]
 
 
 def test_labels_out_of_range_are_refused(tmp_path, linear_teacher):
@@ -105,7 +109,7 @@ def test_dataset_without_x(tmp_path, linear_teacher):
 def test_invalid_option_values_are_usage_errors(tmp_path, args):
     result = run("train-student", "--data", "x.npz", "--hard-labels-only", "--student", "mlp", "--out", tmp_path, *args)
     assert result.exit_code == 2
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and f"Invalid value for '{args[0]}'" in result.output
 
 
 def test_inspect_json_and_evaluate(tmp_path, npz_data, linear_teacher):
@@ -128,6 +132,7 @@ def test_inspect_refuses_what_is_not_a_cache(tmp_path):
     assert_one_line_error(run("inspect", tmp_path / "notes.zarr"), "not a softlabels cache")
 
 
+@pytest.mark.slow
 def test_real_subprocess_round_trip(tmp_path, npz_data, linear_teacher):
     exe = [sys.executable, "-m", "softlabels"]
     out = tmp_path / "c.zarr"

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import zarr
 
@@ -48,6 +49,7 @@ def logits_bytes(path):
     return zarr.open_group(str(path), mode="r")["logits"][:].tobytes()
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_bytes_of_one_process_and_resume_after_sigkill(slow_setup):
     root = slow_setup
     single = root / "single.zarr"
@@ -78,6 +80,7 @@ def test_hdf5_is_refused_under_torchrun(slow_setup):
     assert done.returncode != 0 and "under torchrun, dump to a .zarr path" in done.stderr
 
 
+@pytest.mark.slow
 def test_ddp_training_matches_one_process_with_the_same_global_batches(tmp_path, npz_data, linear_teacher):
     from click.testing import CliRunner
 

@@ -9,7 +9,6 @@ import threading
 import h5py
 import numpy as np
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from softlabels import CacheWriter, Dense, Layout, SoftTargetLoader, open_cache, open_data

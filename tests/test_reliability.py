@@ -40,6 +40,7 @@ def chunk_files(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted((path / "logits").rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_then_resume_gives_identical_bytes(slow_setup):
     root = slow_setup
     reference = root / "reference.zarr"
@@ -60,6 +61,7 @@ def test_sigkill_at_any_point_then_resume_gives_identical_bytes(slow_setup):
         assert open_cache(out).manifest["complete"] is True
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_options_and_says_what_differs(slow_setup):
     root = slow_setup
     out = root / "c.zarr"
@@ -76,6 +78,7 @@ def test_resume_refuses_other_options_and_says_what_differs(slow_setup):
     assert done.returncode == 1 and "dataset fingerprint was" in done.stderr
 
 
+@pytest.mark.slow
 def test_hdf5_killed_dump_resumes_or_restarts_to_the_same_values(slow_setup):
     root = slow_setup
     reference = root / "reference.h5"
@@ -94,6 +97,7 @@ def test_hdf5_killed_dump_resumes_or_restarts_to_the_same_values(slow_setup):
     assert resumed.returncode == 0 and "unreadable" in resumed.stderr and "starting again" in resumed.stderr
 
 
+@pytest.mark.slow
 def test_second_dump_to_the_same_path_is_refused_and_a_killed_lock_is_not_stuck(slow_setup):
     root = slow_setup
     out = root / "c.zarr"
@@ -105,7 +109,9 @@ def test_second_dump_to_the_same_path_is_refused_and_a_killed_lock_is_not_stuck(
     assert second.returncode == 1 and "another dump is writing" in second.stderr
     first.send_signal(signal.SIGKILL)
     first.wait()
-    assert run_dump(root, out, "--resume").returncode == 0
+    resumed = run_dump(root, out, "--resume")
+    assert resumed.returncode == 0 and "chunks kept from the interrupted dump" in resumed.stdout, resumed.stderr
+    assert open_cache(out).manifest["complete"] and not Path(str(out) + ".lock").exists()
 
 
 def test_out_of_disk_space_keeps_a_resumable_partial(tmp_path, npz_data, linear_teacher, monkeypatch):

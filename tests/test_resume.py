@@ -104,6 +104,7 @@ def start_and_kill(root, out, *extra, until):
     return position
 
 
+@pytest.mark.slow
 def test_a_run_killed_twice_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(setup):
     root = setup
     whole = subprocess.run([sys.executable, "-m", "softlabels"] + train_args(root / "whole"), cwd=root,

@@ -1,0 +1,52 @@
+"""Files that survive a crash whole: fsync helpers and writes through a temporary file and a rename.
+
+Example::
+
+    write_atomically(Path("runs/kd/summary.json"), lambda f: f.write(b"[]\\n"))
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's bytes to disk; a file that does not exist has nothing to flush."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (a rename inside it) to disk, where the filesystem allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot sync a directory
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write ``path`` by ``write(binary_file)`` into a temporary file that is fsynced and renamed
+    over it, so ``path`` is never half-written, even after a crash of the machine."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
