@@ -1,10 +1,12 @@
 """What checking every chunk on read costs: the same cache with and without the store's checksums.
 
-A version-2 cache carries Zarr's crc32c codec on every chunk; softlabels reads its uncompressed
-chunk files directly and checks each crc32c itself. This script writes one dense float16 cache,
-makes a copy of the same bytes without the codec (a version-1 cache, read unchecked through
-zarr-python as version 1 always was), and measures both in one run, alternating, through whole-chunk
-``Cache.read`` calls and through ``SoftTargetLoader`` with inputs. The last row isolates the check
+A version-2 Zarr cache carries zarr's crc32c codec on every chunk; softlabels reads its uncompressed
+chunk files directly and checks each crc32c itself. A version-2 HDF5 cache has fletcher32 on every
+chunk (for plain h5py readers) and a table of each chunk's CRC-32C, which softlabels checks after
+reading the chunk raw. For each format this script writes one dense float16 cache, makes a copy of
+the same bytes without any checksum (a version-1 cache, read unchecked as version 1 always was), and
+measures both in one run, alternating, through whole-chunk ``Cache.read`` calls and through
+``SoftTargetLoader`` with inputs. The last row isolates the check
 itself: the time to compute the crc32c of every chunk file's bytes (already in memory) against the
 checked loader's epoch. It prints a Markdown table for BENCHMARKS.md.
 
@@ -15,10 +17,12 @@ checked loader's epoch. It prints a Markdown table for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import zarr
 
@@ -27,13 +31,14 @@ from softlabels import CacheWriter, Dense, Layout, SoftTargetLoader, open_cache,
 from softlabels.store import default_chunk_rows
 
 
-def write_caches(root: Path, rows: int, classes: int) -> tuple[Path, Path, Path]:
+def write_caches(root: Path, rows: int, classes: int, suffix: str) -> tuple[Path, Path, Path]:
     rng = np.random.default_rng(0)
     data = root / "inputs.npz"
-    np.savez(data, x=rng.normal(size=(rows, 40)).astype(np.float32), y=rng.integers(0, classes, rows))
+    if not data.exists():
+        np.savez(data, x=rng.normal(size=(rows, 40)).astype(np.float32), y=rng.integers(0, classes, rows))
     source = open_data(str(data))
     chunk_rows = default_chunk_rows(classes * 2)
-    checked = root / "checked.zarr"
+    checked = root / f"checked{suffix}"
     pool = rng.normal(0.0, 2.0, size=(16, chunk_rows, classes)).astype(np.float16)
     labels = source.labels()
     manifest = {"dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": rows}}
@@ -42,17 +47,25 @@ def write_caches(root: Path, rows: int, classes: int) -> tuple[Path, Path, Path]
             a, b = writer.chunk_bounds(i)
             writer.write_chunks(i, {"logits": pool[i % 16][: b - a]}, labels[a:b])
         writer.finish()
-    # The same arrays and chunks, no codec checksum, read as version 1 (no missing-chunk check either).
-    unchecked = root / "unchecked.zarr"
-    src = zarr.open_group(str(checked), mode="r")
-    dst = zarr.open_group(str(unchecked), mode="w")
-    for name in src.array_keys():
-        array = src[name]
-        compressors = [c for c in array.compressors if type(c).__name__ != "Crc32cCodec"]
-        copy = dst.create_array(name, shape=array.shape, chunks=array.chunks, dtype=array.dtype,
-                                fill_value=array.fill_value, compressors=compressors or None)
-        copy[:] = array[:]
-    dst.attrs["softlabels"] = {**src.attrs["softlabels"], "format_version": 1}
+    # The same arrays and chunks with no checksum of any kind, read as version 1 (unchecked).
+    unchecked = root / f"unchecked{suffix}"
+    if suffix == ".zarr":
+        src = zarr.open_group(str(checked), mode="r")
+        dst = zarr.open_group(str(unchecked), mode="w")
+        for name in src.array_keys():
+            array = src[name]
+            compressors = [c for c in array.compressors if type(c).__name__ != "Crc32cCodec"]
+            copy = dst.create_array(name, shape=array.shape, chunks=array.chunks, dtype=array.dtype,
+                                    fill_value=array.fill_value, compressors=compressors or None)
+            copy[:] = array[:]
+        dst.attrs["softlabels"] = {**src.attrs["softlabels"], "format_version": 1}
+    else:
+        with h5py.File(checked, "r") as src, h5py.File(unchecked, "w") as dst:
+            for name, array in src.items():
+                if name != "chunk_crc32c":  # the read-checksum table
+                    dst.create_dataset(name, data=array[:], chunks=array.chunks, compression=array.compression)
+            manifest = json.loads(src.attrs["softlabels"])
+            dst.attrs["softlabels"] = json.dumps({**manifest, "format_version": 1})
     return checked, unchecked, data
 
 
@@ -93,30 +106,33 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    print(f"{args.rows:,} x {args.classes} float16 logits ({args.rows * args.classes * 2 / 1e6:.0f} MB), softlabels "
+          f"{softlabels.__version__}, best of {args.repeats} alternating runs, page cache warm\n")
+    print("| format | path | without checksums | with checksums | cost | run-to-run spread |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
-        checked, unchecked, data = write_caches(Path(tmp), args.rows, args.classes)
-        size = args.rows * args.classes * 2
-        times = {key: [] for key in ("read checked", "read unchecked", "loader checked", "loader unchecked")}
-        for _ in range(args.repeats):  # alternating, best of each: the machine is shared and noisy
-            times["read checked"].append(read_chunks(checked))
-            times["read unchecked"].append(read_chunks(unchecked))
-            times["loader checked"].append(loader_epoch(checked, data))
-            times["loader unchecked"].append(loader_epoch(unchecked, data))
-        best = {key: min(values) for key, values in times.items()}
-        spread = {key: (max(v) - min(v)) / min(v) for key, v in times.items()}
-        crc = crc_seconds(checked / "logits")
-    print(f"{args.rows:,} x {args.classes} float16 logits ({size / 1e6:.0f} MB), softlabels {softlabels.__version__}, "
-          f"best of {args.repeats} alternating runs\n")
-    print("| path | without checksums | with checksums | cost | run-to-run spread |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for what, unit, scale in (("read", "GB/s", size / 1e9), ("loader", "rows/s", args.rows)):
-        plain, checked_s = best[f"{what} unchecked"], best[f"{what} checked"]
-        noise = max(spread[f"{what} unchecked"], spread[f"{what} checked"])
-        label = "whole-chunk `Cache.read`" if what == "read" else "`SoftTargetLoader`, inputs, batch 1024"
-        print(f"| {label} | {scale / plain:,.2f} {unit} | {scale / checked_s:,.2f} {unit} | "
-              f"{checked_s / plain - 1:+.1%} | {noise:.0%} |")
-    print(f"\ncrc32c of every logits chunk file: {crc * 1e3:.1f} ms, {crc / best['loader checked']:.1%} of the checked "
-          f"loader's epoch ({best['loader checked']:.2f} s)")
+        for suffix in (".zarr", ".h5"):
+            checked, unchecked, data = write_caches(Path(tmp), args.rows, args.classes, suffix)
+            size = args.rows * args.classes * 2
+            times = {key: [] for key in ("read checked", "read unchecked", "loader checked", "loader unchecked")}
+            for _ in range(args.repeats):  # alternating, best of each: the machine is shared and noisy
+                times["read checked"].append(read_chunks(checked))
+                times["read unchecked"].append(read_chunks(unchecked))
+                times["loader checked"].append(loader_epoch(checked, data))
+                times["loader unchecked"].append(loader_epoch(unchecked, data))
+            best = {key: min(values) for key, values in times.items()}
+            spread = {key: (max(v) - min(v)) / min(v) for key, v in times.items()}
+            for what, unit, scale in (("read", "GB/s", size / 1e9), ("loader", "rows/s", args.rows)):
+                plain, checked_s = best[f"{what} unchecked"], best[f"{what} checked"]
+                noise = max(spread[f"{what} unchecked"], spread[f"{what} checked"])
+                label = "whole-chunk `Cache.read`" if what == "read" else "`SoftTargetLoader`, inputs, batch 1024"
+                print(f"| {suffix} | {label} | {scale / plain:,.2f} {unit} | {scale / checked_s:,.2f} {unit} | "
+                      f"{checked_s / plain - 1:+.1%} | {noise:.0%} |")
+            if suffix == ".zarr":
+                crc = crc_seconds(checked / "logits")
+                note = (f"\ncrc32c of every Zarr logits chunk file (bytes in memory): {crc * 1e3:.1f} ms, "
+                        f"{crc / best['loader checked']:.1%} of the checked loader's epoch ({best['loader checked']:.2f} s)")
+    print(note)
 
 
 if __name__ == "__main__":

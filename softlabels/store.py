@@ -56,6 +56,7 @@ from .kinds import STORE_DTYPES, StoredArray, TargetKind, kind_from_settings
 FORMAT = "softlabels-cache"
 FORMAT_VERSION = 2
 MANIFEST_KEY = "softlabels"
+_READ_CHECKSUMS = "chunk_crc32c"  # HDF5 only: see _H5Backend.create_read_checksums
 PARTIAL_SUFFIX = ".partial"
 _TARGET_CHUNK_BYTES = 512 << 10
 _MAX_DEFAULT_CHUNK_ROWS = 4096
@@ -213,7 +214,13 @@ class _ZarrBackend:
                 return chunk
         return None
 
-    def raw_reader(self, name: str, array: Any) -> "_RawChunks | None":
+    def create_read_checksums(self, layout: "Layout") -> None:
+        pass  # every Zarr chunk file carries its own crc32c
+
+    def record_read_checksums(self, first: int, chunks: list[dict[str, np.ndarray]]) -> None:
+        pass
+
+    def raw_reader(self, name: str, array: Any) -> "_ZarrRawChunks | None":
         """A direct reader of ``array``'s chunk files when they are raw little-endian bytes followed by
         a crc32c (what version 2 writes for uncompressed arrays), else ``None``."""
         meta = array.metadata
@@ -223,7 +230,7 @@ class _ZarrBackend:
         if (codecs != ["BytesCodec", "Crc32cCodec"] or (endian != "little" and dtype.itemsize > 1)
                 or getattr(meta.chunk_key_encoding, "separator", None) != "/" or type(meta.chunk_key_encoding).__name__ != "DefaultChunkKeyEncoding"):
             return None
-        return _RawChunks(self, name, dtype.newbyteorder("<"), tuple(meta.chunk_grid.chunk_shape), tuple(array.shape))
+        return _ZarrRawChunks(self, name, array, tuple(meta.chunk_grid.chunk_shape))
 
     def close(self) -> None:
         pass
@@ -233,42 +240,6 @@ class _ChunkDamaged(Exception):
     def __init__(self, chunk: int, why: str):
         super().__init__(why)
         self.chunk = chunk
-
-
-class _RawChunks:
-    """Reads rows of an uncompressed Zarr array straight from its chunk files, checking each file's
-    crc32c trailer: the bytes a zarr reader would check, without its per-chunk pipeline overhead."""
-
-    def __init__(self, backend: _ZarrBackend, name: str, dtype: np.dtype, chunk_shape: tuple[int, ...], shape: tuple[int, ...]):
-        self.backend, self.name, self.dtype = backend, name, dtype
-        self.chunk_shape, self.shape = chunk_shape, shape
-        self.chunk_bytes = dtype.itemsize * math.prod(chunk_shape)
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        import google_crc32c
-
-        rows = self.chunk_shape[0]
-        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
-        buffer = np.empty(self.chunk_bytes + 4, np.uint8)
-        for chunk in range(start // rows, -(-stop // rows)):
-            path = self.backend._chunk_file(self.name, chunk, len(self.shape))
-            try:
-                with open(path, "rb", buffering=0) as f:
-                    got = f.readinto(memoryview(buffer))
-                    longer = f.read(1)
-            except FileNotFoundError:
-                raise _ChunkDamaged(chunk, "its chunk file is missing") from None
-            if got != len(buffer) or longer:
-                raise _ChunkDamaged(chunk, f"its chunk file has {got if not longer else 'more than ' + str(got)} bytes, not {len(buffer)}")
-            data = buffer[:-4].view()
-            data.flags.writeable = False  # google_crc32c takes read-only buffers only
-            if google_crc32c.value(data) != int.from_bytes(buffer[-4:].tobytes(), "little"):
-                raise _ChunkDamaged(chunk, "its crc32c does not match its bytes")
-            values = buffer[:-4].view(self.dtype).reshape(self.chunk_shape)
-            lo = chunk * rows
-            a, b = max(lo, start), min(lo + rows, stop)
-            out[a - start:b - start] = values[a - lo:b - lo]
-        return out
 
 
 class _H5Backend:
@@ -312,11 +283,130 @@ class _H5Backend:
     def missing_chunk(self, name: str, chunks: range, ndim: int) -> int | None:
         return None  # an HDF5 file cannot lose one chunk silently: a damaged one fails its read
 
-    def raw_reader(self, name: str, array: Any) -> None:
-        return None  # h5py reads with the fletcher32 filter checking each chunk
+    def create_read_checksums(self, layout: "Layout") -> None:
+        """A table of the CRC-32C of each uncompressed target array's rows per chunk. h5py checks
+        fletcher32 at under half its unfiltered read speed; softlabels reads those chunks raw and
+        checks this table instead, at hardware CRC speed (plain h5py readers still get fletcher32)."""
+        names = [a.name for a in layout.target_arrays()]
+        shape = (layout.num_chunks, len(names))
+        table = self.file.create_dataset(_READ_CHECKSUMS, shape=shape, chunks=(max(1, min(shape[0], 4096)), len(names)),
+                                         dtype="uint32", fletcher32=True)
+        table.attrs["arrays"] = json.dumps(names)
+
+    def record_read_checksums(self, first: int, chunks: list[dict[str, np.ndarray]]) -> None:
+        table = self.file[_READ_CHECKSUMS]
+        names = json.loads(table.attrs["arrays"])
+        table[first:first + len(chunks)] = [
+            [_crc32c(np.ascontiguousarray(chunk[name], dtype=chunk[name].dtype.newbyteorder("<"))) for name in names]
+            for chunk in chunks
+        ]
+
+    def raw_reader(self, name: str, array: Any) -> "_H5RawChunks | None":
+        """A direct reader of an uncompressed target array whose chunks the read-checksum table
+        covers; ``None`` (h5py with fletcher32, or version 1) otherwise."""
+        table = self.file.get(_READ_CHECKSUMS)
+        if table is None or array.compression is not None or array.chunks is None:
+            return None
+        try:
+            names = json.loads(table.attrs["arrays"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if name not in names or table.dtype != np.uint32 or table.ndim != 2 or table.shape[1] != len(names):
+            return None
+        return _H5RawChunks(array, table, names.index(name))
 
     def close(self) -> None:
         self.file.close()
+
+
+class _RawChunks:
+    """Reads rows of an uncompressed chunked array chunk by chunk, as the stored bytes (each chunk is
+    stored whole, a partial last chunk padded), into one buffer with no further copy, and checks each
+    chunk's checksum before the next read: the check zarr or h5py would make, without their
+    per-chunk pipeline overhead. Subclasses say where a chunk's bytes and checksum are."""
+
+    trailer = 4  # bytes stored after each chunk's values
+
+    def __init__(self, dtype: np.dtype, chunk_shape: tuple[int, ...], shape: tuple[int, ...]):
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.chunk_shape, self.shape = chunk_shape, shape
+        self.chunk_bytes = self.dtype.itemsize * math.prod(chunk_shape)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        rows = self.chunk_shape[0]
+        first, last = start // rows, -(-stop // rows)
+        buffer = np.empty((last - first) * self.chunk_bytes + self.trailer, np.uint8)
+        expected = self.expected_checksums(first, last)
+        for i, chunk in enumerate(range(first, last)):
+            # chunk i lands at its place in the buffer; its trailer spills into where chunk i + 1 goes,
+            # so it is checked before the next read overwrites it
+            self.read_chunk(chunk, buffer[i * self.chunk_bytes:(i + 1) * self.chunk_bytes + self.trailer],
+                            None if expected is None else int(expected[i]))
+        values = buffer[:(last - first) * self.chunk_bytes].view(self.dtype).reshape(-1, *self.chunk_shape[1:])
+        return values[start - first * rows:stop - first * rows]
+
+    def expected_checksums(self, first: int, last: int) -> np.ndarray | None:
+        """The recorded checksums of chunks ``first..last - 1`` where they are kept apart from the chunks."""
+        return None
+
+    def read_chunk(self, chunk: int, into: np.ndarray, expected: int | None) -> None:
+        """Read chunk ``chunk``'s stored bytes (and trailer) into ``into``; raise if they fail their checksum."""
+        raise NotImplementedError
+
+
+def _crc32c(data: np.ndarray) -> int:
+    import google_crc32c
+
+    view = data.view()
+    view.flags.writeable = False  # google_crc32c takes read-only buffers only
+    return google_crc32c.value(view)
+
+
+class _ZarrRawChunks(_RawChunks):
+    """A Zarr v3 array whose codecs are ``bytes`` (little-endian) then ``crc32c``: each chunk file is
+    the chunk's values followed by their CRC-32C."""
+
+    def __init__(self, backend: "_ZarrBackend", name: str, array: Any, chunk_shape: tuple[int, ...]):
+        super().__init__(np.dtype(array.dtype), chunk_shape, tuple(array.shape))
+        self.backend, self.name = backend, name
+
+    def read_chunk(self, chunk: int, into: np.ndarray, expected: int | None) -> None:
+        path = self.backend._chunk_file(self.name, chunk, len(self.shape))
+        try:
+            with open(path, "rb", buffering=0) as f:
+                got = f.readinto(memoryview(into))
+                longer = f.read(1)
+        except FileNotFoundError:
+            raise _ChunkDamaged(chunk, "its chunk file is missing") from None
+        if got != len(into) or longer:
+            raise _ChunkDamaged(chunk, f"its chunk file has {'more than ' if longer else ''}{got} bytes, not {len(into)}")
+        if _crc32c(into[:-4]) != int.from_bytes(into[-4:].tobytes(), "little"):
+            raise _ChunkDamaged(chunk, "its crc32c does not match its bytes")
+
+
+class _H5RawChunks(_RawChunks):
+    """An uncompressed HDF5 dataset read with ``read_direct_chunk`` (its fletcher32 trailer is left
+    unchecked), each chunk's rows checked against the CRC-32C the writer put in the read-checksum
+    table."""
+
+    def __init__(self, array: Any, table: Any, column: int):
+        super().__init__(np.dtype(array.dtype), tuple(array.chunks), tuple(array.shape))
+        self.array, self.table, self.column = array, table, column
+
+    def expected_checksums(self, first: int, last: int) -> np.ndarray:
+        return np.asarray(self.table[first:last, self.column])
+
+    def read_chunk(self, chunk: int, into: np.ndarray, expected: int | None) -> None:
+        offset = (chunk * self.chunk_shape[0], *([0] * (len(self.chunk_shape) - 1)))
+        try:
+            mask, stored = self.array.id.read_direct_chunk(offset, out=into)
+        except Exception as exc:  # e.g. a chunk the file does not have
+            raise _ChunkDamaged(chunk, f"unreadable: {exc}") from None
+        if mask != 0 or len(stored) != len(into):  # the values and the fletcher32 trailer
+            raise _ChunkDamaged(chunk, f"its stored chunk has {len(stored)} bytes, not {len(into)}")
+        rows = min(self.chunk_shape[0], self.shape[0] - offset[0])  # the writer summed the rows in the array only
+        if _crc32c(into[: rows * self.chunk_bytes // self.chunk_shape[0]]) != expected:
+            raise _ChunkDamaged(chunk, "its crc32c does not match its bytes")
 
 
 def _open_backend(path: Path, mode: str) -> _ZarrBackend | _H5Backend:
@@ -578,6 +668,7 @@ class CacheWriter:
                 floating = np.issubdtype(dtype, np.floating)
                 backend.create_array(name, shape, (rows, *shape[1:]), dtype, -1 if name == "labels" else 0,
                                      compress_logits or not floating)
+        backend.create_read_checksums(layout)
         backend.write_manifest(manifest)
         backend.sync(None)
         self._attach(path, backend, manifest, layout)
@@ -642,10 +733,10 @@ class CacheWriter:
         for name, array in self._arrays.targets.items():
             array[start:stop] = targets[name]
         self._arrays.labels[start:stop] = labels
+        bounds = [self.chunk_bounds(c) for c in range(first, first + count)]
+        self._backend.record_read_checksums(first, [{k: v[a - start:b - start] for k, v in targets.items()} for a, b in bounds])
         self._backend.sync(range(first, first + count), self._ndims)
-        sums = []
-        for a, b in map(self.chunk_bounds, range(first, first + count)):
-            sums.append(chunk_checksum({k: v[a - start:b - start] for k, v in targets.items()}, labels[a - start:b - start]))
+        sums = [chunk_checksum({k: v[a - start:b - start] for k, v in targets.items()}, labels[a - start:b - start]) for a, b in bounds]
         self._arrays.checksums[first:first + count] = sums
 
     def finish(self, **manifest_updates: Any) -> None:

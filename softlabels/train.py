@@ -316,9 +316,12 @@ def train_students(
             trained.append(_Student(name, spec, model.to(device), config, total_steps, device))
         position = {"epoch": 0, "batches": 0}
         if saved is not None:
-            for student in trained:
-                student.load(saved["students"][student.name])
-            position = saved["position"]
+            try:
+                for student in trained:
+                    student.load(saved["students"][student.name])
+                position = saved["position"]
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # the options matched, the states do not
+                raise SoftlabelsError(f"cannot resume {run}: {CHECKPOINT} is damaged ({type(exc).__name__}: {exc})") from exc
             if out is not None:
                 _write_metrics(out, trained)  # as the checkpoint has them, whatever a killed run wrote after it
         if torch.distributed.is_initialized():
@@ -520,6 +523,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SoftlabelsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT:
+    if (not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT
+            or not all(isinstance(saved.get(key), dict) for key in ("options", "students", "position"))):
         raise SoftlabelsError(f"{path} is not a train-student checkpoint")
     return saved

@@ -187,6 +187,23 @@ def test_resume_with_other_options_is_refused_naming_the_option(setup, change, m
     assert (setup / "r" / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("damage", ["not a dict", "states missing", "bad weights"])
+def test_a_damaged_checkpoint_is_refused_in_one_line(setup, damage):
+    assert run(*train_args("r")).exit_code == 0
+    saved = torch.load("r/checkpoint.pt", weights_only=True)
+    if damage == "not a dict":
+        saved = [saved]
+    elif damage == "states missing":
+        saved["students"] = {}
+    else:
+        saved["students"]["Sleepy"]["model"] = {"net.1.weight": torch.zeros(3)}
+    torch.save(saved, "r/checkpoint.pt")
+    result = run(*train_args("r"), "--resume")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    expected = "is not a train-student checkpoint" if damage == "not a dict" else "checkpoint.pt is damaged"
+    assert result.output.startswith("error: ") and expected in result.output, result.output
+
+
 def test_resume_with_other_students_is_refused_before_their_code_is_imported(setup):
     assert run(*train_args("r")).exit_code == 0
     os.remove("CANARY")
