@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import SoftlabelsError
-from .kinds import Dense, TargetKind
+from .kinds import TargetKind
 from .store import CacheWriter, Layout, directory_bytes, dump_lock, open_cache
 
 # Fields the writer sets itself from the layout; everything else (teacher, dataset, ...) carries over.
@@ -31,8 +31,8 @@ def convert_cache(
     dst = Path(dst)
     with open_cache(src) as cache, dump_lock(dst):
         old_kind = cache.kind
-        if kind is not None and not isinstance(old_kind, Dense):
-            raise SoftlabelsError(f"{src} is a {old_kind.name} cache; only a dense cache converts to another kind")
+        if kind is not None and old_kind.full_logits(cache.read(0, min(1, len(cache)))[0]) is None:
+            raise SoftlabelsError(f"{src} is a {old_kind.name} cache; only a cache of full logits (dense) converts to another kind")
         if dst.exists() and not overwrite:
             raise SoftlabelsError(f"{dst} already exists; pass --overwrite to replace it")
         new_kind = kind or old_kind
@@ -46,7 +46,7 @@ def convert_cache(
             chunks = tqdm(cache.iter_chunks(), total=cache.num_chunks, unit="chunk", desc="convert", disable=None if progress else True)
             for index, (start, targets, labels) in enumerate(chunks):
                 if kind is not None:
-                    logits = torch.from_numpy(targets["logits"])
+                    logits = torch.from_numpy(old_kind.full_logits(targets))
                     rows = torch.arange(start, start + len(labels))
                     targets = {k: v.numpy() for k, v in new_kind.build(logits, rows=rows, store_dtype=logits.dtype).items()}
                 writer.write_chunks(index, targets, labels)

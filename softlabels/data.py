@@ -40,13 +40,14 @@ import torch
 
 from .errors import SoftlabelsError
 from .models import resolve_callable
+from .trust import refuse_unpickling
 
 log = logging.getLogger(__name__)
 
 NO_LABEL = -1
 _FINGERPRINT_BLOCK_BYTES = 64 << 20
 _SAMPLED_ITEMS = 64
-_CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*(\.py)?:[A-Za-z_]\w*(\?.*)?$")
+_CALLABLE_SPEC = re.compile(r"^([\w./-]+\.py|[A-Za-z_][\w.]*):[A-Za-z_]\w*(\?.*)?$")  # module:f or path/file.py:f
 _STORE_SUFFIXES = (".npz", ".zarr", ".h5", ".hdf5")
 
 
@@ -282,7 +283,11 @@ def _zarr_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
         except Exception as exc:
             raise SoftlabelsError(f"cannot read dataset {spec}: not a Zarr group ({exc})") from exc
         _require_x(spec, names)
-        return group["x"], (group["y"] if "y" in names else None)
+        x, y = group["x"], (group["y"] if "y" in names else None)
+        for name, array in (("x", x), ("y", y)):
+            if array is not None:
+                refuse_unpickling(array, f"dataset {spec}: array '{name}'")
+        return x, y
 
     return open_zarr
 

@@ -63,6 +63,8 @@ def sum_ints(*values: int) -> list[int]:
     """Element-wise sums of integers over all ranks."""
     if not dist.is_initialized():
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.int64)
+    # NCCL reduces device tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(tensor)
     return [int(v) for v in tensor]

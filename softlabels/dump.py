@@ -278,7 +278,6 @@ _RESUME_KEYS = {
     "store dtype": ("dtype",),
     "rows per chunk": ("chunk_rows",),
     "logits compression": ("compress_logits",),
-    "item axes": ("item_axes",),
     "batch size": ("batch_size",),
     "precision": ("precision",),
     "device type": ("device",),
@@ -292,7 +291,7 @@ def _lookup(manifest: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return value
 
 
-def _open_for_resume(out: Path, expected: dict[str, Any], kind: TargetKind) -> CacheWriter | None:
+def _open_for_resume(out: Path, expected: dict[str, Any], kind: TargetKind, item_axes: tuple[str, ...]) -> CacheWriter | None:
     """The interrupted dump's writer, or ``None`` when there is nothing usable to resume."""
     partial = partial_path(out)
     if not partial.exists():
@@ -306,6 +305,9 @@ def _open_for_resume(out: Path, expected: dict[str, Any], kind: TargetKind) -> C
             return None
         raise SoftlabelsError(f"cannot resume {partial}: {exc}") from exc
     differences = [] if writer.layout.kind == kind else [f"cache kind was {writer.layout.kind.settings()}, now {kind.settings()}"]
+    recorded_axes = tuple(name for name, _ in writer.layout.item_axes)
+    if recorded_axes != item_axes:
+        differences.append(f"item axes were {list(recorded_axes)}, now {list(item_axes)}")
     for what, keys in _RESUME_KEYS.items():
         was, now = _lookup(writer.manifest, keys), _lookup(expected, keys)
         if now is not None and was != now:
@@ -447,7 +449,7 @@ def _start(
         "batch_size": expected["batch_size"],
     }
     if resume:
-        writer = _open_for_resume(out, {**manifest, **expected, "num_samples": len(source)}, kind)
+        writer = _open_for_resume(out, {**manifest, **expected, "num_samples": len(source)}, kind, item_axes)
         if writer is not None:
             return writer, None
     first = next(logits_of(batches=[0]))

@@ -13,11 +13,8 @@ from typing import Any, Callable
 
 
 def fsync_file(path: Path) -> None:
-    """Flush a file's bytes to disk; a file that does not exist has nothing to flush."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
+    """Flush a file's bytes to disk (a missing file raises: there is nothing durable to record)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

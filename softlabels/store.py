@@ -13,6 +13,8 @@ the kind's arrays   ``[N, *items, width]``        e.g. ``logits [N, *items, C]``
 ``chunk_crc32``     ``[N_chunks]`` int64          zlib CRC-32 of each chunk's arrays in kind order,
                                                   then its labels (little-endian, C order); ``-1``
                                                   until the chunk is written: the commit record
+``chunk_crc32c``    ``[N_chunks, A]`` uint32      HDF5 only: CRC-32C of each chunk's rows of each
+                                                  uncompressed target array (attribute ``arrays``)
 attribute           JSON object                   the manifest (``format``, ``format_version``,
 ``softlabels``                                    ``kind`` and its settings, ``item_axes``, ...); in
                                                   HDF5 a JSON string
@@ -51,6 +53,7 @@ import numpy as np
 
 from .durable import fsync_directory, fsync_file
 from .errors import SoftlabelsError
+from .trust import refuse_unpickling
 from .kinds import STORE_DTYPES, StoredArray, TargetKind, kind_from_settings
 
 FORMAT = "softlabels-cache"
@@ -199,7 +202,8 @@ class _ZarrBackend:
 
     def sync(self, chunks: range | None, arrays: dict[str, int] | None = None) -> None:
         """fsync the files of ``chunks`` of ``arrays`` (name -> ndim), or with ``chunks=None`` the
-        manifest, which zarr writes but never syncs."""
+        manifest, which zarr writes but never syncs. Every chunk is stored (write_empty_chunks), so a
+        missing file is an error, not a chunk to skip."""
         if chunks is None:
             fsync_file(self.root / "zarr.json")
             return
@@ -224,6 +228,8 @@ class _ZarrBackend:
         """A direct reader of ``array``'s chunk files when they are raw little-endian bytes followed by
         a crc32c (what version 2 writes for uncompressed arrays), else ``None``."""
         meta = array.metadata
+        if getattr(meta, "zarr_format", None) != 3:
+            return None
         codecs = [type(codec).__name__ for codec in meta.codecs]
         endian = getattr(getattr(meta.codecs[0], "endian", None), "value", None)
         dtype = np.dtype(array.dtype)
@@ -294,7 +300,9 @@ class _H5Backend:
         table.attrs["arrays"] = json.dumps(names)
 
     def record_read_checksums(self, first: int, chunks: list[dict[str, np.ndarray]]) -> None:
-        table = self.file[_READ_CHECKSUMS]
+        table = self.file.get(_READ_CHECKSUMS)
+        if table is None:  # a file without the table is read through h5py, fletcher32 checked
+            return
         names = json.loads(table.attrs["arrays"])
         table[first:first + len(chunks)] = [
             [_crc32c(np.ascontiguousarray(chunk[name], dtype=chunk[name].dtype.newbyteorder("<"))) for name in names]
@@ -387,7 +395,8 @@ class _ZarrRawChunks(_RawChunks):
 class _H5RawChunks(_RawChunks):
     """An uncompressed HDF5 dataset read with ``read_direct_chunk`` (its fletcher32 trailer is left
     unchecked), each chunk's rows checked against the CRC-32C the writer put in the read-checksum
-    table."""
+    table. The stored bytes are taken as little-endian: ``validate_manifest`` admits only the
+    native (little-endian) dtypes the writer uses."""
 
     def __init__(self, array: Any, table: Any, column: int):
         super().__init__(np.dtype(array.dtype), tuple(array.chunks), tuple(array.shape))
@@ -467,6 +476,12 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tupl
             )
         if np.dtype(str(arrays[name].dtype)) != dtype:
             raise SoftlabelsError(f"{path}: array '{name}' is {arrays[name].dtype} but the manifest implies {dtype}")
+        refuse_unpickling(arrays[name], f"{path}: array '{name}'")
+        if name != "chunk_crc32" and tuple(arrays[name].chunks or ()) != (layout.chunk_rows, *shape[1:]):
+            # readers index chunks by chunk_rows and take whole items per chunk
+            raise SoftlabelsError(
+                f"{path}: array '{name}' is chunked {list(arrays[name].chunks or [])}, not [{layout.chunk_rows}, *{list(shape[1:])}]"
+            )
     return manifest, layout
 
 
@@ -517,12 +532,17 @@ class _Arrays:
                 return chunk
         return start // rows
 
-    def _damaged(self, name: str, chunk: int, why: str) -> SoftlabelsError:
-        a, b = self.layout.chunk_bounds(chunk)
-        return SoftlabelsError(
-            f"{self.path}: array '{name}' chunk {chunk} (rows {a}-{b - 1}) is damaged ({' '.join(why.split())}); "
-            "run softlabels verify for a full report"
-        )
+    def _damaged(self, name: str, chunk: int, why: str) -> "DamagedChunk":
+        return DamagedChunk(self.path, name, chunk, self.layout.chunk_bounds(chunk), " ".join(why.split()))
+
+
+class DamagedChunk(SoftlabelsError):
+    """A chunk that failed its checksum (or is missing) when read; names the array, chunk and rows."""
+
+    def __init__(self, path: Path, array: str, chunk: int, rows: tuple[int, int], why: str):
+        super().__init__(f"{path}: array '{array}' chunk {chunk} (rows {rows[0]}-{rows[1] - 1}) is damaged ({why}); "
+                         "run softlabels verify for a full report")
+        self.array, self.chunk, self.why = array, chunk, why
 
 
 class Cache:
@@ -571,12 +591,6 @@ class Cache:
         """The kind's arrays (``[rows, *items, width]`` each) and labels (``[rows, *items]``) of
         rows ``start:stop``, every chunk's store checksum checked; aligned ranges read whole chunks."""
         return self._arrays.read(start, stop)
-
-    def read_chunk_raw(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Chunk ``index`` as stored, without the damaged-chunk check (for ``verify``)."""
-        start, stop = self.chunk_bounds(index)
-        arrays = {name: np.asarray(array[start:stop]) for name, array in self._arrays.targets.items()}
-        return arrays, np.asarray(self._arrays.labels[start:stop])
 
     def iter_chunks(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
         """``(start_row, targets, labels)`` for each chunk, in order, each checked as it is read."""

@@ -110,8 +110,12 @@ def predict(model: torch.nn.Module, source: Source, *, device: torch.device | st
 
 
 def agreement_metrics(logits: np.ndarray, labels: np.ndarray, teacher_top1: np.ndarray | None) -> dict[str, float | None]:
-    """Accuracy on labeled rows and top-1 agreement with the teacher, each ``None`` when undefined."""
-    predicted = logits.argmax(1)
+    """Accuracy on labeled items and top-1 agreement with the teacher, each ``None`` when undefined.
+
+    ``logits`` are ``[N, *items, C]``; a sample's label (``[N]``) stands for each of its items.
+    """
+    predicted = logits.argmax(-1)
+    labels = np.broadcast_to(labels.reshape(labels.shape + (1,) * (predicted.ndim - labels.ndim)), predicted.shape)
     labeled = labels != NO_LABEL
     accuracy = float((predicted[labeled] == labels[labeled]).mean()) if labeled.any() else None
     agreement = float((predicted == teacher_top1).mean()) if teacher_top1 is not None else None
@@ -159,7 +163,7 @@ def eval_inputs(
     source = open_data(eval_data)
     if eval_teacher:
         teacher = load_model(eval_teacher, input_shape=source.input_shape, trust_code=trust_code)
-        return source, predict(teacher.model, source, device=resolve_device(device))[0].argmax(1)
+        return source, predict(teacher.model, source, device=resolve_device(device))[0].argmax(-1)
     return source, None
 
 
@@ -312,7 +316,8 @@ def train_students(
         for name, spec in zip(names, students):
             torch.manual_seed(_student_seed(config.seed, name))
             model = build_model(spec.arch, input_shape=source.input_shape, num_classes=num_classes, kwargs=spec.kwargs)
-            check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'")
+            check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'",
+                               items=cache.items if cache is not None else ())
             trained.append(_Student(name, spec, model.to(device), config, total_steps, device))
         position = {"epoch": 0, "batches": 0}
         if saved is not None:
@@ -328,6 +333,7 @@ def train_students(
             for student in trained:  # wrapped after loading: DDP broadcasts rank 0's weights when it wraps
                 student.forward = torch.nn.parallel.DistributedDataParallel(student.model)
         loader.load_state_dict(position)
+        position = loader.state_dict()  # as the loader checked it: integers inside the run
 
         def checkpoint(epoch: int, batches: int) -> None:
             if out is not None:
@@ -524,6 +530,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as exc:
         raise SoftlabelsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if (not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT
-            or not all(isinstance(saved.get(key), dict) for key in ("options", "students", "position"))):
+            or not all(isinstance(saved.get(key), dict) for key in ("options", "students", "position"))
+            or not isinstance(saved["options"].get("config"), dict) or not isinstance(saved["options"].get("student"), list)):
         raise SoftlabelsError(f"{path} is not a train-student checkpoint")
     return saved

@@ -38,3 +38,12 @@ def check_recorded_spec(spec: object, *, names_code: bool, where: str, option: s
             f"{shlex.quote(spec)} to allow it, or --trust-code if you trust where the file came from"
         )
     return spec
+
+
+def refuse_unpickling(array: object, where: str) -> None:
+    """Refuse a Zarr array whose codecs or filters include a pickle codec (numcodecs' ``Pickle``, in
+    Zarr format 2 or 3): reading it would unpickle bytes from the file, which can run code."""
+    metadata = getattr(array, "metadata", None)
+    codecs = [getattr(metadata, name, None) for name in ("codecs", "filters", "compressor")]  # format 3, then 2
+    if "pickle" in repr(codecs).lower():
+        raise SoftlabelsError(f"{where} uses a pickle codec, which runs code when read; it is not read")

@@ -1,8 +1,9 @@
 """Check a cache against its own records, and optionally against its teacher.
 
-Every chunk is read whole and its CRC-32 compared with the one recorded at dump time, which catches
-flipped bytes, truncated or missing chunk files (Zarr reads a missing chunk as zeros without an
-error) and chunks a dump never finished. ``recompute`` reruns the teacher on whole dump batches
+Every chunk is read whole, as every command reads it (each against the store's own checksum: Zarr's
+crc32c, HDF5's CRC-32C table or fletcher32), and its CRC-32 is compared with the one recorded at
+dump time, which catches flipped bytes, truncated or missing chunk files and chunks a dump never
+finished. ``recompute`` reruns the teacher on whole dump batches
 chosen at random, the way the dump ran it (same batches, precision and autocast), and compares its
 logits with the cached ones.
 
@@ -25,7 +26,7 @@ from .data import Source
 from .dump import PRECISIONS, iter_logits, resolve_device
 from .errors import SoftlabelsError
 from .loader import source_for_cache
-from .store import Cache, chunk_checksum, open_cache
+from .store import Cache, DamagedChunk, chunk_checksum, open_cache
 
 # Relative tolerance of a recomputed logit by the precision the dump ran at (another device or
 # library version may round differently); float16 storage adds its own rounding (2**-11) on top.
@@ -72,9 +73,12 @@ def verify_cache(
             if recorded[index] < 0:
                 report.problems.append(f"{where}: never written")
                 continue
-            try:
-                targets, labels = cache.read_chunk_raw(index)
-            except Exception as exc:  # a damaged chunk can fail to decode in any codec-specific way
+            try:  # the reading every command does: each chunk against the store's own checksums
+                targets, labels = cache.read(start, stop)
+            except DamagedChunk as exc:
+                report.problems.append(f"{where}: array '{exc.array}' is damaged ({exc.why})")
+                continue
+            except Exception as exc:  # whatever else a damaged store raises
                 report.problems.append(f"{where}: unreadable ({' '.join(f'{type(exc).__name__}: {exc}'.split())})")
                 continue
             if chunk_checksum(targets, labels) != recorded[index]:

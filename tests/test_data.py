@@ -90,3 +90,12 @@ def test_mnist1d_transfer_is_unlabeled_and_differs_from_train():
 def test_bad_specs_are_refused(spec, message):
     with pytest.raises(SoftlabelsError, match=message):
         open_data(spec)
+
+
+def test_a_dataset_callable_may_be_named_by_a_file_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "ds.py").write_text("import numpy as np\ndef make(n=3):\n    return [(np.full(4, i, np.float32), i) for i in range(n)]\n")
+    source = open_data("sub/ds.py:make?n=5")
+    x, y = source.read(0, 5)
+    assert len(source) == 5 and x.shape == (5, 4) and list(y) == [0, 1, 2, 3, 4]

@@ -63,7 +63,8 @@ def test_upgrade_rewrites_a_version_1_cache_as_version_2_with_the_same_bytes(v1,
         for key in old[0]:
             assert old[0][key].tobytes() == new_targets[0][key].tobytes()
         np.testing.assert_array_equal(old_cache.checksums(), new_cache.checksums())
-    assert run("verify", new).exit_code == 0
+    verified = run("verify", new)
+    assert verified.exit_code == 0 and verified.output.strip() == f"ok: {new}: 3 chunks checked", verified.output
     if name.endswith(".zarr"):  # version 2 carries the store's own chunk checksum
         codecs = json.loads((new / "labels" / "zarr.json").read_text())["codecs"]
         assert any(codec["name"] == "crc32c" for codec in codecs)

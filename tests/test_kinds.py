@@ -208,8 +208,10 @@ def test_a_sampled_dump_has_the_same_bytes_for_any_batch_size(tmp_path, npz_data
         out = tmp_path / f"b{batch_size}{suffix}"
         dump(teacher, open_data(str(npz_data)), out, batch_size=batch_size, chunk_rows=50,
              kind=Sampled(samples=12, sample_seed=9), progress=False)
-        caches.append(open_cache(out).read(0, 300)[0])
-    for name in caches[0]:
+        with open_cache(out) as cache:
+            targets, labels = cache.read(0, 300)
+            caches.append({**targets, "labels": labels, "chunk_crc32": cache.checksums()})
+    for name in caches[0]:  # every stored array, and the commit record over their bytes
         assert caches[0][name].tobytes() == caches[1][name].tobytes(), name
 
 
@@ -245,3 +247,36 @@ def test_a_teacher_with_item_axes_dumps_rows_of_items(tmp_path, npz_data):
     np.testing.assert_allclose(group["topk_logits"][7, 2].astype(np.float32), expected[7, 2].topk(2).values.numpy(), rtol=1e-3)
     wrong = CliRunner().invoke(cli, ["inspect", str(out)])
     assert wrong.exit_code == 0 and "300 samples x 3 views x 5 classes" in wrong.output
+
+
+def test_students_train_on_a_cache_with_item_axes(tmp_path, npz_data, monkeypatch):
+    """A cache of [N, 3, C] rows trains students that output [batch, 3, C]; one that outputs [batch, C] is refused."""
+    from softlabels import SoftlabelsError, StudentSpec, TrainConfig, dump, open_data, train_students
+    from softlabels.checkpoint import LoadedModel
+
+    (tmp_path / "views_zoo.py").write_text(
+        "import torch\n"
+        "class ThreeViews(torch.nn.Module):\n"
+        "    def __init__(self, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(12, num_classes)\n"
+        "    def forward(self, x):\n"
+        "        return torch.stack([self.fc(x), self.fc(-x), self.fc(2 * x)], dim=1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import views_zoo
+    torch.manual_seed(0)
+    model = views_zoo.ThreeViews(5)
+    with torch.no_grad():
+        model.fc.weight.mul_(5.0)  # a confident teacher, so that agreement measures learning
+    teacher = LoadedModel(model, tmp_path / "t.pth", "0" * 64, "views_zoo:ThreeViews")
+    source = open_data(str(npz_data))
+    dump(teacher, source, tmp_path / "v.h5", kind=TopK(k=3), item_axes=("view",), chunk_rows=64, progress=False)
+    cache = open_cache(tmp_path / "v.h5")
+    config = TrainConfig(epochs=15, batch_size=32, lr=1e-2, alpha=0.0, device="cpu", temperature=4.0)
+    summary = train_students([StudentSpec("views_zoo:ThreeViews")], source=source, cache=cache, config=config,
+                             out_dir=tmp_path / "run", eval_source=source, eval_teacher_top1=cache.teacher_top1(), progress=False)
+    # agreement over all 300 x 3 items; a 5-class guess agrees on about 20%
+    assert 0.0 <= summary[0]["eval_accuracy"] <= 1.0 and summary[0]["teacher_agreement"] > 0.8
+    with pytest.raises(SoftlabelsError, match=r"outputs \[2, 5\] for a batch of 2, but the cache has \[3, 5\] per sample"):
+        train_students([StudentSpec("linear")], source=source, cache=cache, config=config, progress=False)

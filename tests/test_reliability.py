@@ -202,7 +202,9 @@ def test_verify_catches_flipped_truncated_and_missing_chunks(cache_and_teacher):
     assert len(bad) == 3
     assert bad[0].startswith("bad: chunk 1 (rows 50-99):")
     assert bad[1].startswith("bad: chunk 3 (rows 150-199):")
-    assert bad[2] == "bad: chunk 5 (rows 250-299): checksum mismatch (bytes changed since the dump)"
+    assert bad[0] == "bad: chunk 1 (rows 50-99): array 'logits' is damaged (its crc32c does not match its bytes)"
+    assert bad[1].startswith("bad: chunk 3 (rows 150-199): array 'logits' is damaged (its chunk file has ")
+    assert bad[2] == "bad: chunk 5 (rows 250-299): array 'labels' is damaged (its chunk file is missing)"
     assert result.output.strip().splitlines()[-1].startswith("error: ")
 
 
@@ -218,8 +220,8 @@ def test_verify_catches_a_flipped_byte_in_hdf5(tmp_path, npz_data, linear_teache
         f.seek(offset + 10)
         f.write(bytes([byte[0] ^ 0x40]))
     result = verify(out)
-    # HDF5's own fletcher32 filter refuses the chunk before softlabels' CRC-32 gets to compare it
-    assert result.exit_code == 1 and "bad: chunk 2 (rows 100-149): unreadable" in result.output
+    # the chunk fails the CRC-32C recorded for it before softlabels' CRC-32 gets to compare it
+    assert result.exit_code == 1 and "bad: chunk 2 (rows 100-149): array 'logits' is damaged (its crc32c" in result.output
 
 
 def test_verify_recompute_catches_logits_rewritten_with_valid_checksums(cache_and_teacher, tmp_path):

@@ -36,10 +36,6 @@ class StoredArray:
     dtype: np.dtype
     width: int
 
-    @property
-    def is_float(self) -> bool:
-        return np.issubdtype(self.dtype, np.floating)
-
 
 def index_dtype(num_classes: int) -> np.dtype:
     """The smallest unsigned integer type that holds every class index."""
@@ -125,6 +121,11 @@ class TargetKind:
     def logits_at(self, targets: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """The stored teacher logits and their classes (``None``: every class, in order)."""
         raise NotImplementedError
+
+    def full_logits(self, targets: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Every logit of the teacher, where the kind keeps them all (what another kind is built from)."""
+        values, classes = self.logits_at(targets)
+        return values if classes is None else None
 
     def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str) -> torch.Tensor:
         """Per-item ``KL(p || q)`` (forward) or ``KL(q || p)`` (reverse) at ``temperature``, unscaled."""
