@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import zlib
 from dataclasses import dataclass, field, fields
@@ -497,6 +498,15 @@ def _holds_a_run(run: Path) -> bool:
     return run.is_dir() and any((child / "student.pth").exists() or (child / "metrics.jsonl").exists() for child in run.iterdir())
 
 
+def _remove_run(run: Path) -> None:
+    """Remove what a run writes (checkpoint, summary, config, student directories); nothing else in ``run``."""
+    for name in (CHECKPOINT, "summary.json", "config.json"):
+        (run / name).unlink(missing_ok=True)
+    for child in run.iterdir():
+        if child.is_dir() and ((child / "student.pth").exists() or (child / "metrics.jsonl").exists()):
+            shutil.rmtree(child)
+
+
 def _start_run(run: Path | None, options: dict[str, Any], *, resume: bool, overwrite: bool, writer: bool) -> dict[str, Any] | None:
     """The checkpoint to continue from (``None``: start afresh), after refusing what must not happen."""
     if run is None:
@@ -518,7 +528,7 @@ def _start_run(run: Path | None, options: dict[str, Any], *, resume: bool, overw
         if not overwrite:
             raise SoftlabelsError(f"{run} already holds a training run: pass --resume to continue it or --overwrite to replace it")
         if writer:
-            path.unlink(missing_ok=True)  # so that a later --resume never continues the replaced run
+            _remove_run(run)  # the whole replaced run: no later --resume or report mixes it with the new one
     if writer:
         write_atomically(run / "config.json", lambda f: f.write((json.dumps(options, indent=2) + "\n").encode()))
     return None

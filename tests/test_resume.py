@@ -222,6 +222,11 @@ def test_an_existing_run_is_not_overwritten_without_overwrite(setup):
     assert again.exit_code == 1
     assert again.output.strip() == "error: r already holds a training run: pass --resume to continue it or --overwrite to replace it"
     assert all(torch.equal(before[k], weights(setup / "r", "mlp")[k]) for k in before)
+    (setup / "r" / "notes.txt").write_text("mine")
+    replaced = run("train-student", "--cache", "c.zarr", "--student", "mlp?width=16", *COMMON, "--out", "r", "--overwrite", "--lr", "0.01")
+    assert replaced.exit_code == 0 and "wrote r/summary.json" in replaced.output
+    # the replaced run's other student is gone with it; what the run did not write stays
+    assert not (setup / "r" / "Sleepy").exists() and (setup / "r" / "notes.txt").read_text() == "mine"
     replaced = run(*train_args("r"), "--overwrite", "--lr", "0.01")
     assert replaced.exit_code == 0 and "wrote r/summary.json" in replaced.output
     assert torch.load("r/checkpoint.pt", weights_only=True)["options"]["config"]["lr"] == 0.01
