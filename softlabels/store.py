@@ -545,7 +545,24 @@ class DamagedChunk(SoftlabelsError):
         self.array, self.chunk, self.why = array, chunk, why
 
 
-class Cache:
+class _Chunked:
+    """Chunk geometry read off ``self.layout``, shared by :class:`Cache` and :class:`CacheWriter`."""
+
+    layout: Layout
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.layout.chunk_rows
+
+    @property
+    def num_chunks(self) -> int:
+        return self.layout.num_chunks
+
+    def chunk_bounds(self, index: int) -> tuple[int, int]:
+        return self.layout.chunk_bounds(index)
+
+
+class Cache(_Chunked):
     """A read-only view of a cache. Use :func:`open_cache`."""
 
     def __init__(self, path: Path, *, allow_incomplete: bool = False):
@@ -572,20 +589,9 @@ class Cache:
         return self.layout.num_classes
 
     @property
-    def chunk_rows(self) -> int:
-        return self.layout.chunk_rows
-
-    @property
-    def num_chunks(self) -> int:
-        return self.layout.num_chunks
-
-    @property
     def items(self) -> tuple[int, ...]:
         """The sizes of the item axes (``()`` for one target per sample)."""
         return self.layout.items
-
-    def chunk_bounds(self, index: int) -> tuple[int, int]:
-        return self.layout.chunk_bounds(index)
 
     def read(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The kind's arrays (``[rows, *items, width]`` each) and labels (``[rows, *items]``) of
@@ -634,7 +640,7 @@ def open_cache(path: str | Path, *, allow_incomplete: bool = False) -> Cache:
     return Cache(Path(path), allow_incomplete=allow_incomplete)
 
 
-class CacheWriter:
+class CacheWriter(_Chunked):
     """Writes a cache chunk by chunk into ``PATH.partial``; :meth:`finish` publishes it as ``PATH``.
 
     A chunk's bytes are flushed to disk (fsync) before its checksum is recorded, so the recorded
@@ -711,17 +717,6 @@ class CacheWriter:
         self._arrays = _Arrays(self.partial, backend, layout, manifest["format_version"])
         self._ndims = {name: len(shape) for name, (shape, _) in layout.shapes().items() if name != "chunk_crc32"}
         self._finished = False
-
-    @property
-    def chunk_rows(self) -> int:
-        return self.layout.chunk_rows
-
-    @property
-    def num_chunks(self) -> int:
-        return self.layout.num_chunks
-
-    def chunk_bounds(self, index: int) -> tuple[int, int]:
-        return self.layout.chunk_bounds(index)
 
     def recorded_checksums(self) -> np.ndarray:
         """Each chunk's recorded CRC-32, ``-1`` for chunks not (durably) written yet."""

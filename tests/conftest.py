@@ -137,3 +137,15 @@ def committed(partial: Path) -> int:
             return int((f["chunk_crc32"][:] >= 0).sum())
     except Exception:
         return -1
+
+
+def flip_hdf5_byte(path: Path, dataset: str, chunk: int, offset: int, mask: int = 0xFF) -> None:
+    """Flip bits of one stored byte of ``dataset``'s chunk ``chunk`` (a chunk along the first axis)."""
+    with h5py.File(path, "r") as f:
+        array = f[dataset]
+        start = array.id.get_chunk_info(chunk).byte_offset + offset
+    with open(path, "r+b") as f:
+        f.seek(start)
+        byte = f.read(1)
+        f.seek(start)
+        f.write(bytes([byte[0] ^ mask]))

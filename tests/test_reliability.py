@@ -21,7 +21,7 @@ from softlabels import SoftlabelsError, dump, load_model, open_cache, open_data
 from softlabels.cli import cli
 from softlabels.store import CacheWriter
 
-from .conftest import committed, dump_args, make_npz, run_dump
+from .conftest import committed, dump_args, flip_hdf5_byte, make_npz, run_dump
 
 def kill_after(root, out, chunks: int) -> None:
     """Start a dump and SIGKILL it once ``chunks`` chunks are committed (0: as soon as it runs)."""
@@ -212,13 +212,7 @@ def test_verify_catches_a_flipped_byte_in_hdf5(tmp_path, npz_data, linear_teache
     teacher = load_model(linear_teacher, arch="linear", input_shape=(12,))
     out = tmp_path / "c.h5"
     dump(teacher, open_data(str(npz_data)), out, chunk_rows=50, progress=False)
-    with h5py.File(out, "r") as f:
-        offset = f["logits"].id.get_chunk_info(2).byte_offset
-    with open(out, "r+b") as f:
-        f.seek(offset + 10)
-        byte = f.read(1)
-        f.seek(offset + 10)
-        f.write(bytes([byte[0] ^ 0x40]))
+    flip_hdf5_byte(out, "logits", chunk=2, offset=10, mask=0x40)
     result = verify(out)
     # the chunk fails the CRC-32C recorded for it before softlabels' CRC-32 gets to compare it
     assert result.exit_code == 1 and "bad: chunk 2 (rows 100-149): array 'logits' is damaged (its crc32c" in result.output

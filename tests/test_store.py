@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from softlabels import CacheWriter, Dense, Layout, SoftlabelsError, open_cache
 from softlabels.store import chunk_checksum, default_chunk_rows
 
+from .conftest import flip_hdf5_byte
+
 MANIFEST = {"teacher": {"file": "t.pth"}, "dataset": {"spec": "x.npz", "fingerprint": "sha256:0"}}
 
 
@@ -176,13 +178,7 @@ def test_a_damaged_hdf5_chunk_fails_when_read(tmp_path):
     path = tmp_path / "c.h5"
     logits = np.random.default_rng(0).normal(size=(64, 50)).astype(np.float32)
     write_cache(path, logits, np.zeros(64, dtype=np.int64), chunk_rows=16, dtype="float32")
-    with h5py.File(path, "r") as f:
-        offset = f["logits"].id.get_chunk_info(1).byte_offset
-    with open(path, "r+b") as f:
-        f.seek(offset + 100)
-        byte = f.read(1)
-        f.seek(offset + 100)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_hdf5_byte(path, "logits", chunk=1, offset=100)
     with open_cache(path) as cache:
         cache.read(32, 64)  # the other chunks still read
         # softlabels reads uncompressed HDF5 chunks raw and checks the CRC-32C the writer recorded
