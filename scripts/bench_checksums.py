@@ -28,7 +28,7 @@ import zarr
 
 import softlabels
 from softlabels import CacheWriter, Dense, Layout, SoftTargetLoader, open_cache, open_data
-from softlabels.store import default_chunk_rows
+from softlabels.store import _crc32c, default_chunk_rows
 
 
 def write_caches(root: Path, rows: int, classes: int, suffix: str) -> tuple[Path, Path, Path]:
@@ -91,12 +91,10 @@ def loader_epoch(path: Path, data: Path) -> float:
 
 def crc_seconds(array_dir: Path) -> float:
     """Seconds to compute the crc32c of every chunk file of an array, its bytes already in memory."""
-    import google_crc32c
-
     blobs = [np.frombuffer(path.read_bytes(), np.uint8) for path in sorted((array_dir / "c").rglob("*")) if path.is_file()]
     began = time.perf_counter()
     for blob in blobs:
-        google_crc32c.value(blob[:-4])
+        _crc32c(blob[:-4])
     return time.perf_counter() - began
 
 
@@ -126,7 +124,8 @@ def main() -> None:
                 plain, checked_s = best[f"{what} unchecked"], best[f"{what} checked"]
                 noise = max(spread[f"{what} unchecked"], spread[f"{what} checked"])
                 label = "whole-chunk `Cache.read`" if what == "read" else "`SoftTargetLoader`, inputs, batch 1024"
-                print(f"| {suffix} | {label} | {scale / plain:,.2f} {unit} | {scale / checked_s:,.2f} {unit} | "
+                digits = 2 if unit == "GB/s" else 0
+                print(f"| {suffix} | {label} | {scale / plain:,.{digits}f} {unit} | {scale / checked_s:,.{digits}f} {unit} | "
                       f"{checked_s / plain - 1:+.1%} | {noise:.0%} |")
             if suffix == ".zarr":
                 crc = crc_seconds(checked / "logits")

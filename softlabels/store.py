@@ -363,11 +363,9 @@ class _RawChunks:
 
 
 def _crc32c(data: np.ndarray) -> int:
-    import google_crc32c
+    import crc32c
 
-    view = data.view()
-    view.flags.writeable = False  # google_crc32c takes read-only buffers only
-    return google_crc32c.value(view)
+    return crc32c.crc32c(data)
 
 
 class _ZarrRawChunks(_RawChunks):
