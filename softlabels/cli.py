@@ -16,6 +16,7 @@ from . import __version__, distributed
 from .checkpoint import load_model
 from .convert import convert_cache
 from .data import open_data
+from .augment import Pipeline, parse_augment
 from .dump import PRECISIONS, dump as run_dump
 from .errors import SoftlabelsError
 from .loader import source_for_cache
@@ -26,6 +27,7 @@ from .store import open_cache
 from .kinds import STORE_DTYPES
 from .train import StudentSpec, TrainConfig, eval_inputs, evaluate as run_evaluate, train_students
 from .verify import verify_cache
+from .views import Views
 
 POSITIVE = click.IntRange(min=1)
 TRUST_CODE = click.option(
@@ -154,6 +156,20 @@ def _kind(top_k, sample, proposal_temperature, sample_seed, temperatures) -> Tar
     return kind_from_settings(settings, num_classes=2**62, where="--top-k/--sample")
 
 
+AUGMENT = click.option(
+    "--augment", "augment_specs", multiple=True, metavar="SPEC",
+    help="An augmentation, applied in the order given: shift?max=M, scale?max=S, noise?std=SIGMA (1-D signals); "
+         "crop?size=H,W&scale=A,B&ratio=C,D, flip, cutmix?alpha=A (images [C,H,W]); mixup?alpha=A (any); module:callable?k=v.",
+)
+AUGMENT_SEED = click.option("--augment-seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                            help="Seed of the augmentation draws (each keyed by seed, sample and view).")
+
+
+def _pipeline(specs: tuple[str, ...], seed: int) -> Pipeline | None:
+    """The pipeline the --augment options ask for, or ``None`` when there are none."""
+    return Pipeline(tuple(parse_augment(spec) for spec in specs), seed=seed) if specs else None
+
+
 def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None, num_classes: int | None, trust_code: bool):
     return load_model(
         path,
@@ -178,14 +194,23 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--chunk-rows", type=POSITIVE, help="Rows per chunk (default: about 0.5 MiB of logits).")
 @click.option("--compress-logits", is_flag=True, help="Compress the logits too (zstd in Zarr, gzip in HDF5): ~10% smaller, slower.")
 @_sparse_options
+@click.option("--views", type=int, metavar="V", help="Store the teacher's targets for V augmented views of every sample (needs --augment).")
+@AUGMENT
+@AUGMENT_SEED
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache (and any interrupted dump) at --out.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted dump from its committed chunks.")
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf logits instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, temperatures, overwrite, resume, allow_nonfinite, quiet):
+def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, temperatures, views, augment_specs, augment_seed, overwrite, resume, allow_nonfinite, quiet):
     """Run a teacher over a dataset and store its logits in a cache.
+
+    With --views V and --augment, store V recorded augmented views of every sample: the teacher's
+    targets for each view and the parameters that made it, replayed when students train.
     """
     distributed.init()
+    if (views is None) != (not augment_specs):
+        raise SoftlabelsError("--views V and --augment SPEC go together: a view cache records V augmented views per sample")
+    recorded_views = Views(views, _pipeline(augment_specs, augment_seed)) if views is not None else None
     source = open_data(data_spec)
     teacher = _load(teacher_path, source, arch, arch_kwargs, num_classes, trust_code)
     result = run_dump(
@@ -199,6 +224,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         chunk_rows=chunk_rows,
         compress_logits=compress_logits,
         kind=_kind(top_k, sample, proposal_temperature, sample_seed, temperatures) or Dense(),
+        views=recorded_views,
         num_workers=num_workers,
         overwrite=overwrite,
         resume=resume,
@@ -227,6 +253,9 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--kl", type=click.Choice(KL_DIRECTIONS), default="forward", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--hard-labels-only", is_flag=True, help="Ignore soft targets: the scratch baseline (needs no cache).")
+@click.option("--online-teacher", metavar="CKPT", help="Run this teacher on every batch instead of reading a cache (with --augment: online function matching).")
+@AUGMENT
+@AUGMENT_SEED
 @click.option("--num-classes", type=POSITIVE, help="Classes when there is no cache (default: largest label + 1).")
 @click.option("--shards", type=POSITIVE, help="Train as N torchrun ranks would (the same global batches, an incomplete last one dropped), in one process.")
 @click.option("--device", default="auto", show_default=True)
@@ -236,14 +265,18 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @TRUST_CODE
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, seed, hard_labels_only, num_classes, shards, device, num_workers, checkpoint_every, resume, overwrite, trust_code, quiet):
+def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, seed, hard_labels_only, online_teacher, augment_specs, augment_seed, num_classes, shards, device, num_workers, checkpoint_every, resume, overwrite, trust_code, quiet):
     """Train one or more students from a cache of teacher logits.
+
+    A view cache trains every sample on one of its recorded views per epoch. --augment gives every
+    sample a fresh view each epoch, for the baselines: with --hard-labels-only (augmented scratch
+    training) or with --online-teacher (the teacher run on every view).
     """
     distributed.init()
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
         alpha=alpha, kl=kl, seed=seed, hard_labels_only=hard_labels_only, device=device, shards=shards,
-        checkpoint_every=checkpoint_every, num_workers=num_workers,
+        checkpoint_every=checkpoint_every, num_workers=num_workers, augment=_pipeline(augment_specs, augment_seed),
     )
     shared = _json_object(student_kwargs, "--student-kwargs")
     specs = [_student_spec(s, shared) for s in students]
@@ -251,15 +284,17 @@ def train_student(cache_path, data_spec, students, student_kwargs, out, eval_dat
     if cache is not None:
         source = source_for_cache(cache, data_spec, trust_code=trust_code)
     elif data_spec:
-        if not hard_labels_only:
-            raise SoftlabelsError("without --cache, train-student needs --hard-labels-only")
+        if not (hard_labels_only or online_teacher):
+            raise SoftlabelsError("without --cache, train-student needs --hard-labels-only or --online-teacher")
         source = open_data(data_spec)
     else:
-        raise SoftlabelsError("give --cache (or --data with --hard-labels-only)")
+        raise SoftlabelsError("give --cache (or --data with --hard-labels-only or --online-teacher)")
+    teacher = load_model(online_teacher, input_shape=source.input_shape, trust_code=trust_code) if online_teacher else None
     eval_source, eval_top1 = eval_inputs(eval_data, eval_cache, eval_teacher, device=device, trust_code=trust_code)
     summary = train_students(
         specs, source=source, cache=cache, config=config, out_dir=out, eval_source=eval_source,
         eval_teacher_top1=eval_top1, num_classes=num_classes, progress=not quiet, resume=resume, overwrite=overwrite,
+        teacher=teacher, trust_code=trust_code,
     )
     if distributed.world()[0] == 0:
         click.echo(format_table(summary, SUMMARY_COLUMNS))
@@ -340,19 +375,23 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
     click.echo(f"ok: {path}: {checked}")
 
 
-@cli.command(epilog="Example:\n\n\b\n  softlabels convert train.zarr train-top10.zarr --top-k 10\n  softlabels convert train.zarr train-s12.h5 --sample 12 --sample-seed 1\n  softlabels convert old-v1.zarr new.zarr --upgrade")
+@cli.command(epilog="Example:\n\n\b\n  softlabels convert train.zarr train-top10.zarr --top-k 10\n  softlabels convert train.zarr train-s12.h5 --sample 12 --sample-seed 1\n  softlabels convert views64.zarr views16-top5.zarr --keep-views 16 --top-k 5\n  softlabels convert old-v1.zarr new.zarr --upgrade")
 @click.argument("src")
 @click.argument("dst")
 @_sparse_options
+@click.option("--keep-views", type=POSITIVE, metavar="V", help="Keep the first V views of each sample of a view cache.")
 @click.option("--upgrade", is_flag=True, help="Rewrite SRC in the current format version, same kind.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, dst, top_k, sample, proposal_temperature, sample_seed, temperatures, upgrade, overwrite, quiet):
-    """Derive a top-k or sampled cache from a dense one, or upgrade an old cache, without running the teacher."""
+def convert(src, dst, top_k, sample, proposal_temperature, sample_seed, temperatures, keep_views, upgrade, overwrite, quiet):
+    """Derive a top-k or sampled cache from a dense one, keep fewer views of a view cache, or upgrade
+    an old cache, without running the teacher."""
     kind = _kind(top_k, sample, proposal_temperature, sample_seed, temperatures)
-    if (kind is None) == (not upgrade):
-        raise click.UsageError("give --top-k K, --sample S or --upgrade (one of them)")
-    size = convert_cache(src, dst, kind=kind, overwrite=overwrite, progress=not quiet)
+    if upgrade and (kind is not None or keep_views):
+        raise click.UsageError("--upgrade rewrites a cache as it is: give it alone")
+    if not (upgrade or kind is not None or keep_views):
+        raise click.UsageError("give --top-k K, --sample S, --keep-views V or --upgrade")
+    size = convert_cache(src, dst, kind=kind, keep_views=keep_views, overwrite=overwrite, progress=not quiet)
     with open_cache(dst) as cache:
         click.echo(f"wrote {dst}: {cache.kind.name} cache, format v{cache.manifest['format_version']}, {size / 2**20:.2f} MiB on disk")
 

@@ -1,14 +1,16 @@
-"""New caches from existing ones, without running the teacher: a sparse kind from a dense cache, or
-a version-1 cache rewritten in the current format.
+"""New caches from existing ones, without running the teacher: a sparse kind from a dense cache, a
+view cache with fewer views, or a version-1 cache rewritten in the current format.
 
 Example::
 
     convert_cache("train.zarr", "train-top10.zarr", kind=TopK(k=10))
+    convert_cache("views64.zarr", "views16.zarr", keep_views=16)   # the first 16 views of each sample
     convert_cache("old-v1.h5", "new.h5")          # same kind, current format version
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -20,14 +22,16 @@ from .store import CacheWriter, Layout, directory_bytes, dump_lock, open_cache
 
 # Fields the writer sets itself from the layout; everything else (teacher, dataset, ...) carries over.
 _LAYOUT_FIELDS = {"format", "format_version", "num_samples", "num_classes", "dtype", "chunk_rows", "item_axes",
-                  "compress_logits", "complete"}
+                  "compress_logits", "complete", "records"}
 
 
 def convert_cache(
-    src: str | Path, dst: str | Path, *, kind: TargetKind | None = None, overwrite: bool = False, progress: bool = True
+    src: str | Path, dst: str | Path, *, kind: TargetKind | None = None, keep_views: int | None = None,
+    overwrite: bool = False, progress: bool = True,
 ) -> int:
     """Write ``src`` to ``dst`` as ``kind`` (from a dense cache), or with ``kind=None`` as the same
-    kind in the current format; return the new cache's size on disk in bytes."""
+    kind in the current format; ``keep_views`` keeps the first views of a view cache, their records
+    with them. Return the new cache's size on disk in bytes."""
     dst = Path(dst)
     with open_cache(src) as cache, dump_lock(dst):
         old_kind = cache.kind
@@ -41,14 +45,29 @@ def convert_cache(
         manifest = {key: value for key, value in cache.manifest.items() if key not in _LAYOUT_FIELDS | settings}
         manifest["converted_from"] = {"path": str(Path(src).resolve()), "format_version": cache.manifest["format_version"],
                                       **old_kind.settings(), "dtype": cache.layout.dtype}
-        layout = Layout(new_kind, len(cache), cache.num_classes, cache.layout.dtype, cache.chunk_rows, cache.layout.item_axes)
+        item_axes, records = cache.layout.item_axes, cache.layout.records
+        views = slice(None)
+        if keep_views is not None:
+            count = (cache.manifest.get("views") or {}).get("count")
+            if count is None:
+                raise SoftlabelsError(f"--keep-views: {src} is not a view cache")
+            if not 1 <= keep_views <= count:
+                raise SoftlabelsError(f"--keep-views must be between 1 and the {count} views of {src}, got {keep_views}")
+            views = slice(0, keep_views)
+            item_axes = ((item_axes[0][0], keep_views), *item_axes[1:])
+            records = tuple(dataclasses.replace(r, shape=(keep_views, *r.shape[1:])) for r in records)
+            manifest["views"] = {**cache.manifest["views"], "count": keep_views}
+        layout = Layout(new_kind, len(cache), cache.num_classes, cache.layout.dtype, cache.chunk_rows, item_axes, records)
         with CacheWriter(dst, layout, manifest=manifest, compress_logits=bool(cache.manifest.get("compress_logits"))) as writer:
             chunks = tqdm(cache.iter_chunks(), total=cache.num_chunks, unit="chunk", desc="convert", disable=None if progress else True)
             for index, (start, targets, labels) in enumerate(chunks):
+                kept = {name: r[:, views] for name, r in cache.read_records(start, start + len(labels)).items()}
+                if keep_views is not None:
+                    targets, labels = {name: t[:, views] for name, t in targets.items()}, labels[:, views]
                 if kind is not None:
                     logits = torch.from_numpy(old_kind.full_logits(targets))
                     rows = torch.arange(start, start + len(labels))
                     targets = {k: v.numpy() for k, v in new_kind.build(logits, rows=rows, store_dtype=logits.dtype).items()}
-                writer.write_chunks(index, targets, labels)
+                writer.write_chunks(index, targets, labels, kept)
             writer.finish()
     return directory_bytes(dst)

@@ -84,6 +84,25 @@ class Source:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
+    def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and labels of rows ``ids`` (any order, repeats allowed), one read per run of
+        consecutive rows among the sorted distinct ids.
+
+        Example::
+
+            x, y = source.take(np.array([7, 3, 7]))   # x[0] and x[2] are row 7
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        distinct, where = np.unique(ids, return_inverse=True)
+        if len(distinct) == 0:
+            x, y = self.read(0, 0)
+            return x, y
+        breaks = np.flatnonzero(np.diff(distinct) != 1) + 1
+        parts = [self.read(int(run[0]), int(run[-1]) + 1) for run in np.split(distinct, breaks)]
+        x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        y = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        return x[where], y[where]
+
     def labels(self) -> np.ndarray:
         """Every label, read in blocks (labels are small next to inputs)."""
         block = 1 << 16

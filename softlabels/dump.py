@@ -37,6 +37,7 @@ from .checkpoint import LoadedModel
 from .data import NO_LABEL, Source
 from .errors import SoftlabelsError
 from .kinds import Dense, TargetKind
+from .views import VIEW_AXIS, Views
 from .store import CacheWriter, Layout, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock, partial_path
 
 log = logging.getLogger(__name__)
@@ -110,25 +111,64 @@ def iter_logits(
         logits = torch.cat([out.cpu() for _, out, _ in iter_logits(model, open_data("mnist1d://test"))])
     """
     device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise SoftlabelsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
-    autocast_dtype = PRECISIONS[precision]
-    model.eval().to(device)
+    forward = TeacherForward(model, device, precision)
     for start, x, y in iter_batches(source, batch_size=batch_size, device=device, num_workers=num_workers, batches=batches):
+        yield start, forward(x, f"samples {start}..{start + len(y) - 1}"), y
+
+
+def iter_view_logits(
+    model: torch.nn.Module,
+    source: Source,
+    views: Views,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    batches: list[int] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
+    """``(start_row, logits [rows, V, ..., classes], labels, records)`` for every batch of
+    ``batch_size // V`` samples (or those in ``batches``): each sample's ``V`` views are drawn
+    (``records``, see :class:`softlabels.views.Views`), made, and run through the teacher together.
+
+    Example::
+
+        views = Views(4, Pipeline((Shift(max=6),)))
+        start, logits, labels, records = next(iter_view_logits(model, open_data("mnist1d://train"), views))
+    """
+    device = torch.device(device)
+    forward = TeacherForward(model, device, precision)
+    for start, x, y in iter_batches(source, batch_size=max(1, batch_size // views.count), device=device,
+                                    num_workers=num_workers, batches=batches):
+        records = views.draw(np.arange(start, start + len(y)), num_samples=len(source), input_shape=source.input_shape)
+        flat = {name: r.reshape(-1, *r.shape[2:]) for name, r in records.items()}
+        inputs, _ = views.apply(source, x.repeat_interleave(views.count, 0), flat)
+        out = forward(inputs, f"the views of samples {start}..{start + len(y) - 1}")
+        yield start, out.reshape(len(y), views.count, *out.shape[1:]), y, records
+
+
+class TeacherForward:
+    """The teacher's forward pass on a batch, in inference mode and the dump's autocast precision."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str):
+        if precision not in PRECISIONS:
+            raise SoftlabelsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+        self.model, self.device, self.autocast = model.eval().to(device), device, PRECISIONS[precision]
+
+    def __call__(self, x: torch.Tensor, what: str) -> torch.Tensor:
         # The modes are entered per batch, never held across a yield: a suspended generator would
         # otherwise leave the caller's thread in inference mode.
-        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             try:
-                out = model(x)
+                out = self.model(x)
             except Exception as exc:
                 raise SoftlabelsError(
-                    f"the model failed on samples {start}..{start + len(y) - 1} "
-                    f"(inputs {list(x.shape[1:])}): {type(exc).__name__}: {exc}"
+                    f"the model failed on {what} (inputs {list(x.shape[1:])}): {type(exc).__name__}: {exc}"
                 ) from exc
-        if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != len(y):
+        if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != len(x):
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise SoftlabelsError(f"the teacher must output [batch, ..., classes]; it gave {shape} for a batch of {len(y)}")
-        yield start, out, y
+            raise SoftlabelsError(f"the teacher must output [batch, ..., classes]; it gave {shape} for a batch of {len(x)}")
+        return out
 
 
 @dataclass
@@ -193,7 +233,8 @@ class _ChunkWriter(threading.Thread):
                 start, targets, finite, predicted, labels, ready = item
                 if ready is not None:
                     ready.synchronize()
-                self._add(start, {k: v.numpy() for k, v in targets.items()}, finite.numpy(), predicted.numpy(), labels.numpy())
+                arrays = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
+                self._add(start, arrays, finite.numpy(), predicted.numpy(), labels.numpy())
                 if self.inbox.empty() or len(self._done) >= _WRITE_GROUP:
                     self._flush()
             received_end = True
@@ -229,8 +270,9 @@ class _ChunkWriter(threading.Thread):
     def _flush(self) -> None:
         """Write the finished chunks, each run of consecutive ones in one store call."""
         for first, run in _consecutive_runs(sorted(self._done)):
-            targets, predicted, labels = _concat_parts([self._done[c] for c in run])
-            self.writer.write_chunks(first, targets, labels)
+            arrays, predicted, labels = _concat_parts([self._done[c] for c in run])
+            records = {r.name: arrays.pop(r.name) for r in self.writer.layout.records}
+            self.writer.write_chunks(first, arrays, labels, records)
             self.accuracy.add(predicted, labels)
         self._done.clear()
 
@@ -281,6 +323,7 @@ _RESUME_KEYS = {
     "batch size": ("batch_size",),
     "precision": ("precision",),
     "device type": ("device",),
+    "views and augmentations": ("views",),
 }
 
 
@@ -310,6 +353,11 @@ def _open_for_resume(out: Path, expected: dict[str, Any], kind: TargetKind, item
         differences.append(f"item axes were {list(recorded_axes)}, now {list(item_axes)}")
     for what, keys in _RESUME_KEYS.items():
         was, now = _lookup(writer.manifest, keys), _lookup(expected, keys)
+        if keys == ("views",):  # replay versions may differ; what is drawn may not
+            was, now = ({k: v for k, v in (m or {}).items() if k != "versions"} or None for m in (was, now))
+            if was != now:
+                differences.append(f"{what} were {was!r}, now {now!r}")
+            continue
         if now is not None and was != now:
             differences.append(f"{what} was {was!r}, now {now!r}")
     if differences:
@@ -324,10 +372,10 @@ def _committed_chunks(writer: CacheWriter, accuracy: _Accuracy, chunks: range) -
     recorded = writer.recorded_checksums()
     for chunk in (c for c in chunks if recorded[c] >= 0):
         try:
-            targets, labels = writer.read_chunk(int(chunk))
+            targets, labels, records = writer.read_chunk(int(chunk))
         except Exception:  # an unreadable chunk is simply written again
             continue
-        if chunk_checksum(targets, labels) == recorded[chunk]:
+        if chunk_checksum(targets, labels, records) == recorded[chunk]:
             kept.add(int(chunk))
             accuracy.add(writer.layout.kind.top_class(targets), labels)
     return kept
@@ -346,6 +394,7 @@ def dump(
     compress_logits: bool = False,
     kind: TargetKind = Dense(),
     item_axes: tuple[str, ...] = (),
+    views: Views | None = None,
     num_workers: int = 0,
     overwrite: bool = False,
     resume: bool = False,
@@ -356,7 +405,11 @@ def dump(
 
     ``kind`` chooses what is stored (:mod:`softlabels.kinds`: ``Dense()``, ``TopK(k=10)``,
     ``Sampled(samples=12)``). A teacher whose output is ``[batch, *items, classes]`` needs one name
-    per item axis in ``item_axes`` (``("view",)``, ``("token",)``); each item gets its sample's label.
+    per item axis in ``item_axes`` (``("token",)``); each item gets its sample's label.
+
+    With ``views`` (:class:`softlabels.views.Views`) the teacher runs on ``views.count`` augmented
+    views of every sample instead, and their parameters are stored with the targets (item axis
+    ``view``); the teacher's forward batches hold ``batch_size`` views.
 
     With ``resume=True`` an interrupted dump (``out.partial``) continues from its committed chunks,
     provided the teacher, data and storage options are the ones it recorded.
@@ -366,6 +419,11 @@ def dump(
         raise SoftlabelsError(f"dataset {source.spec} is empty")
     if precision not in PRECISIONS:
         raise SoftlabelsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    if views is not None:
+        if item_axes:
+            raise SoftlabelsError("a dump with views has the one item axis 'view'")
+        views.pipeline.check_input(source.input_shape, where=f"--augment on {source.spec}")
+        item_axes = (VIEW_AXIS,)
     rank, size = distributed.world()
     if size > 1 and backend_name(out) == "hdf5":
         raise SoftlabelsError("an HDF5 file has one writer: under torchrun, dump to a .zarr path")
@@ -373,14 +431,21 @@ def dump(
     if dev.type == "cuda" and size > 1:
         dev = torch.device("cuda", torch.cuda.current_device())
     began = time.perf_counter()
-    logits_of = functools.partial(
-        iter_logits, teacher.model, source, batch_size=batch_size, device=dev, precision=precision, num_workers=num_workers
-    )
+    if views is None:
+        def logits_of(batches: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
+            for start, out, y in iter_logits(teacher.model, source, batch_size=batch_size, device=dev, precision=precision,
+                                             num_workers=num_workers, batches=batches):
+                yield start, out, y, {}
+        batch_rows = batch_size
+    else:
+        logits_of = functools.partial(iter_view_logits, teacher.model, source, views, batch_size=batch_size, device=dev,
+                                      precision=precision, num_workers=num_workers)
+        batch_rows = max(1, batch_size // views.count)
     accuracy = _Accuracy()
     first = None
     with dump_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
-            writer, first = _start(out, teacher, source, logits_of, kind, tuple(item_axes), overwrite=overwrite, resume=resume,
+            writer, first = _start(out, teacher, source, logits_of, kind, tuple(item_axes), views, overwrite=overwrite, resume=resume,
                                    expected={"precision": precision, "device": dev.type, "batch_size": batch_size,
                                              "dtype": store_dtype, "chunk_rows": chunk_rows, "compress_logits": compress_logits})
         distributed.barrier()  # rank 0 has made (or reopened) the partial cache the others now open
@@ -392,7 +457,7 @@ def dump(
         kept = _committed_chunks(writer, accuracy, mine)
         pending = set(mine) - kept
         bounds = [writer.chunk_bounds(c) for c in sorted(pending)]
-        batches = sorted({b for lo, hi in bounds for b in range(lo // batch_size, (hi - 1) // batch_size + 1)})
+        batches = sorted({b for lo, hi in bounds for b in range(lo // batch_rows, (hi - 1) // batch_rows + 1)})
         if first is not None and batches[:1] == [0]:
             stream = itertools.chain([first], logits_of(batches=batches[1:]))
         else:
@@ -427,9 +492,9 @@ def dump(
 
 
 def _start(
-    out: Path, teacher: LoadedModel, source: Source, logits_of: Any, kind: TargetKind, item_axes: tuple[str, ...], *,
-    overwrite: bool, resume: bool, expected: dict[str, Any],
-) -> tuple[CacheWriter, tuple[int, torch.Tensor, torch.Tensor] | None]:
+    out: Path, teacher: LoadedModel, source: Source, logits_of: Any, kind: TargetKind, item_axes: tuple[str, ...],
+    views: Views | None, *, overwrite: bool, resume: bool, expected: dict[str, Any],
+) -> tuple[CacheWriter, tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]] | None]:
     """Reopen the interrupted dump, or make a new partial cache; the latter needs the first batch's
     output for the number of classes and items, which is returned so that it is not computed twice."""
     if out.exists() and not overwrite:
@@ -447,6 +512,7 @@ def _start(
         "precision": expected["precision"],
         "device": expected["device"],
         "batch_size": expected["batch_size"],
+        **({"views": views.settings()} if views is not None else {}),
     }
     if resume:
         writer = _open_for_resume(out, {**manifest, **expected, "num_samples": len(source)}, kind, item_axes)
@@ -461,7 +527,8 @@ def _start(
     num_classes = shape[-1]
     kind.validate(num_classes=num_classes, where="the cache kind")
     axes = tuple(zip(item_axes, shape[1:-1]))
-    layout = Layout(kind, len(source), num_classes, expected["dtype"], expected["chunk_rows"] or 1, axes)
+    records = views.records(source.input_shape) if views is not None else ()
+    layout = Layout(kind, len(source), num_classes, expected["dtype"], expected["chunk_rows"] or 1, axes, records)
     if not expected["chunk_rows"]:
         layout = dataclasses.replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes))
     writer = CacheWriter(out, layout, manifest=manifest, compress_logits=expected["compress_logits"])
@@ -470,7 +537,7 @@ def _start(
 
 def _feed(
     thread: _ChunkWriter,
-    stream: Iterator[tuple[int, torch.Tensor, torch.Tensor]],
+    stream: Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]],
     *,
     layout: Layout,
     device: torch.device,
@@ -482,7 +549,7 @@ def _feed(
     thread.start()
     bar = tqdm(total=rows, unit="samples", unit_scale=True, desc="dump", disable=None if progress else True)
     try:
-        for start, logits, labels in stream:
+        for start, logits, labels, records in stream:
             if tuple(logits.shape[1:]) != (*layout.items, layout.num_classes):
                 raise SoftlabelsError(
                     f"the teacher gives {list(logits.shape[1:])} per sample at sample {start}; "
@@ -503,7 +570,7 @@ def _feed(
                 ready.record()
             else:
                 host, ready = stored, None
-            thread.put((start, host, finite, predicted.cpu(), labels.contiguous(), ready))
+            thread.put((start, {**host, **records}, finite, predicted.cpu(), labels.contiguous(), ready))
             bar.update(len(labels))
     finally:
         bar.close()

@@ -7,6 +7,10 @@ batch and DataLoader workers take every W-th batch, so neither changes what is t
 read is a whole chunk of the cache and the matching slice of the inputs, and the next window is
 read in a background thread while the current one is served.
 
+On a view cache (:mod:`softlabels.views`) each row of a batch takes one of its recorded views, chosen
+by ``(seed, epoch, sample)``: the view's targets, and its inputs replayed from the stored parameters.
+Given ``augment`` instead, every row gets a fresh view keyed by ``(augment seed, sample, epoch)``.
+
 Example::
 
     cache = open_cache("transfer.zarr")
@@ -29,8 +33,10 @@ import torch
 from .data import NO_LABEL, DatasetSource, Source, data_names_code, open_data
 from .errors import SoftlabelsError
 from .kinds import SoftTargets
+from .augment import Pipeline
 from .store import Cache, chunk_bounds, num_chunks, open_cache
 from .trust import check_recorded_spec
+from .views import Mix, Views, replay
 
 DEFAULT_CHUNK_ROWS = 1024  # the shuffle's block size when there is no cache to follow
 _MAX_BLOCK_BYTES = 16 << 20
@@ -88,6 +94,7 @@ class Batch(NamedTuple):
     labels: torch.Tensor
     teacher_logits: SoftTargets | None  # the cached targets of these rows, whatever their kind
     indices: torch.Tensor  # dataset row of each sample
+    mix: Mix | None = None  # partner labels and weights of views mixed with a partner
 
 
 class _Window(NamedTuple):
@@ -95,6 +102,7 @@ class _Window(NamedTuple):
     labels: np.ndarray | None
     teacher_logits: dict[str, np.ndarray] | None
     indices: np.ndarray
+    records: dict[str, np.ndarray] | None = None  # a view cache's records of these rows
 
 
 _Plan = list[tuple[list[int], np.ndarray | None]]  # per window: its blocks, and the permutation of its rows
@@ -141,6 +149,8 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         shards: int = 1,
         shard: int | None = None,
         read_threads: int = 4,
+        augment: Pipeline | None = None,
+        trust_code: bool = False,
     ):
         if cache is not None and len(cache) != len(source):
             raise SoftlabelsError(f"the cache has {len(cache)} rows but dataset {source.spec} has {len(source)}")
@@ -156,6 +166,14 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         self.shuffle_chunks, self.drop_last = shuffle_chunks, drop_last or shards > 1
         self.shards, self.shard, self.read_threads = shards, shard, read_threads
         self.block_rows = block_rows(source, cache)
+        self.views = None if cache is None else Views.from_manifest(cache.manifest, where=str(cache.path), trust_code=trust_code)
+        if self.views is not None:
+            self.views.check(cache.layout.records, cache.items, source.input_shape, where=str(cache.path))
+            if augment is not None:
+                raise SoftlabelsError(f"{cache.path} replays its own recorded views; --augment does not apply to it")
+        if augment is not None:
+            augment.check_input(source.input_shape, where=f"--augment on {source.spec}")
+        self.augment = augment
         self.num_samples = len(source)
         # A dataset read item by item costs the same per item wherever it lies: read only the items served.
         self._reads_items = isinstance(source, DatasetSource)
@@ -172,6 +190,13 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cache": None}  # open handles do not pickle; the cache reopens by path
+
+    @property
+    def items(self) -> tuple[int, ...]:
+        """The item axes of the targets served per sample (a view cache serves one view per sample)."""
+        if self._cache_path is None:
+            return ()
+        return self.cache.items[1:] if self.views is not None else self.cache.items
 
     @property
     def batches_per_epoch(self) -> int:
@@ -221,9 +246,27 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         with ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="softlabels-read") as pool:
             read = functools.partial(self._read_window, pool)
             for window in self._batches(self.epoch, self._start, worker, workers, read):
-                x, y, i = (torch.from_numpy(np.ascontiguousarray(a)) for a in (window.inputs, window.labels, window.indices))
+                window, mix = self._view(window)
+                x, y, i = (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+                           for a in (window.inputs, window.labels, window.indices))
                 self._served += 1
-                yield Batch(x, y, self._soft_targets(window.teacher_logits), i)
+                yield Batch(x, y, self._soft_targets(window.teacher_logits), i, mix)
+
+    def _view(self, window: _Window) -> tuple[_Window, Mix | None]:
+        """The batch as trained on: one recorded view per row replayed (a view cache), or a fresh
+        view per row (``augment``), or the rows as they are."""
+        if self.views is not None:
+            rows, view = np.arange(len(window.indices)), self.views.view_of(self.seed, self.epoch, window.indices)
+            targets = {name: a[rows, view] for name, a in window.teacher_logits.items()}
+            record = {name: a[rows, view] for name, a in window.records.items()}
+            x, mix = self.views.apply(self.source, torch.from_numpy(np.ascontiguousarray(window.inputs)), record)
+            return window._replace(inputs=x, labels=window.labels[rows, view], teacher_logits=targets, records=None), mix
+        if self.augment is not None:
+            record = self.augment.draw(window.indices, np.full(len(window.indices), self.epoch), self.num_samples,
+                                       self.source.input_shape)
+            x, mix = replay(self.augment, self.source, torch.from_numpy(np.ascontiguousarray(window.inputs)), record)
+            return window._replace(inputs=x), mix
+        return window, None
 
     def _soft_targets(self, targets: dict[str, np.ndarray] | None) -> SoftTargets | None:
         """The window rows' cached arrays as the :class:`SoftTargets` that :func:`softlabels.kd_loss`
@@ -317,10 +360,12 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
     def _read_block(self, block: int, inputs: bool = True) -> _Window:
         start, stop = chunk_bounds(block, self.block_rows, self.num_samples)
         x, y = self.source.read(start, stop) if inputs else (None, None)
-        t = None
+        t = records = None
         if self.cache is not None:
             t, y = self.cache.read(start, stop)
-        return _Window(x, y, t, np.arange(start, stop))
+            if self.views is not None:
+                records = self.cache.read_records(start, stop)
+        return _Window(x, y, t, np.arange(start, stop), records)
 
     def _read_window(self, pool: ThreadPoolExecutor, group: list[int], rows: np.ndarray | None) -> _Window:
         """The window's blocks, read concurrently (zarr and h5py release the GIL while they read and decode).
@@ -331,16 +376,10 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         window = _concat(list(pool.map(functools.partial(self._read_block, inputs=rows is None), group)))
         if rows is None:
             return window
-        ids = window.indices[rows]
-        x, y = None, np.full(len(window.indices), NO_LABEL, dtype=np.int64)
-        # Runs of consecutive rows, each one read call.
-        breaks = np.flatnonzero((np.diff(ids) != 1) | (np.diff(rows) != 1)) + 1
-        for run_rows, run_ids in zip(np.split(rows, breaks), np.split(ids, breaks)):
-            xs, ys = self.source.read(int(run_ids[0]), int(run_ids[-1]) + 1)
-            if x is None:
-                x = np.zeros((len(window.indices), *xs.shape[1:]), dtype=xs.dtype)
-            x[run_rows] = xs
-            y[run_rows] = ys
+        xs, ys = self.source.take(window.indices[rows])
+        x = np.zeros((len(window.indices), *xs.shape[1:]), dtype=xs.dtype)
+        y = np.full(len(window.indices), NO_LABEL, dtype=np.int64)
+        x[rows], y[rows] = xs, ys
         return window._replace(inputs=x, labels=window.labels if window.labels is not None else y)
 
 

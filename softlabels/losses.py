@@ -7,7 +7,8 @@ With student logits ``s``, teacher logits ``t``, temperature ``T`` and hard-labe
 
 with ``KL = KL(p || q)`` (forward, Hinton et al. 2015) or ``KL(q || p)`` (reverse). The ``T^2``
 factor keeps the soft term's gradients the same size as ``T`` changes. An item whose label is ``-1``
-has no hard term, so an unlabeled transfer set trains on the soft term alone. Everything works on
+has no hard term, so an unlabeled transfer set trains on the soft term alone. An input mixed from
+two samples with weight ``lam`` (mixup, cutmix) has the hard term ``lam * CE(y) + (1 - lam) * CE(y2)``. Everything works on
 the last axis: an item is a sample, a recorded view or a token alike.
 
 Sparse cached targets bring their own KL (top-k with an exact tail bucket, unbiased sampled
@@ -58,6 +59,7 @@ def kd_loss(
     alpha: float = 0.5,
     kl: str = "forward",
     ignore_index: int = -1,
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean distillation loss of a batch (see the module docstring for the formula).
 
@@ -69,6 +71,8 @@ def kd_loss(
 
     The cross-entropy term is the mean over labeled items and the KL term the mean over all items,
     so the hard term weighs the same with or without a teacher, whatever share of a batch is labeled.
+    ``mix=(partner_labels, lam)`` (each ``[...]``) makes an item's hard term
+    ``lam * CE(labels) + (1 - lam) * CE(partner_labels)``, as for a mixup or cutmix view.
 
     Example::
 
@@ -82,7 +86,7 @@ def kd_loss(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if kl not in KL_DIRECTIONS:
         raise ValueError(f"kl must be 'forward' or 'reverse', got {kl!r}")
-    hard = _cross_entropy(student_logits, labels, ignore_index)
+    hard = _cross_entropy(student_logits, labels, ignore_index, mix)
     if teacher is None:
         return hard
     if isinstance(teacher, torch.Tensor):
@@ -93,10 +97,15 @@ def kd_loss(
     return loss + alpha * hard if alpha > 0 else loss
 
 
-def _cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+def _cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int,
+                   mix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean cross-entropy over the labeled items, 0 (with a gradient path) when there are none."""
     if labels is None or not (labels != ignore_index).any():
         return student_logits.sum() * 0.0
-    return F.cross_entropy(
-        student_logits.float().reshape(-1, student_logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index
-    )
+    logits = student_logits.float().reshape(-1, student_logits.shape[-1])
+    if mix is None:
+        return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index)
+    partner_labels, lam = (t.reshape(-1) for t in mix)
+    own = F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="none")
+    partner = F.cross_entropy(logits, partner_labels, ignore_index=ignore_index, reduction="none")
+    return (lam * own + (1 - lam) * partner).sum() / (labels != ignore_index).sum()

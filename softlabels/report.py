@@ -88,8 +88,45 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         "labeled_items": labeled,
         "teacher_accuracy": correct / labeled if labeled else None,
         "statistic": {"name": kind.statistic_name, "mean": None if mean is None or math.isnan(mean) else mean},
+        "views": _views_report(cache, on_disk),
         "manifest": cache.manifest,
     }
+
+
+def _views_report(cache: Cache, on_disk: int) -> dict[str, Any] | None:
+    """A view cache's views as its manifest records them (shown, never imported), with their bytes."""
+    views = cache.manifest.get("views")
+    if not isinstance(views, dict) or not cache.items:
+        return None
+    count, n = cache.items[0], len(cache)
+    record_bytes = sum(np.dtype(r.dtype).itemsize * math.prod(r.shape) for r in cache.layout.records)
+    augment = views.get("augment") if isinstance(views.get("augment"), list) else []
+    return {
+        "count": count,
+        "seed": views.get("seed"),
+        "augment": [_augment_text(a) for a in augment],
+        "bytes_per_view": on_disk / (n * count) if n else None,
+        "record_bytes_per_view": record_bytes / count,
+    }
+
+
+def _augment_text(settings: Any) -> str:
+    """``name?k=v&...`` of a recorded augmentation."""
+    if not isinstance(settings, dict):
+        return repr(settings)
+    name = str(settings.get("callable") or settings.get("name"))
+    values = "&".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()
+                      if k not in ("name", "callable", "version"))
+    return name + (f"?{values}" if values else "")
+
+
+def _views_lines(views: dict[str, Any] | None) -> list[str]:
+    if views is None:
+        return []
+    return [
+        f"views        {views['count']} per sample, augment seed {views['seed']}: {' -> '.join(views['augment'])}",
+        f"per view     {views['bytes_per_view']:.1f} bytes on disk, {views['record_bytes_per_view']:.0f} of them parameters (uncompressed)",
+    ]
 
 
 def format_cache_report(report: dict[str, Any]) -> str:
@@ -111,6 +148,7 @@ def format_cache_report(report: dict[str, Any]) -> str:
         f"dataset      {dataset.get('spec')} ({_count(dataset.get('num_samples'))} samples, {str(dataset.get('fingerprint', ''))[:20]}...)",
         f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_items']:,} labeled items",
         f"{statistic['name']:<12} " + ("-" if statistic["mean"] is None else kind_type.statistic_format.format(statistic["mean"])),
+        *_views_lines(report["views"]),
         f"created      {m.get('created')} by softlabels {m.get('softlabels_version')}, torch {m.get('torch_version')}",
     ]
     return "\n".join(lines)

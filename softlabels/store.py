@@ -11,10 +11,15 @@ the kind's arrays   ``[N, *items, width]``        e.g. ``logits [N, *items, C]``
                                                   :mod:`softlabels.kinds`
 ``labels``          ``[N, *items]`` int64         hard labels, ``-1`` where an item has none
 ``chunk_crc32``     ``[N_chunks]`` int64          zlib CRC-32 of each chunk's arrays in kind order,
-                                                  then its labels (little-endian, C order); ``-1``
+                                                  then its labels, then its records in manifest
+                                                  order (little-endian, C order); ``-1``
                                                   until the chunk is written: the commit record
 ``chunk_crc32c``    ``[N_chunks, A]`` uint32      HDF5 only: CRC-32C of each chunk's rows of each
-                                                  uncompressed target array (attribute ``arrays``)
+                                                  uncompressed array (attribute ``arrays``)
+records             ``[N, *shape]``               optional per-sample records kept beside the
+                                                  targets, named ``group/name`` (a view cache's
+                                                  augmentation parameters under ``views/``); the
+                                                  manifest's ``records`` lists each name, dtype, shape
 attribute           JSON object                   the manifest (``format``, ``format_version``,
 ``softlabels``                                    ``kind`` and its settings, ``item_axes``, ...); in
                                                   HDF5 a JSON string
@@ -42,9 +47,11 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import zlib
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -88,13 +95,20 @@ def default_chunk_rows(row_bytes: int) -> int:
     return int(min(_MAX_DEFAULT_CHUNK_ROWS, max(16, rows)))
 
 
-def chunk_checksum(targets: dict[str, np.ndarray], labels: np.ndarray) -> int:
+def chunk_checksum(targets: dict[str, np.ndarray], labels: np.ndarray, records: dict[str, np.ndarray] | None = None) -> int:
     """CRC-32 of a chunk as stored: each target array's bytes in the kind's order, then the labels'
-    bytes, all little-endian and C order."""
+    bytes, then each record's, all little-endian and C order."""
     crc = 0
     for part in targets.values():
-        crc = zlib.crc32(np.ascontiguousarray(part, dtype=part.dtype.newbyteorder("<")).tobytes(), crc)
-    return zlib.crc32(np.ascontiguousarray(labels, dtype="<i8").tobytes(), crc)
+        crc = zlib.crc32(_little_endian(part).tobytes(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(labels, dtype="<i8").tobytes(), crc)
+    for part in (records or {}).values():
+        crc = zlib.crc32(_little_endian(part).tobytes(), crc)
+    return crc
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
 
 
 def num_chunks(num_samples: int, chunk_rows: int) -> int:
@@ -113,6 +127,33 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+RECORD_DTYPES = ("uint8", "int32", "int64", "uint64", "float32", "float64")
+_RECORD_NAME = re.compile(r"[a-z][a-z0-9_]*/[A-Za-z0-9_][A-Za-z0-9_.]*")
+
+
+@dataclass(frozen=True)
+class Record:
+    """A per-sample array kept beside the targets: ``[N, *shape]`` of ``dtype``, named ``group/name``."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...] = ()
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": np.dtype(self.dtype).name, "shape": list(self.shape)}
+
+    @classmethod
+    def from_settings(cls, settings: Any, where: str) -> "Record":
+        ok = (isinstance(settings, dict) and set(settings) == {"name", "dtype", "shape"}
+              and isinstance(settings["name"], str) and _RECORD_NAME.fullmatch(settings["name"])
+              and settings["dtype"] in RECORD_DTYPES and isinstance(settings["shape"], list)
+              and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in settings["shape"]))
+        if not ok:
+            raise SoftlabelsError(f"{where}: a record is {{name: 'group/name', dtype: one of {', '.join(RECORD_DTYPES)}, "
+                                  f"shape: [positive ints]}}, got {settings!r}")
+        return cls(settings["name"], np.dtype(settings["dtype"]), tuple(settings["shape"]))
+
+
 @dataclass(frozen=True)
 class Layout:
     """What a cache's arrays must be: kind, sizes, dtype, item axes and chunking.
@@ -129,6 +170,7 @@ class Layout:
     dtype: str
     chunk_rows: int
     item_axes: tuple[tuple[str, int], ...] = ()
+    records: tuple[Record, ...] = ()
 
     @property
     def items(self) -> tuple[int, ...]:
@@ -146,8 +188,9 @@ class Layout:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one sample's targets, all items and arrays."""
-        return sum(a.dtype.itemsize * a.width for a in self.target_arrays()) * math.prod(self.items)
+        """Bytes of one sample's targets (all items and arrays) and records."""
+        targets = sum(a.dtype.itemsize * a.width for a in self.target_arrays()) * math.prod(self.items)
+        return targets + sum(r.dtype.itemsize * math.prod(r.shape) for r in self.records)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Every array's shape and dtype."""
@@ -155,6 +198,7 @@ class Layout:
         shapes = {a.name: ((n, *items, a.width), a.dtype) for a in self.target_arrays()}
         shapes["labels"] = ((n, *items), np.dtype(np.int64))
         shapes["chunk_crc32"] = ((self.num_chunks,), np.dtype(np.int64))
+        shapes.update({r.name: ((n, *r.shape), np.dtype(r.dtype)) for r in self.records})
         return shapes
 
     def manifest_fields(self) -> dict[str, Any]:
@@ -165,6 +209,7 @@ class Layout:
             "num_classes": self.num_classes,
             "dtype": self.dtype,
             "chunk_rows": self.chunk_rows,
+            **({"records": [r.settings() for r in self.records]} if self.records else {}),
         }
 
 
@@ -188,7 +233,8 @@ class _ZarrBackend:
 
     def arrays(self) -> dict[str, Any]:
         # The config is per handle, not stored: every handle that writes must ask for empty chunks too.
-        return {name: self.group[name].with_config({"write_empty_chunks": True}) for name in self.group.array_keys()}
+        return {name: array.with_config({"write_empty_chunks": True}) for name, array in self.group.members(max_depth=None)
+                if hasattr(array, "with_config")}
 
     def read_manifest(self) -> Any:
         return self.group.attrs.get(MANIFEST_KEY)
@@ -266,7 +312,13 @@ class _H5Backend:
     def arrays(self) -> dict[str, Any]:
         import h5py
 
-        return {name: obj for name, obj in self.file.items() if isinstance(obj, h5py.Dataset)}
+        found: dict[str, Any] = {}
+
+        def add(name: str, obj: Any) -> None:  # returning a value would stop the visit
+            if isinstance(obj, h5py.Dataset):
+                found[name] = obj
+        self.file.visititems(add)
+        return found
 
     def read_manifest(self) -> Any:
         raw = self.file.attrs.get(MANIFEST_KEY)
@@ -290,10 +342,10 @@ class _H5Backend:
         return None  # an HDF5 file cannot lose one chunk silently: a damaged one fails its read
 
     def create_read_checksums(self, layout: "Layout") -> None:
-        """A table of the CRC-32C of each uncompressed target array's rows per chunk. h5py checks
-        fletcher32 at under half its unfiltered read speed; softlabels reads those chunks raw and
-        checks this table instead, at hardware CRC speed (plain h5py readers still get fletcher32)."""
-        names = [a.name for a in layout.target_arrays()]
+        """A table of the CRC-32C of each target array's and record's rows per chunk. h5py checks
+        fletcher32 at under half its unfiltered read speed; softlabels reads uncompressed chunks raw
+        and checks this table instead, at hardware CRC speed (plain h5py readers still get fletcher32)."""
+        names = [a.name for a in layout.target_arrays()] + [r.name for r in layout.records]
         shape = (layout.num_chunks, len(names))
         table = self.file.create_dataset(_READ_CHECKSUMS, shape=shape, chunks=(max(1, min(shape[0], 4096)), len(names)),
                                          dtype="uint32", fletcher32=True)
@@ -305,7 +357,7 @@ class _H5Backend:
             return
         names = json.loads(table.attrs["arrays"])
         table[first:first + len(chunks)] = [
-            [_crc32c(np.ascontiguousarray(chunk[name], dtype=chunk[name].dtype.newbyteorder("<"))) for name in names]
+            [_crc32c(_little_endian(chunk[name])) for name in names]
             for chunk in chunks
         ]
 
@@ -464,7 +516,13 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tupl
     if n < 0 or c < 1 or manifest["chunk_rows"] < 1 or manifest["dtype"] not in STORE_DTYPES:
         raise SoftlabelsError(f"{path}: manifest has impossible values (num_samples={n}, num_classes={c})")
     kind = kind_from_settings(manifest, num_classes=c, where=f"{path}: manifest", require_all=True)
-    layout = Layout(kind, n, c, manifest["dtype"], manifest["chunk_rows"], _item_axes(manifest, path))
+    records = manifest.get("records", [])
+    if not isinstance(records, list):
+        raise SoftlabelsError(f"{path}: manifest field 'records' is not a list")
+    records = tuple(Record.from_settings(r, f"{path}: manifest field 'records'") for r in records)
+    layout = Layout(kind, n, c, manifest["dtype"], manifest["chunk_rows"], _item_axes(manifest, path), records)
+    if len({r.name for r in records}) != len(records):
+        raise SoftlabelsError(f"{path}: manifest field 'records' repeats a name")
     for name, (shape, dtype) in layout.shapes().items():
         if name not in arrays:
             raise SoftlabelsError(f"{path}: array '{name}' is missing")
@@ -491,10 +549,11 @@ class _Arrays:
         arrays = backend.arrays()
         self.targets = {a.name: arrays[a.name] for a in layout.target_arrays()}
         self.labels = arrays["labels"]
+        self.records = {r.name: arrays[r.name] for r in layout.records}
         self.checksums = arrays["chunk_crc32"]
         # Version 1 stored no codec checksums and skipped chunks equal to the fill value.
         self.checked = version >= 2
-        named = {**self.targets, "labels": self.labels}
+        named = {**self.targets, "labels": self.labels, **self.records}
         self._raw = {name: backend.raw_reader(name, array) for name, array in named.items()} if self.checked else {}
 
     def read(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -502,6 +561,10 @@ class _Arrays:
         out = {name: self._read(name, array, start, stop) for name, array in {**self.targets, "labels": self.labels}.items()}
         labels = out.pop("labels")
         return out, labels
+
+    def read_records(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The records of rows ``[start, stop)``, checked as :meth:`read` checks."""
+        return {name: self._read(name, array, start, stop) for name, array in self.records.items()}
 
     def _read(self, name: str, array: Any, start: int, stop: int) -> np.ndarray:
         raw = self._raw.get(name)
@@ -596,6 +659,12 @@ class Cache(_Chunked):
         rows ``start:stop``, every chunk's store checksum checked; aligned ranges read whole chunks."""
         return self._arrays.read(start, stop)
 
+    def read_records(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The records (``[rows, *shape]`` each, e.g. a view cache's augmentation parameters) of rows
+        ``start:stop``, checked as :meth:`read` checks; ``{}`` for a cache without records."""
+        return self._arrays.read_records(start, stop)
+
+
     def iter_chunks(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
         """``(start_row, targets, labels)`` for each chunk, in order, each checked as it is read."""
         for index in range(self.num_chunks):
@@ -658,8 +727,7 @@ class CacheWriter(_Chunked):
         path = Path(path)
         backend_name(path)
         # HDF5 refuses chunks larger than the array
-        layout = Layout(layout.kind, layout.num_samples, layout.num_classes, layout.dtype,
-                        max(1, min(layout.chunk_rows, layout.num_samples)), layout.item_axes)
+        layout = dataclasses.replace(layout, chunk_rows=max(1, min(layout.chunk_rows, layout.num_samples)))
         if layout.dtype not in STORE_DTYPES:
             raise SoftlabelsError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {layout.dtype}")
         manifest = {
@@ -720,30 +788,41 @@ class CacheWriter(_Chunked):
         """Each chunk's recorded CRC-32, ``-1`` for chunks not (durably) written yet."""
         return np.asarray(self._arrays.checksums[:])
 
-    def read_chunk(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        return self._arrays.read(*self.chunk_bounds(index))
+    def read_chunk(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+        """Chunk ``index``'s targets, labels and records as stored (raises if a store checksum fails)."""
+        start, stop = self.chunk_bounds(index)
+        return (*self._arrays.read(start, stop), self._arrays.read_records(start, stop))
 
-    def write_chunks(self, first: int, targets: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    def write_chunks(self, first: int, targets: dict[str, np.ndarray], labels: np.ndarray,
+                     records: dict[str, np.ndarray] | None = None) -> None:
         """Write consecutive chunks from ``first`` on, one store call per array (a call costs
         milliseconds of overhead), sync them, then record their checksums.
 
-        ``targets`` maps each of the kind's arrays to ``[rows, *items, width]``.
+        ``targets`` maps each of the kind's arrays to ``[rows, *items, width]``, ``records`` each of
+        the layout's records to ``[rows, *shape]``.
         """
         start, _ = self.chunk_bounds(first)
         count = -(-len(labels) // self.chunk_rows)
         stop = self.chunk_bounds(first + count - 1)[1]
         shapes = self.layout.shapes()
-        if labels.shape != (stop - start, *self.layout.items) or set(targets) != set(self._arrays.targets):
-            raise ValueError(f"chunks {first}..{first + count - 1} need {stop - start} rows of {sorted(self._arrays.targets)}")
+        records = records or {}
+        if (labels.shape != (stop - start, *self.layout.items) or set(targets) != set(self._arrays.targets)
+                or set(records) != set(self._arrays.records)):
+            raise ValueError(f"chunks {first}..{first + count - 1} need {stop - start} rows of "
+                             f"{sorted(self._arrays.targets)} and records {sorted(self._arrays.records)}")
         targets = {name: np.asarray(targets[name]).astype(shapes[name][1], copy=False) for name in self._arrays.targets}
+        records = {name: np.asarray(records[name]).astype(shapes[name][1], copy=False) for name in self._arrays.records}
         labels = labels.astype(np.int64, copy=False)
-        for name, array in self._arrays.targets.items():
-            array[start:stop] = targets[name]
+        for name, array in {**self._arrays.targets, **self._arrays.records}.items():
+            array[start:stop] = {**targets, **records}[name]
         self._arrays.labels[start:stop] = labels
         bounds = [self.chunk_bounds(c) for c in range(first, first + count)]
-        self._backend.record_read_checksums(first, [{k: v[a - start:b - start] for k, v in targets.items()} for a, b in bounds])
+
+        def rows(arrays: dict[str, np.ndarray], a: int, b: int) -> dict[str, np.ndarray]:
+            return {k: v[a - start:b - start] for k, v in arrays.items()}
+        self._backend.record_read_checksums(first, [rows({**targets, **records}, a, b) for a, b in bounds])
         self._backend.sync(range(first, first + count), self._ndims)
-        sums = [chunk_checksum({k: v[a - start:b - start] for k, v in targets.items()}, labels[a - start:b - start]) for a, b in bounds]
+        sums = [chunk_checksum(rows(targets, a, b), labels[a - start:b - start], rows(records, a, b)) for a, b in bounds]
         self._arrays.checksums[first:first + count] = sums
 
     def finish(self, **manifest_updates: Any) -> None:

@@ -36,7 +36,8 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import load_model, save_checkpoint
+from .augment import Pipeline
+from .checkpoint import LoadedModel, load_model, save_checkpoint
 from .data import NO_LABEL, DatasetSource, Source, open_data
 from .dump import iter_logits, resolve_device
 from .errors import SoftlabelsError
@@ -75,6 +76,7 @@ class TrainConfig:
     shards: int | None = None  # split each batch as this many ranks would; None: the number of ranks
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: at the end of each epoch only
     num_workers: int | None = None  # DataLoader workers; None: some for a module:callable dataset, else none
+    augment: Pipeline | None = None  # a fresh augmented view of every sample in every epoch (not for view caches)
 
     # Options that change neither the batches nor the arithmetic, so a resumed run may change them.
     # The device is compared as the type it resolves to ("auto" on a CPU machine equals "cpu").
@@ -258,8 +260,11 @@ def train_students(
     progress: bool = True,
     resume: bool = False,
     overwrite: bool = False,
+    teacher: LoadedModel | None = None,
+    trust_code: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train every student in ``students`` from ``cache`` (or on hard labels alone); return the summary.
+    """Train every student in ``students`` from ``cache`` (or on hard labels alone, or from
+    ``teacher`` run on every batch); return the summary.
 
     With ``out_dir``, each student gets ``out_dir/NAME/student.pth`` and ``metrics.jsonl`` (one JSON
     object per epoch), the summary is written to ``out_dir/summary.json`` and the run's state to
@@ -267,6 +272,11 @@ def train_students(
     run is refused unless ``resume`` (continue it from its checkpoint, with the same options) or
     ``overwrite``. ``num_classes`` defaults to the cache's, or without one to the largest label + 1.
     The caller's random state is the same after the call as before it.
+
+    A view cache (:mod:`softlabels.views`) trains each sample on one recorded view per epoch, its
+    inputs replayed. ``config.augment`` gives every sample a fresh view each epoch instead, for the
+    two baselines a view cache is compared with: ``hard_labels_only`` (augmented scratch training)
+    and ``teacher`` (online function matching: the teacher on every fresh view).
 
     Example::
 
@@ -276,15 +286,22 @@ def train_students(
     config.validate()
     if not students:
         raise SoftlabelsError("no student to train: give at least one --student")
-    if cache is None and not config.hard_labels_only:
-        raise SoftlabelsError("without a cache only --hard-labels-only training is possible")
+    if teacher is not None and (cache is not None or config.hard_labels_only):
+        raise SoftlabelsError("--online-teacher runs the teacher on every batch: give it --data, without --cache or --hard-labels-only")
+    if cache is None and teacher is None and not config.hard_labels_only:
+        raise SoftlabelsError("without a cache only --hard-labels-only or --online-teacher training is possible")
+    if config.augment is not None and cache is not None and not config.hard_labels_only and "views" not in cache.manifest:
+        raise SoftlabelsError(
+            f"--augment on cache {cache.path}, which has no views: its targets are for the unaugmented inputs. "
+            "Dump a view cache (dump --views V --augment ...), or train with --hard-labels-only or --online-teacher"
+        )
     if config.hard_labels_only and not (source.has_labels or (cache is not None and (cache.labels() != NO_LABEL).any())):
         raise SoftlabelsError(f"--hard-labels-only needs labels, and dataset {source.spec} has none")
     if eval_source is not None and eval_source.input_shape != source.input_shape:
         raise SoftlabelsError(
             f"--eval-data inputs have shape {list(eval_source.input_shape)}, the training data {list(source.input_shape)}"
         )
-    num_classes = class_count(source, cache, num_classes)
+    num_classes = class_count(source, cache, num_classes or (teacher.num_classes if teacher is not None else None))
     device = resolve_device(config.device)
     # Hard-label training reads the cache only for labels the dataset lacks, never the logits otherwise.
     loader_cache = None if config.hard_labels_only and source.has_labels else cache
@@ -295,13 +312,23 @@ def train_students(
     if ranks > 1 and shards != ranks:
         raise SoftlabelsError(f"--shards {shards} differs from the {ranks} ranks torchrun started")
     loader = SoftTargetLoader(
-        source, loader_cache, batch_size=config.batch_size, seed=config.seed, shards=shards, shard=rank if ranks > 1 else None
+        source, loader_cache, batch_size=config.batch_size, seed=config.seed, shards=shards, shard=rank if ranks > 1 else None,
+        augment=config.augment, trust_code=trust_code,
     )
+    pipeline = config.augment or (loader.views.pipeline if loader.views is not None else None)
+    if pipeline is not None and pipeline.output_shape(source.input_shape) != source.input_shape:
+        raise SoftlabelsError(
+            f"the augmentations turn inputs of shape {list(source.input_shape)} into "
+            f"{list(pipeline.output_shape(source.input_shape))}; students train and are evaluated on the data's own shape"
+        )
+    if teacher is not None:
+        teacher.model.eval().to(device)
     steps = loader.batches_per_epoch
     total_steps = max(1, config.epochs * steps)
     names = _student_names(students)
     run = Path(out_dir) if out_dir is not None else None
     options = _options(config, shards, names, students, source, cache, eval_source, eval_teacher_top1, num_classes, device)
+    options["online_teacher"] = teacher.sha256 if teacher is not None else None
     saved = _start_run(run, options, resume=resume, overwrite=overwrite, writer=rank == 0)
     out = run if rank == 0 else None  # rank 0 evaluates and writes
     if out is None:
@@ -317,8 +344,7 @@ def train_students(
         for name, spec in zip(names, students):
             torch.manual_seed(_student_seed(config.seed, name))
             model = build_model(spec.arch, input_shape=source.input_shape, num_classes=num_classes, kwargs=spec.kwargs)
-            check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'",
-                               items=cache.items if cache is not None else ())
+            check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'", items=loader.items)
             trained.append(_Student(name, spec, model.to(device), config, total_steps, device))
         position = {"epoch": 0, "batches": 0}
         if saved is not None:
@@ -350,7 +376,7 @@ def train_students(
                 loader.set_epoch(epoch)  # keeps a resumed epoch's position
                 done = loader.state_dict()["batches"]
                 for batch in _epoch_batches(loader, num_workers):
-                    _step(trained, batch, config, device)
+                    _step(trained, batch, config, device, teacher)
                     done += 1
                     bar.update(1)
                     if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
@@ -365,7 +391,7 @@ def train_students(
     finally:
         _set_rng_state(caller_rng, device)
 
-    summary = [_summary_row(student, config) for student in trained]
+    summary = [_summary_row(student, config, teacher is not None) for student in trained]
     if out is not None:
         for student in trained:
             _save_student(out / student.name / "student.pth", student, source, num_classes)
@@ -373,16 +399,21 @@ def train_students(
     return summary
 
 
-def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: torch.device) -> None:
+def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: torch.device, teacher: LoadedModel | None) -> None:
     """One optimizer step of every student on ``batch``, each in its own random state."""
     x = batch.inputs.to(device, non_blocking=True)
     y = batch.labels.to(device, non_blocking=True)
-    t = None if config.hard_labels_only else batch.teacher_logits.to(device, non_blocking=True)
+    mix = None if batch.mix is None else tuple(t.to(device, non_blocking=True) for t in batch.mix)
+    if teacher is not None:
+        with torch.no_grad():
+            t = teacher.model(x)
+    else:
+        t = None if config.hard_labels_only else batch.teacher_logits.to(device, non_blocking=True)
     for student in trained:
         began = time.perf_counter()
         _set_rng_state(student.rng, device)
         student.model.train()
-        loss = kd_loss(student.forward(x), t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl)
+        loss = kd_loss(student.forward(x), t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl, mix=mix)
         student.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         student.optimizer.step()
@@ -416,12 +447,20 @@ def _end_epoch(student: _Student, epoch: int, eval_source: Source | None, eval_t
     student.loss_sum, student.loss_count = 0.0, 0
 
 
-def _summary_row(student: _Student, config: TrainConfig) -> dict[str, Any]:
+def _targets_description(config: TrainConfig, online: bool) -> str:
+    augmented = ", fresh augmented views" if config.augment is not None else ""
+    if config.hard_labels_only:
+        return f"hard labels{augmented}"
+    where = "online teacher" if online else "cache"
+    return f"{where} (T={config.temperature:g}, alpha={config.alpha:g}, {config.kl} KL{augmented})"
+
+
+def _summary_row(student: _Student, config: TrainConfig, online: bool) -> dict[str, Any]:
     return {
         "student": student.name,
         "arch": student.spec.arch,
         "params": count_parameters(student.model),
-        "targets": "hard labels" if config.hard_labels_only else f"cache (T={config.temperature:g}, alpha={config.alpha:g}, {config.kl} KL)",
+        "targets": _targets_description(config, online),
         "eval_accuracy": student.metrics["accuracy"],
         "teacher_agreement": student.metrics["teacher_agreement"],
         "seconds": round(student.seconds, 3),
@@ -453,7 +492,7 @@ def _options(config: TrainConfig, shards: int, names: list[str], students: list[
     return {
         # shards as trained: a torchrun run may resume with another number of ranks (the same batches) but not 1
         "config": {**{f.name: getattr(config, f.name) for f in fields(config) if f.name not in TrainConfig.FREE_ON_RESUME},
-                   "shards": shards},
+                   "shards": shards, "augment": config.augment.settings() if config.augment is not None else None},
         "device": device.type,
         "student": [_describe(name, spec) for name, spec in zip(names, students)],
         "cache": str(cache.path) if cache is not None else None,

@@ -5,7 +5,9 @@ crc32c, HDF5's CRC-32C table or fletcher32), and its CRC-32 is compared with the
 dump time, which catches flipped bytes, truncated or missing chunk files and chunks a dump never
 finished. ``recompute`` reruns the teacher on whole dump batches
 chosen at random, the way the dump ran it (same batches, precision and autocast), and compares its
-logits with the cached ones.
+logits with the cached ones. On a view cache it replays random (sample, view) pairs from their
+stored parameters instead, reruns the teacher on them, and also checks that the stored parameters
+are the ones the augment seed draws: an edited parameter fails either way.
 
 Example::
 
@@ -23,10 +25,11 @@ import torch
 
 from .checkpoint import LoadedModel
 from .data import Source
-from .dump import PRECISIONS, iter_logits, resolve_device
+from .dump import PRECISIONS, TeacherForward, iter_logits, resolve_device
 from .errors import SoftlabelsError
 from .loader import source_for_cache
 from .store import Cache, DamagedChunk, chunk_checksum, open_cache
+from .views import Views
 
 # Relative tolerance of a recomputed logit by the precision the dump ran at (another device or
 # library version may round differently); float16 storage adds its own rounding (2**-11) on top.
@@ -75,49 +78,111 @@ def verify_cache(
                 continue
             try:  # the reading every command does: each chunk against the store's own checksums
                 targets, labels = cache.read(start, stop)
+                records = cache.read_records(start, stop)
             except DamagedChunk as exc:
                 report.problems.append(f"{where}: array '{exc.array}' is damaged ({exc.why})")
                 continue
             except Exception as exc:  # whatever else a damaged store raises
                 report.problems.append(f"{where}: unreadable ({' '.join(f'{type(exc).__name__}: {exc}'.split())})")
                 continue
-            if chunk_checksum(targets, labels) != recorded[index]:
+            if chunk_checksum(targets, labels, records) != recorded[index]:
                 report.problems.append(f"{where}: checksum mismatch (bytes changed since the dump)")
         if recompute:
             if teacher is None:
                 raise SoftlabelsError("--recompute needs --teacher")
             source = source or source_for_cache(cache, data_spec, trust_code=trust_code)
-            _recompute(cache, report, recompute, teacher, source, seed, device)
+            views = Views.from_manifest(cache.manifest, where=str(cache.path), trust_code=trust_code)
+            if views is None:
+                _recompute(cache, report, recompute, teacher, source, seed, device)
+            else:
+                views.check(cache.layout.records, cache.items, source.input_shape, where=str(cache.path))
+                _recompute_views(cache, views, report, recompute, teacher, source, seed, device)
     return report
 
 
-def _recompute(cache: Cache, report: VerifyReport, count: int, teacher: LoadedModel, source: Source, seed: int, device: str) -> None:
+def _dump_settings(cache: Cache, teacher: LoadedModel) -> tuple[int, str, float]:
+    """The dump's batch size and precision, and the tolerance of a recomputed logit."""
     recorded_sha = (cache.manifest.get("teacher") or {}).get("sha256")
     if recorded_sha and teacher.sha256 != recorded_sha:
         raise SoftlabelsError(f"{teacher.path} is not the teacher this cache was dumped with (sha256 differs)")
     recorded_batch = cache.manifest.get("batch_size")
     batch_size = recorded_batch if isinstance(recorded_batch, int) and recorded_batch > 0 else 256
     precision = cache.manifest.get("precision") if cache.manifest.get("precision") in PRECISIONS else "fp32"
+    return batch_size, precision, _RTOL[precision] + (2**-11 if cache.layout.dtype == "float16" else 0)
+
+
+def _recompute(cache: Cache, report: VerifyReport, count: int, teacher: LoadedModel, source: Source, seed: int, device: str) -> None:
+    batch_size, precision, rtol = _dump_settings(cache, teacher)
     # Whole batches of the dump: the teacher sees exactly the inputs it saw then, batched the same way.
     batches = np.random.default_rng(seed).permutation(-(-len(cache) // batch_size))[: -(-count // batch_size)]
-    rtol = _RTOL[precision] + (2**-11 if cache.layout.dtype == "float16" else 0)
-    worst, differing, rows = 0.0, [], 0
+    differing = []
     for start, out, _ in iter_logits(teacher.model, source, batch_size=batch_size, device=resolve_device(device),
                                      precision=precision, batches=sorted(int(b) for b in batches)):
-        stop = start + len(out)
-        # rounded as the dump stored it: the same teacher, batches and precision give a difference of 0
-        fresh = out.to(getattr(torch, cache.layout.dtype)).float().cpu().numpy()
-        cached, classes = cache.kind.logits_at(cache.read(start, stop)[0])
-        cached = cached.astype(np.float32)
-        if classes is not None:  # a sparse cache: compare the logits it kept, at the classes it kept
-            fresh = np.take_along_axis(fresh, classes.astype(np.int64), axis=-1)
-        scale = np.abs(fresh).max(axis=-1, keepdims=True) + 1e-6
-        far = (np.abs(fresh - cached) > rtol * scale).reshape(len(out), -1).any(axis=1)
-        worst = max(worst, float(np.abs(fresh - cached).max()))
-        differing += [(start + int(i), float(np.abs(fresh[i] - cached[i]).max())) for i in np.flatnonzero(far)]
-        rows += len(out)
-    report.rows_recomputed, report.max_abs_difference = rows, worst
-    for row, difference in differing[:10]:
-        report.problems.append(f"row {row}: cached logits differ from the teacher's by up to {difference:.4g}")
+        far = _compare(cache, report, out, cache.read(start, start + len(out))[0], rtol)
+        differing += [(f"row {start + int(i)}", d) for i, d in far]
+    _report_differences(report, differing)
+
+
+def _recompute_views(cache: Cache, views: Views, report: VerifyReport, count: int, teacher: LoadedModel, source: Source,
+                     seed: int, device: str) -> None:
+    batch_size, precision, rtol = _dump_settings(cache, teacher)
+    rng = np.random.default_rng(seed)
+    samples = np.sort(rng.choice(len(cache), size=min(count, len(cache)), replace=False))
+    chosen = rng.integers(views.count, size=len(samples))
+    targets, records = _stored_views(cache, samples, chosen)
+    where = [f"sample {i} view {v}" for i, v in zip(samples, chosen)]
+    drawn = views.draw_views(samples, chosen, num_samples=len(cache), input_shape=source.input_shape)
+    for name, values in drawn.items():
+        for i in np.flatnonzero((values != records[name]).reshape(len(samples), -1).any(axis=1))[:10]:
+            recorded = cache.manifest["views"].get("versions")
+            report.problems.append(f"{where[i]}: stored parameter '{name}' is {records[name][i].tolist()}, but the augment "
+                                   f"seed draws {values[i].tolist()} (edited, or drawn with other library versions: {recorded})")
+    dev = resolve_device(device)
+    forward = TeacherForward(teacher.model, dev, precision)
+    differing = []
+    for lo in range(0, len(samples), batch_size):
+        hi = min(lo + batch_size, len(samples))
+        x, _ = source.take(samples[lo:hi])
+        inputs, _ = views.apply(source, torch.from_numpy(np.ascontiguousarray(x)).to(dev),
+                                {name: r[lo:hi] for name, r in records.items()})
+        out = forward(inputs, f"the stored views of samples {samples[lo]}..{samples[hi - 1]}")
+        far = _compare(cache, report, out, {name: t[lo:hi] for name, t in targets.items()}, rtol)
+        differing += [(where[lo + i], d) for i, d in far]
+    _report_differences(report, differing)
+
+
+def _stored_views(cache: Cache, samples: np.ndarray, views: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The stored targets and records of view ``views[j]`` of sample ``samples[j]`` (sorted), chunk by chunk."""
+    targets: list[dict[str, np.ndarray]] = []
+    records: list[dict[str, np.ndarray]] = []
+    for chunk in np.unique(samples // cache.chunk_rows):
+        a, b = cache.chunk_bounds(int(chunk))
+        here = (samples >= a) & (samples < b)
+        rows, view = samples[here] - a, views[here]
+        targets.append({name: t[rows, view] for name, t in cache.read(a, b)[0].items()})
+        records.append({name: r[rows, view] for name, r in cache.read_records(a, b).items()})
+    return ({name: np.concatenate([t[name] for t in targets]) for name in targets[0]},
+            {name: np.concatenate([r[name] for r in records]) for name in records[0]})
+
+
+def _compare(cache: Cache, report: VerifyReport, out: torch.Tensor, stored: dict[str, np.ndarray], rtol: float) -> list[tuple[int, float]]:
+    """The rows of ``out`` (fresh teacher logits) whose values differ from the ``stored`` targets by
+    more than ``rtol`` of the row's largest logit, with their largest difference."""
+    # rounded as the dump stored it: the same teacher, batches and precision give a difference of 0
+    fresh = out.to(getattr(torch, cache.layout.dtype)).float().cpu().numpy()
+    cached, classes = cache.kind.logits_at(stored)
+    cached = cached.astype(np.float32)
+    if classes is not None:  # a sparse cache: compare the logits it kept, at the classes it kept
+        fresh = np.take_along_axis(fresh, classes.astype(np.int64), axis=-1)
+    difference = np.abs(fresh - cached)
+    far = (difference > rtol * (np.abs(fresh).max(axis=-1, keepdims=True) + 1e-6)).reshape(len(out), -1).any(axis=1)
+    report.rows_recomputed += len(out)
+    report.max_abs_difference = max(report.max_abs_difference or 0.0, float(difference.max(initial=0.0)))
+    return [(int(i), float(difference[i].max())) for i in np.flatnonzero(far)]
+
+
+def _report_differences(report: VerifyReport, differing: list[tuple[str, float]]) -> None:
+    for where, difference in differing[:10]:
+        report.problems.append(f"{where}: cached logits differ from the teacher's by up to {difference:.4g}")
     if len(differing) > 10:
         report.problems.append(f"... and {len(differing) - 10} more rows differ")

@@ -94,6 +94,22 @@ def test_no_teacher_is_cross_entropy_over_labeled_rows(batch):
     assert kd_loss(torch.tensor(s), None, torch.tensor(y)).item() == pytest.approx(expected.item())
 
 
+def test_a_mixed_view_weighs_both_labels_by_lam(batch):
+    s, t, y = batch
+    partner = np.array([5, 3, 1, -1, 4, 0])
+    lam = np.array([0.25, 1.0, 0.5, 0.7, 0.1, 0.0])
+    log_q = np.log(softmax(s))
+    ce_own = np.where(y >= 0, -log_q[np.arange(6), np.maximum(y, 0)], 0.0)
+    ce_partner = np.where(partner >= 0, -log_q[np.arange(6), np.maximum(partner, 0)], 0.0)
+    expected = (lam * ce_own + (1 - lam) * ce_partner).sum() / (y >= 0).sum()
+    mix = (torch.tensor(partner), torch.tensor(lam, dtype=torch.float32))
+    got = kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), alpha=1.0, mix=mix)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # lam = 1 everywhere is the unmixed loss
+    unmixed = kd_loss(torch.tensor(s), None, torch.tensor(y), mix=(torch.tensor(partner), torch.ones(6)))
+    assert unmixed.item() == pytest.approx(kd_loss(torch.tensor(s), None, torch.tensor(y)).item(), rel=1e-6)
+
+
 def test_the_hard_term_weighs_the_same_with_and_without_a_teacher(batch):
     s, t, y = batch
     baseline = kd_loss(torch.tensor(s), None, torch.tensor(y))

@@ -120,11 +120,11 @@ def test_out_of_disk_space_keeps_a_resumable_partial(tmp_path, npz_data, linear_
     dump(teacher, source, tmp_path / "ref.zarr", batch_size=32, chunk_rows=40, progress=False)
     original = CacheWriter.write_chunks
 
-    def full_disk(self, first, targets, labels):
+    def full_disk(self, first, targets, labels, records):
         """The disk fills up after the first three chunks."""
         fits = max(0, min(len(labels), (3 - first) * self.chunk_rows))
         if fits:
-            original(self, first, {k: v[:fits] for k, v in targets.items()}, labels[:fits])
+            original(self, first, {k: v[:fits] for k, v in targets.items()}, labels[:fits], records)
         if fits < len(labels):
             raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -1,0 +1,136 @@
+"""Recorded augmentation views: ``V`` views per sample, the teacher's targets for each, and the
+parameters that made each view, so that a student sees exactly the input its target was made for.
+
+A view cache has the item axis ``view`` (targets ``[N, V, ...]``, labels ``[N, V]``) and one record
+per augmentation parameter under ``views/`` (``[N, V]`` or ``[N, V, k]``; see :mod:`softlabels.augment`
+for what each holds). The manifest's ``views`` field holds ``count``, the augment ``seed``, the
+``augment`` list with every setting, and the ``versions`` of the libraries replay depends on.
+
+The parameters of view ``v`` of sample ``i`` are drawn from a generator keyed by
+``(augment seed, i, v)`` alone, and mixing partners are sample indices drawn from the whole dataset,
+so the views do not depend on batch size, rank or resumption. Training replays a view from its
+stored record; which view a sample gets in an epoch is a pure function of ``(seed, epoch, sample)``:
+every view once in each cycle of ``V`` epochs, in an order reshuffled every cycle.
+
+Example::
+
+    views = Views(4, Pipeline((Shift(max=6), MixUp(alpha=1.0)), seed=0))
+    records = views.draw(np.arange(8), num_samples=4000, input_shape=(40,))
+    records["views/mixup.partner"].shape   # (8, 4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .augment import Pipeline
+from .data import Source
+from .errors import SoftlabelsError
+from .kinds.base import positive_int
+from .kinds.sampled import keyed_uniforms
+from .store import Record
+
+VIEW_AXIS = "view"
+GROUP = "views/"
+
+
+def replay_versions() -> dict[str, str]:
+    """The versions of the libraries whose arithmetic a replayed view depends on."""
+    return {"numpy": np.__version__, "torch": torch.__version__}
+
+
+@dataclass(frozen=True)
+class Views:
+    """``count`` views per sample, made by ``pipeline``."""
+
+    count: int
+    pipeline: Pipeline
+
+    def __post_init__(self) -> None:
+        if not positive_int(self.count):
+            raise SoftlabelsError(f"--views must be a positive number of views per sample, got {self.count!r}")
+
+    # -- the manifest and the records --------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        return {"count": self.count, **self.pipeline.settings(), "versions": replay_versions()}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], *, where: str, trust_code: bool = False) -> "Views | None":
+        """The views a cache's manifest records, checked; ``None`` for a cache without views."""
+        settings = manifest.get("views")
+        if settings is None:
+            return None
+        if not isinstance(settings, dict) or not positive_int(settings.get("count")):
+            raise SoftlabelsError(f"{where}: manifest field 'views' must be an object with a positive 'count'")
+        pipeline = Pipeline.from_settings({k: v for k, v in settings.items() if k in ("seed", "augment")},
+                                          where=f"{where}: manifest field 'views'", trust_code=trust_code)
+        return cls(settings["count"], pipeline)
+
+    def records(self, input_shape: tuple[int, ...]) -> tuple[Record, ...]:
+        """The store records of every parameter, ``views/<name>`` of shape ``[V, *tail]``."""
+        return tuple(Record(GROUP + name, np.dtype(dtype), (self.count, *tail))
+                     for name, (dtype, tail) in self.pipeline.record_arrays(input_shape).items())
+
+    def check(self, layout_records: tuple[Record, ...], items: tuple[int, ...], input_shape: tuple[int, ...], where: str) -> None:
+        """Refuse a cache whose arrays are not what these views make from inputs of ``input_shape``."""
+        if items[:1] != (self.count,):
+            raise SoftlabelsError(f"{where}: the manifest records {self.count} views but the first item axis holds {items[:1]}")
+        self.pipeline.check_input(input_shape, where=where)
+        if tuple(layout_records) != self.records(input_shape):
+            raise SoftlabelsError(f"{where}: the stored view records do not match the recorded augmentations")
+
+    # -- making views (dump, online training) ------------------------------------------------------
+
+    def draw(self, samples: np.ndarray, *, num_samples: int, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """The records of every view of ``samples``: ``views/<name>`` -> ``[len(samples), V, *tail]``."""
+        samples = np.asarray(samples, dtype=np.int64)
+        flat = self.draw_views(np.repeat(samples, self.count), np.tile(np.arange(self.count), len(samples)),
+                               num_samples=num_samples, input_shape=input_shape)
+        return {name: a.reshape(len(samples), self.count, *a.shape[1:]) for name, a in flat.items()}
+
+    def draw_views(self, samples: np.ndarray, views: np.ndarray, *, num_samples: int, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """The records of view ``views[j]`` of sample ``samples[j]``: ``views/<name>`` -> ``[len(samples), *tail]``."""
+        drawn = self.pipeline.draw(np.asarray(samples, dtype=np.int64), np.asarray(views, dtype=np.int64), num_samples, input_shape)
+        return {GROUP + name: a for name, a in drawn.items()}
+
+    # -- replaying one view per sample (training, verify) ------------------------------------------
+
+    def apply(self, source: Source, x: torch.Tensor, record: dict[str, np.ndarray]) -> tuple[torch.Tensor, Mix | None]:
+        """Replay one view per row: see :func:`replay`."""
+        return replay(self.pipeline, source, x, record)
+
+    def view_of(self, seed: int, epoch: int, samples: np.ndarray) -> np.ndarray:
+        """Which view each of ``samples`` trains on in ``epoch``: in epochs ``cV .. cV + V - 1`` every
+        view once, in an order keyed by ``(seed, c, sample)``."""
+        cycle, turn = divmod(epoch, self.count)
+        if self.count == 1:
+            return np.zeros(len(samples), np.int64)
+        key = int(np.random.SeedSequence([seed, cycle]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+        u = keyed_uniforms(key, torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)), (self.count,), 1)[..., 0]
+        return torch.argsort(u, dim=-1, stable=True)[:, turn].numpy()
+
+
+class Mix(NamedTuple):
+    """What a mixed view means for the hard-label term: ``lam * CE(y) + (1 - lam) * CE(partner_labels)``."""
+
+    partner_labels: torch.Tensor
+    lam: torch.Tensor
+
+
+def replay(pipeline: Pipeline, source: Source, x: torch.Tensor, record: dict[str, Any]) -> tuple[torch.Tensor, Mix | None]:
+    """Apply ``pipeline`` to the raw inputs ``x`` (``[B, ...]``) with one record per row (``record``
+    maps each parameter, named with or without ``views/``, to ``[B, *tail]``); a mixing partner's raw
+    inputs and label are read from ``source``. Returns the views and, with a mixer, their :class:`Mix`."""
+    record = {name.removeprefix(GROUP): value for name, value in record.items()}
+    partners = pipeline.partners(record)
+    if partners is None:
+        return pipeline.apply(x, record), None
+    partner_x, partner_y = source.take(np.asarray(partners))
+    views = pipeline.apply(x, record, torch.from_numpy(np.ascontiguousarray(partner_x)).to(x.device))
+    lam = torch.as_tensor(pipeline.lam(record), dtype=torch.float32).cpu()
+    return views, Mix(torch.from_numpy(partner_y.astype(np.int64)), lam)

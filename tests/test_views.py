@@ -1,0 +1,221 @@
+"""View caches: recorded augmentation views, dumped, replayed, trained on, verified and converted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import softlabels.train as train_module
+from softlabels import SoftTargetLoader, StudentSpec, TrainConfig, dump, open_cache, open_data, train_students
+from softlabels.augment import Pipeline, parse_augment
+from softlabels.convert import convert_cache
+from softlabels.store import chunk_checksum
+from softlabels.verify import verify_cache
+from softlabels.views import Views, replay
+
+DATA = "mnist1d://transfer?n=100&seed=3"
+SIGNAL = ("shift?max=6", "scale?max=0.25", "noise?std=0.15", "mixup?alpha=1")
+
+
+def signal_views(count: int = 3, seed: int = 5) -> Views:
+    return Views(count, Pipeline(tuple(parse_augment(s) for s in SIGNAL), seed=seed))
+
+
+@pytest.fixture(scope="module")
+def view_cache(tmp_path_factory, teacher):
+    path = tmp_path_factory.mktemp("views") / "v.zarr"
+    dump(teacher, open_data(DATA), path, views=signal_views(), batch_size=48, device="cpu", chunk_rows=32, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_every_view_replays_to_the_input_the_teacher_saw(tmp_path, teacher, suffix):
+    views = signal_views()
+    source = open_data(DATA)
+    path = tmp_path / f"v{suffix}"
+    dump(teacher, source, path, views=views, batch_size=48, device="cpu", chunk_rows=32, progress=False)
+    with open_cache(path) as cache:
+        targets, labels = cache.read(0, len(cache))
+        records = cache.read_records(0, len(cache))
+        assert targets["logits"].shape == (100, 3, 10) and labels.shape == (100, 3)
+        assert records["views/mixup.partner"].shape == (100, 3)
+        x = torch.from_numpy(source.read(0, 100)[0])
+        teacher.model.eval()
+        for v in range(3):
+            inputs, mix = replay(views.pipeline, source, x, {k: r[:, v] for k, r in records.items()})
+            with torch.no_grad():
+                fresh = teacher.model(inputs).to(torch.float16).float().numpy()
+            stored = targets["logits"][:, v].astype(np.float32)
+            np.testing.assert_allclose(fresh, stored, rtol=0, atol=2e-3 * np.abs(fresh).max())
+            assert (fresh.argmax(-1) == stored.argmax(-1)).mean() >= 0.99
+        # the stored parameters are what the keyed generator draws, independent of how the dump batched
+        drawn = views.draw(np.arange(100), num_samples=100, input_shape=source.input_shape)
+        assert all(np.array_equal(drawn[k], records[k]) for k in drawn)
+
+
+def test_views_do_not_depend_on_batch_size_and_partners_are_sample_indices(tmp_path, teacher, view_cache):
+    other = tmp_path / "other.zarr"
+    dump(teacher, open_data(DATA), other, views=signal_views(), batch_size=6, device="cpu", chunk_rows=32, progress=False)
+    with open_cache(view_cache) as a, open_cache(other) as b:
+        ra, rb = a.read_records(0, 100), b.read_records(0, 100)
+        assert set(ra) == set(rb) and all(ra[k].tobytes() == rb[k].tobytes() for k in ra)
+        ta, tb = a.read(0, 100)[0]["logits"], b.read(0, 100)[0]["logits"]
+        assert np.abs(ta.astype(np.float32) - tb.astype(np.float32)).max() <= 2e-3 * np.abs(ta).max()
+        partners = ra["views/mixup.partner"]
+        # drawn from the whole dataset, not from a 2-sample forward batch
+        assert partners.min() >= 0 and partners.max() < 100 and len(np.unique(partners)) > 40
+
+
+def test_the_view_trained_on_is_a_pure_function_of_seed_epoch_and_sample():
+    views = signal_views(count=4)
+    samples = np.arange(50)
+    seen = np.stack([views.view_of(3, epoch, samples) for epoch in range(8)])
+    assert all(sorted(seen[:4, i]) == [0, 1, 2, 3] and sorted(seen[4:, i]) == [0, 1, 2, 3] for i in range(50))
+    assert not np.array_equal(seen[:4], seen[4:])  # the order is reshuffled every cycle
+    assert np.array_equal(views.view_of(3, 5, samples[::-1]), seen[5][::-1])  # per sample, whatever the batch
+    assert not np.array_equal(views.view_of(4, 5, samples), seen[5])
+
+
+def test_a_view_cache_trains_and_an_interrupted_run_resumes_exactly(tmp_path, view_cache, monkeypatch):
+    cache, source = open_cache(view_cache), open_data(DATA)
+    config = TrainConfig(epochs=4, batch_size=32, device="cpu", checkpoint_every=1, seed=1, alpha=0.3)
+    students = [StudentSpec("mlp", {"width": 16})]
+    whole = train_students(students, source=source, cache=cache, config=config, out_dir=tmp_path / "whole", progress=False)
+    assert whole[0]["student"] == "mlp"
+    original, taken = train_module._step, []
+
+    def step(*args):
+        if len(taken) == 5:
+            raise KeyboardInterrupt
+        taken.append(1)
+        original(*args)
+    monkeypatch.setattr(train_module, "_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train_students(students, source=source, cache=cache, config=config, out_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(train_module, "_step", original)
+    train_students(students, source=source, cache=cache, config=config, out_dir=tmp_path / "cut", progress=False, resume=True)
+    a = torch.load(tmp_path / "whole" / "mlp" / "student.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "mlp" / "student.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_loader_serves_the_chosen_views_targets_and_replayed_inputs(view_cache):
+    cache, source = open_cache(view_cache), open_data(DATA)
+    views = Views.from_manifest(cache.manifest, where="test")
+    loader = SoftTargetLoader(source, cache, batch_size=40, seed=9)
+    loader.set_epoch(2)
+    targets, _ = cache.read(0, 100)
+    records = cache.read_records(0, 100)
+    x = torch.from_numpy(source.read(0, 100)[0])
+    for batch in loader:
+        i = batch.indices.numpy()
+        v = views.view_of(9, 2, i)
+        assert torch.equal(batch.teacher_logits.arrays["logits"], torch.from_numpy(targets["logits"][i, v]))
+        inputs, mix = replay(views.pipeline, source, x[i], {k: r[i, v] for k, r in records.items()})
+        assert torch.equal(batch.inputs, inputs)
+        assert torch.equal(batch.mix.lam, mix.lam) and torch.equal(batch.mix.partner_labels, mix.partner_labels)
+
+
+def test_fresh_views_for_the_online_baselines_change_every_epoch_and_mix_labels():
+    source = open_data("mnist1d://test")
+    pipeline = Pipeline((parse_augment("shift?max=6"), parse_augment("mixup?alpha=1")), seed=1)
+    loader = SoftTargetLoader(source, None, batch_size=100, shuffle=False, augment=pipeline)
+    x, y = source.read(0, 100)
+    epochs = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batch = next(iter(loader))
+        record = pipeline.draw(np.arange(100), np.full(100, epoch), len(source), source.input_shape)
+        partners = record["mixup.partner"]
+        assert torch.equal(batch.inputs, pipeline.apply(torch.from_numpy(x), record, torch.from_numpy(source.take(partners)[0])))
+        assert torch.equal(batch.labels, torch.from_numpy(y))
+        assert torch.equal(batch.mix.partner_labels, torch.from_numpy(source.labels()[partners]))
+        assert torch.equal(batch.mix.lam, torch.from_numpy(record["mixup.lam"]))
+        epochs.append(batch.inputs)
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_online_function_matching_and_augmented_scratch_train_through_the_same_loop(tmp_path, teacher_path):
+    base = [sys.executable, "-m", "softlabels", "train-student", "--data", "mnist1d://test", "--student", "mlp", "--epochs", "2",
+            "--device", "cpu", "--quiet", "--augment", "shift?max=6", "--augment", "mixup?alpha=1"]
+    online = subprocess.run(base + ["--online-teacher", str(teacher_path), "--out", str(tmp_path / "online")],
+                            capture_output=True, text=True)
+    scratch = subprocess.run(base + ["--hard-labels-only", "--out", str(tmp_path / "scratch")], capture_output=True, text=True)
+    assert online.returncode == 0 and scratch.returncode == 0, online.stderr + scratch.stderr
+    assert "online teacher" in json.loads((tmp_path / "online" / "summary.json").read_text())[0]["targets"]
+    assert json.loads((tmp_path / "scratch" / "summary.json").read_text())[0]["targets"] == "hard labels, fresh augmented views"
+
+
+def test_verify_replays_views_and_catches_edited_parameters(tmp_path, teacher, view_cache):
+    report = verify_cache(view_cache, recompute=24, teacher=teacher, device="cpu")
+    assert report.ok and report.rows_recomputed == 24 and report.max_abs_difference < 0.05
+    # an edit that keeps every checksum consistent: only replaying the views can catch it
+    edited = tmp_path / "edited.zarr"
+    convert_cache(view_cache, edited, keep_views=3, progress=False)
+    group = zarr.open_group(str(edited), mode="r+")
+    offsets = group["views/shift.offset"]
+    changed = offsets[:].copy()
+    changed[:, :] = np.where(changed >= 0, changed - 6, changed + 6)
+    offsets[:] = changed
+    with open_cache(edited) as cache:
+        sums = [chunk_checksum(*cache.read(*cache.chunk_bounds(c)), cache.read_records(*cache.chunk_bounds(c)))
+                for c in range(cache.num_chunks)]
+    group["chunk_crc32"][:] = sums
+    assert verify_cache(edited).ok
+    report = verify_cache(edited, recompute=100, teacher=teacher, device="cpu")
+    assert any("stored parameter 'views/shift.offset'" in p for p in report.problems)
+    assert any("cached logits differ from the teacher's" in p for p in report.problems)
+
+
+def test_convert_keeps_the_first_views_and_makes_sparse_view_caches(tmp_path, view_cache):
+    kept = tmp_path / "kept.h5"
+    convert_cache(view_cache, kept, keep_views=2, progress=False)
+    topk = tmp_path / "top.zarr"
+    from softlabels import TopK
+    convert_cache(view_cache, topk, kind=TopK(k=3), progress=False)
+    with open_cache(view_cache) as full, open_cache(kept) as few, open_cache(topk) as top:
+        assert few.items == (2,) and few.manifest["views"]["count"] == 2
+        assert np.array_equal(few.read(0, 100)[0]["logits"], full.read(0, 100)[0]["logits"][:, :2])
+        r_full, r_few = full.read_records(0, 100), few.read_records(0, 100)
+        assert all(np.array_equal(r_few[k], r_full[k][:, :2]) for k in r_full)
+        assert top.read(0, 100)[0]["topk_logits"].shape == (100, 3, 3)
+        assert all(np.array_equal(top.read_records(0, 100)[k], r_full[k]) for k in r_full)
+        SoftTargetLoader(open_data(DATA), few, batch_size=32)  # its records still match its views
+
+
+def test_inspect_shows_the_views(view_cache):
+    done = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(view_cache)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "views        3 per sample, augment seed 5: shift?max=6 -> scale?max=0.25 -> noise?std=0.15 -> mixup?alpha=1" in done.stdout
+    assert "per view" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--views", "0", "--augment", "shift?max=3"], "--views must be a positive number"),
+    (["--views", "2", "--augment", "blur"], "unknown augmentation"),
+    (["--views", "2", "--augment", "shift?maxx=3"], "maxx"),
+    (["--views", "2", "--augment", "crop?size=8,8"], "crop"),
+    (["--views", "2"], "--views V and --augment SPEC go together"),
+])
+def test_bad_view_options_fail_in_one_line_and_write_nothing(tmp_path, teacher_path, args, message):
+    out = tmp_path / "bad.zarr"
+    done = subprocess.run([sys.executable, "-m", "softlabels", "dump", "--teacher", str(teacher_path), "--data", DATA,
+                           "--out", str(out), "--device", "cpu", "--quiet", *args], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("bad*"))
+
+
+def test_augment_on_a_cache_without_views_is_refused(tmp_path, teacher):
+    plain = tmp_path / "plain.zarr"
+    dump(teacher, open_data(DATA), plain, device="cpu", progress=False)
+    done = subprocess.run([sys.executable, "-m", "softlabels", "train-student", "--cache", str(plain), "--student", "mlp",
+                           "--augment", "shift?max=3", "--out", str(tmp_path / "run"), "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 1 and "which has no views" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
