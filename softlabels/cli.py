@@ -181,7 +181,7 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
     )
 
 
-@cli.command(epilog="Example:\n\n\b\n  softlabels dump --teacher runs/teacher/teacher/student.pth \\\n      --data 'mnist1d://transfer?n=40000&seed=1' --out transfer.zarr\n  softlabels dump --teacher weights.safetensors --arch mymodels:make_teacher \\\n      --data images.h5 --out images.zarr --device cuda --precision bf16")
+@cli.command(epilog="Example:\n\n\b\n  softlabels dump --teacher runs/teacher/teacher/student.pth \\\n      --data 'mnist1d://transfer?n=40000&seed=1' --out transfer.zarr\n  softlabels dump --teacher weights.safetensors --arch mymodels:make_teacher \\\n      --data images.h5 --out images.zarr --device cuda --precision bf16\n  softlabels dump --teacher teacher.pth --data mnist1d://train --out views.zarr --views 16 \\\n      --augment 'shift?max=6' --augment 'noise?std=0.15' --augment 'mixup?alpha=1'")
 @click.option("--teacher", "teacher_path", required=True, metavar="CKPT", help="Teacher checkpoint (.pth, .pt, .safetensors).")
 @click.option("--data", "data_spec", required=True, metavar="SPEC", help="Dataset: mnist1d://train, data.npz, data.zarr, data.h5, module:callable.")
 @click.option("--out", required=True, metavar="PATH", help="Cache to write: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
@@ -235,7 +235,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         click.echo(result.summary())
 
 
-@cli.command("train-student", epilog="Example:\n\n\b\n  softlabels train-student --cache transfer.zarr --student mlp --student cnn1d \\\n      --student 'wide=mlp?width=400' --eval-data mnist1d://test --eval-cache test.zarr \\\n      --epochs 30 --out runs/kd\n  softlabels train-student --data mnist1d://train --student mlp --hard-labels-only \\\n      --eval-data mnist1d://test --out runs/scratch\n  softlabels train-student --cache transfer.zarr --student mlp --checkpoint-every 200 \\\n      --out runs/long --resume")
+@cli.command("train-student", epilog="Example:\n\n\b\n  softlabels train-student --cache transfer.zarr --student mlp --student cnn1d \\\n      --student 'wide=mlp?width=400' --eval-data mnist1d://test --eval-cache test.zarr \\\n      --epochs 30 --out runs/kd\n  softlabels train-student --data mnist1d://train --student mlp --hard-labels-only \\\n      --eval-data mnist1d://test --out runs/scratch\n  softlabels train-student --cache transfer.zarr --student mlp --checkpoint-every 200 \\\n      --out runs/long --resume\n  softlabels train-student --data mnist1d://train --student mlp --online-teacher teacher.pth \\\n      --augment 'shift?max=6' --augment 'mixup?alpha=1' --alpha 0 --out runs/online")
 @click.option("--cache", "cache_path", metavar="PATH", help="Cache written by dump (its manifest names the data).")
 @click.option("--data", "data_spec", metavar="SPEC", help="Training inputs (default: the cache's dataset; must match its fingerprint).")
 @click.option("--student", "students", multiple=True, required=True, metavar="[NAME=]ARCH[?k=v]", help="Repeat to train several students from one pass over the cache.")

@@ -125,7 +125,7 @@ def _views_lines(views: dict[str, Any] | None) -> list[str]:
         return []
     return [
         f"views        {views['count']} per sample, augment seed {views['seed']}: {' -> '.join(views['augment'])}",
-        f"per view     {views['bytes_per_view']:.1f} bytes on disk, {views['record_bytes_per_view']:.0f} of them parameters (uncompressed)",
+        f"per view     {views['bytes_per_view']:.1f} bytes on disk (targets and parameters; the parameters are {views['record_bytes_per_view']:.0f} bytes before compression)",
     ]
 
 

@@ -17,8 +17,8 @@ from .conftest import committed, dump_args
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
-def torchrun(root, args, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(root, args, env=None, **kwargs):
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(TORCHRUN + args, cwd=root, capture_output=True, text=True, env=env, timeout=300, **kwargs)
 
 
@@ -118,3 +118,20 @@ def test_world_only_asks_and_init_joins(monkeypatch):
     with pytest.raises(SoftlabelsError, match=r"WORLD_SIZE=2\) but the process group was not joined: call softlabels.distributed.init\(\) first"):
         distributed.world()
     assert not torch.distributed.is_initialized()  # asking started nothing
+
+
+def test_two_ranks_record_the_views_of_one_process(slow_setup):
+    root = slow_setup
+    views = ["--views", "3", "--augment", "shift?max=2", "--augment", "noise?std=0.1", "--augment", "mixup?alpha=1"]
+    env = {**os.environ, "SLOW_DELAY": "0"}
+    single = root / "single.zarr"
+    done = subprocess.run(dump_args(root, single, *views), cwd=root, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = root / "two.zarr"
+    done = torchrun(root, softlabels_args(dump_args(root, two, *views)), env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = zarr.open_group(str(single), mode="r"), zarr.open_group(str(two), mode="r")
+    names = ["logits", "views/shift.offset", "views/noise.seed", "views/mixup.partner", "views/mixup.lam",
+             "views/partner.shift.offset", "views/partner.noise.seed"]
+    assert all(a[name][:].tobytes() == b[name][:].tobytes() for name in names)
+    assert a["logits"].shape == (2000, 3, 5)

@@ -219,3 +219,36 @@ def test_augment_on_a_cache_without_views_is_refused(tmp_path, teacher):
                            "--augment", "shift?max=3", "--out", str(tmp_path / "run"), "--quiet"], capture_output=True, text=True)
     assert done.returncode == 1 and "which has no views" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_views_replayed_in_dataloader_workers_are_the_same_batches(view_cache):
+    loader = SoftTargetLoader(open_data(DATA), open_cache(view_cache), batch_size=20, seed=4)
+    loader.set_epoch(1)
+    alone = list(loader)
+    workers = list(torch.utils.data.DataLoader(loader, batch_size=None, num_workers=2))
+    assert len(alone) == len(workers) == 5
+    for a, b in zip(alone, workers):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.indices, b.indices)
+        assert torch.equal(a.teacher_logits.arrays["logits"], b.teacher_logits.arrays["logits"])
+        assert torch.equal(a.mix.lam, b.mix.lam)
+
+
+def test_plain_zarr_and_numpy_replay_a_view_as_the_readme_shows(tmp_path, teacher):
+    path = tmp_path / "views.zarr"
+    pipeline = Pipeline(tuple(parse_augment(s) for s in ("shift?max=6", "noise?std=0.15", "mixup?alpha=1")), seed=2)
+    source = open_data(DATA)
+    dump(teacher, source, path, views=Views(2, pipeline), device="cpu", progress=False)
+    g = zarr.open_group(str(path), mode="r")
+    std = g.attrs["softlabels"]["views"]["augment"][1]["std"]
+    x = source.read(0, len(source))[0]
+    for i, v in [(0, 0), (17, 1), (99, 1)]:
+        def one(row, prefix=""):
+            offset = int(g[f"views/{prefix}shift.offset"][i, v])
+            out = row[np.clip(np.arange(40) - offset, 0, 39)]
+            seed = int(g[f"views/{prefix}noise.seed"][i, v])
+            return out + np.float32(std) * np.random.default_rng(seed).standard_normal(40, dtype=np.float32)
+        j, lam = int(g["views/mixup.partner"][i, v]), g["views/mixup.lam"][i, v]
+        view = lam * one(x[i]) + (1 - lam) * one(x[j], "partner.")
+        record = {name: r[i:i + 1, v] for name, r in open_cache(path).read_records(0, len(source)).items()}
+        replayed, _ = replay(pipeline, source, torch.from_numpy(x[i:i + 1]), record)
+        np.testing.assert_allclose(view, replayed[0].numpy(), rtol=0, atol=1e-6)
