@@ -8,6 +8,8 @@ Accepted forms, in the order they are recognised:
 * ``.pth``/``.pt`` read with ``torch.load(weights_only=True)``: a self-describing dict
   ``{"arch", "arch_kwargs", "state_dict", ...}`` (what :func:`save_checkpoint` writes), or a bare state
   dict that needs ``arch``.
+* A directory holding ``config.json``: a Hugging Face causal LM with safetensors weights
+  (:mod:`softlabels.hf`, needs ``transformers``).
 
 A refused or failed safe load is never retried unsafely.
 
@@ -51,6 +53,7 @@ class LoadedModel:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None
+    tokenizer: dict[str, Any] | None = None  # {"sha256", "vocab_size"} of a tokenizer shipped with the model
 
     @property
     def params(self) -> int:
@@ -64,6 +67,7 @@ class LoadedModel:
             "arch": self.arch,
             "arch_kwargs": self.arch_kwargs,
             "params": self.params,
+            **({"tokenizer": self.tokenizer} if self.tokenizer is not None else {}),
         }
 
 
@@ -206,6 +210,12 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise SoftlabelsError(f"checkpoint not found: {path}")
+    if path.is_dir() and (path / "config.json").is_file():
+        if arch is not None or arch_kwargs:
+            raise SoftlabelsError(f"{path} is a Hugging Face model directory, which names its own architecture: drop --arch")
+        from .hf import load_hf_teacher
+
+        return load_hf_teacher(path, input_shape=input_shape, num_classes=num_classes)
     if not path.is_file():
         raise SoftlabelsError(f"checkpoint is not a file: {path}")
     sha256 = file_sha256(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from .kinds import DEFAULT_TEMPERATURES, Dense, Sampled, TargetKind, TopK, kind_
 from .report import SUMMARY_COLUMNS, cache_report, format_cache_report, format_table
 from .store import open_cache
 from .kinds import STORE_DTYPES
+from .kinds.topk import TAILS
 from .train import StudentSpec, TrainConfig, eval_inputs, evaluate as run_evaluate, train_students
 from .verify import verify_cache
 from .views import Views
@@ -127,6 +129,8 @@ def _sparse_options(f: Any) -> Any:
                          help="Temperature of the distribution --sample draws from (use the training temperature or higher)."),
             click.option("--sample-seed", type=click.IntRange(0, 2**63 - 1), default=Sampled.sample_seed, show_default=True,
                          help="Seed of the --sample draws."),
+            click.option("--compact", is_flag=True,
+                         help="With --sample: store the drawn classes and counts only (train at the proposal temperature, forward KL)."),
             click.option("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES), show_default=True,
                          help="Temperatures whose log-partition a sparse cache keeps; training must use one of them."),
         ]
@@ -135,10 +139,12 @@ def _sparse_options(f: Any) -> Any:
     return f
 
 
-def _kind(top_k, sample, proposal_temperature, sample_seed, temperatures) -> TargetKind | None:
+def _kind(top_k, sample, proposal_temperature, sample_seed, compact, temperatures) -> TargetKind | None:
     """The kind the sparse options ask for, or ``None`` when they ask for none."""
     if top_k and sample:
         raise click.UsageError("give --top-k or --sample, not both")
+    if compact and not sample:
+        raise click.UsageError("--compact applies to --sample")
     try:
         grid = [float(t) for t in temperatures.split(",") if t.strip()]
     except ValueError:
@@ -149,7 +155,7 @@ def _kind(top_k, sample, proposal_temperature, sample_seed, temperatures) -> Tar
         settings = {"kind": TopK.name, "k": top_k, "temperatures": grid}
     elif sample:
         settings = {"kind": Sampled.name, "samples": sample, "proposal_temperature": proposal_temperature,
-                    "sample_seed": sample_seed, "temperatures": grid}
+                    "sample_seed": sample_seed, "compact": compact, "temperatures": grid}
     else:
         return None
     # the number of classes is checked once the teacher (or the cache) says it
@@ -201,7 +207,7 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--resume", is_flag=True, help="Continue an interrupted dump from its committed chunks.")
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf logits instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, temperatures, views, augment_specs, augment_seed, overwrite, resume, allow_nonfinite, quiet):
+def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, compact, temperatures, views, augment_specs, augment_seed, overwrite, resume, allow_nonfinite, quiet):
     """Run a teacher over a dataset and store its logits in a cache.
 
     With --views V and --augment, store V recorded augmented views of every sample: the teacher's
@@ -223,7 +229,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         store_dtype=store_dtype,
         chunk_rows=chunk_rows,
         compress_logits=compress_logits,
-        kind=_kind(top_k, sample, proposal_temperature, sample_seed, temperatures) or Dense(),
+        kind=_kind(top_k, sample, proposal_temperature, sample_seed, compact, temperatures) or Dense(),
         views=recorded_views,
         num_workers=num_workers,
         overwrite=overwrite,
@@ -251,6 +257,8 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Weight of the hard-label loss.")
 @click.option("--kl", type=click.Choice(KL_DIRECTIONS), default="forward", show_default=True)
+@click.option("--topk-tail", type=click.Choice(TAILS), default="exact", show_default=True,
+              help="A top-k cache's tail: exact (matched as one bucket), renormalize (dropped, as other tools do) or gold (given to the label).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--hard-labels-only", is_flag=True, help="Ignore soft targets: the scratch baseline (needs no cache).")
 @click.option("--online-teacher", metavar="CKPT", help="Run this teacher on every batch instead of reading a cache (with --augment: online function matching).")
@@ -265,7 +273,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @TRUST_CODE
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, seed, hard_labels_only, online_teacher, augment_specs, augment_seed, num_classes, shards, device, num_workers, checkpoint_every, resume, overwrite, trust_code, quiet):
+def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, topk_tail, seed, hard_labels_only, online_teacher, augment_specs, augment_seed, num_classes, shards, device, num_workers, checkpoint_every, resume, overwrite, trust_code, quiet):
     """Train one or more students from a cache of teacher logits.
 
     A view cache trains every sample on one of its recorded views per epoch. --augment gives every
@@ -275,7 +283,7 @@ def train_student(cache_path, data_spec, students, student_kwargs, out, eval_dat
     distributed.init()
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, temperature=temperature,
-        alpha=alpha, kl=kl, seed=seed, hard_labels_only=hard_labels_only, device=device, shards=shards,
+        alpha=alpha, kl=kl, topk_tail=topk_tail, seed=seed, hard_labels_only=hard_labels_only, device=device, shards=shards,
         checkpoint_every=checkpoint_every, num_workers=num_workers, augment=_pipeline(augment_specs, augment_seed),
     )
     shared = _json_object(student_kwargs, "--student-kwargs")
@@ -328,6 +336,8 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
     else:
         accuracy = "-" if metrics["accuracy"] is None else f"{metrics['accuracy']:.2%}"
         line = f"{model_path} on {source.spec}: accuracy {accuracy}"
+        if metrics["nats"] is not None:
+            line += f", {metrics['nats']:.4f} nats per item (perplexity {math.exp(min(metrics['nats'], 700)):.4g}), ECE {metrics['ece']:.2%}"
         if metrics["teacher_agreement"] is not None:
             line += f", agreement with teacher {metrics['teacher_agreement']:.2%}"
         click.echo(line)
@@ -383,10 +393,10 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
 @click.option("--upgrade", is_flag=True, help="Rewrite SRC in the current format version, same kind.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, dst, top_k, sample, proposal_temperature, sample_seed, temperatures, keep_views, upgrade, overwrite, quiet):
+def convert(src, dst, top_k, sample, proposal_temperature, sample_seed, compact, temperatures, keep_views, upgrade, overwrite, quiet):
     """Derive a top-k or sampled cache from a dense one, keep fewer views of a view cache, or upgrade
     an old cache, without running the teacher."""
-    kind = _kind(top_k, sample, proposal_temperature, sample_seed, temperatures)
+    kind = _kind(top_k, sample, proposal_temperature, sample_seed, compact, temperatures)
     if upgrade and (kind is not None or keep_views):
         raise click.UsageError("--upgrade rewrites a cache as it is: give it alone")
     if not (upgrade or kind is not None or keep_views):

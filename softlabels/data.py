@@ -9,6 +9,10 @@ Spec syntax (first match wins):
 ``path.zarr``, ``path.h5``/``.hdf5``    a Zarr group or HDF5 file with the same array names
 ``module:callable[?k=v&...]``           a map-style ``torch.utils.data.Dataset`` returned by
                                         ``callable(**kwargs)``; items are ``x`` or ``(x, y)``
+``tokens.npz`` (``.zarr``, ``.h5``)     token windows: ``input_ids [N, L]``, optional
+                                        ``loss_mask``, ``segment_ids`` (:mod:`softlabels.tokens`)
+``text:PATH?tokenizer=T&seq_len=L``     UTF-8 text tokenised with a ``tokenizers`` file and packed
+                                        into windows of ``L`` tokens (:mod:`softlabels.text`)
 =====================================  ==========================================================
 
 Every source reads contiguous row ranges (``read(start, stop)``), which is how the loader and the
@@ -80,6 +84,11 @@ class Source:
     def chunk_rows(self) -> int | None:
         """Rows per stored chunk of the inputs (``None`` when reads cost the same at any offset)."""
         return None
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's labels: ``()``, or ``(L,)`` for token windows (one per position)."""
+        return ()
 
     def fingerprint(self) -> str:
         raise NotImplementedError
@@ -242,10 +251,20 @@ class DatasetSource(Source):
         return self._fingerprint
 
 
-def _require_x(spec: str, names: Any) -> None:
+def _require(spec: str, names: Any, needed: str) -> None:
     names = sorted(names)
-    if "x" not in names:
-        raise SoftlabelsError(f"dataset {spec} has no array 'x' (found: {', '.join(names) or 'none'})")
+    if needed not in names:
+        raise SoftlabelsError(f"dataset {spec} has no array '{needed}' (found: {', '.join(names) or 'none'}; "
+                              "use x [and y] for samples, input_ids [and loss_mask, segment_ids] for token windows)")
+
+
+def _xy(spec: str, opener: Callable[[], dict[str, Any]]) -> Callable[[], tuple[Any, Any]]:
+    """An opener of ``(x, y)`` from an opener of every named array."""
+    def open_xy() -> tuple[Any, Any]:
+        arrays = opener()
+        _require(spec, arrays, "x")
+        return arrays["x"], arrays.get("y")
+    return open_xy
 
 
 def _npz_member(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
@@ -275,15 +294,12 @@ def _npz_member(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
-def _npz_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
-    def open_npz() -> tuple[Any, Any]:
+def _npz_opener(path: Path, spec: str) -> Callable[[], dict[str, Any]]:
+    def open_npz() -> dict[str, Any]:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
-                _require_x(spec, names)
-                x = _npz_member(path, archive, "x.npy")
-                y = _npz_member(path, archive, "y.npy") if "y" in names else None
-                return x, y
+                return {name: _npz_member(path, archive, name + ".npy") for name in names}
         except SoftlabelsError:
             raise
         except Exception as exc:
@@ -292,35 +308,31 @@ def _npz_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
     return open_npz
 
 
-def _zarr_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
-    def open_zarr() -> tuple[Any, Any]:
+def _zarr_opener(path: Path, spec: str) -> Callable[[], dict[str, Any]]:
+    def open_zarr() -> dict[str, Any]:
         import zarr
 
         try:
             group = zarr.open_group(str(path), mode="r")
-            names = set(group.array_keys())
+            arrays = {name: group[name] for name in group.array_keys()}
         except Exception as exc:
             raise SoftlabelsError(f"cannot read dataset {spec}: not a Zarr group ({exc})") from exc
-        _require_x(spec, names)
-        x, y = group["x"], (group["y"] if "y" in names else None)
-        for name, array in (("x", x), ("y", y)):
-            if array is not None:
-                refuse_unpickling(array, f"dataset {spec}: array '{name}'")
-        return x, y
+        for name, array in arrays.items():
+            refuse_unpickling(array, f"dataset {spec}: array '{name}'")
+        return arrays
 
     return open_zarr
 
 
-def _h5_opener(path: Path, spec: str) -> Callable[[], tuple[Any, Any]]:
-    def open_h5() -> tuple[Any, Any]:
+def _h5_opener(path: Path, spec: str) -> Callable[[], dict[str, Any]]:
+    def open_h5() -> dict[str, Any]:
         import h5py
 
         try:
             f = h5py.File(path, "r")
         except Exception as exc:
             raise SoftlabelsError(f"cannot read dataset {spec}: not an HDF5 file ({exc})") from exc
-        _require_x(spec, f.keys())
-        return f["x"], (f["y"] if "y" in f else None)
+        return {name: obj for name, obj in f.items() if isinstance(obj, h5py.Dataset)}
 
     return open_h5
 
@@ -396,7 +408,7 @@ def data_names_code(spec: str) -> bool:
     What this calls safe is exactly what :func:`open_data` opens without importing anything.
     """
     spec = spec.strip()
-    if spec.startswith("mnist1d://"):
+    if spec.startswith(("mnist1d://", "text:")):  # a text source reads text and a tokenizer's JSON, no code
         return False
     return "://" in spec or bool(_CALLABLE_SPEC.match(spec)) or Path(spec).suffix not in _STORE_SUFFIXES
 
@@ -412,6 +424,10 @@ def open_data(spec: str) -> Source:
     spec = spec.strip()
     if spec.startswith("mnist1d://"):
         return _mnist1d_source(spec)
+    if spec.startswith("text:"):
+        from .text import open_text
+
+        return open_text(spec)
     if "://" in spec:
         raise SoftlabelsError(f"data spec {spec}: unknown scheme (the built-in one is mnist1d://)")
     if _CALLABLE_SPEC.match(spec):
@@ -428,8 +444,12 @@ def open_data(spec: str) -> Source:
         if not path.exists():
             raise SoftlabelsError(f"data spec {spec}: no such file or directory")
         canonical = str(path.resolve())
-        opener = {".npz": _npz_opener, ".zarr": _zarr_opener}.get(path.suffix, _h5_opener)
-        return ArraySource(canonical, opener(path.resolve(), spec))
+        opener = {".npz": _npz_opener, ".zarr": _zarr_opener}.get(path.suffix, _h5_opener)(path.resolve(), spec)
+        if "input_ids" in opener():
+            from .tokens import TokenSource
+
+            return TokenSource(canonical, opener)
+        return ArraySource(canonical, _xy(spec, opener))
     if path.exists():
         raise SoftlabelsError(f"data spec {spec}: unsupported file type (use .npz, .zarr, .h5 or .hdf5)")
     raise SoftlabelsError(

@@ -37,6 +37,7 @@ from .checkpoint import LoadedModel
 from .data import NO_LABEL, Source
 from .errors import SoftlabelsError
 from .kinds import Dense, TargetKind
+from .tokens import GOLD, TOKEN_AXIS, TokenSource, gold_logprob, gold_record, token_manifest
 from .views import VIEW_AXIS, Views
 from .store import CacheWriter, Layout, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock, partial_path
 
@@ -162,8 +163,11 @@ class TeacherForward:
             try:
                 out = self.model(x)
             except Exception as exc:
+                hint = ""
+                if not x.is_floating_point() and isinstance(exc, (IndexError, RuntimeError)) and "index" in str(exc):
+                    hint = f" (the token ids go up to {int(x.max())}: are they beyond the teacher's vocabulary?)"
                 raise SoftlabelsError(
-                    f"the model failed on {what} (inputs {list(x.shape[1:])}): {type(exc).__name__}: {exc}"
+                    f"the model failed on {what} (inputs {list(x.shape[1:])}): {type(exc).__name__}: {exc}{hint}"
                 ) from exc
         if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != len(x):
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -324,6 +328,7 @@ _RESUME_KEYS = {
     "precision": ("precision",),
     "device type": ("device",),
     "views and augmentations": ("views",),
+    "token windows and tokenizer": ("tokens", "tokenizer"),
 }
 
 
@@ -420,10 +425,12 @@ def dump(
     if precision not in PRECISIONS:
         raise SoftlabelsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
     if views is not None:
-        if item_axes:
-            raise SoftlabelsError("a dump with views has the one item axis 'view'")
+        if item_axes or isinstance(source, TokenSource):
+            raise SoftlabelsError("a dump with views has the one item axis 'view', and no token windows")
         views.pipeline.check_input(source.input_shape, where=f"--augment on {source.spec}")
         item_axes = (VIEW_AXIS,)
+    if isinstance(source, TokenSource):
+        item_axes = item_axes or (TOKEN_AXIS,)
     rank, size = distributed.world()
     if size > 1 and backend_name(out) == "hdf5":
         raise SoftlabelsError("an HDF5 file has one writer: under torchrun, dump to a .zarr path")
@@ -514,6 +521,8 @@ def _start(
         "batch_size": expected["batch_size"],
         **({"views": views.settings()} if views is not None else {}),
     }
+    if isinstance(source, TokenSource):
+        manifest["tokens"] = token_manifest(source, None)
     if resume:
         writer = _open_for_resume(out, {**manifest, **expected, "num_samples": len(source)}, kind, item_axes)
         if writer is not None:
@@ -526,8 +535,12 @@ def _start(
         )
     num_classes = shape[-1]
     kind.validate(num_classes=num_classes, where="the cache kind")
+    if isinstance(source, TokenSource):
+        manifest["tokens"] = token_manifest(source, num_classes)
     axes = tuple(zip(item_axes, shape[1:-1]))
     records = views.records(source.input_shape) if views is not None else ()
+    if isinstance(source, TokenSource):
+        records = (gold_record(source.input_shape[0]),)
     layout = Layout(kind, len(source), num_classes, expected["dtype"], expected["chunk_rows"] or 1, axes, records)
     if not expected["chunk_rows"]:
         layout = dataclasses.replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes))
@@ -556,15 +569,19 @@ def _feed(
                     f"the cache holds {[*layout.items, layout.num_classes]}"
                 )
             _check_labels(labels, layout.num_classes, start)
-            labels = labels.reshape(-1, *([1] * len(layout.items))).expand(-1, *layout.items)  # one per item
+            if labels.shape != logits.shape[:-1]:  # one label per sample: each of its items gets it
+                labels = labels.reshape(-1, *([1] * len(layout.items))).expand(-1, *layout.items)
+            if any(r.name == GOLD for r in layout.records):
+                records = {**records, GOLD: gold_logprob(logits, labels)}
             # Cast, rank, check (and sparsify) on the device: finiteness of the stored values catches
             # float16 overflow too, and only what is stored crosses to the host.
             predicted = logits.argmax(-1)
             rows_here = torch.arange(start, start + len(logits), device=logits.device)
             stored = layout.kind.build(logits, rows=rows_here, store_dtype=out_dtype)
             finite = layout.kind.finite(stored).reshape(len(logits), -1).all(1)
-            if device.type == "cuda":
+            if device.type == "cuda":  # records drawn on the host (views) are numpy and stay there
                 host = {k: _to_host(v) for k, v in stored.items()}
+                records = {k: _to_host(v) if isinstance(v, torch.Tensor) else v for k, v in records.items()}
                 finite, predicted = _to_host(finite), _to_host(predicted)
                 ready = torch.cuda.Event()
                 ready.record()

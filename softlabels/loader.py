@@ -35,6 +35,7 @@ from .errors import SoftlabelsError
 from .kinds import SoftTargets
 from .augment import Pipeline
 from .store import Cache, chunk_bounds, num_chunks, open_cache
+from .tokens import TokenSource
 from .trust import check_recorded_spec
 from .views import Mix, Views, replay
 
@@ -195,8 +196,14 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
     def items(self) -> tuple[int, ...]:
         """The item axes of the targets served per sample (a view cache serves one view per sample)."""
         if self._cache_path is None:
-            return ()
+            return self.source.label_shape
         return self.cache.items[1:] if self.views is not None else self.cache.items
+
+    @property
+    def masks_unlabeled_items(self) -> bool:
+        """Whether an item labelled ``-1`` carries no loss at all: a token position with nothing to
+        predict (elsewhere ``-1`` means "no hard label", and the soft target still counts)."""
+        return isinstance(self.source, TokenSource) or (self._cache_path is not None and "tokens" in self.cache.manifest)
 
     @property
     def batches_per_epoch(self) -> int:

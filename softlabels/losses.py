@@ -60,6 +60,8 @@ def kd_loss(
     kl: str = "forward",
     ignore_index: int = -1,
     mix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
+    tail: str = "exact",
 ) -> torch.Tensor:
     """Mean distillation loss of a batch (see the module docstring for the formula).
 
@@ -73,6 +75,9 @@ def kd_loss(
     so the hard term weighs the same with or without a teacher, whatever share of a batch is labeled.
     ``mix=(partner_labels, lam)`` (each ``[...]``) makes an item's hard term
     ``lam * CE(labels) + (1 - lam) * CE(partner_labels)``, as for a mixup or cutmix view.
+    ``mask`` (bool ``[...]``) keeps the KL term to the items where it is true (token positions with
+    a next token to predict), averaged over those. ``tail`` chooses a top-k cache's treatment of the
+    teacher's mass outside its K classes (:data:`softlabels.kinds.topk.TAILS`).
 
     Example::
 
@@ -90,9 +95,14 @@ def kd_loss(
     if teacher is None:
         return hard
     if isinstance(teacher, torch.Tensor):
+        if tail != "exact":
+            raise ValueError(f"tail {tail!r} applies to top-k targets, not to full teacher logits")
         soft = kl_divergence(student_logits, teacher, temperature=temperature, kl=kl)
     else:
-        soft = teacher.kl(student_logits, temperature=temperature, kl=kl)
+        soft = teacher.kl(student_logits, temperature=temperature, kl=kl, tail=tail, labels=labels)
+    if mask is not None:
+        mask = mask.to(soft.device)
+        soft = torch.where(mask, soft, torch.zeros_like(soft)).sum() / mask.sum().clamp(min=1)
     loss = (1.0 - alpha) * temperature**2 * soft.mean()
     return loss + alpha * hard if alpha > 0 else loss
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import SoftlabelsError
+from .gpt import gpt
 
 
 def _flat_features(input_shape: tuple[int, ...]) -> int:
@@ -105,6 +106,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "cnn1d": cnn1d,
     "cnn2d": cnn2d,
+    "gpt": gpt,
 }
 
 
@@ -158,13 +160,18 @@ def resolve_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
 
 
 def arch_names_code(arch: str) -> bool:
-    """Whether building ``arch`` would import code: anything but a built-in architecture."""
+    """Whether building ``arch`` would import code: anything but a built-in architecture. ``hf:PATH``
+    counts as code too: the configuration it reads is the checkpoint's choice, not the user's."""
     return arch not in ARCHITECTURES
 
 
 def _arch_factory(arch: str) -> Callable[..., nn.Module]:
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
+    if arch.startswith("hf:"):
+        from .hf import hf_architecture
+
+        return hf_architecture(arch[len("hf:"):])
     if ":" in arch:
         return resolve_callable(arch, what="architecture")
     names = ", ".join(ARCHITECTURES)

@@ -38,6 +38,8 @@ SUMMARY_COLUMNS: list[Column] = [
     ("targets", "trained on", str),
     ("eval_accuracy", "eval acc", _percent),
     ("teacher_agreement", "agrees w/ teacher", _percent),
+    ("eval_nats", "eval nats", lambda v: "-" if v is None else f"{v:.3f}"),
+    ("ece", "ECE", _percent),
     ("seconds", "seconds", _seconds),
 ]
 

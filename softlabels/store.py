@@ -127,7 +127,7 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-RECORD_DTYPES = ("uint8", "int32", "int64", "uint64", "float32", "float64")
+RECORD_DTYPES = ("uint8", "int32", "int64", "uint64", "float16", "float32", "float64")
 _RECORD_NAME = re.compile(r"[a-z][a-z0-9_]*/[A-Za-z0-9_][A-Za-z0-9_.]*")
 
 
@@ -373,6 +373,8 @@ class _H5Backend:
             return None
         if name not in names or table.dtype != np.uint32 or table.ndim != 2 or table.shape[1] != len(names):
             return None
+        if self.file.mode == "r":  # a reader's table never changes: one read, not a small h5py read per chunk range
+            table = np.asarray(table[:])
         return _H5RawChunks(array, table, names.index(name))
 
     def close(self) -> None:

@@ -45,7 +45,9 @@ from .loader import Batch, SoftTargetLoader, source_for_cache
 from .losses import KL_DIRECTIONS, kd_loss
 from .models import build_model, check_output_shape, count_parameters
 from .durable import write_atomically
+from .kinds.topk import TAILS
 from .store import Cache, open_cache
+from .tokens import TokenSource
 
 _EVAL_BATCH = 1024
 CHECKPOINT = "checkpoint.pt"
@@ -77,6 +79,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: at the end of each epoch only
     num_workers: int | None = None  # DataLoader workers; None: some for a module:callable dataset, else none
     augment: Pipeline | None = None  # a fresh augmented view of every sample in every epoch (not for view caches)
+    topk_tail: str = "exact"  # a top-k cache's tail: exact, renormalize or gold (softlabels.kinds.topk.TAILS)
 
     # Options that change neither the batches nor the arithmetic, so a resumed run may change them.
     # The device is compared as the type it resolves to ("auto" on a CPU machine equals "cpu").
@@ -99,46 +102,83 @@ class TrainConfig:
             raise SoftlabelsError(f"checkpoint interval must be positive, got {self.checkpoint_every}")
         if self.num_workers is not None and self.num_workers < 0:
             raise SoftlabelsError(f"number of workers must be >= 0, got {self.num_workers}")
+        if self.topk_tail not in TAILS:
+            raise SoftlabelsError(f"top-k tail must be one of {', '.join(TAILS)}, got {self.topk_tail}")
 
 
-def predict(model: torch.nn.Module, source: Source, *, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Logits of ``model`` on every row of ``source`` (float32, on the host) and the source's labels."""
-    was_training = model.training
-    outputs, labels = [], []
-    for _, out, y in iter_logits(model, source, batch_size=_EVAL_BATCH, device=device):
-        outputs.append(out.float().cpu().numpy())
-        labels.append(y.numpy())
-    model.train(was_training)
-    return np.concatenate(outputs), np.concatenate(labels)
+class _Metrics:
+    """Evaluation metrics accumulated batch by batch, so no ``[N, *items, C]`` array is ever held."""
 
+    BINS = 15  # of confidence, for the expected calibration error
 
-def agreement_metrics(logits: np.ndarray, labels: np.ndarray, teacher_top1: np.ndarray | None) -> dict[str, float | None]:
-    """Accuracy on labeled items and top-1 agreement with the teacher, each ``None`` when undefined.
+    def __init__(self) -> None:
+        self.labeled = self.correct = self.items = self.agree = 0
+        self.nats = 0.0
+        self.confidence, self.hits, self.count = (np.zeros(self.BINS) for _ in range(3))
+        self.has_teacher = False
 
-    ``logits`` are ``[N, *items, C]``; a sample's label (``[N]``) stands for each of its items.
-    """
-    predicted = logits.argmax(-1)
-    labels = np.broadcast_to(labels.reshape(labels.shape + (1,) * (predicted.ndim - labels.ndim)), predicted.shape)
-    labeled = labels != NO_LABEL
-    accuracy = float((predicted[labeled] == labels[labeled]).mean()) if labeled.any() else None
-    agreement = float((predicted == teacher_top1).mean()) if teacher_top1 is not None else None
-    return {"accuracy": accuracy, "teacher_agreement": agreement}
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, teacher_top1: np.ndarray | None) -> None:
+        logits = logits.float()
+        labels = labels.to(logits.device).reshape(labels.shape + (1,) * (logits.ndim - 1 - labels.ndim)).expand(logits.shape[:-1])
+        log_p = torch.log_softmax(logits, dim=-1)
+        confidence, predicted = log_p.max(-1)
+        labeled = labels != NO_LABEL
+        if teacher_top1 is not None:
+            self.has_teacher = True
+            self.agree += int((predicted.cpu().numpy() == teacher_top1).sum())
+            self.items += predicted.numel()
+        if not labeled.any():
+            return
+        gold = log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1))[..., 0]
+        hit = (predicted == labels)[labeled].double().cpu().numpy()
+        confidence = confidence[labeled].exp().double().cpu().numpy()
+        self.labeled += int(labeled.sum())
+        self.correct += int(hit.sum())
+        self.nats -= float(gold[labeled].double().sum())
+        bins = np.minimum((confidence * self.BINS).astype(int), self.BINS - 1)
+        np.add.at(self.confidence, bins, confidence)
+        np.add.at(self.hits, bins, hit)
+        np.add.at(self.count, bins, 1)
+
+    def result(self) -> dict[str, float | None]:
+        labeled = self.labeled or None
+        return {
+            "accuracy": self.correct / labeled if labeled else None,
+            "teacher_agreement": self.agree / self.items if self.has_teacher and self.items else None,
+            "nats": self.nats / labeled if labeled else None,  # mean cross-entropy per labeled item
+            "ece": float(np.abs(self.confidence - self.hits).sum() / labeled) if labeled else None,
+        }
 
 
 def evaluate(
     model: torch.nn.Module, source: Source, *, teacher_top1: np.ndarray | None = None, device: str = "cpu"
 ) -> dict[str, float | None]:
-    """Accuracy of ``model`` on ``source`` and, given the teacher's top class per row, agreement with it.
+    """``model`` on ``source``: accuracy, mean cross-entropy (``nats``) and expected calibration
+    error (15 bins of confidence, ``ece``) over the labeled items, and top-1 agreement with the
+    teacher given its top class per item. For token windows an item is a position and its label the
+    next token, so ``nats`` is the held-out nats per token (perplexity ``exp(nats)``).
 
     Example::
 
         evaluate(load_model("student.pth").model, open_data("mnist1d://test"))
-        # {'accuracy': 0.8, 'teacher_agreement': None}
+        # {'accuracy': 0.8, 'teacher_agreement': None, 'nats': 0.61, 'ece': 0.04}
     """
     if teacher_top1 is not None and len(teacher_top1) != len(source):
         raise SoftlabelsError(f"teacher predictions cover {len(teacher_top1)} rows, the data has {len(source)}")
-    logits, labels = predict(model, source, device=resolve_device(device))
-    return agreement_metrics(logits, labels, teacher_top1)
+    was_training = model.training
+    metrics = _Metrics()
+    for start, out, y in iter_logits(model, source, batch_size=_EVAL_BATCH, device=resolve_device(device)):
+        metrics.add(out, y, None if teacher_top1 is None else teacher_top1[start:start + len(y)])
+    model.train(was_training)
+    return metrics.result()
+
+
+def top_classes(model: torch.nn.Module, source: Source, *, device: str = "cpu") -> np.ndarray:
+    """The model's top class for every item of ``source`` (``[N, *items]``)."""
+    was_training = model.training
+    parts = [out.argmax(-1).cpu().numpy() for _, out, _ in iter_logits(model, source, batch_size=_EVAL_BATCH, device=resolve_device(device))]
+    model.train(was_training)
+    return np.concatenate(parts)
 
 
 def eval_inputs(
@@ -166,7 +206,7 @@ def eval_inputs(
     source = open_data(eval_data)
     if eval_teacher:
         teacher = load_model(eval_teacher, input_shape=source.input_shape, trust_code=trust_code)
-        return source, predict(teacher.model, source, device=resolve_device(device))[0].argmax(-1)
+        return source, top_classes(teacher.model, source, device=device)
     return source, None
 
 
@@ -183,6 +223,8 @@ def class_count(source: Source, cache: Cache | None, num_classes: int | None = N
         return cache.num_classes
     if num_classes is not None:
         return num_classes
+    if isinstance(source, TokenSource):
+        return source.vocab_size()
     largest = int(source.labels().max(initial=NO_LABEL))
     if largest == NO_LABEL:
         raise SoftlabelsError(f"dataset {source.spec} has no labels to count the classes from: pass --num-classes")
@@ -225,7 +267,7 @@ class _Student:
         self.seconds = 0.0
         self.loss_sum = 0.0
         self.loss_count = 0
-        self.metrics: dict[str, float | None] = {"accuracy": None, "teacher_agreement": None}
+        self.metrics: dict[str, float | None] = {"accuracy": None, "teacher_agreement": None, "nats": None, "ece": None}
         self.history: list[dict[str, Any]] = []  # one record per finished epoch: metrics.jsonl
 
     def state(self) -> dict[str, Any]:
@@ -376,7 +418,7 @@ def train_students(
                 loader.set_epoch(epoch)  # keeps a resumed epoch's position
                 done = loader.state_dict()["batches"]
                 for batch in _epoch_batches(loader, num_workers):
-                    _step(trained, batch, config, device, teacher)
+                    _step(trained, batch, config, device, teacher, loader.masks_unlabeled_items)
                     done += 1
                     bar.update(1)
                     if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
@@ -399,10 +441,12 @@ def train_students(
     return summary
 
 
-def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: torch.device, teacher: LoadedModel | None) -> None:
+def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: torch.device, teacher: LoadedModel | None,
+          mask_unlabeled: bool) -> None:
     """One optimizer step of every student on ``batch``, each in its own random state."""
     x = batch.inputs.to(device, non_blocking=True)
     y = batch.labels.to(device, non_blocking=True)
+    mask = y != NO_LABEL if mask_unlabeled else None
     mix = None if batch.mix is None else tuple(t.to(device, non_blocking=True) for t in batch.mix)
     if teacher is not None:
         with torch.no_grad():
@@ -413,7 +457,8 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         began = time.perf_counter()
         _set_rng_state(student.rng, device)
         student.model.train()
-        loss = kd_loss(student.forward(x), t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl, mix=mix)
+        loss = kd_loss(student.forward(x), t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl, mix=mix,
+                       mask=mask, tail=config.topk_tail)
         student.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         student.optimizer.step()
@@ -442,6 +487,8 @@ def _end_epoch(student: _Student, epoch: int, eval_source: Source | None, eval_t
         "lr": student.schedule.get_last_lr()[0],
         "eval_accuracy": student.metrics["accuracy"],
         "teacher_agreement": student.metrics["teacher_agreement"],
+        "eval_nats": student.metrics["nats"],
+        "ece": student.metrics["ece"],
         "seconds": round(student.seconds, 3),
     })
     student.loss_sum, student.loss_count = 0.0, 0
@@ -452,7 +499,8 @@ def _targets_description(config: TrainConfig, online: bool) -> str:
     if config.hard_labels_only:
         return f"hard labels{augmented}"
     where = "online teacher" if online else "cache"
-    return f"{where} (T={config.temperature:g}, alpha={config.alpha:g}, {config.kl} KL{augmented})"
+    tail = f", {config.topk_tail} tail" if config.topk_tail != "exact" else ""
+    return f"{where} (T={config.temperature:g}, alpha={config.alpha:g}, {config.kl} KL{tail}{augmented})"
 
 
 def _summary_row(student: _Student, config: TrainConfig, online: bool) -> dict[str, Any]:
@@ -463,6 +511,8 @@ def _summary_row(student: _Student, config: TrainConfig, online: bool) -> dict[s
         "targets": _targets_description(config, online),
         "eval_accuracy": student.metrics["accuracy"],
         "teacher_agreement": student.metrics["teacher_agreement"],
+        "eval_nats": student.metrics["nats"],
+        "ece": student.metrics["ece"],
         "seconds": round(student.seconds, 3),
     }
 

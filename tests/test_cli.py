@@ -99,7 +99,7 @@ def test_labels_out_of_range_are_refused(tmp_path, linear_teacher):
 def test_dataset_without_x(tmp_path, linear_teacher):
     np.savez(tmp_path / "d.npz", inputs=np.zeros((4, 12)))
     result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", tmp_path / "d.npz", "--out", tmp_path / "c.zarr")
-    assert_one_line_error(result, "has no array 'x' \\(found: inputs\\)")
+    assert_one_line_error(result, "has no array 'x' \\(found: inputs; use x \\[and y\\] for samples, input_ids")
 
 
 @pytest.mark.parametrize(

@@ -127,9 +127,19 @@ class TargetKind:
         values, classes = self.logits_at(targets)
         return values if classes is None else None
 
-    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str) -> torch.Tensor:
-        """Per-item ``KL(p || q)`` (forward) or ``KL(q || p)`` (reverse) at ``temperature``, unscaled."""
+    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str,
+           tail: str = "exact", labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-item ``KL(p || q)`` (forward) or ``KL(q || p)`` (reverse) at ``temperature``, unscaled.
+
+        ``tail`` says what becomes of the teacher's mass a sparse kind did not keep (see
+        :data:`softlabels.kinds.topk.TAILS`; ``labels`` are the items' gold classes, for ``gold``);
+        a kind that keeps everything, or estimates it without bias, has only ``exact``.
+        """
         raise NotImplementedError
+
+    def _exact_tail_only(self, tail: str) -> None:
+        if tail != "exact":
+            raise SoftlabelsError(f"--topk-tail {tail} applies to top-k caches; a {self.name} cache has no tail to treat")
 
     def statistic(self, targets: dict[str, np.ndarray]) -> float:
         """The sum over items of the kind's summary statistic (see :attr:`statistic_name`)."""
@@ -186,8 +196,9 @@ class SoftTargets:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "SoftTargets":
         return SoftTargets(self.kind, {k: v.to(device, non_blocking=non_blocking) for k, v in self.arrays.items()})
 
-    def kl(self, student_logits: torch.Tensor, *, temperature: float, kl: str) -> torch.Tensor:
-        return self.kind.kl(student_logits, self.arrays, temperature=temperature, kl=kl)
+    def kl(self, student_logits: torch.Tensor, *, temperature: float, kl: str, tail: str = "exact",
+           labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.kind.kl(student_logits, self.arrays, temperature=temperature, kl=kl, tail=tail, labels=labels)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.arrays[name]

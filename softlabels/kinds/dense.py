@@ -33,7 +33,9 @@ class Dense(TargetKind):
     def logits_at(self, targets: dict[str, np.ndarray]) -> tuple[np.ndarray, None]:
         return targets["logits"], None
 
-    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str) -> torch.Tensor:
+    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str,
+           tail: str = "exact", labels: torch.Tensor | None = None) -> torch.Tensor:
+        self._exact_tail_only(tail)
         return kl_divergence(student_logits, targets["logits"], temperature=temperature, kl=kl)
 
     def statistic(self, targets: dict[str, np.ndarray]) -> float:

@@ -7,6 +7,10 @@ proposal), an unbiased estimate of the dense KL and of its gradient (Anshumann e
 Draws are keyed by ``(sample_seed, row, item, draw)`` through a counter-based hash, never by batch:
 the same cache comes out for any batch size, any number of ranks, and a resumed dump.
 
+A ``compact`` cache stores the drawn classes and their counts alone. Training at the proposal
+temperature needs nothing else: there ``w_c = 1``, and ``-sum_u (n_u / S) log q_u`` is the forward KL
+up to the teacher's entropy, a constant, with the same gradient in expectation.
+
 Example::
 
     kind = Sampled(samples=12, proposal_temperature=4.0)
@@ -63,6 +67,7 @@ class Sampled(SparseKind):
     samples: int = 12
     proposal_temperature: float = 4.0
     sample_seed: int = 0
+    compact: bool = False
 
     name: ClassVar[str] = "sampled"
     statistic_name: ClassVar[str] = "distinct"
@@ -83,18 +88,25 @@ class Sampled(SparseKind):
             raise SoftlabelsError(f"{where}: the proposal temperature must be positive, got {self.proposal_temperature!r}")
         if not isinstance(self.sample_seed, int) or isinstance(self.sample_seed, bool) or not 0 <= self.sample_seed < 2**63:
             raise SoftlabelsError(f"{where}: the sample seed must be an integer in [0, 2**63), got {self.sample_seed!r}")
+        if not isinstance(self.compact, bool):
+            raise SoftlabelsError(f"{where}: compact must be true or false, got {self.compact!r}")
+
+    @classmethod
+    def from_settings(cls, settings: dict, *, num_classes: int, where: str, require_all: bool = False) -> "Sampled":
+        # caches written before compact caches existed store logits
+        return super().from_settings({"compact": False, **settings}, num_classes=num_classes, where=where, require_all=require_all)
 
     def width(self, num_classes: int) -> int:
         return min(self.samples, num_classes)  # S draws hit at most C distinct classes
 
     def arrays(self, num_classes: int, store_dtype: str) -> list[StoredArray]:
         width = self.width(num_classes)
-        return [
-            StoredArray("sample_logits", np.dtype(store_dtype), width),
-            StoredArray("sample_indices", index_dtype(num_classes), width),
-            StoredArray("sample_counts", index_dtype(self.samples + 1), width),
-            StoredArray("logsumexp", np.dtype(np.float32), len(self.temperatures)),
-        ]
+        drawn = [StoredArray("sample_indices", index_dtype(num_classes), width),
+                 StoredArray("sample_counts", index_dtype(self.samples + 1), width)]
+        if self.compact:
+            return drawn
+        return [StoredArray("sample_logits", np.dtype(store_dtype), width), *drawn,
+                StoredArray("logsumexp", np.dtype(np.float32), len(self.temperatures))]
 
     def build(self, logits: torch.Tensor, *, rows: torch.Tensor, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         z = logits.float()
@@ -107,21 +119,32 @@ class Sampled(SparseKind):
         # Most drawn first, ties by class index, then padding (count 0): a key that is unique per class.
         key = counts * classes + (classes - 1 - torch.arange(classes, device=z.device))
         ranked = key.topk(self.width(classes), dim=-1).indices
-        return {
-            "sample_logits": z.gather(-1, ranked).to(store_dtype),
-            "sample_indices": ranked,
-            "sample_counts": counts.gather(-1, ranked),
-            "logsumexp": self.grid(z),
-        }
+        drawn = {"sample_indices": ranked, "sample_counts": counts.gather(-1, ranked)}
+        if self.compact:
+            return drawn
+        return {"sample_logits": z.gather(-1, ranked).to(store_dtype), **drawn, "logsumexp": self.grid(z)}
 
-    def logits_at(self, targets: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        return targets["sample_logits"], targets["sample_indices"]
+    def logits_at(self, targets: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray]:
+        """The stored logits (``None`` in a compact cache) and their classes."""
+        return targets.get("sample_logits"), targets["sample_indices"]
 
-    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str) -> torch.Tensor:
+    def top_class(self, targets: dict[str, np.ndarray]) -> np.ndarray:
+        if self.compact:  # the most drawn class: stored first
+            return targets["sample_indices"][..., 0].astype(np.int64)
+        return super().top_class(targets)
+
+    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str,
+           tail: str = "exact", labels: torch.Tensor | None = None) -> torch.Tensor:
+        self._exact_tail_only(tail)
         log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
         index = targets["sample_indices"].long()
         counts = targets["sample_counts"].float()
         share = counts / counts.sum(-1, keepdim=True)  # count / S
+        if self.compact:
+            if abs(temperature - self.proposal_temperature) > 1e-6 or kl != "forward":
+                raise SoftlabelsError(f"a compact sampled cache trains with the forward KL at its proposal temperature "
+                                      f"{self.proposal_temperature:g} only (got {kl} KL at T={temperature:g})")
+            return -(share * log_q.gather(-1, index)).sum(-1)
         with torch.no_grad():
             z = targets["sample_logits"].float()
             log_p = z / temperature - self.log_partition(targets, temperature)[..., None]

@@ -2,7 +2,11 @@
 
 The loss keeps the teacher's mass outside the K classes as one "rest" bucket and matches it with the
 student's own mass outside the same classes: a KL over K + 1 buckets, which is the dense KL exactly
-when K = C, and matches the tail instead of renormalising it away.
+when K = C, and matches the tail instead of renormalising it away. Two other treatments of the tail
+exist for comparison (:data:`TAILS`): ``renormalize`` rescales the K probabilities to sum to 1 and
+drops the tail, as DistillKit, MaxText and ModelOpt do (biased: it overstates the K classes), and
+``gold`` gives the tail's mass to the item's gold class (its label), a bucket of its own when the
+label is outside the K.
 
 Example::
 
@@ -21,6 +25,8 @@ import torch
 
 from ..errors import SoftlabelsError
 from .base import SparseKind, StoredArray, index_dtype, positive_int
+
+TAILS = ("exact", "renormalize", "gold")
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,12 @@ class TopK(SparseKind):
     def top_class(self, targets: dict[str, np.ndarray]) -> np.ndarray:
         return targets["topk_indices"][..., 0].astype(np.int64)  # stored largest first
 
-    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str) -> torch.Tensor:
+    def kl(self, student_logits: torch.Tensor, targets: dict[str, torch.Tensor], *, temperature: float, kl: str,
+           tail: str = "exact", labels: torch.Tensor | None = None) -> torch.Tensor:
+        if tail not in TAILS:
+            raise SoftlabelsError(f"--topk-tail must be one of {', '.join(TAILS)}, got {tail!r}")
+        if tail != "exact" and kl != "forward":
+            raise SoftlabelsError(f"--topk-tail {tail} is a forward-KL comparison; use --kl forward")
         log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
         lse = self.log_partition(targets, temperature)
         index = targets["topk_indices"].long()
@@ -66,6 +77,11 @@ class TopK(SparseKind):
             # With K = C nothing is outside; otherwise 1 - sum is exact up to float rounding.
             p_rest = torch.zeros_like(lse) if index.shape[-1] == log_q.shape[-1] else (1.0 - p.sum(-1)).clamp(min=0.0)
         log_q_kept = log_q.gather(-1, index)
+        if tail == "renormalize":
+            p_hat = p / p.sum(-1, keepdim=True)
+            return (torch.special.xlogy(p_hat, p_hat) - p_hat * log_q_kept).sum(-1)
+        if tail == "gold":
+            return _gold_tail(p, p_rest, index, log_q, log_q_kept, labels)
         # The student's mass outside the kept classes. The floor (about 1e-13) keeps it finite when
         # nothing is outside, and keeps float noise in p_rest from being multiplied by a huge log.
         log_q_rest = torch.logsumexp(log_q.scatter(-1, index, float("-inf")), dim=-1).clamp(min=-30.0)
@@ -82,3 +98,20 @@ class TopK(SparseKind):
             return float("nan")
         lse = targets["logsumexp"][..., self.temperatures.index(1.0)].astype(np.float64)
         return float(np.exp(targets["topk_logits"].astype(np.float64) - lse[..., None]).sum())
+
+
+def _gold_tail(p: torch.Tensor, p_rest: torch.Tensor, index: torch.Tensor, log_q: torch.Tensor, log_q_kept: torch.Tensor,
+               labels: torch.Tensor | None) -> torch.Tensor:
+    """Forward KL over the K classes plus the gold class, the tail's mass given to the gold class
+    (added to it when it is among the K); an item without a label (``-1``) keeps the K alone."""
+    if labels is None:
+        raise SoftlabelsError("--topk-tail gold needs the items' labels")
+    labels = labels.to(index.device).long()
+    with torch.no_grad():
+        has_gold = labels >= 0
+        in_kept = (index == labels[..., None]) & has_gold[..., None]
+        p = p + in_kept * p_rest[..., None]
+        p_gold = torch.where(has_gold & ~in_kept.any(-1), p_rest, torch.zeros_like(p_rest))
+    kept = (torch.special.xlogy(p, p) - p * log_q_kept).sum(-1)
+    log_q_gold = log_q.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return kept + torch.special.xlogy(p_gold, p_gold) - p_gold * log_q_gold

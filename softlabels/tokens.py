@@ -1,0 +1,169 @@
+"""Token windows for language-model teachers: each sample is a window of ``L`` token ids, and each
+position is an item whose target is the teacher's distribution over the next token.
+
+A token dataset holds ``input_ids [N, L]`` (integers), and optionally ``loss_mask [N, L]`` (1 where
+a token is a target to predict) and ``segment_ids [N, L]`` (the document of each token, for windows
+packed from several documents). The label of position ``t`` is the next token, ``input_ids[t + 1]``,
+or ``-1`` where there is none to predict: at the window's last position, where ``loss_mask[t + 1]``
+is 0, and across a document boundary. Items labelled ``-1`` carry no loss at all, KD or CE.
+
+Example::
+
+    source = open_data("tokens.npz")      # input_ids [N, 128]
+    ids, labels = source.read(0, 2)       # [2, 128] each; labels[:, :-1] == ids[:, 1:] where unmasked
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .data import NO_LABEL, Source
+from .errors import SoftlabelsError
+from .store import Record
+
+TOKEN_AXIS = "token"
+GOLD = "tokens/gold_logprob"
+_OPTIONAL = ("loss_mask", "segment_ids")
+_FINGERPRINT_ROWS = 1 << 14
+
+
+def next_token_labels(ids: np.ndarray, loss_mask: np.ndarray | None = None, segments: np.ndarray | None = None) -> np.ndarray:
+    """``[n, L]`` int64: ``ids[:, t + 1]`` where it is a target of position ``t``, else ``-1``.
+
+    Example::
+
+        next_token_labels(np.array([[5, 6, 7]]))   # array([[ 6,  7, -1]])
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    labels = np.full(ids.shape, NO_LABEL, dtype=np.int64)
+    labels[:, :-1] = ids[:, 1:]
+    keep = np.ones(ids.shape, dtype=bool)
+    keep[:, -1] = False
+    if loss_mask is not None:
+        keep[:, :-1] &= np.asarray(loss_mask)[:, 1:] != 0
+    if segments is not None:
+        segments = np.asarray(segments)
+        keep[:, :-1] &= segments[:, 1:] == segments[:, :-1]
+    labels[~keep] = NO_LABEL
+    return labels
+
+
+class TokenSource(Source):
+    """Token windows held by array-likes that slice (numpy, zarr, h5py), opened lazily per process.
+
+    ``opener()`` returns the named arrays (``input_ids`` and the optional ones). ``tokenizer``, when
+    known, is ``{"sha256", "vocab_size"}`` of the tokenizer that made the ids; caches record it.
+    """
+
+    def __init__(self, spec: str, opener: Callable[[], dict[str, Any]], tokenizer: dict[str, Any] | None = None):
+        self.spec, self.tokenizer = spec, tokenizer
+        self._opener = opener
+        self._arrays: dict[str, Any] | None = None
+        self._pid: int | None = None
+        self._fingerprint: str | None = None
+        arrays = self._open()
+        ids = arrays["input_ids"]
+        if len(ids.shape) != 2 or not np.issubdtype(np.dtype(ids.dtype), np.integer):
+            raise SoftlabelsError(f"dataset {spec}: 'input_ids' must be integer windows [N, L], got {ids.dtype} {list(ids.shape)}")
+        if ids.shape[1] < 2:
+            raise SoftlabelsError(f"dataset {spec}: windows of {ids.shape[1]} token have no next token to predict (seq_len >= 2)")
+        for name in _OPTIONAL:
+            array = arrays.get(name)
+            if array is not None and (tuple(array.shape) != tuple(ids.shape) or np.dtype(array.dtype).kind not in "biu"):
+                raise SoftlabelsError(f"dataset {spec}: '{name}' must be integers of the shape of input_ids "
+                                      f"{list(ids.shape)}, got {array.dtype} {list(array.shape)}")
+
+    def _open(self) -> dict[str, Any]:
+        if self._arrays is None or self._pid != os.getpid():
+            self._arrays = self._opener()
+            self._pid = os.getpid()
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return int(self._open()["input_ids"].shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (int(self._open()["input_ids"].shape[1]),)
+
+    @property
+    def has_labels(self) -> bool:
+        return True
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        return self.input_shape
+
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size, or else the largest token id + 1 (read in blocks)."""
+        if self.tokenizer is not None:
+            return int(self.tokenizer["vocab_size"])
+        ids = self._open()["input_ids"]
+        return 1 + max(int(np.asarray(ids[s:s + _FINGERPRINT_ROWS]).max()) for s in range(0, len(self), _FINGERPRINT_ROWS))
+
+    @property
+    def chunk_rows(self) -> int | None:
+        chunks = getattr(self._open()["input_ids"], "chunks", None)
+        return int(chunks[0]) if chunks else None
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """``input_ids[start:stop]`` (int64) and their next-token labels (``-1`` where none)."""
+        arrays = self._open()
+        ids = np.require(np.asarray(arrays["input_ids"][start:stop]).astype(np.int64), requirements=["C", "W"])
+        if (ids < 0).any():
+            raise SoftlabelsError(f"dataset {self.spec}: negative token id in windows {start}..{stop - 1}")
+        optional = [None if arrays.get(name) is None else np.asarray(arrays[name][start:stop]) for name in _OPTIONAL]
+        return ids, next_token_labels(ids, *optional)
+
+    def fingerprint(self) -> str:
+        """sha256 of the shapes, dtypes and every byte of the token arrays, read in blocks."""
+        if self._fingerprint is None:
+            arrays = self._open()
+            present = ["input_ids", *(name for name in _OPTIONAL if arrays.get(name) is not None)]
+            digest = hashlib.sha256(json.dumps([[name, list(arrays[name].shape), str(arrays[name].dtype)] for name in present]).encode())
+            for start in range(0, len(self), _FINGERPRINT_ROWS):
+                for name in present:
+                    digest.update(np.ascontiguousarray(arrays[name][start:start + _FINGERPRINT_ROWS]).tobytes())
+            self._fingerprint = "sha256:" + digest.hexdigest()
+        return self._fingerprint
+
+
+def gold_record(seq_len: int) -> Record:
+    """The record a token cache keeps beside its targets: the teacher's log-probability of the
+    actual next token at every position (0 where there is none), float16."""
+    return Record(GOLD, np.dtype(np.float16), (seq_len,))
+
+
+def gold_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[label]`` per item (``logits [..., V]``, ``labels [...]``), 0 where the
+    label is ``-1``; float16, computed where the logits are."""
+    labels = labels.to(logits.device)
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))[..., 0]
+    return torch.where(labels >= 0, picked, torch.zeros_like(picked)).to(torch.float16)
+
+
+def token_manifest(source: Source, vocab_size: int) -> dict[str, Any] | None:
+    """What a cache records of a token dataset: its window length, the teacher's vocabulary size
+    (its logits) and the tokenizer's sha256 and vocabulary size (``None`` when unknown)."""
+    if not isinstance(source, TokenSource):
+        return None
+    return {"seq_len": source.input_shape[0], "vocab_size": vocab_size, "tokenizer": source.tokenizer}
+
+
+def check_tokenizer(recorded: Any, source: Source, where: str) -> None:
+    """Refuse a token dataset whose tokenizer differs from the one a cache or model recorded."""
+    if not isinstance(source, TokenSource) or not isinstance(recorded, dict):
+        return
+    ours, theirs = source.tokenizer, recorded.get("tokenizer")
+    if ours is not None and theirs is not None and ours.get("sha256") != theirs.get("sha256"):
+        raise SoftlabelsError(f"{where} was made with tokenizer sha256 {str(theirs.get('sha256'))[:12]}..., "
+                              f"but {source.spec} with {str(ours.get('sha256'))[:12]}...: the token ids do not mean the same")

@@ -1,0 +1,150 @@
+"""Hugging Face causal LMs: a local directory as a teacher, ``hf:config.json`` as a student."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from softlabels import load_model, open_cache
+from softlabels.checkpoint import save_checkpoint
+from softlabels.cli import cli
+from softlabels.errors import SoftlabelsError
+from softlabels.models import arch_names_code, build_model
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+VOCAB, SEQ_LEN = 300, 16
+
+
+def tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 saved as safetensors with a tokenizer.json, and the model object itself."""
+    directory = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    model = tiny_gpt2()
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory, model
+
+
+def ids(n: int = 3, length: int = SEQ_LEN) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+def copy_of(directory, tmp_path):
+    return shutil.copytree(directory, tmp_path / "copy")
+
+
+def test_teacher_logits_are_the_models_own(gpt2):
+    directory, model = gpt2
+    teacher = load_model(directory, input_shape=(SEQ_LEN,))
+    x = ids()
+    with torch.no_grad():
+        np.testing.assert_array_equal(teacher.model(x).numpy(), model(input_ids=x).logits.numpy())
+    assert not teacher.model.training
+    assert teacher.num_classes == VOCAB
+    described = teacher.describe()
+    assert described["arch"] == f"hf:{directory}" and described["file"] == "tiny-gpt2"
+    assert described["tokenizer"]["vocab_size"] == 3  # the tokenizer's tokens, fewer than the logits
+    assert described["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_teacher_sha256_covers_config_and_weights(gpt2, tmp_path):
+    directory, _ = gpt2
+    first = load_model(directory).sha256
+    assert load_model(directory).sha256 == first
+    other = tmp_path / "other"
+    tiny_gpt2(seed=1).save_pretrained(other, safe_serialization=True)
+    assert load_model(other).sha256 != first
+    copy = copy_of(directory, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 1e-6}))
+    assert load_model(copy).sha256 != first
+
+
+def test_directories_that_are_refused(gpt2, tmp_path):
+    directory, model = gpt2
+    copy = copy_of(directory, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}}))
+    with pytest.raises(SoftlabelsError, match=r"names remote code \(auto_map\)"):
+        load_model(copy)
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SoftlabelsError, match="takes at most 64 positions, but the windows have 65"):
+        load_model(copy, input_shape=(65,))
+    with pytest.raises(SoftlabelsError, match="outputs 300 logits"):
+        load_model(copy, num_classes=10)
+    with pytest.raises(SoftlabelsError, match="names its own architecture"):
+        load_model(copy, arch="gpt")
+    (copy / "model.safetensors").unlink()
+    torch.save(model.state_dict(), copy / "pytorch_model.bin")
+    with pytest.raises(SoftlabelsError, match="an HF directory without weights"):
+        load_model(copy)
+
+
+def test_a_teacher_with_missing_weights_is_refused(gpt2, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    copy = copy_of(gpt2[0], tmp_path)
+    tensors = load_file(copy / "model.safetensors")
+    del tensors["transformer.ln_f.weight"]
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SoftlabelsError, match="the weights lack 1 tensors of the model, e.g. 'transformer.ln_f.weight'"):
+        load_model(copy)
+
+
+def test_without_transformers(gpt2, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(SoftlabelsError, match=r"pip install 'softlabels\[lm\]'"):
+        load_model(gpt2[0])
+
+
+def test_student_from_a_config_saves_and_reloads_with_consent(gpt2, tmp_path):
+    directory, _ = gpt2
+    arch = f"hf:{directory / 'config.json'}"
+    assert arch_names_code(arch)
+    student = build_model(arch, input_shape=(SEQ_LEN,), num_classes=VOCAB)
+    x = ids()
+    assert student(x).shape == (3, SEQ_LEN, VOCAB)
+    assert build_model(f"hf:{directory}", input_shape=(SEQ_LEN,), num_classes=VOCAB)(x).shape == (3, SEQ_LEN, VOCAB)
+    with pytest.raises(SoftlabelsError, match="has vocab_size 300, but there are 301 classes"):
+        build_model(arch, input_shape=(SEQ_LEN,), num_classes=VOCAB + 1)
+    with pytest.raises(SoftlabelsError, match="HF configuration not found"):
+        build_model(f"hf:{tmp_path / 'none.json'}", input_shape=(SEQ_LEN,), num_classes=VOCAB)
+
+    path = tmp_path / "student.pth"
+    save_checkpoint(path, student.eval(), arch=arch, arch_kwargs={}, input_shape=(SEQ_LEN,), num_classes=VOCAB)
+    with pytest.raises(SoftlabelsError, match="names code .* pass --arch"):
+        load_model(path)
+    for loaded in (load_model(path, arch=arch), load_model(path, trust_code=True)):
+        assert loaded.arch == arch and loaded.num_classes == VOCAB
+        with torch.no_grad():
+            np.testing.assert_array_equal(loaded.model(x).numpy(), student(x).numpy())
+
+
+def test_dump_through_the_cli(gpt2, tmp_path):
+    directory, _ = gpt2
+    tokens = tmp_path / "tokens.npz"
+    np.savez(tokens, input_ids=ids(n=10).numpy())
+    out = tmp_path / "c.zarr"
+    result = CliRunner().invoke(cli, ["dump", "--teacher", str(directory), "--data", str(tokens), "--out", str(out),
+                                      "--top-k", "5", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    with open_cache(out) as cache:
+        targets, _ = cache.read(0, len(cache))
+        assert len(cache) == 10 and cache.items == (SEQ_LEN,) and cache.num_classes == VOCAB
+        assert targets["topk_logits"].shape == targets["topk_indices"].shape == (10, SEQ_LEN, 5)
+        assert (targets["topk_indices"] < VOCAB).all()
+        teacher = cache.manifest["teacher"]
+        assert teacher["arch"] == f"hf:{directory}" and teacher["sha256"] == load_model(directory).sha256
