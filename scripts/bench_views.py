@@ -27,7 +27,8 @@ other sections still run.
    `train_students` exactly without augmentation.
 2. Images: the same comparison on scikit-learn's digits upscaled to 1x16x16 (1297 train / 500 test,
    fixed split), with `crop?size=16,16&scale=0.6,1`, `flip`, `cutmix?alpha=1`; teacher
-   `cnn2d?channels=32&depth=2`, student the same MLP, `--image-epochs` epochs.
+   `cnn2d?channels=32&depth=2` (trained with crop and flip), student the same MLP, `--image-epochs`
+   epochs (default 100, to keep the whole run under about 45 minutes on 2 cores).
 3. The cost of replay: SoftTargetLoader rows/s over a V = 16 view cache (views replayed) against
    the one-view cache of the same data (no replay), and `dump --views 16` against the teacher's
    bare forward pass on the same views; alternating runs, best of `--repeats`.
@@ -62,7 +63,7 @@ BEGAN = time.perf_counter()
 SIGNAL_AUGMENT = ("shift?max=6", "scale?max=0.25", "noise?std=0.15", "mixup?alpha=1")
 SIGNAL_TEACHER_AUGMENT = ("shift?max=6", "scale?max=0.25", "noise?std=0.15")
 IMAGE_AUGMENT = ("crop?size=16,16&scale=0.6,1", "flip", "cutmix?alpha=1")
-IMAGE_TEACHER_AUGMENT = ("crop?size=16,16&scale=0.6,1",)
+IMAGE_TEACHER_AUGMENT = ("crop?size=16,16&scale=0.6,1", "flip")
 STUDENT = "mlp?width=100&depth=2"
 STUDENT_NAME = "mlp"  # the name train-student gives it: its initial weights are seeded from (seed, name)
 TOP_K = 3
@@ -261,7 +262,7 @@ def comparison(run: Runner, *, section: str, root: Path, train: str, test: str, 
     return {"teacher_accuracy": teacher_acc, "rows": rows, "one": one, "caches": caches, "teacher": teacher}
 
 
-def print_comparison(title: str, result: dict, commands: list[str], note: str) -> None:
+def print_comparison(title: str, result: dict, commands: list[str], note: str, goal: bool) -> None:
     print(f"### {title}\n")
     print(note + "\n")
     rows = result["rows"]
@@ -275,9 +276,14 @@ def print_comparison(title: str, result: dict, commands: list[str], note: str) -
         print(f"| {r['label']} | {r['accuracy']:.1%} | {100 * (r['accuracy'] - online):+.1f} | "
               f"{100 * (r['accuracy'] - one_view):+.1f} | {agreement} | {per_view} |")
     views = [r for r in rows if r["label"].startswith("view cache") or r["label"].startswith("top-")]
-    met = [r for r in views if r["accuracy"] >= online - 0.01 and r["accuracy"] >= one_view + 0.10]
-    print(f"\nGoal (some V <= 64 within 1 point of online function matching and at least 10 points above the "
-          f"one-view cache): {'met by ' + ', '.join(r['label'] for r in met) if met else 'not met'}.\n")
+    if goal:
+        met = [r for r in views if r["accuracy"] >= online - 0.01 and r["accuracy"] >= one_view + 0.10]
+        best = max(views, key=lambda r: r["accuracy"])
+        print(f"\nGoal (some V <= 64 within 1 point of online function matching and at least 10 points above the "
+              f"one-view cache): {'met by ' + ', '.join(r['label'] for r in met) if met else 'not met'}; the best view "
+              f"cache ({best['label']}) is {100 * (best['accuracy'] - online):+.1f} points from online function matching "
+              f"and {100 * (best['accuracy'] - one_view):+.1f} from the one-view cache.")
+    print()
     print("<details><summary>commands</summary>\n\n```")
     for c in commands:
         print(c)
@@ -414,7 +420,9 @@ def dump_cost(teacher_path: Path, augment: tuple[str, ...], workdir: Path, repea
     print(f"| of which apply | {best_bare['apply']:.2f} | |")
     print(f"| of which forward | {best_bare['forward']:.2f} | |")
     print(f"| teacher forward alone, on the views made beforehand | {best_forward:.2f} | {best_dump / best_forward:.2f} |")
-    print()
+    print(f"\nThe dump's cost beyond the teacher's forward pass: {best_dump - best_forward:.2f} s, of which drawing and applying "
+          f"the views take {best_bare['draw'] + best_bare['apply']:.2f} s in the bare loop; the rest is the store (float16 "
+          f"targets and the view records written in chunks by the writer thread, with checksums).\n")
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -423,19 +431,19 @@ def dump_cost(teacher_path: Path, augment: tuple[str, ...], workdir: Path, repea
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=300, help="student epochs, MNIST-1D table")
-    parser.add_argument("--image-epochs", type=int, default=None, help="student epochs, image table (default: --epochs)")
+    parser.add_argument("--image-epochs", type=int, default=100, help="student epochs, image table")
     parser.add_argument("--teacher-epochs", type=int, default=100)
     parser.add_argument("--views", type=int, default=64, help="views of the one view dump (the others are kept from it)")
     parser.add_argument("--image-views", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5, help="alternating runs for the replay timings (best of)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of the dump timings, best of (the loader's: 5)")
     parser.add_argument("--workdir", type=Path, help="where caches and runs are kept (default: a temporary directory)")
     parser.add_argument("--reuse", action="store_true", help="reuse teachers, caches and runs already in --workdir")
     parser.add_argument("--sections", default="mnist1d,image,replay")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 epochs, teachers 20 epochs, 16 views, 2 repeats")
     args = parser.parse_args()
     if args.quick:
-        args.epochs, args.teacher_epochs, args.views, args.image_views, args.repeats = 20, 20, 16, 8, 2
-    image_epochs = args.image_epochs or args.epochs
+        args.epochs, args.image_epochs, args.teacher_epochs, args.views, args.image_views, args.repeats = 20, 20, 20, 16, 8, 2
+    image_epochs = args.image_epochs
     sections = set(args.sections.split(","))
     unknown = sections - {"mnist1d", "image", "replay"}
     if unknown:
@@ -477,7 +485,7 @@ def main() -> None:
             f"`train-student` (`--augment` on a cache without views): it is `SoftTargetLoader(source, cache, "
             f"augment=pipeline)` with `kd_loss` and the optimizer and schedule of `train_students` (the loop without "
             f"augmentation matches `train_students`' weights to {difference:.1g} after 2 epochs); its target is the "
-            f"teacher's output on the clean sample, also for a mixed input.")
+            f"teacher's output on the clean sample, also for a mixed input.", goal=True)
     if "image" in sections:
         train_path, test_path = write_digits(workdir / "digits")
         image = comparison(
@@ -493,14 +501,14 @@ def main() -> None:
             f"{args.teacher_epochs} epochs on the 1297 labels with {', '.join(f'`{a}`' for a in IMAGE_TEACHER_AUGMENT)}: "
             f"{image['teacher_accuracy']:.1%} test accuracy. Student `{STUDENT}`, {image_epochs} epochs, otherwise as "
             f"above. Augmentation: {', '.join(f'`{a}`' for a in IMAGE_AUGMENT)}. View caches: one "
-            f"`dump --views {args.image_views}`, V = 4 kept from it.")
+            f"`dump --views {args.image_views}`, V = 4 kept from it.", goal=False)
     if "replay" in sections:
         if mnist is None:
             raise SystemExit("the replay section uses the MNIST-1D caches: run it with --sections mnist1d,replay")
         views16 = mnist["caches"].get(16)
         if views16 is None:
             raise SystemExit("the replay section needs a V = 16 view cache (--views >= 16)")
-        replay_cost(mnist["one"], views16, SIGNAL_AUGMENT, args.repeats)
+        replay_cost(mnist["one"], views16, SIGNAL_AUGMENT, 2 if args.quick else 5)
         dump_cost(mnist["teacher"], SIGNAL_AUGMENT, workdir, args.repeats)
     print(f"Total run time {time.perf_counter() - BEGAN:.0f} s.")
     log("done")

@@ -35,7 +35,7 @@ from .errors import SoftlabelsError
 from .kinds import SoftTargets
 from .augment import Pipeline
 from .store import Cache, chunk_bounds, num_chunks, open_cache
-from .tokens import TokenSource
+from .tokens import TokenSource, check_tokenizer
 from .trust import check_recorded_spec
 from .views import Mix, Views, replay
 
@@ -63,6 +63,7 @@ def source_for_cache(cache: Cache, spec: str | None = None, *, trust_code: bool 
             where=f"cache {cache.path} (manifest field 'dataset.spec')", option="--data", trust_code=trust_code,
         )
     source = open_data(spec)
+    check_tokenizer(cache.manifest.get("tokens"), source, where=f"cache {cache.path}")
     if len(source) != len(cache):
         raise SoftlabelsError(f"dataset {source.spec} has {len(source)} samples but cache {cache.path} has {len(cache)}")
     expected = recorded.get("fingerprint")

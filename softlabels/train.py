@@ -47,7 +47,7 @@ from .models import build_model, check_output_shape, count_parameters
 from .durable import write_atomically
 from .kinds.topk import TAILS
 from .store import Cache, open_cache
-from .tokens import TokenSource
+from .tokens import TokenSource, check_tokenizer
 
 _EVAL_BATCH = 1024
 CHECKPOINT = "checkpoint.pt"
@@ -344,6 +344,8 @@ def train_students(
             f"--eval-data inputs have shape {list(eval_source.input_shape)}, the training data {list(source.input_shape)}"
         )
     num_classes = class_count(source, cache, num_classes or (teacher.num_classes if teacher is not None else None))
+    if cache is not None and eval_source is not None:
+        check_tokenizer(cache.manifest.get("tokens"), eval_source, where=f"cache {cache.path}")
     device = resolve_device(config.device)
     # Hard-label training reads the cache only for labels the dataset lacks, never the logits otherwise.
     loader_cache = None if config.hard_labels_only and source.has_labels else cache

@@ -118,7 +118,8 @@ def _recompute(cache: Cache, report: VerifyReport, count: int, teacher: LoadedMo
     differing = []
     for start, out, _ in iter_logits(teacher.model, source, batch_size=batch_size, device=resolve_device(device),
                                      precision=precision, batches=sorted(int(b) for b in batches)):
-        far = _compare(cache, report, out, cache.read(start, start + len(out))[0], rtol)
+        rows = torch.arange(start, start + len(out))
+        far = _compare(cache, report, out, cache.read(start, start + len(out))[0], rows, rtol)
         differing += [(f"row {start + int(i)}", d) for i, d in far]
     _report_differences(report, differing)
 
@@ -146,7 +147,8 @@ def _recompute_views(cache: Cache, views: Views, report: VerifyReport, count: in
         inputs, _ = views.apply(source, torch.from_numpy(np.ascontiguousarray(x)).to(dev),
                                 {name: r[lo:hi] for name, r in records.items()})
         out = forward(inputs, f"the stored views of samples {samples[lo]}..{samples[hi - 1]}")
-        far = _compare(cache, report, out, {name: t[lo:hi] for name, t in targets.items()}, rtol)
+        far = _compare(cache, report, out, {name: t[lo:hi] for name, t in targets.items()}, torch.from_numpy(samples[lo:hi]), rtol,
+                       views=torch.from_numpy(chosen[lo:hi]))
         differing += [(where[lo + i], d) for i, d in far]
     _report_differences(report, differing)
 
@@ -165,12 +167,17 @@ def _stored_views(cache: Cache, samples: np.ndarray, views: np.ndarray) -> tuple
             {name: np.concatenate([r[name] for r in records]) for name in records[0]})
 
 
-def _compare(cache: Cache, report: VerifyReport, out: torch.Tensor, stored: dict[str, np.ndarray], rtol: float) -> list[tuple[int, float]]:
+def _compare(cache: Cache, report: VerifyReport, out: torch.Tensor, stored: dict[str, np.ndarray], rows: torch.Tensor,
+             rtol: float, views: torch.Tensor | None = None) -> list[tuple[int, float]]:
     """The rows of ``out`` (fresh teacher logits) whose values differ from the ``stored`` targets by
-    more than ``rtol`` of the row's largest logit, with their largest difference."""
+    more than ``rtol`` of the row's largest logit, with their largest difference. A cache that keeps
+    no logits (compact sampled) is compared by what the kind builds from the fresh logits, exactly:
+    its draws are keyed by row and item (``views``: the view each row's targets are)."""
+    cached, classes = cache.kind.logits_at(stored)
+    if cached is None:
+        return _compare_built(cache, report, out, stored, rows, views)
     # rounded as the dump stored it: the same teacher, batches and precision give a difference of 0
     fresh = out.to(getattr(torch, cache.layout.dtype)).float().cpu().numpy()
-    cached, classes = cache.kind.logits_at(stored)
     cached = cached.astype(np.float32)
     if classes is not None:  # a sparse cache: compare the logits it kept, at the classes it kept
         fresh = np.take_along_axis(fresh, classes.astype(np.int64), axis=-1)
@@ -179,6 +186,20 @@ def _compare(cache: Cache, report: VerifyReport, out: torch.Tensor, stored: dict
     report.rows_recomputed += len(out)
     report.max_abs_difference = max(report.max_abs_difference or 0.0, float(difference.max(initial=0.0)))
     return [(int(i), float(difference[i].max())) for i in np.flatnonzero(far)]
+
+
+def _compare_built(cache: Cache, report: VerifyReport, out: torch.Tensor, stored: dict[str, np.ndarray], rows: torch.Tensor,
+                   views: torch.Tensor | None) -> list[tuple[int, float]]:
+    """Rows whose stored arrays differ from those built anew from ``out``; the difference reported is
+    the share of stored values that differ."""
+    if views is None:
+        built = cache.kind.build(out.float().cpu(), rows=rows)
+    else:  # one view per row: build every view's targets where a row's view sits among the items
+        full = out.float().cpu()[:, None].expand(-1, cache.items[0], *out.shape[1:])
+        built = {name: t[torch.arange(len(rows)), views] for name, t in cache.kind.build(full, rows=rows).items()}
+    report.rows_recomputed += len(out)
+    differs = np.stack([(built[name].numpy() != stored[name]).reshape(len(out), -1).mean(axis=1) for name in built], axis=1).max(axis=1)
+    return [(int(i), float(differs[i])) for i in np.flatnonzero(differs > 0)]
 
 
 def _report_differences(report: VerifyReport, differing: list[tuple[str, float]]) -> None:
