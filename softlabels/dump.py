@@ -37,7 +37,7 @@ from .checkpoint import LoadedModel
 from .data import NO_LABEL, Source
 from .errors import SoftlabelsError
 from .kinds import Dense, TargetKind
-from .tokens import GOLD, TOKEN_AXIS, TokenSource, gold_logprob, gold_record, token_manifest
+from .tokens import GOLD, TOKEN_AXIS, TokenSource, check_tokenizer, gold_logprob, gold_record, token_manifest
 from .views import VIEW_AXIS, Views
 from .store import CacheWriter, Layout, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock, partial_path
 
@@ -431,6 +431,7 @@ def dump(
         item_axes = (VIEW_AXIS,)
     if isinstance(source, TokenSource):
         item_axes = item_axes or (TOKEN_AXIS,)
+        check_tokenizer({"tokenizer": teacher.tokenizer}, source, f"teacher {teacher.path}")
     rank, size = distributed.world()
     if size > 1 and backend_name(out) == "hdf5":
         raise SoftlabelsError("an HDF5 file has one writer: under torchrun, dump to a .zarr path")

@@ -33,9 +33,9 @@ from torch import nn
 
 from .checkpoint import LoadedModel, file_sha256
 from .errors import SoftlabelsError
+from .models import HF_PREFIX
 from .text import INSTALL_HINT, read_tokenizer
 
-HF_PREFIX = "hf:"
 
 
 class CausalLM(nn.Module):
@@ -123,6 +123,8 @@ def _transformers() -> Any:
         import transformers
     except ImportError:
         raise SoftlabelsError(f"Hugging Face models need the transformers package: {INSTALL_HINT}") from None
+    # softlabels draws its own progress bars; the weights-loading bar would interleave with them
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

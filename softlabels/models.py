@@ -26,6 +26,8 @@ from torch import nn
 from .errors import SoftlabelsError
 from .gpt import gpt
 
+HF_PREFIX = "hf:"  # architecture hf:PATH, a Hugging Face configuration (softlabels.hf)
+
 
 def _flat_features(input_shape: tuple[int, ...]) -> int:
     return math.prod(input_shape)
@@ -168,14 +170,14 @@ def arch_names_code(arch: str) -> bool:
 def _arch_factory(arch: str) -> Callable[..., nn.Module]:
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
-    if arch.startswith("hf:"):
+    if arch.startswith(HF_PREFIX):
         from .hf import hf_architecture
 
-        return hf_architecture(arch[len("hf:"):])
+        return hf_architecture(arch[len(HF_PREFIX):])
     if ":" in arch:
         return resolve_callable(arch, what="architecture")
     names = ", ".join(ARCHITECTURES)
-    raise SoftlabelsError(f"unknown architecture '{arch}': use one of {names}, or module:callable")
+    raise SoftlabelsError(f"unknown architecture '{arch}': use one of {names}, hf:config.json, or module:callable")
 
 
 def build_model(

@@ -17,6 +17,7 @@ import numpy as np
 
 from .kinds import KINDS
 from .store import Cache
+from .tokens import GOLD
 
 
 def _percent(value: Any) -> str:
@@ -64,8 +65,9 @@ def cache_report(cache: Cache) -> dict[str, Any]:
     kind = cache.kind
     on_disk = cache.nbytes_on_disk()
     correct = labeled = items = 0
-    statistic = 0.0
+    statistic = gold_nats = 0.0
     recorded = cache.checksums()
+    gold = any(r.name == GOLD for r in cache.layout.records)
     for index in np.flatnonzero(recorded >= 0):
         targets, labels = cache.read(*cache.chunk_bounds(int(index)))
         statistic += kind.statistic(targets)
@@ -73,6 +75,8 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         correct += int((kind.top_class(targets)[has_label] == labels[has_label]).sum())
         labeled += int(has_label.sum())
         items += labels.size
+        if gold:
+            gold_nats -= float(cache.read_records(*cache.chunk_bounds(int(index)))[GOLD][has_label].astype(np.float64).sum())
     n = len(cache)
     dense_float32 = n * math.prod(cache.items) * cache.num_classes * 4
     mean = statistic / items if items else None
@@ -91,7 +95,26 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         "teacher_accuracy": correct / labeled if labeled else None,
         "statistic": {"name": kind.statistic_name, "mean": None if mean is None or math.isnan(mean) else mean},
         "views": _views_report(cache, on_disk),
+        "tokens": _tokens_report(cache, on_disk, gold_nats / labeled if gold and labeled else None),
         "manifest": cache.manifest,
+    }
+
+
+def _tokens_report(cache: Cache, on_disk: int, teacher_nats: float | None) -> dict[str, Any] | None:
+    """A token cache's window length, vocabularies, bytes per token and the teacher's own nats per
+    token on the cached text (from its stored log-probability of each actual next token)."""
+    tokens = cache.manifest.get("tokens")
+    if not isinstance(tokens, dict) or not cache.items:
+        return None
+    tokenizer = tokens.get("tokenizer") if isinstance(tokens.get("tokenizer"), dict) else {}
+    count = len(cache) * cache.items[0]
+    return {
+        "seq_len": cache.items[0],
+        "vocab_size": tokens.get("vocab_size"),
+        "tokenizer_sha256": tokenizer.get("sha256"),
+        "tokenizer_vocab_size": tokenizer.get("vocab_size"),
+        "bytes_per_token": on_disk / count if count else None,
+        "teacher_nats_per_token": teacher_nats,
     }
 
 
@@ -120,6 +143,19 @@ def _augment_text(settings: Any) -> str:
     values = "&".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()
                       if k not in ("name", "callable", "version"))
     return name + (f"?{values}" if values else "")
+
+
+def _tokens_lines(tokens: dict[str, Any] | None) -> list[str]:
+    if tokens is None:
+        return []
+    tokenizer = ("unknown tokenizer" if tokens["tokenizer_sha256"] is None else
+                 f"tokenizer sha256 {tokens['tokenizer_sha256'][:12]}... ({_count(tokens['tokenizer_vocab_size'])} tokens)")
+    nats = tokens["teacher_nats_per_token"]
+    return [
+        f"tokens       windows of {tokens['seq_len']}, {_count(tokens['vocab_size'])} logits per position, {tokenizer}",
+        f"per token    {tokens['bytes_per_token']:.1f} bytes on disk; the teacher's own loss "
+        + ("-" if nats is None else f"{nats:.3f} nats (perplexity {math.exp(min(nats, 700)):.4g})"),
+    ]
 
 
 def _views_lines(views: dict[str, Any] | None) -> list[str]:
@@ -151,6 +187,7 @@ def format_cache_report(report: dict[str, Any]) -> str:
         f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_items']:,} labeled items",
         f"{statistic['name']:<12} " + ("-" if statistic["mean"] is None else kind_type.statistic_format.format(statistic["mean"])),
         *_views_lines(report["views"]),
+        *_tokens_lines(report["tokens"]),
         f"created      {m.get('created')} by softlabels {m.get('softlabels_version')}, torch {m.get('torch_version')}",
     ]
     return "\n".join(lines)

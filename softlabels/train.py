@@ -38,6 +38,7 @@ from tqdm import tqdm
 from . import distributed
 from .augment import Pipeline
 from .checkpoint import LoadedModel, load_model, save_checkpoint
+from .models import HF_PREFIX
 from .data import NO_LABEL, DatasetSource, Source, open_data
 from .dump import iter_logits, resolve_device
 from .errors import SoftlabelsError
@@ -234,10 +235,18 @@ def class_count(source: Source, cache: Cache | None, num_classes: int | None = N
 def _student_names(students: list[StudentSpec]) -> list[str]:
     names, seen = [], {}
     for spec in students:
-        base = spec.name or spec.arch.rpartition(":")[2]
+        base = spec.name or _default_name(spec.arch)
         seen[base] = seen.get(base, 0) + 1
         names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
     return names
+
+
+def _default_name(arch: str) -> str:
+    """``mlp`` for ``mlp``, ``f`` for ``module:f``, ``small`` for ``hf:small/config.json`` (or ``hf:small``)."""
+    if arch.startswith(HF_PREFIX):
+        path = Path(arch[len(HF_PREFIX):])
+        return (path.parent if path.name == "config.json" else path).name or "hf"
+    return arch.rpartition(":")[2]
 
 
 def _student_seed(seed: int, name: str) -> int:
@@ -520,7 +529,10 @@ def _summary_row(student: _Student, config: TrainConfig, online: bool) -> dict[s
 
 
 def _save_student(path: Path, student: _Student, source: Source, num_classes: int) -> None:
-    save_checkpoint(path, student.model, arch=student.spec.arch, arch_kwargs=student.spec.kwargs,
+    arch = student.spec.arch
+    if arch.startswith(HF_PREFIX):  # the configuration it names, from wherever the checkpoint is read
+        arch = HF_PREFIX + str(Path(arch[len(HF_PREFIX):]).resolve())
+    save_checkpoint(path, student.model, arch=arch, arch_kwargs=student.spec.kwargs,
                     input_shape=source.input_shape, num_classes=num_classes)
 
 

@@ -135,3 +135,26 @@ def test_two_ranks_record_the_views_of_one_process(slow_setup):
              "views/partner.shift.offset", "views/partner.noise.seed"]
     assert all(a[name][:].tobytes() == b[name][:].tobytes() for name in names)
     assert a["logits"].shape == (2000, 3, 5)
+
+
+def test_two_ranks_write_the_token_cache_of_one_process(tmp_path):
+    import numpy as np
+
+    from softlabels import save_checkpoint
+    from softlabels.models import build_model
+
+    ids = np.random.default_rng(1).integers(0, 40, size=(64, 10))
+    np.savez(tmp_path / "tok.npz", input_ids=ids)
+    torch.manual_seed(0)
+    kwargs = {"layers": 1, "dim": 16, "heads": 2}
+    model = build_model("gpt", input_shape=(10,), num_classes=40, kwargs=kwargs)
+    save_checkpoint(tmp_path / "gpt.pth", model, arch="gpt", arch_kwargs=kwargs, input_shape=(10,), num_classes=40)
+    args = ["dump", "--teacher", "gpt.pth", "--data", "tok.npz", "--sample", "6", "--chunk-rows", "8", "--batch-size", "12",
+            "--device", "cpu", "--quiet"]
+    single = subprocess.run([sys.executable, "-m", "softlabels", *args, "--out", "one.zarr"], cwd=tmp_path, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    done = torchrun(tmp_path, ["-m", "softlabels", *args, "--out", "two.zarr"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = zarr.open_group(str(tmp_path / "one.zarr"), mode="r"), zarr.open_group(str(tmp_path / "two.zarr"), mode="r")
+    for name in ("sample_logits", "sample_indices", "sample_counts", "logsumexp", "labels", "tokens/gold_logprob"):
+        assert a[name][:].tobytes() == b[name][:].tobytes(), name

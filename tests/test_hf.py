@@ -148,3 +148,19 @@ def test_dump_through_the_cli(gpt2, tmp_path):
         assert (targets["topk_indices"] < VOCAB).all()
         teacher = cache.manifest["teacher"]
         assert teacher["arch"] == f"hf:{directory}" and teacher["sha256"] == load_model(directory).sha256
+
+
+def test_an_hf_student_trains_from_a_token_cache_under_its_folder_name(gpt2, tmp_path, monkeypatch):
+    directory, _ = gpt2
+    monkeypatch.chdir(tmp_path)
+    np.savez("tok.npz", input_ids=ids(n=12).numpy())
+    runner = CliRunner()
+    done = runner.invoke(cli, ["dump", "--teacher", str(directory), "--data", "tok.npz", "--out", "c.zarr", "--top-k", "8",
+                               "--device", "cpu", "--quiet"])
+    assert done.exit_code == 0, done.output
+    shutil.copytree(directory, "small")
+    done = runner.invoke(cli, ["train-student", "--cache", "c.zarr", "--student", "hf:small/config.json", "--epochs", "1",
+                               "--batch-size", "4", "--device", "cpu", "--out", "run", "--quiet"])
+    assert done.exit_code == 0, done.output
+    saved = torch.load(tmp_path / "run" / "small" / "student.pth", weights_only=True)
+    assert saved["arch"] == f"hf:{tmp_path / 'small' / 'config.json'}"  # absolute: reloads from anywhere
