@@ -81,14 +81,16 @@ def test_hdf5_is_refused_under_torchrun(slow_setup):
 
 
 @pytest.mark.slow
-def test_ddp_training_matches_one_process_with_the_same_global_batches(tmp_path, npz_data, linear_teacher):
+@pytest.mark.parametrize("views", [[], ["--views", "3", "--augment", "shift?max=2", "--augment", "mixup?alpha=1"]],
+                         ids=["one-view", "view-cache"])
+def test_ddp_training_matches_one_process_with_the_same_global_batches(tmp_path, npz_data, linear_teacher, views):
     from click.testing import CliRunner
 
     from softlabels.cli import cli
 
     cache = tmp_path / "c.zarr"
     assert CliRunner().invoke(cli, ["dump", "--teacher", str(linear_teacher), "--arch", "linear", "--data", str(npz_data),
-                                    "--out", str(cache), "--chunk-rows", "32"]).exit_code == 0
+                                    "--out", str(cache), "--chunk-rows", "32", *views]).exit_code == 0
     common = ["train-student", "--cache", str(cache), "--student", "mlp?width=32", "--student", "linear", "--epochs", "1",
               "--batch-size", "64", "--seed", "3", "--quiet"]
     done = torchrun(tmp_path, ["-m", "softlabels"] + common + ["--out", str(tmp_path / "ddp")])
