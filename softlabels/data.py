@@ -123,19 +123,33 @@ def _as_input_array(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) if x.dtype == np.float64 else x
 
 
-class ArraySource(Source):
-    """Inputs and labels held by array-likes that slice (numpy, zarr, h5py), opened lazily per process.
+class LazySource(Source):
+    """A source whose arrays ``opener()`` opens lazily, once per process: an h5py handle opened before
+    a ``fork`` gives wrong reads in the child, so each DataLoader worker opens its own."""
 
-    ``opener()`` returns ``(x, y_or_None)``. Opening lazily matters: an h5py handle opened before a
-    ``fork`` gives wrong reads in the child, so each DataLoader worker opens its own.
-    """
-
-    def __init__(self, spec: str, opener: Callable[[], tuple[Any, Any]]):
+    def __init__(self, spec: str, opener: Callable[[], Any]):
         self.spec = spec
         self._opener = opener
-        self._arrays: tuple[Any, Any] | None = None
+        self._arrays: Any = None
         self._pid: int | None = None
         self._fingerprint: str | None = None
+
+    def _open(self) -> Any:
+        if self._arrays is None or self._pid != os.getpid():
+            self._arrays = self._opener()
+            self._pid = os.getpid()
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None, "_pid": None}
+
+
+class ArraySource(LazySource):
+    """Inputs and labels held by array-likes that slice (numpy, zarr, h5py); ``opener()`` returns
+    ``(x, y_or_None)``."""
+
+    def __init__(self, spec: str, opener: Callable[[], tuple[Any, Any]]):
+        super().__init__(spec, opener)
         x, y = self._open()
         # Only numbers: an object array would be unpickled on read (a Zarr v2 array may use numcodecs' Pickle).
         for name, array in (("x", x), ("y", y)):
@@ -148,15 +162,6 @@ class ArraySource(Source):
                 raise SoftlabelsError(f"dataset {spec}: 'y' has shape {list(y.shape)}, expected [{x.shape[0]}]")
             if not np.issubdtype(np.dtype(y.dtype), np.integer):
                 raise SoftlabelsError(f"dataset {spec}: labels 'y' must be integers, got {y.dtype}")
-
-    def _open(self) -> tuple[Any, Any]:
-        if self._arrays is None or self._pid != os.getpid():
-            self._arrays = self._opener()
-            self._pid = os.getpid()
-        return self._arrays
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": None, "_pid": None}
 
     def __len__(self) -> int:
         return int(self._open()[0].shape[0])

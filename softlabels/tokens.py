@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .data import NO_LABEL, Source
+from .data import NO_LABEL, LazySource, Source
 from .errors import SoftlabelsError
 from .store import Record
 
@@ -54,19 +53,16 @@ def next_token_labels(ids: np.ndarray, loss_mask: np.ndarray | None = None, segm
     return labels
 
 
-class TokenSource(Source):
-    """Token windows held by array-likes that slice (numpy, zarr, h5py), opened lazily per process.
+class TokenSource(LazySource):
+    """Token windows held by array-likes that slice (numpy, zarr, h5py).
 
     ``opener()`` returns the named arrays (``input_ids`` and the optional ones). ``tokenizer``, when
     known, is ``{"sha256", "vocab_size"}`` of the tokenizer that made the ids; caches record it.
     """
 
     def __init__(self, spec: str, opener: Callable[[], dict[str, Any]], tokenizer: dict[str, Any] | None = None):
-        self.spec, self.tokenizer = spec, tokenizer
-        self._opener = opener
-        self._arrays: dict[str, Any] | None = None
-        self._pid: int | None = None
-        self._fingerprint: str | None = None
+        super().__init__(spec, opener)
+        self.tokenizer = tokenizer
         arrays = self._open()
         ids = arrays["input_ids"]
         if len(ids.shape) != 2 or not np.issubdtype(np.dtype(ids.dtype), np.integer):
@@ -78,15 +74,6 @@ class TokenSource(Source):
             if array is not None and (tuple(array.shape) != tuple(ids.shape) or np.dtype(array.dtype).kind not in "biu"):
                 raise SoftlabelsError(f"dataset {spec}: '{name}' must be integers of the shape of input_ids "
                                       f"{list(ids.shape)}, got {array.dtype} {list(array.shape)}")
-
-    def _open(self) -> dict[str, Any]:
-        if self._arrays is None or self._pid != os.getpid():
-            self._arrays = self._opener()
-            self._pid = os.getpid()
-        return self._arrays
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": None, "_pid": None}
 
     def __len__(self) -> int:
         return int(self._open()["input_ids"].shape[0])
