@@ -157,21 +157,42 @@ def _flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("array, chunk_file", [("logits", "logits/c/2/0"), ("labels", "labels/c/2")],
+                         ids=["raw logits", "zstd labels"])
 @pytest.mark.parametrize("damage", ["flip", "delete"])
-def test_a_damaged_zarr_chunk_fails_when_read_naming_array_chunk_and_rows(tmp_path, damage):
+def test_a_damaged_zarr_chunk_fails_when_read_naming_array_chunk_and_rows(tmp_path, damage, array, chunk_file):
     path = tmp_path / "c.zarr"
-    write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
-    chunk_file = path / "logits" / "c" / "2" / "0"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.arange(64, dtype=np.int64) % 5, chunk_rows=16)
+    chunk_file = path / chunk_file
     _flip_a_byte(chunk_file) if damage == "flip" else chunk_file.unlink()
     with open_cache(path) as cache:
         cache.read(0, 32)  # the other chunks still read
-        with pytest.raises(SoftlabelsError, match=r"array 'logits' chunk 2 \(rows 32-47\) is damaged"):
+        with pytest.raises(SoftlabelsError, match=rf"array '{array}' chunk 2 \(rows 32-47\) is damaged"):
             cache.read(16, 64)
-        with pytest.raises(SoftlabelsError, match=r"array 'logits' chunk 2 \(rows 32-47\)"):
+        with pytest.raises(SoftlabelsError, match=rf"array '{array}' chunk 2 \(rows 32-47\)"):
             list(cache.iter_chunks())
     if damage == "flip":  # plain zarr refuses it too: the store's own crc32c codec
         with pytest.raises(Exception, match="checksum"):
-            zarr.open_group(str(path), mode="r")["logits"][32:48]
+            zarr.open_group(str(path), mode="r")[array][32:48]
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw logits", "zstd logits"])
+def test_direct_chunk_reads_return_what_zarr_returns(tmp_path, compress):
+    rng = np.random.default_rng(3)
+    logits, labels = rng.normal(size=(77, 3, 9)).astype(np.float16), rng.integers(-1, 9, size=(77, 3))
+    layout = Layout(Dense(), 77, 9, "float16", 16, (("view", 3),))
+    with CacheWriter(tmp_path / "c.zarr", layout, manifest=MANIFEST, compress_logits=compress) as writer:
+        for index in range(writer.num_chunks):
+            start, stop = writer.chunk_bounds(index)
+            writer.write_chunks(index, {"logits": logits[start:stop]}, labels[start:stop])
+        writer.finish()
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    with open_cache(tmp_path / "c.zarr") as cache:
+        assert set(cache._arrays._raw) == {"logits", "labels"} and all(cache._arrays._raw.values())
+        for start, stop in [(0, 77), (5, 40), (64, 77), (17, 18)]:
+            targets, got = cache.read(start, stop)
+            np.testing.assert_array_equal(targets["logits"], group["logits"][start:stop])
+            np.testing.assert_array_equal(got, group["labels"][start:stop])
 
 
 def test_a_damaged_hdf5_chunk_fails_when_read(tmp_path):
