@@ -336,6 +336,20 @@ def replay_cost(one: Path, views16: Path, augment: tuple[str, ...], repeats: int
         for name, loader in loaders.items():
             best[name] = max(best[name], loader_rows_per_second(loader, r))
         log(f"replay: loader repeat {r + 1}/{repeats}: " + ", ".join(f"{v:,.0f}" for v in best.values()))
+    # For scale: the student's own training steps (forward, backward, AdamW) on the same number of rows.
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=source.input_shape, num_classes=10, kwargs={"width": 100, "depth": 2})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    x, y = (torch.from_numpy(a) for a in source.read(0, len(source)))
+    steps = 0.0
+    for r in range(repeats):
+        began = time.perf_counter()
+        for i in range(0, len(y), 128):
+            loss = torch.nn.functional.cross_entropy(model(x[i:i + 128]), y[i:i + 128])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        steps = max(steps, len(y) / (time.perf_counter() - began))
     base = best[next(iter(loaders))]
     print(f"### The cost of replay\n")
     print(f"SoftTargetLoader over MNIST-1D's 4000 training samples (inputs from the npz), batch 128, an epoch per run, "
@@ -343,7 +357,8 @@ def replay_cost(one: Path, views16: Path, augment: tuple[str, ...], repeats: int
     print("| loader | rows/s | vs no replay |")
     print("| --- | ---: | ---: |")
     for name, value in best.items():
-        print(f"| {name} | {value:,.0f} | {value / base:.2f} |")
+        print(f"| {name} | {value:,.0f} | {value / base:.3f} |")
+    print(f"| for scale: the student's training steps alone (`{STUDENT}`, batch 128, no loader) | {steps:,.0f} | |")
     print()
 
 
