@@ -7,8 +7,8 @@ BENCHMARKS.md; progress goes to stderr.
     python scripts/bench_views.py --sections mnist1d,replay   # without the image table
 
 Optional extra: the image table uses scikit-learn's bundled digits (1797 8x8 images, nothing is
-downloaded): `pip install scikit-learn`. Without it, the image section stops with a message and the
-other sections still run.
+downloaded): `pip install scikit-learn`. Without it, the image table is skipped with a message (on
+stderr and in the output) and the other sections still run.
 
 1. MNIST-1D (the main table), on its 4000 training samples alone. The teacher, a `cnn1d` with 64
    channels, is trained by `softlabels train-student --hard-labels-only` on the 4000 labels with
@@ -31,12 +31,14 @@ other sections still run.
    epochs (default 100, to keep the whole run under about 45 minutes on 2 cores).
 3. The cost of replay: SoftTargetLoader rows/s over a V = 16 view cache (views replayed) against
    the one-view cache of the same data (no replay), and `dump --views 16` against the teacher's
-   bare forward pass on the same views; alternating runs, best of `--repeats`.
+   bare forward pass on the same views; alternating runs, best of `--repeats`, in one torch thread
+   (`--timing-threads`) so that another process on the shared machine does not stall the other.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -294,11 +296,7 @@ def print_comparison(title: str, result: dict, commands: list[str], note: str, g
 
 
 def write_digits(root: Path) -> tuple[Path, Path]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise SystemExit("the image section needs scikit-learn's bundled digits: pip install scikit-learn "
-                         "(or run with --sections mnist1d,replay)") from None
+    from sklearn.datasets import load_digits  # the optional extra: main() says what to do without it
     digits = load_digits()
     x = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8] in [0, 1]
     x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).numpy()
@@ -351,7 +349,6 @@ def replay_cost(one: Path, views16: Path, augment: tuple[str, ...], repeats: int
             optimizer.step()
         steps = max(steps, len(y) / (time.perf_counter() - began))
     base = best[next(iter(loaders))]
-    print(f"### The cost of replay\n")
     print(f"SoftTargetLoader over MNIST-1D's 4000 training samples (inputs from the npz), batch 128, an epoch per run, "
           f"best of {repeats} alternating runs; augmentation {', '.join(f'`{a}`' for a in augment)}.\n")
     print("| loader | rows/s | vs no replay |")
@@ -435,9 +432,11 @@ def dump_cost(teacher_path: Path, augment: tuple[str, ...], workdir: Path, repea
     print(f"| of which apply | {best_bare['apply']:.2f} | |")
     print(f"| of which forward | {best_bare['forward']:.2f} | |")
     print(f"| teacher forward alone, on the views made beforehand | {best_forward:.2f} | {best_dump / best_forward:.2f} |")
-    print(f"\nThe dump's cost beyond the teacher's forward pass: {best_dump - best_forward:.2f} s, of which drawing and applying "
-          f"the views take {best_bare['draw'] + best_bare['apply']:.2f} s in the bare loop; the rest is the store (float16 "
-          f"targets and the view records written in chunks by the writer thread, with checksums).\n")
+    store = best_dump - best_bare["total"]
+    print(f"\nBeyond the teacher's forward pass the dump spends {best_dump - best_forward:.2f} s. In the bare loop, drawing the "
+          f"views takes {best_bare['draw']:.2f} s and applying them {best_bare['apply']:.2f} s; the store (float16 targets "
+          f"and the view records written in chunks by the writer thread, with checksums) is what remains, dump minus "
+          f"the bare loop: {store:.2f} s{' (below 0: noise, the two runs did the same work)' if store < 0 else ''}.\n")
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -451,6 +450,9 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=64, help="views of the one view dump (the others are kept from it)")
     parser.add_argument("--image-views", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of the dump timings, best of (the loader's: 5)")
+    parser.add_argument("--timing-threads", type=int, default=1,
+                        help="torch threads for the replay timings (default 1: on a shared 2-core machine, 2 threads "
+                             "wait on each other whenever another process holds a core, and the times vary 10-50x)")
     parser.add_argument("--workdir", type=Path, help="where caches and runs are kept (default: a temporary directory)")
     parser.add_argument("--reuse", action="store_true", help="reuse teachers, caches and runs already in --workdir")
     parser.add_argument("--sections", default="mnist1d,image,replay")
@@ -502,6 +504,13 @@ def main() -> None:
             f"augmentation matches `train_students`' weights to {difference:.1g} after 2 epochs); its target is the "
             f"teacher's output on the clean sample, also for a mixed input.", goal=True)
     if "image" in sections:
+        if importlib.util.find_spec("sklearn") is None:
+            message = ("the image table needs scikit-learn's bundled digits, an optional extra: pip install scikit-learn "
+                       "(or run with --sections mnist1d,replay); skipping it")
+            log(message)
+            print(f"### Images\n\nNot measured: {message}.\n")
+            sections.discard("image")
+    if "image" in sections:
         train_path, test_path = write_digits(workdir / "digits")
         image = comparison(
             run, section="image", root=workdir / "digits", train=str(train_path), test=str(test_path),
@@ -523,6 +532,8 @@ def main() -> None:
         views16 = mnist["caches"].get(16)
         if views16 is None:
             raise SystemExit("the replay section needs a V = 16 view cache (--views >= 16)")
+        torch.set_num_threads(args.timing_threads)
+        print(f"### The cost of replay\n\nIn the script's process, torch with {args.timing_threads} thread(s).\n")
         replay_cost(mnist["one"], views16, SIGNAL_AUGMENT, 2 if args.quick else 5)
         dump_cost(mnist["teacher"], SIGNAL_AUGMENT, workdir, args.repeats)
     print(f"Total run time {time.perf_counter() - BEGAN:.0f} s.")

@@ -68,15 +68,22 @@ def cache_report(cache: Cache) -> dict[str, Any]:
     statistic = gold_nats = 0.0
     recorded = cache.checksums()
     gold = any(r.name == GOLD for r in cache.layout.records)
+    # A view mixed with a partner is scored against the sample's own label only where that weighs at least half.
+    weights = [r.name for r in cache.layout.records if r.name.startswith("views/") and r.name.endswith(".lam")
+               and not r.name.startswith("views/partner.")]
     for index in np.flatnonzero(recorded >= 0):
-        targets, labels = cache.read(*cache.chunk_bounds(int(index)))
+        bounds = cache.chunk_bounds(int(index))
+        targets, labels = cache.read(*bounds)
+        records = cache.read_records(*bounds) if gold or weights else {}
         statistic += kind.statistic(targets)
         has_label = labels >= 0
-        correct += int((kind.top_class(targets)[has_label] == labels[has_label]).sum())
-        labeled += int(has_label.sum())
         items += labels.size
         if gold:
-            gold_nats -= float(cache.read_records(*cache.chunk_bounds(int(index)))[GOLD][has_label].astype(np.float64).sum())
+            gold_nats -= float(records[GOLD][has_label].astype(np.float64).sum())
+        for name in weights:
+            has_label &= records[name] >= 0.5
+        correct += int((kind.top_class(targets)[has_label] == labels[has_label]).sum())
+        labeled += int(has_label.sum())
     n = len(cache)
     dense_float32 = n * math.prod(cache.items) * cache.num_classes * 4
     mean = statistic / items if items else None
@@ -92,6 +99,7 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         "bytes_per_sample": on_disk / n if n else None,
         "compression_vs_dense_float32": dense_float32 / on_disk if on_disk else None,
         "labeled_items": labeled,
+        "scored_on": "views whose own label weighs at least half" if weights else "labeled items",
         "teacher_accuracy": correct / labeled if labeled else None,
         "statistic": {"name": kind.statistic_name, "mean": None if mean is None or math.isnan(mean) else mean},
         "views": _views_report(cache, on_disk),
@@ -184,7 +192,7 @@ def format_cache_report(report: dict[str, Any]) -> str:
         f"({report['compression_vs_dense_float32']:.1f}x smaller than dense float32)",
         f"teacher      {teacher.get('arch')} from {teacher.get('file')} ({_count(teacher.get('params'))} params, sha256 {str(teacher.get('sha256'))[:12]}...)",
         f"dataset      {dataset.get('spec')} ({_count(dataset.get('num_samples'))} samples, {str(dataset.get('fingerprint', ''))[:20]}...)",
-        f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_items']:,} labeled items",
+        f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_items']:,} {report['scored_on']}",
         f"{statistic['name']:<12} " + ("-" if statistic["mean"] is None else kind_type.statistic_format.format(statistic["mean"])),
         *_views_lines(report["views"]),
         *_tokens_lines(report["tokens"]),
