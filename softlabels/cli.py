@@ -379,7 +379,8 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
         click.echo(f"bad: {problem}")
     checked = f"{report.chunks} chunks checked"
     if report.rows_recomputed:
-        checked += f", {report.rows_recomputed} rows recomputed (max |difference| {report.max_abs_difference:.3g})"
+        checked += f", {report.rows_recomputed} rows recomputed " + (
+            "(their draws rebuilt)" if report.max_abs_difference is None else f"(max |difference| {report.max_abs_difference:.3g})")
     if not report.ok:
         raise SoftlabelsError(f"{path} failed verification: {len(report.problems)} problem(s), {checked}")
     click.echo(f"ok: {path}: {checked}")

@@ -579,7 +579,7 @@ def _feed(
             predicted = logits.argmax(-1)
             rows_here = torch.arange(start, start + len(logits), device=logits.device)
             stored = layout.kind.build(logits, rows=rows_here, store_dtype=out_dtype)
-            finite = layout.kind.finite(stored).reshape(len(logits), -1).all(1)
+            finite = layout.kind.finite(logits, stored).reshape(len(logits), -1).all(1)
             if device.type == "cuda":  # records drawn on the host (views) are numpy and stay there
                 host = {k: _to_host(v) for k, v in stored.items()}
                 records = {k: _to_host(v) if isinstance(v, torch.Tensor) else v for k, v in records.items()}

@@ -3,7 +3,10 @@
 
 Pre-norm blocks of causal self-attention (``scaled_dot_product_attention``) and a GELU MLP, learned
 positions, and an output layer tied to the token embedding, so the parameter count stays small when
-the vocabulary is large.
+the vocabulary is large. Weights start as GPT-2's do: normal with standard deviation 0.02, the
+projections back into the residual stream scaled by ``1/sqrt(2 * layers)``, so the first logits are
+near zero and the first loss near ``log(vocab)`` (``nn.Embedding``'s own N(0, 1) would give logits of
+scale ``sqrt(dim)`` through the tied output layer).
 
 Example::
 
@@ -44,6 +47,12 @@ class GPT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.tokens.weight
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() > 1:
+                residual = name.endswith(("proj.weight", "mlp.2.weight"))
+                nn.init.normal_(p, std=0.02 / (2 * layers) ** 0.5 if residual else 0.02)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[-1]

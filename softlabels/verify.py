@@ -203,7 +203,9 @@ def _compare_built(cache: Cache, report: VerifyReport, out: torch.Tensor, stored
 
 
 def _report_differences(report: VerifyReport, differing: list[tuple[str, float]]) -> None:
+    rebuilt = report.max_abs_difference is None  # a compact cache: its draws were rebuilt, not its logits compared
     for where, difference in differing[:10]:
-        report.problems.append(f"{where}: cached logits differ from the teacher's by up to {difference:.4g}")
+        report.problems.append(f"{where}: " + (f"{difference:.1%} of the stored draws differ from those the teacher's logits give"
+                                               if rebuilt else f"cached logits differ from the teacher's by up to {difference:.4g}"))
     if len(differing) > 10:
         report.problems.append(f"... and {len(differing) - 10} more rows differ")

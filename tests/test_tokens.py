@@ -16,6 +16,7 @@ from softlabels.errors import SoftlabelsError
 from softlabels.kinds.base import SoftTargets
 from softlabels.models import build_model
 from softlabels.tokens import TokenSource, next_token_labels
+from softlabels.verify import verify_cache
 
 GPT = {"layers": 1, "dim": 32, "heads": 2}
 
@@ -168,6 +169,37 @@ def test_compact_sampled_gradients_are_the_dense_kl_gradients_on_average():
     torch.testing.assert_close(total / draws, want, atol=0.01, rtol=0)
     with pytest.raises(SoftlabelsError, match="proposal temperature"):
         SoftTargets(kind, kind.build(z, rows=torch.arange(1))).kl(s, temperature=1.0, kl="forward")
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_compact_dump_stores_the_draws_of_a_full_one_and_verifies(tokens, suffix):
+    teacher = load_model(tokens / "gpt.pth")
+    source = open_data(str(tokens / "tok.npz"))
+    full, compact = tokens / f"full{suffix}", tokens / f"compact{suffix}"
+    for path, kind in ((full, Sampled(samples=8)), (compact, Sampled(samples=8, compact=True))):
+        dump(teacher, source, path, kind=kind, device="cpu", batch_size=16, chunk_rows=16, progress=False)
+    with open_cache(full) as a, open_cache(compact) as b:
+        assert set(b.read(0, 48)[0]) == {"sample_indices", "sample_counts"}
+        for name, drawn in b.read(0, 48)[0].items():
+            assert np.array_equal(drawn, a.read(0, 48)[0][name])
+    done = run("verify", compact, "--recompute", 16, "--teacher", tokens / "gpt.pth", "--device", "cpu")
+    assert done.returncode == 0 and "16 rows recomputed (their draws rebuilt)" in done.stdout, done.stderr
+    # other weights under the recorded checkpoint's name draw other tokens, and verify names the rows
+    with torch.no_grad():
+        teacher.model.tokens.weight.mul_(3)
+    report = verify_cache(compact, recompute=16, teacher=teacher, source=source, device="cpu")
+    assert not report.ok and report.rows_recomputed == 16
+    assert "of the stored draws differ from those the teacher's logits give" in report.problems[0], report.problems
+
+
+def test_a_compact_dump_refuses_nan_logits(tokens):
+    teacher = load_model(tokens / "gpt.pth")
+    with torch.no_grad():
+        teacher.model.norm.weight[0] = float("nan")
+    with pytest.raises(SoftlabelsError, match="NaN or Inf"):
+        dump(teacher, open_data(str(tokens / "tok.npz")), tokens / "nan.zarr", kind=Sampled(samples=8, compact=True),
+             device="cpu", progress=False)
+    assert not (tokens / "nan.zarr").exists()
 
 
 def test_a_vocabulary_beyond_65536_tokens_uses_uint32_indices():

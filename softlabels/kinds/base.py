@@ -103,9 +103,11 @@ class TargetKind:
         """
         raise NotImplementedError
 
-    def finite(self, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per item, whether every stored float is finite (NaN, Inf and float16 overflow are not)."""
-        checks = [torch.isfinite(t).all(-1) for t in targets.values() if t.is_floating_point()]
+    def finite(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per item, whether the teacher's logits and every stored float are finite (NaN, Inf and
+        float16 overflow are not). The logits count even where nothing of them is stored as floats
+        (a compact sampled cache), because draws from NaN logits are no draws at all."""
+        checks = [torch.isfinite(logits).all(-1)] + [torch.isfinite(t).all(-1) for t in targets.values() if t.is_floating_point()]
         return torch.stack(checks).all(0)
 
     # -- reading -----------------------------------------------------------------------------------
