@@ -93,7 +93,8 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         "kind": kind.settings(),
         "item_axes": [{"name": name, "size": size} for name, size in cache.layout.item_axes],
         "shape": [n, *cache.items, cache.num_classes],
-        "dtype": cache.layout.dtype,
+        # the logits' dtype, None where no logits are stored (a compact sampled cache)
+        "dtype": cache.layout.dtype if any(a.dtype == np.dtype(cache.layout.dtype) for a in cache.layout.target_arrays()) else None,
         "chunk_rows": cache.chunk_rows,
         "bytes_on_disk": on_disk,
         "bytes_per_sample": on_disk / n if n else None,
@@ -187,7 +188,7 @@ def format_cache_report(report: dict[str, Any]) -> str:
     lines = [
         f"cache        {report['path']} ({'complete' if report['complete'] else 'INCOMPLETE'})",
         f"format       {m['format']} v{m['format_version']}, kind {kind}",
-        f"targets      {shape}, {report['dtype']}, {report['chunk_rows']} samples per chunk",
+        f"targets      {shape}, {report['dtype'] or 'no logits stored'}, {report['chunk_rows']} samples per chunk",
         f"on disk      {report['bytes_on_disk'] / 2**20:.2f} MiB, {report['bytes_per_sample']:.1f} bytes per sample "
         f"({report['compression_vs_dense_float32']:.1f}x smaller than dense float32)",
         f"teacher      {teacher.get('arch')} from {teacher.get('file')} ({_count(teacher.get('params'))} params, sha256 {str(teacher.get('sha256'))[:12]}...)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import sys
 
@@ -184,6 +185,7 @@ def test_a_compact_dump_stores_the_draws_of_a_full_one_and_verifies(tokens, suff
             assert np.array_equal(drawn, a.read(0, 48)[0][name])
     done = run("verify", compact, "--recompute", 16, "--teacher", tokens / "gpt.pth", "--device", "cpu")
     assert done.returncode == 0 and "16 rows recomputed (their draws rebuilt)" in done.stdout, done.stderr
+    assert json.loads(run("inspect", compact, "--json").stdout)["dtype"] is None  # no logits stored
     # other weights under the recorded checkpoint's name draw other tokens, and verify names the rows
     with torch.no_grad():
         teacher.model.tokens.weight.mul_(3)
