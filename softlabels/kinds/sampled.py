@@ -43,6 +43,31 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _ranked_counts(draws: torch.Tensor, classes: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` classes of most draws (``draws [..., S]``), ties by class index, then padding:
+    the lowest undrawn classes with count 0; and their counts.
+
+    Equal to ranking all C classes by ``count * C + (C - 1 - class)``, but computed on the S draws
+    and the 2S lowest classes (at most S of which are drawn, so they hold every padding class), not
+    on a ``[..., C]`` table of counts: 6x faster for S = 24 of C = 2048.
+
+    Example::
+
+        _ranked_counts(torch.tensor([[3, 1, 3]]), 5, 3)   # (tensor([[3, 1, 0]]), tensor([[2, 1, 0]]))
+    """
+    s = draws.shape[-1]
+    drawn = draws.sort(-1).values.contiguous()
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[..., 1:] = drawn[..., 1:] != drawn[..., :-1]
+    counts = torch.searchsorted(drawn, drawn, right=True) - torch.searchsorted(drawn, drawn)
+    spare = torch.arange(min(2 * s, classes), device=draws.device).expand(*draws.shape[:-1], -1).contiguous()
+    undrawn = drawn.gather(-1, torch.searchsorted(drawn, spare).clamp_(max=s - 1)) != spare
+    key = torch.cat([torch.where(first, counts * classes + (classes - 1 - drawn), -1),  # each drawn class once
+                     torch.where(undrawn, classes - 1 - spare, -1)], -1)
+    top = key.topk(width, dim=-1).indices
+    return torch.cat([drawn, spare], -1).gather(-1, top), torch.cat([counts, torch.zeros_like(spare)], -1).gather(-1, top)
+
+
 def keyed_uniforms(seed: int, rows: torch.Tensor, items: tuple[int, ...], draws: int) -> torch.Tensor:
     """Uniforms in ``[0, 1)`` of shape ``[len(rows), *items, draws]``, float64 with 53 random bits,
     each a pure function of ``(seed, row, flat item index, draw)``."""
@@ -115,11 +140,8 @@ class Sampled(SparseKind):
         cdf = cdf / cdf[..., -1:]
         u = keyed_uniforms(self.sample_seed, rows, tuple(z.shape[1:-1]), self.samples)
         draws = torch.searchsorted(cdf, u, right=True).clamp_(max=classes - 1)
-        counts = torch.zeros(z.shape, dtype=torch.int64, device=z.device).scatter_add_(-1, draws, torch.ones_like(draws))
-        # Most drawn first, ties by class index, then padding (count 0): a key that is unique per class.
-        key = counts * classes + (classes - 1 - torch.arange(classes, device=z.device))
-        ranked = key.topk(self.width(classes), dim=-1).indices
-        drawn = {"sample_indices": ranked, "sample_counts": counts.gather(-1, ranked)}
+        ranked, counts = _ranked_counts(draws, classes, self.width(classes))
+        drawn = {"sample_indices": ranked, "sample_counts": counts}
         if self.compact:
             return drawn
         return {"sample_logits": z.gather(-1, ranked).to(store_dtype), **drawn, "logsumexp": self.grid(z)}
