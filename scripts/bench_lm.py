@@ -191,7 +191,7 @@ def bench_quality(root: Path, setup: dict, args: argparse.Namespace, log: Path) 
 
 
 HEAVY = (8, 512, 8)  # a heavier teacher for the dump's overhead: layers, width, heads (random weights: speed only)
-HEAVY_WINDOWS = 512
+HEAVY_WINDOWS = 1024
 
 
 def bench_dump(root: Path, setup: dict, args: argparse.Namespace) -> None:

@@ -576,9 +576,9 @@ def _feed(
                 records = {**records, GOLD: gold_logprob(logits, labels)}
             # Cast, rank, check (and sparsify) on the device: finiteness of the stored values catches
             # float16 overflow too, and only what is stored crosses to the host.
-            predicted = logits.argmax(-1)
             rows_here = torch.arange(start, start + len(logits), device=logits.device)
             stored = layout.kind.build(logits, rows=rows_here, store_dtype=out_dtype)
+            predicted = layout.kind.predicted(logits, stored)
             finite = layout.kind.finite(logits, stored).reshape(len(logits), -1).all(1)
             if device.type == "cuda":  # records drawn on the host (views) are numpy and stay there
                 host = {k: _to_host(v) for k, v in stored.items()}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from softlabels import CacheWriter, Sampled, TopK, dump, kd_loss, open_cache, open_data, save_checkpoint
+from softlabels import CacheWriter, Dense, Sampled, TopK, dump, kd_loss, open_cache, open_data, save_checkpoint
 from softlabels.checkpoint import load_model
 from softlabels.errors import SoftlabelsError
 from softlabels.kinds.base import SoftTargets
@@ -202,6 +202,18 @@ def test_a_compact_dump_refuses_nan_logits(tokens):
         dump(teacher, open_data(str(tokens / "tok.npz")), tokens / "nan.zarr", kind=Sampled(samples=8, compact=True),
              device="cpu", progress=False)
     assert not (tokens / "nan.zarr").exists()
+
+
+def test_every_kind_reports_the_teachers_own_accuracy(tokens):
+    teacher = load_model(tokens / "gpt.pth")
+    source = open_data(str(tokens / "tok.npz"))
+    ids, labels = source.read(0, 48)
+    with torch.no_grad():
+        top1 = teacher.model(torch.from_numpy(ids)).argmax(-1).numpy()
+    expected = (top1 == labels)[labels >= 0].mean()
+    for name, kind in (("dense", Dense()), ("top", TopK(k=3)), ("sampled", Sampled(samples=4, compact=True))):
+        result = dump(teacher, source, tokens / f"{name}.zarr", kind=kind, device="cpu", batch_size=16, progress=False)
+        assert result.teacher_accuracy == pytest.approx(expected), name
 
 
 def test_a_vocabulary_beyond_65536_tokens_uses_uint32_indices():

@@ -103,6 +103,10 @@ class TargetKind:
         """
         raise NotImplementedError
 
+    def predicted(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's top class per item, from its logits and the arrays just built from them."""
+        return logits.argmax(-1)
+
     def finite(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per item, whether the teacher's logits and every stored float are finite (NaN, Inf and
         float16 overflow are not). The logits count even where nothing of them is stored as floats
@@ -182,7 +186,8 @@ class SparseKind(TargetKind):
 
     def grid(self, z: torch.Tensor) -> torch.Tensor:
         """``logsumexp(z / T)`` at every temperature of the grid, ``[..., G]``."""
-        return torch.stack([torch.logsumexp(z / t, dim=-1) for t in self.temperatures], dim=-1)
+        # z / 1 is a full pass over the logits that changes nothing
+        return torch.stack([torch.logsumexp(z if t == 1 else z / t, dim=-1) for t in self.temperatures], dim=-1)
 
 
 class SoftTargets:

@@ -136,7 +136,8 @@ class Sampled(SparseKind):
     def build(self, logits: torch.Tensor, *, rows: torch.Tensor, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         z = logits.float()
         classes = z.shape[-1]
-        cdf = torch.softmax(z.double() / self.proposal_temperature, dim=-1).cumsum(-1)
+        t = self.proposal_temperature
+        cdf = torch.softmax(z.double() if t == 1 else z.double() / t, dim=-1).cumsum(-1)  # / 1 would change nothing
         cdf = cdf / cdf[..., -1:]
         u = keyed_uniforms(self.sample_seed, rows, tuple(z.shape[1:-1]), self.samples)
         draws = torch.searchsorted(cdf, u, right=True).clamp_(max=classes - 1)

@@ -56,6 +56,9 @@ class TopK(SparseKind):
         values, indices = z.topk(self.k, dim=-1)
         return {"topk_logits": values.to(store_dtype), "topk_indices": indices, "logsumexp": self.grid(z)}
 
+    def predicted(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        return targets["topk_indices"][..., 0]  # largest first: no second pass over the logits
+
     def logits_at(self, targets: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         return targets["topk_logits"], targets["topk_indices"]
 
