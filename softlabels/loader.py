@@ -366,22 +366,26 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         return _Window(None, None, None, indices)
 
     def _read_block(self, block: int, inputs: bool = True) -> _Window:
+        """A block's inputs (or labels without a cache) and records; :meth:`_read_window` reads the targets."""
         start, stop = chunk_bounds(block, self.block_rows, self.num_samples)
         x, y = self.source.read(start, stop) if inputs else (None, None)
-        t = records = None
         if self.cache is not None:
-            t, y = self.cache.read(start, stop)
-            if self.views is not None:
-                records = self.cache.read_records(start, stop)
-        return _Window(x, y, t, np.arange(start, stop), records)
+            y = None
+        records = self.cache.read_records(start, stop) if self.views is not None else None
+        return _Window(x, y, None, np.arange(start, stop), records)
 
     def _read_window(self, pool: ThreadPoolExecutor, group: list[int], rows: np.ndarray | None) -> _Window:
-        """The window's blocks, read concurrently (zarr and h5py release the GIL while they read and decode).
+        """The window's blocks: inputs and records read concurrently (zarr and h5py release the GIL
+        while they read and decode) and joined, targets and labels read in one call that puts each
+        chunk straight at its place in the window.
 
         Given ``rows``, only those rows of the inputs are read (the others stay zero and are never
         served); the cache is still read in whole chunks.
         """
         window = _concat(list(pool.map(functools.partial(self._read_block, inputs=rows is None), group)))
+        if self.cache is not None:
+            t, y = self.cache.read_ranges([chunk_bounds(b, self.block_rows, self.num_samples) for b in group])
+            window = window._replace(teacher_logits=t, labels=y)
         if rows is None:
             return window
         xs, ys = self.source.take(window.indices[rows])

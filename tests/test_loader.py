@@ -92,8 +92,8 @@ def test_order_is_a_function_of_seed_and_epoch(pair):
 def test_reads_whole_chunks_only(pair, monkeypatch):
     source, cache, _, _ = pair
     reads = []
-    original = type(cache).read
-    monkeypatch.setattr(type(cache), "read", lambda self, a, b: reads.append((a, b)) or original(self, a, b))
+    original = type(cache).read_ranges
+    monkeypatch.setattr(type(cache), "read_ranges", lambda self, ranges: reads.extend(ranges) or original(self, ranges))
     collect(SoftTargetLoader(source, cache, batch_size=32, seed=0), 0)
     assert sorted(reads) == [cache.chunk_bounds(i) for i in range(cache.num_chunks)]
 
@@ -156,8 +156,8 @@ def test_a_resumed_epoch_serves_exactly_the_rest_without_reading_skipped_windows
         if len(full) == stop:
             assert first.state_dict() == {"epoch": 3, "batches": stop}
     reads = []
-    original = type(cache).read
-    monkeypatch.setattr(type(cache), "read", lambda self, a, b: reads.append((a, b)) or original(self, a, b))
+    original = type(cache).read_ranges
+    monkeypatch.setattr(type(cache), "read_ranges", lambda self, ranges: reads.extend(ranges) or original(self, ranges))
     resumed = make()
     resumed.load_state_dict({"epoch": 3, "batches": stop})
     resumed.set_epoch(3)  # the trainer's loop calls it again: the resumed position stays

@@ -49,6 +49,13 @@ def test_round_trip_preserves_every_row(tmp_path_factory, n, c, chunk_rows, dtyp
         np.testing.assert_array_equal(got_labels, labels)
         rows = np.concatenate([chunk[1]["logits"] for chunk in cache.iter_chunks()])
         np.testing.assert_array_equal(rows, logits.astype(dtype))
+        # shuffled blocks of one or two chunks, read into one buffer as the loader reads a window
+        for block in (cache.chunk_rows, 2 * cache.chunk_rows):
+            ranges = [(a, min(a + block, n)) for a in rng.permutation(np.arange(0, n, block)).tolist()]
+            rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+            got, got_labels = cache.read_ranges(ranges)
+            np.testing.assert_array_equal(got["logits"], logits.astype(dtype)[rows])
+            np.testing.assert_array_equal(got_labels, labels[rows])
         expected_crc = [
             chunk_checksum({"logits": logits[s:s + cache.chunk_rows].astype(dtype)}, labels[s:s + cache.chunk_rows])
             for s in range(0, n, cache.chunk_rows)
@@ -193,6 +200,10 @@ def test_direct_chunk_reads_return_what_zarr_returns(tmp_path, compress):
             targets, got = cache.read(start, stop)
             np.testing.assert_array_equal(targets["logits"], group["logits"][start:stop])
             np.testing.assert_array_equal(got, group["labels"][start:stop])
+        targets, got = cache.read_ranges([(64, 77), (0, 32), (48, 64)])
+        rows = np.r_[64:77, 0:32, 48:64]
+        np.testing.assert_array_equal(targets["logits"], group["logits"][:][rows])
+        np.testing.assert_array_equal(got, group["labels"][:][rows])
 
 
 def test_a_damaged_hdf5_chunk_fails_when_read(tmp_path):
