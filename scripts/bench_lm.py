@@ -41,6 +41,9 @@ import softlabels
 from softlabels import Dense, Sampled, SoftTargetLoader, StudentSpec, TopK, TrainConfig, open_cache, open_data
 from softlabels.dump import iter_logits
 
+sys.path.insert(0, str(Path(__file__).parent))
+import lm_corpus  # noqa: E402  (scripts/lm_corpus.py: the demo's corpus and tokenizer)
+
 SEQ_LEN, VOCAB, BATCH = 64, 2048, 16
 STUDENT_LR = 2e-3
 TEACHER = (4, 256, 4)  # layers, width, heads
@@ -68,34 +71,10 @@ def softlabels_cli(*args: str, log: Path) -> None:
 
 def make_corpus(root: Path) -> dict[str, str]:
     """The demo's corpus and tokenizer under ``root``; returns the text specs and a description."""
-    import pydoc_data.topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    topics = pydoc_data.topics.topics
-    names = sorted(topics)
-    held_out = set(names[3::10])
-    for split in ("train", "heldout"):
-        shutil.rmtree(root / "corpus" / split, ignore_errors=True)
-        (root / "corpus" / split).mkdir(parents=True)
-    for name in names:
-        (root / "corpus" / ("heldout" if name in held_out else "train") / f"{name}.txt").write_text(topics[name], encoding="utf-8")
-    tokenizer_path = root / "tokenizer.json"
-    if not tokenizer_path.exists():
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        tokenizer.train(sorted(str(p) for p in (root / "corpus" / "train").iterdir()),
-                        trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-        tokenizer.save(str(tokenizer_path))
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    specs, described = {}, []
-    for split in ("train", "heldout"):
-        texts = [p.read_text(encoding="utf-8") for p in sorted((root / "corpus" / split).iterdir())]
-        chars, tokens = sum(map(len, texts)), sum(len(tokenizer.encode(t).ids) for t in texts)
-        specs[split] = f"text:{root / 'corpus' / split}?tokenizer={tokenizer_path}&seq_len={SEQ_LEN}"
-        described.append(f"{split} {len(texts)} topics, {chars:,} chars, {tokens:,} tokens ({chars / tokens:.2f} chars per token)")
-    specs["description"] = "; ".join(described)
-    return specs
+    described = lm_corpus.make_corpus(root, VOCAB)
+    specs = {split: f"text:{root / 'corpus' / split}?tokenizer={root / 'tokenizer.json'}&seq_len={SEQ_LEN}"
+             for split in ("train", "heldout")}
+    return {**specs, "description": "; ".join(described)}
 
 
 def arch(layers: int, width: int, heads: int) -> str:

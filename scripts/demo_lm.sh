@@ -29,36 +29,7 @@ sample_sizes=(12 48)
 mkdir -p "$out"
 
 echo "== 1. corpus (the help texts of the standard library's pydoc_data/topics.py) and tokenizer"
-python - "$out" "$vocab" <<'EOF'
-import shutil
-import sys
-from pathlib import Path
-
-import pydoc_data.topics
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-out, vocab = Path(sys.argv[1]), int(sys.argv[2])
-topics = pydoc_data.topics.topics
-names = sorted(topics)
-held_out = set(names[3::10])  # every tenth topic in sorted order, from the fourth: never trained on
-for split in ("train", "heldout"):
-    shutil.rmtree(out / "corpus" / split, ignore_errors=True)
-    (out / "corpus" / split).mkdir(parents=True)
-for name in names:
-    split = "heldout" if name in held_out else "train"
-    (out / "corpus" / split / f"{name}.txt").write_text(topics[name], encoding="utf-8")
-tokenizer = Tokenizer(models.BPE())
-tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-tokenizer.decoder = decoders.ByteLevel()
-tokenizer.train(sorted(str(p) for p in (out / "corpus" / "train").iterdir()),
-                trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-tokenizer.save(str(out / "tokenizer.json"))
-print(f"byte-level BPE tokenizer, vocabulary {tokenizer.get_vocab_size():,}, trained on the training topics: {out / 'tokenizer.json'}")
-for split in ("train", "heldout"):
-    texts = [p.read_text(encoding="utf-8") for p in sorted((out / "corpus" / split).iterdir())]
-    chars, tokens = sum(map(len, texts)), sum(len(tokenizer.encode(t).ids) for t in texts)
-    print(f"  {split:8s} {len(texts):3d} topics, {chars:9,} chars, {tokens:8,} tokens, {chars / tokens:.2f} chars per token")
-EOF
+python scripts/lm_corpus.py "$out" "$vocab"
 train="text:$out/corpus/train?tokenizer=$out/tokenizer.json&seq_len=$seq_len"
 heldout="text:$out/corpus/heldout?tokenizer=$out/tokenizer.json&seq_len=$seq_len"
 
