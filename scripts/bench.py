@@ -10,6 +10,8 @@ Sections:
             distillation (the teacher run at every step), with the ideal speed-up measured
   students  K = 4 students in one command against 4 commands: chunk reads and wall time
   memory    peak RSS of `softlabels train-student` over a 1 GB and an 8 GB cache (C = 1000)
+  tokens    tokens/s the loader serves from a top-k K = 32 token cache of --tokens tokens (windows of
+            512, vocabulary 32,768) with its input ids, against raw reads of the same chunk files
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from softlabels import CacheWriter, SoftTargetLoader, StudentSpec, TrainConfig, 
 from softlabels.checkpoint import LoadedModel
 from softlabels.dump import iter_logits
 from softlabels.store import Cache
+from softlabels.tokens import GOLD, gold_record, token_manifest
 
 CLASSES = 1000
 FEATURES = 16
@@ -134,23 +137,117 @@ def bench_stream(root: Path, rows: int) -> None:
             for _ in loader:
                 pass
 
+        raw_s = timed(lambda: raw_chunk_reads(path))
         # the raw zarr/h5py array: what a naive per-row Dataset would index
         logits = zarr.open_group(str(path), mode="r")["logits"] if fmt == ".zarr" else h5py.File(path, "r")["logits"]
         probe = np.random.default_rng(1).choice(rows, 400, replace=False)
         seq_s = timed(sequential)
         loader_s = timed(shuffled)
         row_s = timed(lambda: [np.asarray(logits[int(i)]) for i in probe])
-        seq_rate, loader_rate, row_rate = rows / seq_s, rows / loader_s, len(probe) / row_s
+        seq_rate, loader_rate, row_rate, raw_rate = rows / seq_s, rows / loader_s, len(probe) / row_s, rows / raw_s
         size = cache.nbytes_on_disk() / 1e9
         print(f"{fmt} cache: {rows:,} x {CLASSES} float16 ({rows * CLASSES * 2 / 1e9:.2f} GB of logits, {size:.2f} GB on disk), "
               f"{cache.chunk_rows} rows per chunk, page cache warm.\n")
         row("reader", "rows/s", "loader over it")
         row("---", "---:", "---:")
+        row("raw reads of the logits chunks, shuffled, one reused buffer (the limit)", f"{raw_rate:,.0f}", f"{loader_rate / raw_rate:.2f}x")
         row("sequential whole-chunk reads (logits only)", f"{seq_rate:,.0f}", f"{loader_rate / seq_rate:.2f}x")
         row("naive per-row `__getitem__` (400 random rows)", f"{row_rate:,.0f}", f"{loader_rate / row_rate:,.0f}x")
         row("SoftTargetLoader, shuffled, with inputs, batch 1024", f"{loader_rate:,.0f}", "1.00x")
         print()
         cache.close()
+
+
+def raw_chunk_reads(path: Path, name: str = "logits") -> None:
+    """Read every stored chunk of array ``name`` once, in shuffled order, into one reused buffer,
+    checking nothing: what the storage and the page cache allow, for the loader to be measured against."""
+    order = np.random.default_rng(0)
+    if path.suffix == ".zarr":
+        files = sorted((path / name / "c").rglob("*"))
+        files = [files[i] for i in order.permutation(len(files)) if files[i].is_file()]
+        buffer = memoryview(bytearray(max(f.stat().st_size for f in files)))
+        for file in files:
+            with open(file, "rb", buffering=0) as f:
+                f.readinto(buffer)
+        return
+    with h5py.File(path, "r") as f:
+        places = []
+        f[name].id.chunk_iter(lambda info: places.append((info.byte_offset, info.size)))
+    buffer = memoryview(bytearray(max(size for _, size in places)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i in order.permutation(len(places)):
+            where, size = places[i]
+            os.preadv(fd, [buffer[:size]], where)
+    finally:
+        os.close(fd)
+
+
+TOKEN_VOCAB, TOKEN_K, TOKEN_LEN = 32768, 32, 512
+
+
+def make_token_cache(root: Path, tokens: int) -> Path:
+    """A top-k K = 32 token cache over random token windows, written chunk by chunk from a pool of
+    synthetic chunks (sorted logits, class indices, log-partitions, gold log-probabilities)."""
+    windows = -(-tokens // TOKEN_LEN)
+    data = root / f"tokens-{windows}.npz"
+    rng = np.random.default_rng(0)
+    if not data.exists():
+        np.savez(data, input_ids=rng.integers(0, TOKEN_VOCAB, (windows, TOKEN_LEN), dtype=np.int32))
+    path = root / f"tokens-top{TOKEN_K}-{windows}.zarr"
+    if path.exists():
+        return path
+    source = open_data(str(data))
+    kind, items, records = softlabels.TopK(k=TOKEN_K), (("token", TOKEN_LEN),), (gold_record(TOKEN_LEN),)
+    row_bytes = softlabels.Layout(kind, windows, TOKEN_VOCAB, "float16", 1, items, records).row_bytes
+    layout = softlabels.Layout(kind, windows, TOKEN_VOCAB, "float16", softlabels.store.default_chunk_rows(row_bytes), items, records)
+    rows = layout.chunk_rows
+    pool = [{
+        "topk_logits": -np.sort(-rng.normal(0.0, 3.0, (rows, TOKEN_LEN, TOKEN_K)), axis=-1).astype(np.float16),
+        "topk_indices": rng.integers(0, TOKEN_VOCAB, (rows, TOKEN_LEN, TOKEN_K)).astype(np.uint16),
+        "logsumexp": rng.normal(8.0, 1.0, (rows, TOKEN_LEN, len(kind.temperatures))).astype(np.float32),
+    } for _ in range(8)]
+    gold = -rng.exponential(2.0, (rows, TOKEN_LEN)).astype(np.float16)
+    manifest = {"dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": windows},
+                "tokens": token_manifest(source, TOKEN_VOCAB)}
+    with CacheWriter(path, layout, manifest=manifest) as w:
+        for i in range(w.num_chunks):
+            a, b = w.chunk_bounds(i)
+            w.write_chunks(i, {k: v[: b - a] for k, v in pool[i % 8].items()}, source.read(a, b)[1], {GOLD: gold[: b - a]})
+        w.finish()
+    return path
+
+
+def bench_tokens(root: Path, tokens: int) -> None:
+    print("\n### Streaming a token cache\n")
+    began = time.perf_counter()
+    path = make_token_cache(root, tokens)
+    made = time.perf_counter() - began
+    cache = open_cache(path)
+    source = softlabels.source_for_cache(cache)
+    count = len(cache) * TOKEN_LEN
+    batch = 64  # windows: 32,768 tokens
+
+    def serve():
+        for _ in SoftTargetLoader(source, cache, batch_size=batch, seed=0):
+            pass
+
+    raw, served = [], []
+    for _ in range(2):  # alternating, best of each
+        raw.append(timed(lambda: [raw_chunk_reads(path, name) for name in ("topk_logits", "topk_indices", "logsumexp", GOLD, "labels")]))
+        served.append(timed(serve))
+    size = cache.nbytes_on_disk() / 1e9
+    print(f"Top-k K = {TOKEN_K} token cache (Zarr): {len(cache):,} windows of {TOKEN_LEN} tokens ({count:,} tokens), vocabulary "
+          f"{TOKEN_VOCAB:,}, {size:.2f} GB on disk ({cache.nbytes_on_disk() / count:.1f} B per token), {cache.chunk_rows} windows "
+          f"per chunk, written in {made:.0f} s (0 s: reused); page cache warm, best of 2.\n")
+    row("reader", "tokens/s", "GB/s", "loader over it")
+    row("---", "---:", "---:", "---:")
+    row("raw reads of every array's chunk files, shuffled, one reused buffer (the limit)", f"{count / min(raw):,.0f}",
+        f"{size / min(raw):.2f}", f"{min(raw) / min(served):.2f}x")
+    row(f"SoftTargetLoader, shuffled, with input ids, batch {batch} windows", f"{count / min(served):,.0f}",
+        f"{size / min(served):.2f}", "1.00x")
+    print()
+    cache.close()
 
 
 def _epoch_seconds(source, cache, student, *, hard: bool, batch_size: int) -> float:
@@ -243,8 +340,8 @@ def bench_students(root: Path, rows: int) -> None:
     cache = open_cache(make_synthetic_cache(root, rows))
     source = softlabels.source_for_cache(cache)
     reads = []
-    original = Cache.read
-    Cache.read = lambda self, a, b: reads.append(b - a) or original(self, a, b)
+    original = Cache.read_ranges  # the loader's one read path
+    Cache.read_ranges = lambda self, ranges, reuse=None: reads.extend(b - a for a, b in ranges) or original(self, ranges, reuse)
     config = TrainConfig(epochs=1, batch_size=1024, device="cpu")
     students = [StudentSpec("linear", name=f"linear-{i}") for i in range(4)]
     try:
@@ -255,7 +352,7 @@ def bench_students(root: Path, rows: int) -> None:
                     for s in students)
         reads_apart = sum(reads)
     finally:
-        Cache.read = original
+        Cache.read_ranges = original
     print(f"4 linear students (16 -> {CLASSES}), one epoch over {rows:,} rows, C = {CLASSES}:\n")
     row("run", "rows read from the cache", "seconds")
     row("---", "---:", "---:")
@@ -290,9 +387,10 @@ def bench_memory(root: Path, small_rows: int, big_gb: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="dump,stream,train,students,memory")
+    parser.add_argument("--sections", default="dump,stream,train,students,memory,tokens")
     parser.add_argument("--rows", type=int, default=524288, help="rows of the C = 1000 cache (524288 = 1.05 GB)")
     parser.add_argument("--big-gb", type=float, default=8.0, help="size of the large cache for the memory section (0: skip)")
+    parser.add_argument("--tokens", type=int, default=50_000_000, help="tokens of the token cache (tokens section)")
     parser.add_argument("--workdir", help="keep generated caches here between runs")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -311,6 +409,8 @@ def main() -> None:
             bench_students(root, args.rows)
         if "memory" in sections:
             bench_memory(root, args.rows, args.big_gb)
+        if "tokens" in sections:
+            bench_tokens(root, args.tokens)
 
 
 if __name__ == "__main__":

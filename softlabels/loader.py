@@ -34,6 +34,7 @@ from .data import NO_LABEL, DatasetSource, Source, data_names_code, open_data
 from .errors import SoftlabelsError
 from .kinds import SoftTargets
 from .augment import Pipeline
+from .background import Background
 from .store import Cache, chunk_bounds, num_chunks, open_cache
 from .tokens import TokenSource, check_tokenizer
 from .trust import check_recorded_spec
@@ -105,6 +106,7 @@ class _Window(NamedTuple):
     teacher_logits: dict[str, np.ndarray] | None
     indices: np.ndarray
     records: dict[str, np.ndarray] | None = None  # a view cache's records of these rows
+    buffers: dict[str, np.ndarray] | None = None  # the memory the cached arrays were read into, to read the next window into
 
 
 _Plan = list[tuple[list[int], np.ndarray | None]]  # per window: its blocks, and the permutation of its rows
@@ -249,15 +251,32 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._served = self._start
-        # The read threads live only as long as this iteration: closing the generator (the end of
-        # the epoch, or garbage collection after a break) shuts them down.
+        # Batches are made in a background thread, about a window ahead, so that the caller's thread
+        # only trains. Its threads live only as long as this iteration: closing the generator (the
+        # end of the epoch, or garbage collection after a break) stops them.
+        per_batch = self.batch_size // self.shards if self.shard is not None else self.batch_size
+        ahead = max(2, -(-self.shuffle_chunks * self.block_rows // per_batch))
+        with Background(functools.partial(self._make_batches, worker, workers), ahead, name="softlabels-batches") as batches:
+            for batch in batches:
+                self._served += 1
+                yield batch
+
+    def _make_batches(self, worker: int, workers: int) -> Iterator[Batch]:
+        """The batches of this epoch that this process serves, read, gathered and viewed."""
+        spare: list[dict[str, np.ndarray]] = []  # buffers of windows no batch needs any more
+
+        def read(group: list[int], rows: np.ndarray | None) -> _Window:
+            return self._read_window(pool, group, rows, spare.pop() if spare else {})
+
+        def release(window: _Window) -> None:
+            if self.shuffle:  # every batch row was copied out of the window (unshuffled batches are views of it)
+                spare.append(window.buffers)
+
         with ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="softlabels-read") as pool:
-            read = functools.partial(self._read_window, pool)
-            for window in self._batches(self.epoch, self._start, worker, workers, read):
+            for window in self._batches(self.epoch, self._start, worker, workers, read, release):
                 window, mix = self._view(window)
                 x, y, i = (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
                            for a in (window.inputs, window.labels, window.indices))
-                self._served += 1
                 yield Batch(x, y, self._soft_targets(window.teacher_logits), i, mix)
 
     def _view(self, window: _Window) -> tuple[_Window, Mix | None]:
@@ -310,13 +329,15 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             slices.append((lo, hi))
         return slices
 
-    def _batches(self, epoch: int, start: int, worker: int, workers: int, read: Callable[..., _Window]) -> Iterator[_Window]:
+    def _batches(self, epoch: int, start: int, worker: int, workers: int, read: Callable[..., _Window],
+                 release: Callable[[_Window], None] | None = None) -> Iterator[_Window]:
         """The batches this process serves, each gathered from the one or two windows it spans.
 
-        Only the windows these batches draw from are read, in order, the next one in a background
-        thread while the current one is served. A window is kept as read (its blocks concatenated)
-        and a batch gathers its rows through the window's permutation, so no permuted copy of the
-        whole window is ever made.
+        Only the windows these batches draw from are read, in order, each when the first batch that
+        needs it is made: reading a window and gathering its batches in one thread keeps its bytes in
+        that core's cache. A window is kept as read (its blocks concatenated) and a batch gathers its
+        rows through the window's permutation, so no permuted copy of the whole window is ever made.
+        ``release`` is given each window that no later batch reaches back into.
         """
         plan = self._plan(epoch)
         sizes = np.array([self._rows(group) for group, _ in plan], dtype=np.int64)
@@ -324,28 +345,21 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         begins = ends - sizes
         slices = self._slices(start, worker, workers)
         spans = [(int(np.searchsorted(ends, lo, "right")), int(np.searchsorted(begins, hi, "left"))) for lo, hi in slices]
-        needed = sorted({w for a, b in spans for w in range(a, b)})
         items = self._served_rows(plan, begins, ends, slices, spans) if self._reads_items else {}
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="softlabels-prefetch") as prefetch:
-            queue = iter(needed)
-
-            def submit():
-                w = next(queue, None)
-                return None if w is None else prefetch.submit(read, plan[w][0], items.get(w))
-
-            pending, loaded = submit(), {}
-            for (lo, hi), (a, b) in zip(slices, spans):
-                parts = []
-                for w in range(a, b):
-                    if w not in loaded:  # windows are needed in order, so this is the one being read
-                        loaded[w] = pending.result()
-                        pending = submit()
-                    rows = slice(max(lo, begins[w]) - begins[w], min(hi, ends[w]) - begins[w])
-                    perm = plan[w][1]
-                    parts.append(_take(loaded[w], rows if perm is None else perm[rows]))
-                for w in [w for w in loaded if ends[w] <= hi]:  # no later batch reaches back into it
-                    del loaded[w]
-                yield _concat(parts)
+        loaded: dict[int, _Window] = {}
+        for (lo, hi), (a, b) in zip(slices, spans):
+            parts = []
+            for w in range(a, b):
+                if w not in loaded:
+                    loaded[w] = read(plan[w][0], items.get(w))
+                rows = slice(max(lo, begins[w]) - begins[w], min(hi, ends[w]) - begins[w])
+                perm = plan[w][1]
+                parts.append(_take(loaded[w], rows if perm is None else perm[rows]))
+            for w in [w for w in loaded if ends[w] <= hi]:  # no later batch reaches back into it
+                window = loaded.pop(w)
+                if release is not None:
+                    release(window)
+            yield _concat(parts)
 
     @staticmethod
     def _served_rows(plan: _Plan, begins: np.ndarray, ends: np.ndarray, slices: list, spans: list) -> dict[int, np.ndarray | None]:
@@ -374,17 +388,20 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         records = self.cache.read_records(start, stop) if self.views is not None else None
         return _Window(x, y, None, np.arange(start, stop), records)
 
-    def _read_window(self, pool: ThreadPoolExecutor, group: list[int], rows: np.ndarray | None) -> _Window:
-        """The window's blocks: inputs and records read concurrently (zarr and h5py release the GIL
-        while they read and decode) and joined, targets and labels read in one call that puts each
-        chunk straight at its place in the window.
+    def _read_window(self, pool: ThreadPoolExecutor, group: list[int], rows: np.ndarray | None,
+                     buffers: dict[str, np.ndarray]) -> _Window:
+        """The window's blocks: inputs and records read on the pool's threads (zarr and h5py release
+        the GIL while they read and decode) and joined, while this thread reads the targets and labels
+        in one call that puts each chunk straight at its place in the window.
 
         Given ``rows``, only those rows of the inputs are read (the others stay zero and are never
-        served); the cache is still read in whole chunks.
+        served); the cache is still read in whole chunks, into ``buffers`` (see :meth:`Cache.read_ranges`).
         """
-        window = _concat(list(pool.map(functools.partial(self._read_block, inputs=rows is None), group)))
+        blocks = pool.map(functools.partial(self._read_block, inputs=rows is None), group)  # submitted now
         if self.cache is not None:
-            t, y = self.cache.read_ranges([chunk_bounds(b, self.block_rows, self.num_samples) for b in group])
+            t, y = self.cache.read_ranges([chunk_bounds(b, self.block_rows, self.num_samples) for b in group], buffers)
+        window = _concat(list(blocks))._replace(buffers=buffers)
+        if self.cache is not None:
             window = window._replace(teacher_logits=t, labels=y)
         if rows is None:
             return window
@@ -399,7 +416,7 @@ def _take(window: _Window, rows: np.ndarray | slice) -> _Window:
     """Rows ``rows`` of every field; cached targets are a dict of arrays, each indexed alike."""
     def take(a):
         return {k: v[rows] for k, v in a.items()} if isinstance(a, dict) else a[rows]
-    return _Window(*(None if a is None else take(a) for a in window))
+    return _Window(*(None if a is None else take(a) for a in window._replace(buffers=None)))
 
 
 def _concat(parts: list[_Window]) -> _Window:
@@ -411,4 +428,4 @@ def _concat(parts: list[_Window]) -> _Window:
         if isinstance(p[0], dict):
             return {k: np.concatenate([a[k] for a in p]) for k in p[0]}
         return np.concatenate(p)
-    return _Window(*(None if p[0] is None else concat(p) for p in zip(*parts)))
+    return _Window(*(None if p[0] is None else concat(p) for p in zip(*(part._replace(buffers=None) for part in parts))))

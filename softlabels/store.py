@@ -374,9 +374,11 @@ class _H5Backend:
             return None
         if name not in names or table.dtype != np.uint32 or table.ndim != 2 or table.shape[1] != len(names):
             return None
-        if self.file.mode == "r":  # a reader's table never changes: one read, not a small h5py read per chunk range
-            table = np.asarray(table[:])
-        return _H5RawChunks(array, table, names.index(name))
+        if self.file.mode != "r":
+            return _H5RawChunks(array, table, names.index(name))
+        # A reader's table never changes (one read, not a small h5py read per chunk), and its chunks
+        # are read from the file by offset: h5py holds the GIL for the whole of a read_direct_chunk.
+        return _H5RawChunks(array, np.asarray(table[:]), names.index(name), fd=self.file.id.get_vfd_handle())
 
     def close(self) -> None:
         self.file.close()
@@ -385,49 +387,60 @@ class _H5Backend:
 class _RawChunks:
     """Reads rows of an uncompressed chunked array chunk by chunk, as the stored bytes (each chunk is
     stored whole, a partial last chunk padded), into one buffer with no further copy, and checks each
-    chunk's checksum before the next read: the check zarr or h5py would make, without their
-    per-chunk pipeline overhead. Subclasses say where a chunk's bytes and checksum are."""
+    chunk's checksum: the check zarr or h5py would make, without their per-chunk pipeline overhead.
+    Subclasses say where a chunk's bytes and checksum are."""
 
-    trailer = 4  # bytes stored after each chunk's values
+    trailer = 0  # bytes a chunk's read writes past its values (HDF5's fletcher32)
 
     def __init__(self, dtype: np.dtype, chunk_shape: tuple[int, ...], shape: tuple[int, ...]):
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.chunk_shape, self.shape = chunk_shape, shape
         self.chunk_bytes = self.dtype.itemsize * math.prod(chunk_shape)
 
-    def read(self, ranges: list[tuple[int, int]]) -> np.ndarray:
-        """The rows of ``ranges`` one after another, each chunk read straight to its place: a window
-        of shuffled blocks needs no join. Ranges start at a chunk boundary, except a single range."""
+    def nbytes(self, ranges: list[tuple[int, int]]) -> int:
+        """The size of the buffer :meth:`read` fills for ``ranges``."""
+        rows = self.chunk_shape[0]
+        # a single range is read from its first chunk's start; a whole chunk's trailer lands after its values
+        return (sum(stop - start for start, stop in ranges) + ranges[0][0] % rows) * (self.chunk_bytes // rows) + self.trailer
+
+    def read(self, ranges: list[tuple[int, int]], buffer: np.ndarray | None = None) -> np.ndarray:
+        """The rows of ``ranges`` one after another, each chunk read straight to its place and checked
+        while its bytes are still in this core's cache: a window of shuffled blocks needs no join.
+        Ranges start at a chunk boundary, except a single range. The rows are read into ``buffer``
+        (uint8, at least :meth:`nbytes` long) when given: a new one costs a page fault per 4 KiB."""
         rows = self.chunk_shape[0]
         if len(ranges) == 1 and ranges[0][0] % rows:  # from its chunk's start, the leading rows cut off
             start, stop = ranges[0]
-            return self.read([(start - start % rows, stop)])[start % rows:]
+            return self.read([(start - start % rows, stop)], buffer)[start % rows:]
         row_bytes = self.chunk_bytes // rows
         total = sum(stop - start for start, stop in ranges) * row_bytes
-        # a partial last chunk is stored whole, and each chunk's trailer lands after it: room for both
-        buffer = np.empty(total + self.chunk_bytes + self.trailer, np.uint8)
+        need = self.nbytes(ranges)
+        buffer = np.empty(need, np.uint8) if buffer is None else buffer[:need]
         at = 0
         for start, stop in ranges:
             if start % rows:
                 raise ValueError(f"range {start}..{stop} does not start at a chunk boundary")
-            first, last = start // rows, -(-stop // rows)
-            expected = self.expected_checksums(first, last)
-            for i, chunk in enumerate(range(first, last)):
-                # chunk i's trailer (and a padded chunk's padding) spills into where the next rows go,
-                # so it is checked before the next read overwrites it
-                where = at + i * self.chunk_bytes
-                self.read_chunk(chunk, buffer[where:where + self.chunk_bytes + self.trailer],
-                                None if expected is None else int(expected[i]))
-            at += (stop - start) * row_bytes
+            for chunk in range(start // rows, -(-stop // rows)):
+                taken = (min(stop, (chunk + 1) * rows) - chunk * rows) * row_bytes
+                if taken == self.chunk_bytes:
+                    _check(chunk, self.read_chunk(chunk, buffer[at:at + taken + self.trailer]))
+                else:  # a chunk read in part: its padding or cut rows must not land on the next chunk's
+                    scratch = np.empty(self.chunk_bytes + self.trailer, np.uint8)
+                    _check(chunk, self.read_chunk(chunk, scratch))
+                    buffer[at:at + taken] = scratch[:taken]
+                at += taken
         return buffer[:total].view(self.dtype).reshape(-1, *self.chunk_shape[1:])
 
-    def expected_checksums(self, first: int, last: int) -> np.ndarray | None:
-        """The recorded checksums of chunks ``first..last - 1`` where they are kept apart from the chunks."""
-        return None
-
-    def read_chunk(self, chunk: int, into: np.ndarray, expected: int | None) -> None:
-        """Read chunk ``chunk``'s stored bytes (and trailer) into ``into``; raise if they fail their checksum."""
+    def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[np.ndarray, int] | None:
+        """Read chunk ``chunk``'s stored bytes into ``into`` (its values, then :attr:`trailer` bytes);
+        return the bytes whose CRC-32C is to be checked and the recorded one, or ``None`` when the
+        chunk was checked already. Raise ``_ChunkDamaged`` if the stored chunk is not whole."""
         raise NotImplementedError
+
+
+def _check(chunk: int, check: tuple[np.ndarray, int] | None) -> None:
+    if check is not None and _crc32c(check[0]) != check[1]:
+        raise _ChunkDamaged(chunk, "its crc32c does not match its bytes")
 
 
 def _crc32c(data: np.ndarray) -> int:
@@ -444,18 +457,18 @@ class _ZarrRawChunks(_RawChunks):
         super().__init__(np.dtype(array.dtype), chunk_shape, tuple(array.shape))
         self.backend, self.name = backend, name
 
-    def read_chunk(self, chunk: int, into: np.ndarray, expected: int | None) -> None:
+    def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[np.ndarray, int] | None:
         path = self.backend._chunk_file(self.name, chunk, len(self.shape))
         try:
             with open(path, "rb", buffering=0) as f:
                 got = f.readinto(memoryview(into))
-                longer = f.read(1)
+                crc = f.read(5)
         except FileNotFoundError:
             raise _ChunkDamaged(chunk, "its chunk file is missing") from None
-        if got != len(into) or longer:
-            raise _ChunkDamaged(chunk, f"its chunk file has {'more than ' if longer else ''}{got} bytes, not {len(into)}")
-        if _crc32c(into[:-4]) != int.from_bytes(into[-4:].tobytes(), "little"):
-            raise _ChunkDamaged(chunk, "its crc32c does not match its bytes")
+        if got != len(into) or len(crc) != 4:
+            more = "more than " if len(crc) > 4 else ""
+            raise _ChunkDamaged(chunk, f"its chunk file has {more}{got + len(crc)} bytes, not {len(into) + 4}")
+        return into, int.from_bytes(crc, "little")
 
 
 class _ZarrZstdChunks(_ZarrRawChunks):
@@ -463,49 +476,77 @@ class _ZarrZstdChunks(_ZarrRawChunks):
     each chunk file is a zstd frame followed by its CRC-32C, checked before the frame is decoded
     straight into place. zarr-python would spend about a millisecond per call on the same small chunks."""
 
-    trailer = 0  # the checksum trails the frame in the file, not the values in the buffer
-
-    def read_chunk(self, chunk: int, into: np.ndarray, expected: int | None) -> None:
+    def read_chunk(self, chunk: int, into: np.ndarray) -> None:
         from numcodecs import Zstd
 
         try:
             stored = np.fromfile(self.backend._chunk_file(self.name, chunk, len(self.shape)), dtype=np.uint8)
         except FileNotFoundError:
             raise _ChunkDamaged(chunk, "its chunk file is missing") from None
-        if len(stored) < 4 or _crc32c(stored[:-4]) != int.from_bytes(stored[-4:].tobytes(), "little"):
-            raise _ChunkDamaged(chunk, "its crc32c does not match its bytes")
+        if len(stored) < 4:
+            raise _ChunkDamaged(chunk, f"its chunk file has {len(stored)} bytes")
+        _check(chunk, (stored[:-4], int.from_bytes(stored[-4:].tobytes(), "little")))
         try:
             decoded = Zstd().decode(stored[:-4], out=into)
         except Exception as exc:  # a frame that passed its checksum yet does not decode to a chunk
             raise _ChunkDamaged(chunk, f"its zstd frame does not decode to {len(into)} bytes: {exc}") from None
         if np.asarray(decoded).nbytes != len(into):
             raise _ChunkDamaged(chunk, f"its zstd frame decodes to {np.asarray(decoded).nbytes} bytes, not {len(into)}")
+        return None
 
 
 class _H5RawChunks(_RawChunks):
-    """An uncompressed HDF5 dataset read with ``read_direct_chunk`` (its fletcher32 trailer is left
+    """An uncompressed HDF5 dataset whose chunks are read as stored (their fletcher32 trailer left
     unchecked), each chunk's rows checked against the CRC-32C the writer put in the read-checksum
     table. The stored bytes are taken as little-endian: ``validate_manifest`` admits only the
-    native (little-endian) dtypes the writer uses."""
+    native (little-endian) dtypes the writer uses.
 
-    def __init__(self, array: Any, table: Any, column: int):
+    Given the file's descriptor ``fd`` (a file opened only for reading), a chunk is read at the
+    offset HDF5's chunk index gives, with the GIL released; otherwise with ``read_direct_chunk``,
+    which sees what the writer's HDF5 cache has not yet flushed."""
+
+    trailer = 4
+
+    def __init__(self, array: Any, table: Any, column: int, fd: int | None = None):
         super().__init__(np.dtype(array.dtype), tuple(array.chunks), tuple(array.shape))
-        self.array, self.table, self.column = array, table, column
+        self.array, self.table, self.column, self.fd = array, table, column, fd
+        self._index: np.ndarray | None = None  # per chunk: byte offset, stored size, filter mask (-1: absent)
 
-    def expected_checksums(self, first: int, last: int) -> np.ndarray:
-        return np.asarray(self.table[first:last, self.column])
-
-    def read_chunk(self, chunk: int, into: np.ndarray, expected: int | None) -> None:
+    def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[np.ndarray, int]:
         offset = (chunk * self.chunk_shape[0], *([0] * (len(self.chunk_shape) - 1)))
         try:
-            mask, stored = self.array.id.read_direct_chunk(offset, out=into)
+            if self.fd is None:
+                mask, stored = self.array.id.read_direct_chunk(offset, out=into)
+                size = len(stored)
+            else:
+                where, size, mask = (int(v) for v in self._chunk_index()[chunk])
+                if where < 0:
+                    raise _ChunkDamaged(chunk, "the file does not have it")
+                if size == len(into) and os.preadv(self.fd, [into], where) != size:
+                    raise _ChunkDamaged(chunk, "the file ends inside it")
+        except _ChunkDamaged:
+            raise
         except Exception as exc:  # e.g. a chunk the file does not have
             raise _ChunkDamaged(chunk, f"unreadable: {exc}") from None
-        if mask != 0 or len(stored) != len(into):  # the values and the fletcher32 trailer
-            raise _ChunkDamaged(chunk, f"its stored chunk has {len(stored)} bytes, not {len(into)}")
+        if mask != 0 or size != len(into):  # the values and the fletcher32 trailer
+            raise _ChunkDamaged(chunk, f"its stored chunk has {size} bytes, not {len(into)}")
         rows = min(self.chunk_shape[0], self.shape[0] - offset[0])  # the writer summed the rows in the array only
-        if _crc32c(into[: rows * self.chunk_bytes // self.chunk_shape[0]]) != expected:
-            raise _ChunkDamaged(chunk, "its crc32c does not match its bytes")
+        return into[: rows * self.chunk_bytes // self.chunk_shape[0]], int(self.table[chunk, self.column])
+
+    def _chunk_index(self) -> np.ndarray:
+        """Where each chunk is stored, read from HDF5's chunk index in one pass on first use (a lookup
+        per chunk would cost about as much as reading it from the page cache)."""
+        if self._index is None:
+            rows, count = self.chunk_shape[0], -(-self.shape[0] // self.chunk_shape[0])
+            index = np.full((count, 3), -1, np.int64)
+
+            def note(info: Any) -> None:
+                first, *rest = info.chunk_offset
+                if first % rows == 0 and 0 <= first // rows < count and not any(rest):  # else it is no chunk of ours
+                    index[first // rows] = (info.byte_offset, info.size, info.filter_mask)
+            self.array.id.chunk_iter(note)
+            self._index = index
+        return self._index
 
 
 def _open_backend(path: Path, mode: str) -> _ZarrBackend | _H5Backend:
@@ -596,9 +637,9 @@ class _Arrays:
         named = {**self.targets, "labels": self.labels, **self.records}
         self._raw = {name: backend.raw_reader(name, array) for name, array in named.items()} if self.checked else {}
 
-    def read(self, ranges: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def read(self, ranges: list[tuple[int, int]], reuse: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Targets and labels of the rows of ``ranges``, one after another; a damaged chunk raises, naming it."""
-        out = {name: self._read(name, array, ranges) for name, array in {**self.targets, "labels": self.labels}.items()}
+        out = {name: self._read(name, array, ranges, reuse) for name, array in {**self.targets, "labels": self.labels}.items()}
         labels = out.pop("labels")
         return out, labels
 
@@ -606,11 +647,16 @@ class _Arrays:
         """The records of rows ``[start, stop)``, checked as :meth:`read` checks."""
         return {name: self._read(name, array, [(start, stop)]) for name, array in self.records.items()}
 
-    def _read(self, name: str, array: Any, ranges: list[tuple[int, int]]) -> np.ndarray:
+    def _read(self, name: str, array: Any, ranges: list[tuple[int, int]], reuse: dict[str, np.ndarray] | None = None) -> np.ndarray:
         raw = self._raw.get(name)
         if raw is not None:  # the bulk of the bytes: read directly, crc32c checked
+            buffer = None
+            if reuse is not None:
+                buffer = reuse.get(name)
+                if buffer is None or len(buffer) < raw.nbytes(ranges):
+                    buffer = reuse[name] = np.empty(raw.nbytes(ranges), np.uint8)
             try:
-                return raw.read(ranges)
+                return raw.read(ranges, buffer)
             except _ChunkDamaged as exc:
                 raise self._damaged(name, exc.chunk, str(exc)) from None
         parts = [self._read_range(name, array, start, stop) for start, stop in ranges]
@@ -703,15 +749,20 @@ class Cache(_Chunked):
         rows ``start:stop``, every chunk's store checksum checked; aligned ranges read whole chunks."""
         return self._arrays.read([(start, stop)])
 
-    def read_ranges(self, ranges: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def read_ranges(self, ranges: list[tuple[int, int]], reuse: dict[str, np.ndarray] | None = None
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """As :meth:`read`, for the rows of several ranges one after another, each starting at a
         chunk boundary; an uncompressed array is read straight into one buffer, with no join.
+
+        Given ``reuse``, a dict of buffers by array name that this call fills or grows, later calls
+        with the same dict read into the same memory (new memory costs a page fault per 4 KiB): the
+        arrays an earlier call returned are then overwritten, so pass it only once they are unused.
 
         Example::
 
             targets, labels = cache.read_ranges([(512, 768), (0, 256)])   # rows 512..767, then 0..255
         """
-        return self._arrays.read(ranges)
+        return self._arrays.read(ranges, reuse)
 
     def read_records(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """The records (``[rows, *shape]`` each, e.g. a view cache's augmentation parameters) of rows

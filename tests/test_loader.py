@@ -93,7 +93,7 @@ def test_reads_whole_chunks_only(pair, monkeypatch):
     source, cache, _, _ = pair
     reads = []
     original = type(cache).read_ranges
-    monkeypatch.setattr(type(cache), "read_ranges", lambda self, ranges: reads.extend(ranges) or original(self, ranges))
+    monkeypatch.setattr(type(cache), "read_ranges", lambda self, ranges, reuse=None: reads.extend(ranges) or original(self, ranges, reuse))
     collect(SoftTargetLoader(source, cache, batch_size=32, seed=0), 0)
     assert sorted(reads) == [cache.chunk_bounds(i) for i in range(cache.num_chunks)]
 
@@ -157,7 +157,7 @@ def test_a_resumed_epoch_serves_exactly_the_rest_without_reading_skipped_windows
             assert first.state_dict() == {"epoch": 3, "batches": stop}
     reads = []
     original = type(cache).read_ranges
-    monkeypatch.setattr(type(cache), "read_ranges", lambda self, ranges: reads.extend(ranges) or original(self, ranges))
+    monkeypatch.setattr(type(cache), "read_ranges", lambda self, ranges, reuse=None: reads.extend(ranges) or original(self, ranges, reuse))
     resumed = make()
     resumed.load_state_dict({"epoch": 3, "batches": stop})
     resumed.set_epoch(3)  # the trainer's loop calls it again: the resumed position stays
@@ -184,6 +184,28 @@ def test_a_loader_state_outside_the_epoch_is_refused(pair):
         loader.load_state_dict({"epoch": 0, "batches": 11})
     with pytest.raises(Exception, match="a loader state is"):
         loader.load_state_dict({"epoch": 0})
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_batches_kept_after_their_window_are_not_overwritten_when_its_memory_is_reused(pair, shuffle):
+    source, cache, x, y = pair  # 1000 rows in 16 chunks: windows of 2 chunks, read into the same memory in turn
+    batches = collect(SoftTargetLoader(source, cache, batch_size=48, seed=3, shuffle=shuffle, shuffle_chunks=2), 0)
+    assert len(batches) == 21
+    assert_aligned(batches, x, y)  # checked only once every window has been read
+
+
+def test_read_ranges_reads_into_the_buffers_it_is_given_and_grows_them(pair):
+    _, cache, _, _ = pair
+    reuse = {}
+    first, _ = cache.read_ranges([(128, 192), (0, 64)], reuse)
+    kept = first["logits"].copy()
+    second, labels = cache.read_ranges([(64, 128), (192, 256)], reuse)
+    np.testing.assert_array_equal(second["logits"][:, 0], np.r_[64:128, 192:256])
+    assert np.shares_memory(first["logits"], second["logits"]) and np.shares_memory(reuse["logits"], second["logits"])
+    np.testing.assert_array_equal(kept[:, 0], np.r_[128:192, 0:64])
+    third, _ = cache.read_ranges([(0, 320)], reuse)  # more rows than the buffer holds: a larger one
+    np.testing.assert_array_equal(third["logits"][:, 0], np.arange(320))
+    assert reuse["logits"].nbytes >= 320 * 2 * 4 and np.shares_memory(reuse["logits"], third["logits"])
 
 
 def loader_threads():

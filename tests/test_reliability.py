@@ -218,6 +218,24 @@ def test_verify_catches_a_flipped_byte_in_hdf5(tmp_path, npz_data, linear_teache
     assert result.exit_code == 1 and "bad: chunk 2 (rows 100-149): array 'logits' is damaged (its crc32c" in result.output
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_training_and_evaluation_stop_at_a_damaged_chunk_naming_it(tmp_path, npz_data, linear_teacher, suffix):
+    teacher = load_model(linear_teacher, arch="linear", input_shape=(12,))
+    out = tmp_path / f"c{suffix}"
+    dump(teacher, open_data(str(npz_data)), out, chunk_rows=50, progress=False)
+    if suffix == ".zarr":
+        chunk = out / "logits/c/4/0"
+        data = bytearray(chunk.read_bytes())
+        data[100] ^= 0x01
+        chunk.write_bytes(bytes(data))
+    else:
+        flip_hdf5_byte(out, "logits", chunk=4, offset=100, mask=0x01)
+    expected = "array 'logits' chunk 4 (rows 200-249) is damaged (its crc32c does not match its bytes)"
+    assert expected in user_error("train-student", "--cache", out, "--student", "mlp", "--epochs", 1, "--out", tmp_path / "r")
+    assert not (tmp_path / "r" / "summary.json").exists()
+    assert expected in user_error("evaluate", "--model", linear_teacher, "--arch", "linear", "--cache", out)
+
+
 def test_verify_recompute_catches_logits_rewritten_with_valid_checksums(cache_and_teacher, tmp_path):
     out, teacher = cache_and_teacher
     group = zarr.open_group(str(out), mode="r+")

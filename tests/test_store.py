@@ -206,6 +206,38 @@ def test_direct_chunk_reads_return_what_zarr_returns(tmp_path, compress):
         np.testing.assert_array_equal(got, group["labels"][:][rows])
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_shuffled_ranges_with_the_short_last_chunk_inside_read_exactly_and_a_damaged_chunk_fails(tmp_path, suffix):
+    path = tmp_path / f"c{suffix}"
+    logits = np.random.default_rng(0).normal(size=(150, 50)).astype(np.float32)
+    write_cache(path, logits, np.arange(150, dtype=np.int64) % 50, chunk_rows=16, dtype="float32")
+    ranges = [(128, 144), (16, 48), (144, 150), (96, 112), (0, 16)]  # chunk 9 holds rows 144-149 only
+    rows = np.r_[128:144, 16:48, 144:150, 96:112, 0:16]
+    with open_cache(path) as cache:
+        targets, labels = cache.read_ranges(ranges)
+        np.testing.assert_array_equal(targets["logits"], logits[rows])
+        np.testing.assert_array_equal(labels, rows % 50)
+    if suffix == ".zarr":
+        _flip_a_byte(path / "logits/c/6/0")
+    else:
+        flip_hdf5_byte(path, "logits", chunk=6, offset=100)
+    with open_cache(path) as cache:
+        with pytest.raises(SoftlabelsError, match=r"array 'logits' chunk 6 \(rows 96-111\) is damaged \(its crc32c"):
+            cache.read_ranges(ranges)
+
+
+def test_an_hdf5_file_cut_inside_a_chunk_while_open_fails_naming_it(tmp_path):
+    path = tmp_path / "c.h5"
+    write_cache(path, np.ones((64, 50), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16, dtype="float32")
+    with h5py.File(path, "r") as f:
+        info = f["logits"].id.get_chunk_info(3)
+    with open_cache(path) as cache:  # HDF5 refuses to open a cut file; this one is cut once open
+        with open(path, "r+b") as f:
+            f.truncate(info.byte_offset + 10)
+        with pytest.raises(SoftlabelsError, match=r"array 'logits' chunk 3 \(rows 48-63\) is damaged \(the file ends inside it\)"):
+            cache.read(0, 64)
+
+
 def test_a_damaged_hdf5_chunk_fails_when_read(tmp_path):
     path = tmp_path / "c.h5"
     logits = np.random.default_rng(0).normal(size=(64, 50)).astype(np.float32)

@@ -1,0 +1,76 @@
+"""An iterator run in a background thread, a bounded number of items ahead of its consumer.
+
+The loader makes its batches this way (read, checked, gathered) so that the thread that trains
+spends no time on them. An exception in the background is raised in the consumer; leaving the
+``with`` block, whether the items ran out or the consumer stopped early, stops and joins the thread.
+
+Example::
+
+    with Background(lambda: (i * i for i in range(10)), ahead=2) as squares:
+        assert list(squares) == [i * i for i in range(10)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from typing import Any, Callable, Generator, Iterator
+
+_POLL_SECONDS = 0.1  # how often a producer blocked on a full queue looks for a stop
+
+
+class Background:
+    """Iterates the generator ``make()`` in a thread named ``name``, at most ``ahead`` items ahead of the consumer."""
+
+    _END = object()
+
+    def __init__(self, make: Callable[[], Generator[Any, None, None]], ahead: int, *, name: str = "background"):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make,), name=name, daemon=True)
+
+    def __enter__(self) -> "Background":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # a producer blocked on a full queue sees the stop at its next poll
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=_POLL_SECONDS)
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+
+    def _run(self, make: Callable[[], Generator[Any, None, None]]) -> None:
+        try:
+            # closing: a producer stopped early still runs its own clean-up (its ``with`` blocks) here
+            with contextlib.closing(make()) as items:
+                for item in items:
+                    if not self._put(item):
+                        return
+            self._put(self._END)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(_Raised(exc))
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+class _Raised:
+    def __init__(self, error: BaseException):
+        self.error = error

@@ -1,0 +1,65 @@
+"""The background iterator the loader makes its batches with."""
+
+import threading
+
+import pytest
+
+from softlabels.background import Background
+
+
+def running(name):
+    return [t for t in threading.enumerate() if t.name == name]
+
+
+def test_items_arrive_in_order_and_the_thread_ends():
+    with Background(lambda: (i * i for i in range(100)), ahead=3, name="bg-order") as items:
+        assert list(items) == [i * i for i in range(100)]
+    assert running("bg-order") == []
+
+
+def test_the_producer_stays_at_most_ahead_items_in_front():
+    made = []
+
+    def produce():
+        for i in range(50):
+            made.append(i)
+            yield i
+
+    with Background(produce, ahead=4, name="bg-ahead") as items:
+        for taken, item in enumerate(items, start=1):
+            # the queue holds at most 4, and the producer may hold one more it is waiting to put
+            assert len(made) <= taken + 4 + 1
+    assert made == list(range(50))
+
+
+def test_an_error_in_the_producer_is_raised_in_the_consumer_after_the_items_before_it():
+    def produce():
+        yield 1
+        yield 2
+        raise ValueError("chunk 7 is damaged")
+
+    got = []
+    with pytest.raises(ValueError, match="chunk 7 is damaged"):
+        with Background(produce, ahead=8, name="bg-error") as items:
+            for item in items:
+                got.append(item)
+    assert got == [1, 2] and running("bg-error") == []
+
+
+def test_a_consumer_that_stops_early_stops_the_producer_and_runs_its_clean_up():
+    cleaned = threading.Event()
+
+    def produce():
+        try:
+            i = 0
+            while True:  # endless: only a stop ends it
+                yield i
+                i += 1
+        finally:
+            cleaned.set()
+
+    with Background(produce, ahead=2, name="bg-stop") as items:
+        for item in items:
+            if item == 5:
+                break
+    assert cleaned.is_set() and running("bg-stop") == []
