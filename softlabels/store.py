@@ -242,9 +242,10 @@ class _ZarrBackend:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.group.attrs[MANIFEST_KEY] = manifest
 
-    def _chunk_file(self, name: str, chunk: int, ndim: int) -> Path:
-        # Chunked along the first axis only, so every other chunk coordinate is 0.
-        return self.root / name / "c" / str(chunk) / Path(*(["0"] * (ndim - 1)))
+    def _chunk_file(self, name: str, chunk: int, ndim: int) -> str:
+        # Chunked along the first axis only, so every other chunk coordinate is 0. A string, not a
+        # Path: the loader opens one file per chunk, and pathlib would cost more than a small read.
+        return f"{self.root}{os.sep}{name}{os.sep}c{os.sep}{chunk}" + f"{os.sep}0" * (ndim - 1)
 
     def sync(self, chunks: range | None, arrays: dict[str, int] | None = None) -> None:
         """fsync the files of ``chunks`` of ``arrays`` (name -> ndim), or with ``chunks=None`` the
@@ -260,7 +261,7 @@ class _ZarrBackend:
     def missing_chunk(self, name: str, chunks: range, ndim: int) -> int | None:
         """The first of ``chunks`` of array ``name`` whose file is gone (zarr would read fill values)."""
         for chunk in chunks:
-            if not self._chunk_file(name, chunk, ndim).is_file():
+            if not os.path.isfile(self._chunk_file(name, chunk, ndim)):
                 return chunk
         return None
 
