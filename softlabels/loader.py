@@ -4,8 +4,8 @@ An epoch's global batches are a pure function of ``(seed, epoch)``: the blocks (
 are permuted, consecutive groups of ``shuffle_chunks`` blocks form a window, the rows of each window
 are permuted, and the resulting row order is cut into batches. Ranks take slices of each global
 batch and DataLoader workers take every W-th batch, so neither changes what is trained on. Every
-read is a whole chunk of the cache and the matching slice of the inputs, and the next window is
-read in a background thread while the current one is served.
+read is a whole chunk of the cache and the matching slice of the inputs. Batches are read, checked
+and gathered in a background thread, about a window ahead of the thread that trains.
 
 On a view cache (:mod:`softlabels.views`) each row of a batch takes one of its recorded views, chosen
 by ``(seed, epoch, sample)``: the view's targets, and its inputs replayed from the stored parameters.
