@@ -337,7 +337,7 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         needs it is made: reading a window and gathering its batches in one thread keeps its bytes in
         that core's cache. A window is kept as read (its blocks concatenated) and a batch gathers its
         rows through the window's permutation, so no permuted copy of the whole window is ever made.
-        ``release`` is given each window that no later batch reaches back into.
+        ``release`` is given each window as soon as no batch needs more of it, before the next is read.
         """
         plan = self._plan(epoch)
         sizes = np.array([self._rows(group) for group, _ in plan], dtype=np.int64)
@@ -355,10 +355,10 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
                 rows = slice(max(lo, begins[w]) - begins[w], min(hi, ends[w]) - begins[w])
                 perm = plan[w][1]
                 parts.append(_take(loaded[w], rows if perm is None else perm[rows]))
-            for w in [w for w in loaded if ends[w] <= hi]:  # no later batch reaches back into it
-                window = loaded.pop(w)
-                if release is not None:
-                    release(window)
+                if ends[w] <= hi:  # no later batch reaches back into it: the next window may take its memory
+                    window = loaded.pop(w)
+                    if release is not None:
+                        release(window)
             yield _concat(parts)
 
     @staticmethod

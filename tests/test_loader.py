@@ -194,6 +194,17 @@ def test_batches_kept_after_their_window_are_not_overwritten_when_its_memory_is_
     assert_aligned(batches, x, y)  # checked only once every window has been read
 
 
+def test_a_shuffled_epoch_reads_every_window_into_the_memory_of_the_first(pair, monkeypatch):
+    source, cache, x, y = pair
+    read = SoftTargetLoader._read_window
+    fresh = []
+    monkeypatch.setattr(SoftTargetLoader, "_read_window",
+                        lambda self, pool, group, rows, buffers: fresh.append(not buffers) or read(self, pool, group, rows, buffers))
+    batches = collect(SoftTargetLoader(source, cache, batch_size=48, seed=3, shuffle_chunks=2), 0)  # 48 spans windows
+    assert len(fresh) == 8 and fresh.count(True) == 1  # a window is let go before the next one is read
+    assert_aligned(batches, x, y)
+
+
 def test_read_ranges_reads_into_the_buffers_it_is_given_and_grows_them(pair):
     _, cache, _, _ = pair
     reuse = {}
