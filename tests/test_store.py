@@ -1,7 +1,9 @@
 """Cache round trips through CacheWriter/open_cache and through plain zarr and h5py."""
 
 import json
+import zlib
 
+import crc32c
 import h5py
 import numpy as np
 import pytest
@@ -86,6 +88,51 @@ def test_plain_h5py_reads_a_row_and_the_manifest(tmp_path):
         assert manifest["dtype"] == "float32" and manifest["complete"] is True
         np.testing.assert_array_equal(f["logits"][49], logits[49])
         assert f["labels"][49] == -1
+
+
+def _written_as_the_readme_says(path, logits, labels, chunk_rows):
+    """A dense version-2 cache written with plain zarr or h5py from the README's format section alone."""
+    n, c = logits.shape
+    chunks = -(-n // chunk_rows)
+    crc32 = np.array([zlib.crc32(labels[s:s + chunk_rows].astype("<i8").tobytes(),
+                                 zlib.crc32(logits[s:s + chunk_rows].astype("<f2").tobytes()))
+                      for s in range(0, n, chunk_rows)], dtype=np.int64)
+    manifest = {"format": "softlabels-cache", "format_version": 2, "kind": "dense", "item_axes": [], "num_samples": n,
+                "num_classes": c, "dtype": "float16", "chunk_rows": chunk_rows, "compress_logits": False, "complete": True,
+                "teacher": {"file": "t.pth"}, "dataset": {"spec": "x.npz", "fingerprint": "sha256:0", "num_samples": n}}
+    if path.suffix == ".zarr":
+        from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+        group = zarr.open_group(str(path), mode="w")
+        group.create_array("logits", shape=(n, c), chunks=(chunk_rows, c), dtype="float16", serializer=BytesCodec(endian="little"),
+                           compressors=[Crc32cCodec()], config={"write_empty_chunks": True})[:] = logits.astype(np.float16)
+        group.create_array("labels", shape=(n,), chunks=(chunk_rows,), dtype="int64", serializer=BytesCodec(endian="little"),
+                           compressors=[ZstdCodec(), Crc32cCodec()], config={"write_empty_chunks": True})[:] = labels
+        group.create_array("chunk_crc32", shape=(chunks,), chunks=(chunks,), dtype="int64", compressors=[Crc32cCodec()])[:] = crc32
+        group.attrs["softlabels"] = manifest
+    else:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("logits", data=logits.astype(np.float16), chunks=(chunk_rows, c), fletcher32=True)
+            f.create_dataset("labels", data=labels, chunks=(chunk_rows,), compression="lzf", fletcher32=True)
+            f.create_dataset("chunk_crc32", data=crc32)
+            table = f.create_dataset("chunk_crc32c", data=np.array(
+                [[crc32c.crc32c(logits[s:s + chunk_rows].astype("<f2").tobytes())] for s in range(0, n, chunk_rows)], dtype=np.uint32))
+            table.attrs["arrays"] = json.dumps(["logits"])
+            f.attrs["softlabels"] = json.dumps(manifest)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_cache_written_with_plain_zarr_or_h5py_from_the_readme_reads_on_the_fast_path(tmp_path, suffix):
+    rng = np.random.default_rng(5)
+    logits, labels = rng.normal(size=(70, 9)).astype(np.float16), rng.integers(-1, 9, 70)
+    path = tmp_path / f"plain{suffix}"
+    _written_as_the_readme_says(path, logits, labels, chunk_rows=16)
+    with open_cache(path) as cache:
+        assert cache._arrays._raw["logits"] is not None  # read directly, checksums checked
+        targets, got = cache.read_ranges([(48, 70), (0, 32)])
+        np.testing.assert_array_equal(targets["logits"], logits[np.r_[48:70, 0:32]])
+        np.testing.assert_array_equal(got, labels[np.r_[48:70, 0:32]])
+        np.testing.assert_array_equal(cache.checksums(), [chunk_checksum({"logits": logits[s:s + 16]}, labels[s:s + 16])
+                                                          for s in range(0, 70, 16)])
 
 
 def test_incomplete_cache_is_refused(tmp_path):
