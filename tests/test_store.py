@@ -11,8 +11,8 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from softlabels import CacheWriter, Dense, Layout, SoftlabelsError, open_cache
-from softlabels.store import chunk_checksum, default_chunk_rows
+from softlabels import CacheWriter, Dense, Layout, SoftlabelsError, TopK, open_cache
+from softlabels.store import Record, chunk_checksum, default_chunk_rows
 
 from .conftest import flip_hdf5_byte
 
@@ -133,6 +133,33 @@ def test_a_cache_written_with_plain_zarr_or_h5py_from_the_readme_reads_on_the_fa
         np.testing.assert_array_equal(got, labels[np.r_[48:70, 0:32]])
         np.testing.assert_array_equal(cache.checksums(), [chunk_checksum({"logits": logits[s:s + 16]}, labels[s:s + 16])
                                                           for s in range(0, 70, 16)])
+
+
+@pytest.mark.parametrize("kind", [Dense(), TopK(k=4)], ids=["dense", "topk"])
+def test_chunk_files_written_directly_are_the_bytes_zarr_writes(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    n = 70  # the last chunk holds 6 rows: stored padded, as zarr pads it
+    arrays = ({"logits": rng.normal(size=(n, 3, 9)).astype(np.float16)} if isinstance(kind, Dense) else
+              {"topk_logits": rng.normal(size=(n, 3, 4)).astype(np.float16), "topk_indices": rng.integers(0, 9, (n, 3, 4)),
+               "logsumexp": rng.normal(size=(n, 3, 4)).astype(np.float32)})
+    labels, record = rng.integers(-1, 9, (n, 3)), {"views/x": rng.normal(size=(n, 2)).astype(np.float32)}
+    layout = Layout(kind, n, 9, "float16", 16, (("view", 3),), (Record("views/x", np.dtype(np.float32), (2,)),))
+    for name in ("direct", "zarr"):
+        writer = CacheWriter(tmp_path / f"{name}.zarr", layout, manifest=MANIFEST)
+        if name == "zarr":
+            writer._writers = {}  # every array through zarr-python
+        else:
+            assert set(writer._writers) == {*arrays, "labels", "views/x", "chunk_crc32"}
+        for first in (4, 0, 2):
+            a, b = first * 16, min(n, (first + 2) * 16)
+            writer.write_chunks(first, {k: v[a:b] for k, v in arrays.items()}, labels[a:b], {k: v[a:b] for k, v in record.items()})
+        writer.finish()
+
+    def files(path):
+        return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+    direct, plain = files(tmp_path / "direct.zarr"), files(tmp_path / "zarr.zarr")
+    assert len(direct) > 20 and direct.keys() == plain.keys()
+    assert [name for name in direct if direct[name] != plain[name] and not name.endswith("zarr.json")] == []
 
 
 def test_incomplete_cache_is_refused(tmp_path):
