@@ -922,9 +922,8 @@ class CacheWriter(_Chunked):
         self._backend = backend
         self._arrays = _Arrays(self.partial, backend, layout, manifest["format_version"])
         self._ndims = {name: len(shape) for name, (shape, _) in layout.shapes().items() if name != "chunk_crc32"}
-        named = {**self._arrays.targets, "labels": self._arrays.labels, **self._arrays.records, "chunk_crc32": self._arrays.checksums}
-        writers = {name: backend.raw_reader(name, array) for name, array in named.items()} if self._arrays.checked else {}
-        self._writers = {name: w for name, w in writers.items() if isinstance(w, _ZarrRawChunks)}
+        writers = {**self._arrays._raw, "chunk_crc32": backend.raw_reader("chunk_crc32", self._arrays.checksums)} if self._arrays.checked else {}
+        self._writers = {name: w for name, w in writers.items() if isinstance(w, _ZarrRawChunks)}  # Zarr: written directly
         self._finished = False
 
     def recorded_checksums(self) -> np.ndarray:

@@ -158,5 +158,8 @@ def test_two_ranks_write_the_token_cache_of_one_process(tmp_path):
     done = torchrun(tmp_path, ["-m", "softlabels", *args, "--out", "two.zarr"])
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = zarr.open_group(str(tmp_path / "one.zarr"), mode="r"), zarr.open_group(str(tmp_path / "two.zarr"), mode="r")
-    for name in ("sample_logits", "sample_indices", "sample_counts", "logsumexp", "labels", "tokens/gold_logprob"):
+    for name in ("sample_logits", "sample_indices", "sample_counts", "labels", "tokens/gold_logprob"):
         assert a[name][:].tobytes() == b[name][:].tobytes(), name
+    # float32 log-partitions: the teacher's CPU forward pass is not always bitwise the same from one
+    # process to the next (seen once in several runs of a single-process dump, off by 2e-5 relative)
+    np.testing.assert_allclose(a["logsumexp"][:], b["logsumexp"][:], rtol=1e-4, atol=0)
