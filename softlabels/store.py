@@ -687,9 +687,9 @@ class _Arrays:
         if raw is not None:  # the bulk of the bytes: read directly, crc32c checked
             buffer = None
             if reuse is not None:
-                buffer = reuse.get(name)
-                if buffer is None or len(buffer) < raw.nbytes(ranges):
-                    buffer = reuse[name] = np.empty(raw.nbytes(ranges), np.uint8)
+                need, buffer = raw.nbytes(ranges), reuse.get(name)
+                if buffer is None or len(buffer) < need:
+                    buffer = reuse[name] = np.empty(need, np.uint8)
             try:
                 return raw.read(ranges, buffer)
             except _ChunkDamaged as exc:
