@@ -374,10 +374,10 @@ def dump_cost(teacher_path: Path, augment: tuple[str, ...], workdir: Path, repea
             stop = min(n, start + rows_per_batch)
             t0 = time.perf_counter()
             x, _ = source.read(start, stop)
-            records = recorded.draw(np.arange(start, stop), num_samples=n, input_shape=source.input_shape)
+            records = recorded.draw(np.arange(start, stop), source)
             t1 = time.perf_counter()
             flat = {name: r.reshape(-1, *r.shape[2:]) for name, r in records.items()}
-            inputs, _ = recorded.apply(source, torch.from_numpy(x).repeat_interleave(views, 0), flat)
+            inputs, _ = recorded.apply(source, torch.from_numpy(x).repeat_interleave(views, 0), flat, np.repeat(np.arange(start, stop), views))
             t2 = time.perf_counter()
             forward(inputs, "views")
             t3 = time.perf_counter()
@@ -391,9 +391,9 @@ def dump_cost(teacher_path: Path, augment: tuple[str, ...], workdir: Path, repea
     for start in range(0, n, rows_per_batch):
         stop = min(n, start + rows_per_batch)
         x, _ = source.read(start, stop)
-        records = recorded.draw(np.arange(start, stop), num_samples=n, input_shape=source.input_shape)
+        records = recorded.draw(np.arange(start, stop), source)
         flat = {name: r.reshape(-1, *r.shape[2:]) for name, r in records.items()}
-        inputs.append(recorded.apply(source, torch.from_numpy(x).repeat_interleave(views, 0), flat)[0])
+        inputs.append(recorded.apply(source, torch.from_numpy(x).repeat_interleave(views, 0), flat, np.repeat(np.arange(start, stop), views))[0])
 
     def forward_only() -> float:
         forward = TeacherForward(teacher.model, torch.device("cpu"), "fp32")

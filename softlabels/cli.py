@@ -19,7 +19,7 @@ from .convert import convert_cache
 from .data import open_data
 from .augment import Pipeline, parse_augment
 from .dump import PRECISIONS, dump as run_dump
-from .errors import SoftlabelsError
+from .errors import SoftlabelsError, user_message
 from .loader import source_for_cache
 from .losses import KL_DIRECTIONS
 from .kinds import DEFAULT_TEMPERATURES, Dense, Sampled, TargetKind, TopK, kind_from_settings
@@ -54,7 +54,7 @@ class _Group(click.Group):
             if ctx.meta.get("softlabels.debug"):
                 raise
             if isinstance(exc, SoftlabelsError):
-                message = str(exc)
+                message = user_message(exc)
             else:
                 message = f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
             click.echo(f"error: {' '.join(message.split())}", err=True)
@@ -187,15 +187,15 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
     )
 
 
-@cli.command(epilog="Example:\n\n\b\n  softlabels dump --teacher runs/teacher/teacher/student.pth \\\n      --data 'mnist1d://transfer?n=40000&seed=1' --out transfer.zarr\n  softlabels dump --teacher weights.safetensors --arch mymodels:make_teacher \\\n      --data images.h5 --out images.zarr --device cuda --precision bf16\n  softlabels dump --teacher teacher.pth --data mnist1d://train --out views.zarr --views 16 \\\n      --augment 'shift?max=6' --augment 'noise?std=0.15' --augment 'mixup?alpha=1'")
+@cli.command(epilog="Example:\n\n\b\n  softlabels dump --teacher runs/teacher/teacher/student.pth \\\n      --data 'mnist1d://transfer?n=40000&seed=1' --out transfer.zarr\n  softlabels dump --teacher weights.safetensors --arch mymodels:make_teacher \\\n      --data images.h5 --out images.zarr --device cuda --precision bf16\n  softlabels dump --teacher teacher.pth --data mnist1d://train --out views.zarr --views 16 \\\n      --augment 'shift?max=6' --augment 'noise?std=0.15' --augment 'mixup?alpha=1'\n  softlabels dump --teacher teacher.pth --data 'imagefolder:photos/train?size=224&resize=256' \\\n      --out photos.zarr --views 8 --augment 'crop?size=224,224' --augment flip --skip-bad-files")
 @click.option("--teacher", "teacher_path", required=True, metavar="CKPT", help="Teacher checkpoint (.pth, .pt, .safetensors) or a Hugging Face model folder.")
-@click.option("--data", "data_spec", required=True, metavar="SPEC", help="Dataset: mnist1d://train, data.npz, data.zarr, data.h5, module:callable.")
+@click.option("--data", "data_spec", required=True, metavar="SPEC", help="Dataset: mnist1d://train, data.npz, data.zarr, data.h5, 'imagefolder:DIR?size=S', module:callable.")
 @click.option("--out", required=True, metavar="PATH", help="Cache to write: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
 @_teacher_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True, help="Autocast dtype for the teacher.")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
-@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers reading the inputs.")
+@click.option("--num-workers", type=click.IntRange(min=0), help="DataLoader workers reading the inputs (default: 0, or a few for images and module:callable datasets).")
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True)
 @click.option("--chunk-rows", type=POSITIVE, help="Rows per chunk (default: about 0.5 MiB of logits).")
 @click.option("--compress-logits", is_flag=True, help="Compress the logits too (zstd in Zarr, gzip in HDF5): ~10% smaller, slower.")
@@ -206,8 +206,9 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache (and any interrupted dump) at --out.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted dump from its committed chunks.")
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf logits instead of stopping.")
+@click.option("--skip-bad-files", is_flag=True, help="Image folders: store an image that does not decode as unusable (no loss) and go on, instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, compact, temperatures, views, augment_specs, augment_seed, overwrite, resume, allow_nonfinite, quiet):
+def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, compact, temperatures, views, augment_specs, augment_seed, overwrite, resume, allow_nonfinite, skip_bad_files, quiet):
     """Run a teacher over a dataset and store its logits in a cache.
 
     With --views V and --augment, store V recorded augmented views of every sample: the teacher's
@@ -235,6 +236,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         overwrite=overwrite,
         resume=resume,
         check_finite=not allow_nonfinite,
+        skip_bad_files=skip_bad_files,
         progress=not quiet,
     )
     if distributed.world()[0] == 0:

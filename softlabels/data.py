@@ -13,6 +13,8 @@ Spec syntax (first match wins):
                                         ``loss_mask``, ``segment_ids`` (:mod:`softlabels.tokens`)
 ``text:PATH?tokenizer=T&seq_len=L``     UTF-8 text tokenised with a ``tokenizers`` file and packed
                                         into windows of ``L`` tokens (:mod:`softlabels.text`)
+``imagefolder:PATH?size=S``             a folder of images, one subfolder per class or flat
+                                        (:mod:`softlabels.images`)
 =====================================  ==========================================================
 
 Every source reads contiguous row ranges (``read(start, stop)``), which is how the loader and the
@@ -49,10 +51,21 @@ from .trust import refuse_unpickling
 log = logging.getLogger(__name__)
 
 NO_LABEL = -1
+# The label of a row whose input could not be read (a dump with --skip-bad-files): it carries no loss.
+UNUSABLE = -2
+# A cache of a source with content digests stores this record: the first bytes of each row's sha256.
+DIGEST = "dataset/sha256"
+DIGEST_BYTES = 8
 _FINGERPRINT_BLOCK_BYTES = 64 << 20
 _SAMPLED_ITEMS = 64
 _CALLABLE_SPEC = re.compile(r"^([\w./-]+\.py|[A-Za-z_][\w.]*):[A-Za-z_]\w*(\?.*)?$")  # module:f or path/file.py:f
 _STORE_SUFFIXES = (".npz", ".zarr", ".h5", ".hdf5")
+
+
+def default_workers(source: "Source") -> int:
+    """DataLoader worker processes for reading ``source`` when the user names none: a few for a
+    dataset read item by item (decoding images, calling a user's Dataset), none for array stores."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1)) if source.reads_items else 0
 
 
 def data_dir() -> Path:
@@ -64,6 +77,12 @@ class Source:
     """A dataset as contiguous row ranges of inputs and labels (``-1`` where a row has no label)."""
 
     spec: str
+    # Each row costs its own read (a user's Dataset item, an image to decode): read only the rows a
+    # batch takes, and by default in DataLoader worker processes.
+    reads_items: bool = False
+    # Its inputs are images resized from decoded ones of their own sizes (an image folder's): a view
+    # pipeline that starts with a crop crops each image at its own resolution (native_shape, crop).
+    native_images: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -93,6 +112,39 @@ class Source:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
+    def describe(self) -> dict[str, Any]:
+        """What a cache's manifest records of this dataset beside its spec and fingerprint."""
+        return {}
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The names of the classes, label ``k`` being ``classes[k]``, where the dataset has them."""
+        return None
+
+    def labels_of(self, ids: np.ndarray) -> np.ndarray:
+        """The labels of rows ``ids``."""
+        return self.take(ids)[1]
+
+    def content_digests(self) -> np.ndarray | None:
+        """``[N, 32]`` uint8, a sha256 per row of what the row is read from, where rows are files (an
+        image folder's); a cache stores the first :data:`DIGEST_BYTES` of each, so that a resumed dump
+        keeps exactly the chunks whose files did not change."""
+        return None
+
+    def row_name(self, i: int) -> str:
+        """Row ``i`` as a user knows it (an image's path)."""
+        return f"row {i}"
+
+    def skip_bad_files(self) -> None:
+        """Read a row that cannot be read as zeros labelled :data:`UNUSABLE`, with a warning, from now on."""
+        raise SoftlabelsError(f"--skip-bad-files applies to image folders (imagefolder:PATH), not to {self.spec}")
+
+    def skip_rows(self, rows: list[int]) -> None:
+        """Read ``rows`` as zeros labelled :data:`UNUSABLE`, without reading them: the rows a cache's
+        dump skipped (its manifest's ``skipped``), so that their views replay as the dump made them."""
+        if rows:
+            raise SoftlabelsError(f"dataset {self.spec} cannot skip rows, but the cache lists skipped rows {rows[:5]}")
+
     def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inputs and labels of rows ``ids`` (any order, repeats allowed), one read per run of
         consecutive rows among the sorted distinct ids.
@@ -116,6 +168,42 @@ class Source:
         """Every label, read in blocks (labels are small next to inputs)."""
         block = 1 << 16
         return np.concatenate([self.read(s, min(s + block, len(self)))[1] for s in range(0, len(self), block)])
+
+
+def skipped_rows(dataset_manifest: dict[str, Any], skipped: Any, where: str) -> list[int]:
+    """The rows a cache's manifest lists as ``skipped`` (``[{"row": i, "name": ...}]``), checked."""
+    if skipped is None:
+        return []
+    num_samples = dataset_manifest.get("num_samples")
+    ok = isinstance(skipped, list) and all(
+        isinstance(entry, dict) and set(entry) == {"row", "name"} and isinstance(entry["name"], str)
+        and isinstance(entry["row"], int) and not isinstance(entry["row"], bool)
+        and 0 <= entry["row"] < (num_samples if isinstance(num_samples, int) else 0) for entry in skipped)
+    if not ok:
+        raise SoftlabelsError(f"{where}: manifest field 'skipped' must list {{row, name}} of rows within the dataset")
+    return [entry["row"] for entry in skipped]
+
+
+def check_classes(recorded: Any, source: Source, where: str) -> None:
+    """Refuse ``source`` when its class names differ from ``recorded``, the ``dataset.classes`` of a
+    cache's manifest (``None`` where the cache or the source has no names).
+
+    Example::
+
+        check_classes(cache.manifest["dataset"].get("classes"), open_data("imagefolder:val?size=224"), str(cache.path))
+    """
+    if recorded is None or source.classes is None:
+        return
+    if not (isinstance(recorded, list) and all(isinstance(name, str) for name in recorded)):
+        raise SoftlabelsError(f"{where}: manifest field 'dataset.classes' must be a list of class names")
+    if recorded != source.classes:
+        missing = sorted(set(recorded) - set(source.classes))
+        extra = sorted(set(source.classes) - set(recorded))
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:5])}" if missing else "", f"not in the cache {', '.join(extra[:5])}" if extra else "",
+        ) if part) or "the same names in another order"
+        raise SoftlabelsError(f"dataset {source.spec} has classes other than those {where} was dumped with ({detail}): "
+                              "label k must name the same class in both")
 
 
 def _as_input_array(x: np.ndarray) -> np.ndarray:
@@ -206,6 +294,8 @@ class ArraySource(LazySource):
 
 class DatasetSource(Source):
     """A user's map-style ``torch.utils.data.Dataset`` whose items are ``x`` or ``(x, y)``."""
+
+    reads_items = True
 
     def __init__(self, spec: str, dataset: Any):
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
@@ -413,7 +503,7 @@ def data_names_code(spec: str) -> bool:
     What this calls safe is exactly what :func:`open_data` opens without importing anything.
     """
     spec = spec.strip()
-    if spec.startswith(("mnist1d://", "text:")):  # a text source reads text and a tokenizer's JSON, no code
+    if spec.startswith(("mnist1d://", "text:", "imagefolder:")):  # text, a tokenizer's JSON, images: no code
         return False
     return "://" in spec or bool(_CALLABLE_SPEC.match(spec)) or Path(spec).suffix not in _STORE_SUFFIXES
 
@@ -433,6 +523,10 @@ def open_data(spec: str) -> Source:
         from .text import open_text
 
         return open_text(spec)
+    if spec.startswith("imagefolder:"):
+        from .images import open_imagefolder
+
+        return open_imagefolder(spec)
     if "://" in spec:
         raise SoftlabelsError(f"data spec {spec}: unknown scheme (the built-in one is mnist1d://)")
     if _CALLABLE_SPEC.match(spec):
@@ -458,5 +552,5 @@ def open_data(spec: str) -> Source:
     if path.exists():
         raise SoftlabelsError(f"data spec {spec}: unsupported file type (use .npz, .zarr, .h5 or .hdf5)")
     raise SoftlabelsError(
-        f"cannot parse data spec '{spec}': expected mnist1d://SPLIT, a .npz/.zarr/.h5 path, or module:callable"
+        f"cannot parse data spec '{spec}': expected mnist1d://SPLIT, a .npz/.zarr/.h5 path, imagefolder:PATH, or module:callable"
     )

@@ -20,6 +20,7 @@ import functools
 import dataclasses
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,12 +35,13 @@ from tqdm import tqdm
 
 from . import __version__, distributed
 from .checkpoint import LoadedModel
-from .data import NO_LABEL, Source
+from .data import DIGEST, DIGEST_BYTES, NO_LABEL, UNUSABLE, Source, default_workers
 from .errors import SoftlabelsError
 from .kinds import Dense, TargetKind
 from .tokens import GOLD, TOKEN_AXIS, TokenSource, check_tokenizer, gold_logprob, gold_record, token_manifest
 from .views import VIEW_AXIS, Views
-from .store import CacheWriter, Layout, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock, partial_path
+from .store import (CacheWriter, Layout, Record, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock,
+                    partial_path, remove_path)
 
 log = logging.getLogger(__name__)
 
@@ -61,37 +63,59 @@ def resolve_device(name: str) -> torch.device:
 
 
 class _Blocks(torch.utils.data.Dataset):
-    """Item ``i`` is batch ``batches[i]``: rows ``[b * batch_size, (b + 1) * batch_size)``.
+    """Item ``i`` is batch ``batches[i]``: rows ``[b * batch_size, (b + 1) * batch_size)``, as
+    ``(start, inputs, labels, records)``; with ``views``, the inputs are every view of each row
+    (``[rows * V, ...]``), drawn and made here, in the DataLoader's workers, and ``records`` their
+    parameters (``[rows, V, *tail]`` each).
 
     Batch boundaries are fixed by the batch size alone, so a resumed dump feeds the teacher exactly
     the batches an uninterrupted one would, and gets the same bytes.
     """
 
-    def __init__(self, source: Source, batch_size: int, batches: list[int] | None = None):
-        self.source, self.batch_size = source, batch_size
+    def __init__(self, source: Source, batch_size: int, batches: list[int] | None = None, views: Views | None = None):
+        self.source, self.batch_size, self.views = source, batch_size, views
         self.batches = list(range(-(-len(source) // batch_size))) if batches is None else batches
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
         start = self.batches[i] * self.batch_size
-        x, y = self.source.read(start, min(start + self.batch_size, len(self.source)))
-        return start, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+        stop = min(start + self.batch_size, len(self.source))
+        if self.views is None:
+            x, y = self.source.read(start, stop)
+            return start, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), {}
+        rows = np.arange(start, stop)
+        records = self.views.draw(rows, self.source)
+        flat = {name: r.reshape(-1, *r.shape[2:]) for name, r in records.items()}
+        if self.views.pipeline.crops_from(self.source):  # the views are cropped from the decoded images
+            x, y = None, self.source.labels_of(rows)
+        else:
+            x, y = self.source.read(start, stop)
+            x = torch.from_numpy(np.ascontiguousarray(x)).repeat_interleave(self.views.count, 0)
+        inputs, _ = self.views.apply(self.source, x, flat, np.repeat(rows, self.views.count))
+        return start, inputs, torch.from_numpy(y), records
+
+
+def _as_is(item: Any) -> Any:
+    return item
 
 
 def iter_batches(
-    source: Source, *, batch_size: int, device: torch.device, num_workers: int = 0, batches: list[int] | None = None
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """``(start_row, inputs, labels)`` for each batch (all, or the indices in ``batches``), inputs on ``device``."""
+    source: Source, *, batch_size: int, device: torch.device, num_workers: int = 0, batches: list[int] | None = None,
+    views: Views | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
+    """``(start_row, inputs, labels, records)`` for each batch (all, or the indices in ``batches``),
+    inputs on ``device``; with ``views``, see :class:`_Blocks`."""
     loader = torch.utils.data.DataLoader(
-        _Blocks(source, batch_size, batches),
+        _Blocks(source, batch_size, batches, views),
         batch_size=None,
+        collate_fn=_as_is,  # the records stay numpy arrays, as they are stored
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    for start, x, y in loader:
-        yield start, x.to(device, non_blocking=True), y
+    for start, x, y, records in loader:
+        yield start, x.to(device, non_blocking=True), y, records
 
 
 def iter_logits(
@@ -113,7 +137,7 @@ def iter_logits(
     """
     device = torch.device(device)
     forward = TeacherForward(model, device, precision)
-    for start, x, y in iter_batches(source, batch_size=batch_size, device=device, num_workers=num_workers, batches=batches):
+    for start, x, y, _ in iter_batches(source, batch_size=batch_size, device=device, num_workers=num_workers, batches=batches):
         yield start, forward(x, f"samples {start}..{start + len(y) - 1}"), y
 
 
@@ -139,11 +163,8 @@ def iter_view_logits(
     """
     device = torch.device(device)
     forward = TeacherForward(model, device, precision)
-    for start, x, y in iter_batches(source, batch_size=max(1, batch_size // views.count), device=device,
-                                    num_workers=num_workers, batches=batches):
-        records = views.draw(np.arange(start, start + len(y)), num_samples=len(source), input_shape=source.input_shape)
-        flat = {name: r.reshape(-1, *r.shape[2:]) for name, r in records.items()}
-        inputs, _ = views.apply(source, x.repeat_interleave(views.count, 0), flat)
+    for start, inputs, y, records in iter_batches(source, batch_size=max(1, batch_size // views.count), device=device,
+                                                  num_workers=num_workers, batches=batches, views=views):
         out = forward(inputs, f"the views of samples {start}..{start + len(y) - 1}")
         yield start, out.reshape(len(y), views.count, *out.shape[1:]), y, records
 
@@ -202,7 +223,7 @@ class _Accuracy:
         self.correct = self.labeled = 0
 
     def add(self, predicted: np.ndarray, labels: np.ndarray) -> None:
-        has_label = labels != NO_LABEL
+        has_label = labels >= 0
         self.correct += int((predicted[has_label] == labels[has_label]).sum())
         self.labeled += int(has_label.sum())
 
@@ -306,7 +327,7 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, start: int) -> None:
-    bad = (labels < NO_LABEL) | (labels >= num_classes)
+    bad = ((labels < 0) & (labels != NO_LABEL) & (labels != UNUSABLE)) | (labels >= num_classes)
     if bad.any():
         i = int(bad.nonzero()[0, 0])
         raise SoftlabelsError(
@@ -339,8 +360,15 @@ def _lookup(manifest: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return value
 
 
-def _open_for_resume(out: Path, expected: dict[str, Any], kind: TargetKind, item_axes: tuple[str, ...]) -> CacheWriter | None:
-    """The interrupted dump's writer, or ``None`` when there is nothing usable to resume."""
+def _open_for_resume(out: Path, expected: dict[str, Any], kind: TargetKind, item_axes: tuple[str, ...],
+                     source: Source, compress_logits: bool) -> CacheWriter | None:
+    """The interrupted dump's writer, or ``None`` when there is nothing usable to resume.
+
+    A dataset whose rows carry content digests (an image folder) may have changed since: a corrupt
+    file fixed or removed. Its chunks are then kept only where every row's file is unchanged
+    (:func:`_committed_chunks`), and a changed number of rows gives a new partial cache that takes
+    over the chunks before the first change (:func:`_resized`).
+    """
     partial = partial_path(out)
     if not partial.exists():
         log.info("no %s to resume: starting a new dump", partial)
@@ -356,7 +384,10 @@ def _open_for_resume(out: Path, expected: dict[str, Any], kind: TargetKind, item
     recorded_axes = tuple(name for name, _ in writer.layout.item_axes)
     if recorded_axes != item_axes:
         differences.append(f"item axes were {list(recorded_axes)}, now {list(item_axes)}")
+    by_digest = source.content_digests() is not None and any(r.name == DIGEST for r in writer.layout.records)
     for what, keys in _RESUME_KEYS.items():
+        if by_digest and keys in (("dataset", "fingerprint"), ("num_samples",)):
+            continue
         was, now = _lookup(writer.manifest, keys), _lookup(expected, keys)
         if keys == ("views",):  # replay versions may differ; what is drawn may not
             was, now = ({k: v for k, v in (m or {}).items() if k != "versions"} or None for m in (was, now))
@@ -368,21 +399,63 @@ def _open_for_resume(out: Path, expected: dict[str, Any], kind: TargetKind, item
     if differences:
         writer.close()
         raise SoftlabelsError(f"cannot resume {partial}: " + "; ".join(differences))
+    writer.manifest["dataset"] = expected["dataset"]
+    if writer.layout.num_samples != len(source):
+        writer = _resized(writer, source, compress_logits)
     return writer
 
 
-def _committed_chunks(writer: CacheWriter, accuracy: _Accuracy, chunks: range) -> set[int]:
-    """Those of ``chunks`` whose bytes match their recorded checksum (counted into ``accuracy``)."""
+def _resized(old: CacheWriter, source: Source, compress_logits: bool) -> CacheWriter:
+    """A new partial cache with ``source``'s number of rows, given every committed chunk of the
+    interrupted dump ``old`` that holds the same rows in both and whose files are unchanged."""
+    aside = old.path.with_name(f"{old.path.stem}.resized{old.path.suffix}")
+    dataset = old.manifest["dataset"]
+    old.close()
+    remove_path(partial_path(aside))
+    os.replace(old.partial, partial_path(aside))  # read from there while PATH.partial is made anew
+    previous = CacheWriter.resume(aside)
+    with previous:
+        writer = CacheWriter(old.path, dataclasses.replace(previous.layout, num_samples=len(source)),
+                             manifest={**previous.manifest, "dataset": dataset}, compress_logits=compress_logits)
+        recorded = previous.recorded_checksums()
+        for chunk in range(min(previous.num_chunks, writer.num_chunks)):
+            if recorded[chunk] < 0 or previous.chunk_bounds(chunk) != writer.chunk_bounds(chunk):
+                continue
+            stored = _stored_chunk(previous, chunk, recorded[chunk], source)
+            if stored is not None:
+                writer.write_chunks(chunk, *stored)
+    remove_path(partial_path(aside))
+    return writer
+
+
+def _stored_chunk(writer: CacheWriter, chunk: int, checksum: int, source: Source) -> tuple | None:
+    """Chunk ``chunk``'s targets, labels and records if they match ``checksum`` and, where rows carry
+    content digests, every row's file and label are still the source's; else ``None``."""
+    try:
+        targets, labels, records = writer.read_chunk(chunk)
+    except Exception:  # an unreadable chunk is simply written again
+        return None
+    if chunk_checksum(targets, labels, records) != checksum:
+        return None
+    if DIGEST in records:
+        start, stop = writer.chunk_bounds(chunk)
+        if stop > len(source):
+            return None
+        now = source.content_digests()[start:stop, :DIGEST_BYTES]
+        if not (np.array_equal(records[DIGEST], now) and np.array_equal(labels, source.labels_of(np.arange(start, stop)))):
+            return None
+    return targets, labels, records
+
+
+def _committed_chunks(writer: CacheWriter, accuracy: _Accuracy, chunks: range, source: Source) -> set[int]:
+    """Those of ``chunks`` that :func:`_stored_chunk` keeps (counted into ``accuracy``)."""
     kept = set()
     recorded = writer.recorded_checksums()
     for chunk in (c for c in chunks if recorded[c] >= 0):
-        try:
-            targets, labels, records = writer.read_chunk(int(chunk))
-        except Exception:  # an unreadable chunk is simply written again
-            continue
-        if chunk_checksum(targets, labels, records) == recorded[chunk]:
+        stored = _stored_chunk(writer, int(chunk), recorded[chunk], source)
+        if stored is not None:
             kept.add(int(chunk))
-            accuracy.add(writer.layout.kind.top_class(targets), labels)
+            accuracy.add(writer.layout.kind.top_class(stored[0]), stored[1])
     return kept
 
 
@@ -400,10 +473,11 @@ def dump(
     kind: TargetKind = Dense(),
     item_axes: tuple[str, ...] = (),
     views: Views | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     overwrite: bool = False,
     resume: bool = False,
     check_finite: bool = True,
+    skip_bad_files: bool = False,
     progress: bool = True,
 ) -> DumpResult:
     """Run ``teacher`` over ``source`` and write its targets to the cache at ``out``.
@@ -418,12 +492,20 @@ def dump(
 
     With ``resume=True`` an interrupted dump (``out.partial``) continues from its committed chunks,
     provided the teacher, data and storage options are the ones it recorded.
+
+    An input that cannot be read (a corrupt image) stops the dump with an error naming it; the chunks
+    committed before it are kept for ``resume``. With ``skip_bad_files`` it is stored as zeros labelled
+    :data:`~softlabels.data.UNUSABLE` (no loss in training) and listed in the manifest's ``skipped``.
     """
     out = Path(out)
     if len(source) == 0:
         raise SoftlabelsError(f"dataset {source.spec} is empty")
     if precision not in PRECISIONS:
         raise SoftlabelsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    if skip_bad_files:
+        source.skip_bad_files()
+    if num_workers is None:
+        num_workers = default_workers(source)
     if views is not None:
         if item_axes or isinstance(source, TokenSource):
             raise SoftlabelsError("a dump with views has the one item axis 'view', and no token windows")
@@ -449,6 +531,9 @@ def dump(
         logits_of = functools.partial(iter_view_logits, teacher.model, source, views, batch_size=batch_size, device=dev,
                                       precision=precision, num_workers=num_workers)
         batch_rows = max(1, batch_size // views.count)
+    digests = source.content_digests()
+    if digests is not None:  # each row's file, so that a resumed dump can tell which chunks still hold
+        logits_of = functools.partial(_with_digests, logits_of, digests[:, :DIGEST_BYTES])
     accuracy = _Accuracy()
     first = None
     with dump_lock(out) if rank == 0 else contextlib.nullcontext():
@@ -462,7 +547,7 @@ def dump(
         # Each rank owns a contiguous, chunk-aligned range of rows; batches are fixed by the batch size
         # alone, so the bytes do not depend on how many ranks there are.
         mine = range(writer.num_chunks * rank // size, writer.num_chunks * (rank + 1) // size)
-        kept = _committed_chunks(writer, accuracy, mine)
+        kept = _committed_chunks(writer, accuracy, mine, source)
         pending = set(mine) - kept
         bounds = [writer.chunk_bounds(c) for c in sorted(pending)]
         batches = sorted({b for lo, hi in bounds for b in range(lo // batch_rows, (hi - 1) // batch_rows + 1)})
@@ -479,7 +564,8 @@ def dump(
                 correct, labeled = distributed.sum_ints(accuracy.correct, accuracy.labeled)
                 kept_chunks = distributed.sum_ints(len(kept))[0]
                 if rank == 0:
-                    writer.finish(teacher_accuracy=correct / labeled if labeled else None)
+                    skipped = _skipped(writer, source) if skip_bad_files else []
+                    writer.finish(teacher_accuracy=correct / labeled if labeled else None, **({"skipped": skipped} if skipped else {}))
             except OSError as exc:
                 reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
                 raise SoftlabelsError(
@@ -499,6 +585,18 @@ def dump(
     )
 
 
+def _with_digests(logits_of: Any, digests: np.ndarray, batches: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
+    for start, logits, labels, records in logits_of(batches=batches):
+        yield start, logits, labels, {**records, DIGEST: digests[start:start + len(logits)]}
+
+
+def _skipped(writer: CacheWriter, source: Source) -> list[dict[str, Any]]:
+    """The rows stored as unusable, with what each was read from: the manifest's ``skipped``."""
+    labels = writer.labels()
+    rows = np.flatnonzero((labels == UNUSABLE).reshape(len(labels), -1).any(axis=1))
+    return [{"row": int(i), "name": source.row_name(int(i))} for i in rows]
+
+
 def _start(
     out: Path, teacher: LoadedModel, source: Source, logits_of: Any, kind: TargetKind, item_axes: tuple[str, ...],
     views: Views | None, *, overwrite: bool, resume: bool, expected: dict[str, Any],
@@ -513,7 +611,7 @@ def _start(
         )
     manifest = {
         "teacher": teacher.describe(),
-        "dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": len(source)},
+        "dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": len(source), **source.describe()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "softlabels_version": __version__,
         "torch_version": torch.__version__,
@@ -525,7 +623,8 @@ def _start(
     if isinstance(source, TokenSource):
         manifest["tokens"] = token_manifest(source, None)
     if resume:
-        writer = _open_for_resume(out, {**manifest, **expected, "num_samples": len(source)}, kind, item_axes)
+        writer = _open_for_resume(out, {**manifest, **expected, "num_samples": len(source)}, kind, item_axes, source,
+                                  expected["compress_logits"])
         if writer is not None:
             return writer, None
     first = next(logits_of(batches=[0]))
@@ -542,6 +641,8 @@ def _start(
     records = views.records(source.input_shape) if views is not None else ()
     if isinstance(source, TokenSource):
         records = (gold_record(source.input_shape[0]),)
+    if source.content_digests() is not None:
+        records += (Record(DIGEST, np.dtype(np.uint8), (DIGEST_BYTES,)),)
     layout = Layout(kind, len(source), num_classes, expected["dtype"], expected["chunk_rows"] or 1, axes, records)
     if not expected["chunk_rows"]:
         layout = dataclasses.replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes))

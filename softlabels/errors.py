@@ -8,3 +8,19 @@ class SoftlabelsError(Exception):
 
         raise SoftlabelsError("checkpoint not found: teacher.pth")   # the CLI prints: error: checkpoint not found: ...
     """
+
+
+def user_message(exc: SoftlabelsError) -> str:
+    """The message of ``exc``, also when a DataLoader worker raised it: PyTorch re-raises a worker's
+    exception as ``SoftlabelsError("Caught SoftlabelsError in DataLoader worker process 0. Original
+    Traceback ...")``, whose last line is the original ``softlabels.errors.SoftlabelsError: message``.
+
+    Example::
+
+        user_message(SoftlabelsError("cannot decode cat/1.jpg"))   # 'cannot decode cat/1.jpg'
+    """
+    text = str(exc)
+    marker = f"{SoftlabelsError.__module__}.{SoftlabelsError.__name__}: "
+    if text.startswith(f"Caught {SoftlabelsError.__name__} in DataLoader worker") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .data import NO_LABEL, DatasetSource, Source, data_names_code, open_data
+from .data import NO_LABEL, UNUSABLE, Source, check_classes, data_names_code, open_data, skipped_rows
 from .errors import SoftlabelsError
 from .kinds import SoftTargets
 from .augment import Pipeline
@@ -65,6 +65,8 @@ def source_for_cache(cache: Cache, spec: str | None = None, *, trust_code: bool 
         )
     source = open_data(spec)
     check_tokenizer(cache.manifest.get("tokens"), source, where=f"cache {cache.path}")
+    check_classes(recorded.get("classes"), source, f"cache {cache.path}")
+    source.skip_rows(skipped_rows(recorded, cache.manifest.get("skipped"), f"cache {cache.path}"))
     if len(source) != len(cache):
         raise SoftlabelsError(f"dataset {source.spec} has {len(source)} samples but cache {cache.path} has {len(cache)}")
     expected = recorded.get("fingerprint")
@@ -164,6 +166,8 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             raise SoftlabelsError(f"batch size {batch_size} does not split evenly over {shards} shards")
         if shard is not None and not 0 <= shard < shards:
             raise SoftlabelsError(f"shard {shard} is outside 0..{shards - 1}")
+        if cache is not None:  # rows the dump could not read are read as it stored them: zeros, without loss
+            source.skip_rows(skipped_rows(cache.manifest.get("dataset") or {}, cache.manifest.get("skipped"), str(cache.path)))
         self.source = source
         self._cache, self._cache_path, self._cache_pid = cache, (cache.path if cache is not None else None), os.getpid()
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
@@ -180,7 +184,10 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         self.augment = augment
         self.num_samples = len(source)
         # A dataset read item by item costs the same per item wherever it lies: read only the items served.
-        self._reads_items = isinstance(source, DatasetSource)
+        self._reads_items = source.reads_items
+        # Views cropped from decoded images (an image folder's) need no inputs read beforehand.
+        pipeline = self.views.pipeline if self.views is not None else augment
+        self._crops_inputs = pipeline is not None and pipeline.crops_from(source)
         self.epoch = 0
         self._start = 0  # global batches of this epoch skipped (a resumed epoch)
         self._served = 0  # global batches of this epoch served so far in this process
@@ -275,6 +282,7 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         with ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="softlabels-read") as pool:
             for window in self._batches(self.epoch, self._start, worker, workers, read, release):
                 window, mix = self._view(window)
+                window, mix = _usable(window, mix)
                 x, y, i = (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
                            for a in (window.inputs, window.labels, window.indices))
                 yield Batch(x, y, self._soft_targets(window.teacher_logits), i, mix)
@@ -286,14 +294,17 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             rows, view = np.arange(len(window.indices)), self.views.view_of(self.seed, self.epoch, window.indices)
             targets = {name: a[rows, view] for name, a in window.teacher_logits.items()}
             record = {name: a[rows, view] for name, a in window.records.items()}
-            x, mix = self.views.apply(self.source, torch.from_numpy(np.ascontiguousarray(window.inputs)), record)
+            x, mix = self.views.apply(self.source, self._raw_inputs(window), record, window.indices)
             return window._replace(inputs=x, labels=window.labels[rows, view], teacher_logits=targets, records=None), mix
         if self.augment is not None:
             record = self.augment.draw(window.indices, np.full(len(window.indices), self.epoch), self.num_samples,
-                                       self.source.input_shape)
-            x, mix = replay(self.augment, self.source, torch.from_numpy(np.ascontiguousarray(window.inputs)), record)
+                                       self.source.input_shape, self.source)
+            x, mix = replay(self.augment, self.source, self._raw_inputs(window), record, window.indices)
             return window._replace(inputs=x), mix
         return window, None
+
+    def _raw_inputs(self, window: _Window) -> torch.Tensor | None:
+        return None if self._crops_inputs else torch.from_numpy(np.ascontiguousarray(window.inputs))
 
     def _soft_targets(self, targets: dict[str, np.ndarray] | None) -> SoftTargets | None:
         """The window rows' cached arrays as the :class:`SoftTargets` that :func:`softlabels.kd_loss`
@@ -397,12 +408,15 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         Given ``rows``, only those rows of the inputs are read (the others stay zero and are never
         served); the cache is still read in whole chunks, into ``buffers`` (see :meth:`Cache.read_ranges`).
         """
-        blocks = pool.map(functools.partial(self._read_block, inputs=rows is None), group)  # submitted now
+        inputs = rows is None and not self._crops_inputs
+        blocks = pool.map(functools.partial(self._read_block, inputs=inputs), group)  # submitted now
         if self.cache is not None:
             t, y = self.cache.read_ranges([chunk_bounds(b, self.block_rows, self.num_samples) for b in group], buffers)
         window = _concat(list(blocks))._replace(buffers=buffers)
         if self.cache is not None:
             window = window._replace(teacher_logits=t, labels=y)
+        if self._crops_inputs:  # the views are cropped from the decoded images: only labels are read here
+            return window if self.cache is not None else window._replace(labels=self.source.labels_of(window.indices))
         if rows is None:
             return window
         xs, ys = self.source.take(window.indices[rows])
@@ -410,6 +424,16 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         y = np.full(len(window.indices), NO_LABEL, dtype=np.int64)
         x[rows], y[rows] = xs, ys
         return window._replace(inputs=x, labels=window.labels if window.labels is not None else y)
+
+
+def _usable(window: _Window, mix: Mix | None) -> tuple[_Window, Mix | None]:
+    """The batch without its rows labelled :data:`~softlabels.data.UNUSABLE` (inputs a dump could not
+    read and skipped): they carry no loss at all."""
+    bad = window.labels == UNUSABLE
+    if not bad.any():
+        return window, mix
+    keep = np.flatnonzero(~bad.reshape(len(bad), -1).any(axis=1))
+    return _take(window, keep), None if mix is None else Mix(*(t[keep] for t in mix))
 
 
 def _take(window: _Window, rows: np.ndarray | slice) -> _Window:

@@ -930,6 +930,10 @@ class CacheWriter(_Chunked):
         """Each chunk's recorded CRC-32, ``-1`` for chunks not (durably) written yet."""
         return np.asarray(self._arrays.checksums[:])
 
+    def labels(self) -> np.ndarray:
+        """Every item's label as written so far."""
+        return np.asarray(self._arrays.labels[:])
+
     def read_chunk(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
         """Chunk ``index``'s targets, labels and records as stored (raises if a store checksum fails)."""
         start, stop = self.chunk_bounds(index)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 import zlib
@@ -39,7 +38,7 @@ from . import distributed
 from .augment import Pipeline
 from .checkpoint import LoadedModel, load_model, save_checkpoint
 from .models import HF_PREFIX
-from .data import NO_LABEL, DatasetSource, Source, open_data
+from .data import NO_LABEL, Source, check_classes, default_workers, open_data
 from .dump import iter_logits, resolve_device
 from .errors import SoftlabelsError
 from .loader import Batch, SoftTargetLoader, source_for_cache
@@ -355,6 +354,7 @@ def train_students(
     num_classes = class_count(source, cache, num_classes or (teacher.num_classes if teacher is not None else None))
     if cache is not None and eval_source is not None:
         check_tokenizer(cache.manifest.get("tokens"), eval_source, where=f"cache {cache.path}")
+        check_classes((cache.manifest.get("dataset") or {}).get("classes"), eval_source, f"cache {cache.path}")
     device = resolve_device(config.device)
     # Hard-label training reads the cache only for labels the dataset lacks, never the logits otherwise.
     loader_cache = None if config.hard_labels_only and source.has_labels else cache
@@ -388,7 +388,7 @@ def train_students(
         eval_source = None
     num_workers = config.num_workers
     if num_workers is None:  # a dataset read item by item is read in worker processes, off the training loop
-        num_workers = max(1, min(4, (os.cpu_count() or 2) - 1)) if isinstance(source, DatasetSource) else 0
+        num_workers = default_workers(source)
 
     caller_rng = _rng_state(device)
     try:
@@ -455,6 +455,8 @@ def train_students(
 def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: torch.device, teacher: LoadedModel | None,
           mask_unlabeled: bool) -> None:
     """One optimizer step of every student on ``batch``, each in its own random state."""
+    if not len(batch.labels):  # every row was an input the dump could not read (--skip-bad-files)
+        return
     x = batch.inputs.to(device, non_blocking=True)
     y = batch.labels.to(device, non_blocking=True)
     mask = y != NO_LABEL if mask_unlabeled else None

@@ -132,7 +132,7 @@ def _recompute_views(cache: Cache, views: Views, report: VerifyReport, count: in
     chosen = rng.integers(views.count, size=len(samples))
     targets, records = _stored_views(cache, samples, chosen)
     where = [f"sample {i} view {v}" for i, v in zip(samples, chosen)]
-    drawn = views.draw_views(samples, chosen, num_samples=len(cache), input_shape=source.input_shape)
+    drawn = views.draw_views(samples, chosen, source)
     for name, values in drawn.items():
         for i in np.flatnonzero((values != records[name]).reshape(len(samples), -1).any(axis=1))[:10]:
             recorded = cache.manifest["views"].get("versions")
@@ -143,10 +143,9 @@ def _recompute_views(cache: Cache, views: Views, report: VerifyReport, count: in
     differing = []
     for lo in range(0, len(samples), batch_size):
         hi = min(lo + batch_size, len(samples))
-        x, _ = source.take(samples[lo:hi])
-        inputs, _ = views.apply(source, torch.from_numpy(np.ascontiguousarray(x)).to(dev),
-                                {name: r[lo:hi] for name, r in records.items()})
-        out = forward(inputs, f"the stored views of samples {samples[lo]}..{samples[hi - 1]}")
+        x = None if views.pipeline.crops_from(source) else torch.from_numpy(np.ascontiguousarray(source.take(samples[lo:hi])[0])).to(dev)
+        inputs, _ = views.apply(source, x, {name: r[lo:hi] for name, r in records.items()}, samples[lo:hi])
+        out = forward(inputs.to(dev), f"the stored views of samples {samples[lo]}..{samples[hi - 1]}")
         far = _compare(cache, report, out, {name: t[lo:hi] for name, t in targets.items()}, torch.from_numpy(samples[lo:hi]), rtol,
                        views=torch.from_numpy(chosen[lo:hi]))
         differing += [(where[lo + i], d) for i, d in far]

@@ -15,7 +15,7 @@ every view once in each cycle of ``V`` epochs, in an order reshuffled every cycl
 Example::
 
     views = Views(4, Pipeline((Shift(max=6), MixUp(alpha=1.0)), seed=0))
-    records = views.draw(np.arange(8), num_samples=4000, input_shape=(40,))
+    records = views.draw(np.arange(8), open_data("mnist1d://train"))
     records["views/mixup.partner"].shape   # (8, 4)
 """
 
@@ -81,28 +81,28 @@ class Views:
         if items[:1] != (self.count,):
             raise SoftlabelsError(f"{where}: the manifest records {self.count} views but the first item axis holds {items[:1]}")
         self.pipeline.check_input(input_shape, where=where)
-        if tuple(layout_records) != self.records(input_shape):
+        if tuple(r for r in layout_records if r.name.startswith(GROUP)) != self.records(input_shape):
             raise SoftlabelsError(f"{where}: the stored view records do not match the recorded augmentations")
 
     # -- making views (dump, online training) ------------------------------------------------------
 
-    def draw(self, samples: np.ndarray, *, num_samples: int, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-        """The records of every view of ``samples``: ``views/<name>`` -> ``[len(samples), V, *tail]``."""
+    def draw(self, samples: np.ndarray, source: Source) -> dict[str, np.ndarray]:
+        """The records of every view of ``samples`` of ``source``: ``views/<name>`` -> ``[len(samples), V, *tail]``."""
         samples = np.asarray(samples, dtype=np.int64)
-        flat = self.draw_views(np.repeat(samples, self.count), np.tile(np.arange(self.count), len(samples)),
-                               num_samples=num_samples, input_shape=input_shape)
+        flat = self.draw_views(np.repeat(samples, self.count), np.tile(np.arange(self.count), len(samples)), source)
         return {name: a.reshape(len(samples), self.count, *a.shape[1:]) for name, a in flat.items()}
 
-    def draw_views(self, samples: np.ndarray, views: np.ndarray, *, num_samples: int, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    def draw_views(self, samples: np.ndarray, views: np.ndarray, source: Source) -> dict[str, np.ndarray]:
         """The records of view ``views[j]`` of sample ``samples[j]``: ``views/<name>`` -> ``[len(samples), *tail]``."""
-        drawn = self.pipeline.draw(np.asarray(samples, dtype=np.int64), np.asarray(views, dtype=np.int64), num_samples, input_shape)
+        drawn = self.pipeline.draw(np.asarray(samples, dtype=np.int64), np.asarray(views, dtype=np.int64), len(source),
+                                   source.input_shape, source)
         return {GROUP + name: a for name, a in drawn.items()}
 
     # -- replaying one view per sample (training, verify) ------------------------------------------
 
-    def apply(self, source: Source, x: torch.Tensor, record: dict[str, np.ndarray]) -> tuple[torch.Tensor, Mix | None]:
+    def apply(self, source: Source, x: torch.Tensor | None, record: dict[str, np.ndarray], ids: np.ndarray) -> tuple[torch.Tensor, Mix | None]:
         """Replay one view per row: see :func:`replay`."""
-        return replay(self.pipeline, source, x, record)
+        return replay(self.pipeline, source, x, record, ids)
 
     def view_of(self, seed: int, epoch: int, samples: np.ndarray) -> np.ndarray:
         """Which view each of ``samples`` trains on in ``epoch``: in epochs ``cV .. cV + V - 1`` every
@@ -122,15 +122,25 @@ class Mix(NamedTuple):
     lam: torch.Tensor
 
 
-def replay(pipeline: Pipeline, source: Source, x: torch.Tensor, record: dict[str, Any]) -> tuple[torch.Tensor, Mix | None]:
-    """Apply ``pipeline`` to the raw inputs ``x`` (``[B, ...]``) with one record per row (``record``
-    maps each parameter, named with or without ``views/``, to ``[B, *tail]``); a mixing partner's raw
-    inputs and label are read from ``source``. Returns the views and, with a mixer, their :class:`Mix`."""
+def replay(pipeline: Pipeline, source: Source, x: torch.Tensor | None, record: dict[str, Any],
+           ids: np.ndarray) -> tuple[torch.Tensor, Mix | None]:
+    """Apply ``pipeline`` to the raw inputs ``x`` (``[B, ...]``) of rows ``ids`` of ``source``, with one
+    record per row (``record`` maps each parameter, named with or without ``views/``, to ``[B, *tail]``);
+    a mixing partner's raw inputs and label are read from ``source``. When the pipeline crops from the
+    source's decoded images (``Pipeline.crops_from``), ``x`` is not used (pass ``None``): the source
+    makes the crops. Returns the views and, with a mixer, their :class:`Mix`."""
     record = {name.removeprefix(GROUP): value for name, value in record.items()}
     partners = pipeline.partners(record)
+    cropped = pipeline.crops_from(source)
+    if cropped:
+        x = pipeline.source_crops(source, ids, record)
     if partners is None:
-        return pipeline.apply(x, record), None
-    partner_x, partner_y = source.take(np.asarray(partners))
-    views = pipeline.apply(x, record, torch.from_numpy(np.ascontiguousarray(partner_x)).to(x.device))
+        return pipeline.apply(x, record, cropped=cropped), None
+    if cropped:
+        partner_x, partner_y = pipeline.source_crops(source, partners, record, partner=True), source.labels_of(partners)
+    else:
+        partner_x, partner_y = source.take(np.asarray(partners))
+        partner_x = torch.from_numpy(np.ascontiguousarray(partner_x))
+    views = pipeline.apply(x, record, partner_x.to(x.device), cropped=cropped)
     lam = torch.as_tensor(pipeline.lam(record), dtype=torch.float32).cpu()
     return views, Mix(torch.from_numpy(partner_y.astype(np.int64)), lam)

@@ -48,14 +48,14 @@ def test_every_view_replays_to_the_input_the_teacher_saw(tmp_path, teacher, suff
         x = torch.from_numpy(source.read(0, 100)[0])
         teacher.model.eval()
         for v in range(3):
-            inputs, mix = replay(views.pipeline, source, x, {k: r[:, v] for k, r in records.items()})
+            inputs, mix = replay(views.pipeline, source, x, {k: r[:, v] for k, r in records.items()}, np.arange(100))
             with torch.no_grad():
                 fresh = teacher.model(inputs).to(torch.float16).float().numpy()
             stored = targets["logits"][:, v].astype(np.float32)
             np.testing.assert_allclose(fresh, stored, rtol=0, atol=2e-3 * np.abs(fresh).max())
             assert (fresh.argmax(-1) == stored.argmax(-1)).mean() >= 0.99
         # the stored parameters are what the keyed generator draws, independent of how the dump batched
-        drawn = views.draw(np.arange(100), num_samples=100, input_shape=source.input_shape)
+        drawn = views.draw(np.arange(100), source)
         assert all(np.array_equal(drawn[k], records[k]) for k in drawn)
 
 
@@ -117,7 +117,7 @@ def test_the_loader_serves_the_chosen_views_targets_and_replayed_inputs(view_cac
         i = batch.indices.numpy()
         v = views.view_of(9, 2, i)
         assert torch.equal(batch.teacher_logits.arrays["logits"], torch.from_numpy(targets["logits"][i, v]))
-        inputs, mix = replay(views.pipeline, source, x[i], {k: r[i, v] for k, r in records.items()})
+        inputs, mix = replay(views.pipeline, source, x[i], {k: r[i, v] for k, r in records.items()}, i)
         assert torch.equal(batch.inputs, inputs)
         assert torch.equal(batch.mix.lam, mix.lam) and torch.equal(batch.mix.partner_labels, mix.partner_labels)
 
@@ -251,5 +251,5 @@ def test_plain_zarr_and_numpy_replay_a_view_as_the_readme_shows(tmp_path, teache
         j, lam = int(g["views/mixup.partner"][i, v]), g["views/mixup.lam"][i, v]
         view = lam * one(x[i]) + (1 - lam) * one(x[j], "partner.")
         record = {name: r[i:i + 1, v] for name, r in open_cache(path).read_records(0, len(source)).items()}
-        replayed, _ = replay(pipeline, source, torch.from_numpy(x[i:i + 1]), record)
+        replayed, _ = replay(pipeline, source, torch.from_numpy(x[i:i + 1]), record, np.array([i]))
         np.testing.assert_allclose(view, replayed[0].numpy(), rtol=0, atol=1e-6)

@@ -91,6 +91,9 @@ class Augmentation:
 
     name: ClassVar[str]
     mixes: ClassVar[bool] = False
+    # First in a pipeline over a source of decoded images (an image folder), it draws for each image's
+    # own size and takes its views from the images (from_source), not from the resized inputs.
+    crops_source: ClassVar[bool] = False
 
     # -- settings ----------------------------------------------------------------------------------
 
@@ -153,6 +156,10 @@ class Augmentation:
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         """``x`` ``[B, *shape]`` augmented with each view's parameters ``[B, *tail]``: pure and deterministic."""
+        raise NotImplementedError
+
+    def from_source(self, source: Any, ids: np.ndarray, params: Params) -> torch.Tensor:
+        """With ``crops_source``: the views of rows ``ids`` made from ``source``'s decoded images."""
         raise NotImplementedError
 
 
@@ -271,18 +278,25 @@ class Pipeline:
 
     # -- drawing -----------------------------------------------------------------------------------
 
-    def draw(self, samples: np.ndarray, views: np.ndarray, num_samples: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    def draw(self, samples: np.ndarray, views: np.ndarray, num_samples: int, shape: tuple[int, ...],
+             source: Any = None) -> dict[str, np.ndarray]:
         """The record of view ``views[b]`` of sample ``samples[b]`` for each ``b``: arrays ``[B, *tail]``.
 
         Each value is cast to its declared dtype here, so what is stored is exactly what is applied.
+        When the views are cropped from ``source``'s decoded images (:meth:`crops_from`), the crop of a
+        sample (and of its partner) is drawn for that image's own shape, ``source.native_shape(i)``.
         """
         layout = self._layout(shape)
+        native = source.native_shape if self.crops_from(source) else None
+        first = self.augmentations[0] if self.augmentations else None
         samples, views = np.asarray(samples).reshape(-1), np.asarray(views).reshape(-1)
         record = {f"{prefix}{aug.name}.{p}": np.empty((len(samples), *tail), dtype)
                   for prefix, aug, _, declared in layout for p, (dtype, tail) in declared.items()}
         for b, (sample, view) in enumerate(zip(samples.tolist(), views.tolist(), strict=True)):
             rng = view_generator(self.seed, sample, view)
             for prefix, aug, seen, declared in layout:
+                if native is not None and aug is first:
+                    seen = native(sample if not prefix else int(record[f"{self.mixer.name}.partner"][b]))
                 values = aug.draw(rng, seen, num_samples)
                 if values.keys() != declared.keys():
                     raise SoftlabelsError(f"augmentation {aug.name} drew {sorted(values)}, but declares {sorted(declared)}")
@@ -308,22 +322,35 @@ class Pipeline:
         head = f"{prefix}{aug.name}."
         return {key[len(head):]: value for key, value in record.items() if key.startswith(head)}
 
-    def _replay(self, x: torch.Tensor, record: dict[str, Any], prefix: str) -> torch.Tensor:
-        for aug in self._per_input:
+    def crops_from(self, source: Any) -> bool:
+        """Whether the views start as crops of ``source``'s decoded images, each at its own resolution
+        (an image folder's, see :mod:`softlabels.images`), rather than as its inputs augmented."""
+        return bool(self._per_input) and self._per_input[0].crops_source and getattr(source, "native_images", False)
+
+    def source_crops(self, source: Any, ids: np.ndarray, record: dict[str, Any], partner: bool = False) -> torch.Tensor:
+        """With :meth:`crops_from`: the first augmentation's views of rows ``ids`` (the partners' with
+        ``partner``), made by ``source`` from its decoded images."""
+        first = self._per_input[0]
+        return first.from_source(source, ids, self._params(record, _PARTNER if partner else "", first))
+
+    def _replay(self, x: torch.Tensor, record: dict[str, Any], prefix: str, cropped: bool) -> torch.Tensor:
+        for aug in self._per_input[1 if cropped else 0:]:
             x = aug.apply(x, self._params(record, prefix, aug))
         return x
 
-    def apply(self, x: torch.Tensor, record: dict[str, Any], partner_x: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, record: dict[str, Any], partner_x: torch.Tensor | None = None, *,
+              cropped: bool = False) -> torch.Tensor:
         """The views that ``record`` describes, from the raw inputs ``x`` ``[B, *shape]`` and, with a
-        mixer (only then), the partners' raw inputs ``partner_x`` ``[B, *shape]``."""
+        mixer (only then), the partners' raw inputs ``partner_x`` ``[B, *shape]``; with ``cropped``,
+        ``x`` and ``partner_x`` are already the first augmentation's output (:meth:`source_crops`)."""
         if self.mixer is not None and partner_x is None:
             raise SoftlabelsError(f"{self.mixer.name} mixes each view with a partner: pass the partners' raw inputs as partner_x")
         if self.mixer is None and partner_x is not None:
             raise SoftlabelsError("no augmentation mixes views, so there are no partner inputs to pass")
-        views = self._replay(x, record, "")
+        views = self._replay(x, record, "", cropped)
         if self.mixer is None:
             return views
-        partners = self._replay(partner_x, record, _PARTNER)
+        partners = self._replay(partner_x, record, _PARTNER, cropped)
         return self.mixer.apply(views, self._params(record, "", self.mixer), partners)
 
     def lam(self, record: dict[str, Any]) -> torch.Tensor | None:

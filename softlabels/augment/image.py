@@ -57,6 +57,7 @@ class Crop(Augmentation):
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     name: ClassVar[str] = "crop"
+    crops_source: ClassVar[bool] = True
 
     def validate(self, *, where: str) -> None:
         if not all(n > 0 for n in self.size):
@@ -98,8 +99,19 @@ class Crop(Augmentation):
         return {"box": np.array([top / height, left / width, h / height, w / width], dtype=np.float32)}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        top, left, h, w = torch.as_tensor(params["box"], device=x.device).double().unbind(-1)
-        return _resample(_resample(x, -2, top, h, self.size[0]), -1, left, w, self.size[1]).to(x.dtype)
+        return resample_box(x, torch.as_tensor(params["box"], device=x.device), self.size).to(x.dtype)
+
+    def from_source(self, source: Any, ids: np.ndarray, params: Params) -> torch.Tensor:
+        """The views of rows ``ids`` cropped by ``source`` from its decoded images, each at its own
+        resolution (``ImageFolderSource.crop``): what :meth:`apply` does to inputs, done to the images."""
+        return source.crop(ids, params["box"], self.size)
+
+
+def resample_box(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` cropped to ``boxes`` ``[B, 4]`` (fractions ``top, left, height, width``)
+    and resampled bilinearly to ``size``, as :class:`Crop` describes; float32 at least."""
+    top, left, h, w = boxes.double().unbind(-1)
+    return _resample(_resample(x, -2, top, h, size[0]), -1, left, w, size[1])
 
 
 def _resample(x: torch.Tensor, dim: int, start: torch.Tensor, length: torch.Tensor, size: int) -> torch.Tensor:
