@@ -30,7 +30,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .data import NO_LABEL, UNUSABLE, Source, check_classes, data_names_code, open_data, skipped_rows
+from .data import UNUSABLE, Source, check_classes, data_names_code, open_data, skipped_rows
 from .errors import SoftlabelsError
 from .kinds import SoftTargets
 from .augment import Pipeline
@@ -183,9 +183,10 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             augment.check_input(source.input_shape, where=f"--augment on {source.spec}")
         self.augment = augment
         self.num_samples = len(source)
-        # A dataset read item by item costs the same per item wherever it lies: read only the items served.
-        self._reads_items = source.reads_items
-        # Views cropped from decoded images (an image folder's) need no inputs read beforehand.
+        # A dataset read item by item (images to decode, a user's Dataset) costs the same per item wherever
+        # it lies: its inputs are read per batch, only the batch's rows, not a window at a time.
+        self._batch_inputs = source.reads_items
+        # Views cropped from decoded images (an image folder's) are made from the images themselves.
         pipeline = self.views.pipeline if self.views is not None else augment
         self._crops_inputs = pipeline is not None and pipeline.crops_from(source)
         self.epoch = 0
@@ -272,8 +273,8 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         """The batches of this epoch that this process serves, read, gathered and viewed."""
         spare: list[dict[str, np.ndarray]] = []  # buffers of windows no batch needs any more
 
-        def read(group: list[int], rows: np.ndarray | None) -> _Window:
-            return self._read_window(pool, group, rows, spare.pop() if spare else {})
+        def read(group: list[int]) -> _Window:
+            return self._read_window(pool, group, spare.pop() if spare else {})
 
         def release(window: _Window) -> None:
             if self.shuffle:  # every batch row was copied out of the window (unshuffled batches are views of it)
@@ -281,7 +282,7 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
 
         with ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="softlabels-read") as pool:
             for window in self._batches(self.epoch, self._start, worker, workers, read, release):
-                window, mix = self._view(window)
+                window, mix = self._view(self._with_inputs(window))
                 window, mix = _usable(window, mix)
                 x, y, i = (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
                            for a in (window.inputs, window.labels, window.indices))
@@ -302,6 +303,16 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             x, mix = replay(self.augment, self.source, self._raw_inputs(window), record, window.indices)
             return window._replace(inputs=x), mix
         return window, None
+
+    def _with_inputs(self, window: _Window) -> _Window:
+        """A batch of a source read item by item, with its inputs (and, without a cache, labels) read
+        for its rows alone; views cropped from the decoded images need only the labels."""
+        if not self._batch_inputs:
+            return window
+        if self._crops_inputs:
+            return window if window.labels is not None else window._replace(labels=self.source.labels_of(window.indices))
+        x, y = self.source.take(window.indices)
+        return window._replace(inputs=x, labels=window.labels if window.labels is not None else y)
 
     def _raw_inputs(self, window: _Window) -> torch.Tensor | None:
         return None if self._crops_inputs else torch.from_numpy(np.ascontiguousarray(window.inputs))
@@ -356,13 +367,12 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         begins = ends - sizes
         slices = self._slices(start, worker, workers)
         spans = [(int(np.searchsorted(ends, lo, "right")), int(np.searchsorted(begins, hi, "left"))) for lo, hi in slices]
-        items = self._served_rows(plan, begins, ends, slices, spans) if self._reads_items else {}
         loaded: dict[int, _Window] = {}
         for (lo, hi), (a, b) in zip(slices, spans):
             parts = []
             for w in range(a, b):
                 if w not in loaded:
-                    loaded[w] = read(plan[w][0], items.get(w))
+                    loaded[w] = read(plan[w][0])
                 rows = slice(max(lo, begins[w]) - begins[w], min(hi, ends[w]) - begins[w])
                 perm = plan[w][1]
                 parts.append(_take(loaded[w], rows if perm is None else perm[rows]))
@@ -372,21 +382,7 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
                         release(window)
             yield _concat(parts)
 
-    @staticmethod
-    def _served_rows(plan: _Plan, begins: np.ndarray, ends: np.ndarray, slices: list, spans: list) -> dict[int, np.ndarray | None]:
-        """Per window, the rows (offsets in the window as read) that the served batches take; ``None``: all."""
-        rows: dict[int, list[np.ndarray]] = {}
-        for (lo, hi), (a, b) in zip(slices, spans):
-            for w in range(a, b):
-                positions = np.arange(max(lo, begins[w]), min(hi, ends[w])) - begins[w]
-                rows.setdefault(w, []).append(positions if plan[w][1] is None else plan[w][1][positions])
-        served = {}
-        for w, parts in rows.items():
-            taken = np.unique(np.concatenate(parts))
-            served[w] = None if len(taken) == ends[w] - begins[w] else taken
-        return served
-
-    def _window_indices(self, group: list[int], rows: np.ndarray | None = None) -> _Window:
+    def _window_indices(self, group: list[int]) -> _Window:
         indices = np.concatenate([np.arange(*chunk_bounds(c, self.block_rows, self.num_samples)) for c in group])
         return _Window(None, None, None, indices)
 
@@ -399,31 +395,19 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         records = self.cache.read_records(start, stop) if self.views is not None else None
         return _Window(x, y, None, np.arange(start, stop), records)
 
-    def _read_window(self, pool: ThreadPoolExecutor, group: list[int], rows: np.ndarray | None,
-                     buffers: dict[str, np.ndarray]) -> _Window:
+    def _read_window(self, pool: ThreadPoolExecutor, group: list[int], buffers: dict[str, np.ndarray]) -> _Window:
         """The window's blocks: inputs and records read on the pool's threads (zarr and h5py release
         the GIL while they read and decode) and joined, while this thread reads the targets and labels
-        in one call that puts each chunk straight at its place in the window.
-
-        Given ``rows``, only those rows of the inputs are read (the others stay zero and are never
-        served); the cache is still read in whole chunks, into ``buffers`` (see :meth:`Cache.read_ranges`).
-        """
-        inputs = rows is None and not self._crops_inputs
-        blocks = pool.map(functools.partial(self._read_block, inputs=inputs), group)  # submitted now
+        in one call that puts each chunk straight at its place in the window (into ``buffers``, see
+        :meth:`Cache.read_ranges`). A source read item by item gives its inputs per batch instead
+        (:meth:`_with_inputs`)."""
+        blocks = pool.map(functools.partial(self._read_block, inputs=not self._batch_inputs), group)  # submitted now
         if self.cache is not None:
             t, y = self.cache.read_ranges([chunk_bounds(b, self.block_rows, self.num_samples) for b in group], buffers)
         window = _concat(list(blocks))._replace(buffers=buffers)
         if self.cache is not None:
             window = window._replace(teacher_logits=t, labels=y)
-        if self._crops_inputs:  # the views are cropped from the decoded images: only labels are read here
-            return window if self.cache is not None else window._replace(labels=self.source.labels_of(window.indices))
-        if rows is None:
-            return window
-        xs, ys = self.source.take(window.indices[rows])
-        x = np.zeros((len(window.indices), *xs.shape[1:]), dtype=xs.dtype)
-        y = np.full(len(window.indices), NO_LABEL, dtype=np.int64)
-        x[rows], y[rows] = xs, ys
-        return window._replace(inputs=x, labels=window.labels if window.labels is not None else y)
+        return window
 
 
 def _usable(window: _Window, mix: Mix | None) -> tuple[_Window, Mix | None]:

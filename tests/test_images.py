@@ -77,7 +77,7 @@ def test_flat_folder_is_unlabelled_and_same_size_images_need_no_size(tmp_path):
     x, y = source.read(0, len(source))
     assert (y == -1).all()
     first = sorted(root.iterdir())[0]
-    np.testing.assert_array_equal(x[0], np.asarray(Image.open(first), dtype=np.float32).transpose(2, 0, 1) / 255)
+    np.testing.assert_allclose(x[0], np.asarray(Image.open(first), dtype=np.float32).transpose(2, 0, 1) / 255, rtol=0, atol=1e-7)
     gray = open_data(f"imagefolder:{root}?channels=1")
     assert gray.input_shape == (1, 20, 24)
 

@@ -199,7 +199,7 @@ def test_a_shuffled_epoch_reads_every_window_into_the_memory_of_the_first(pair, 
     read = SoftTargetLoader._read_window
     fresh = []
     monkeypatch.setattr(SoftTargetLoader, "_read_window",
-                        lambda self, pool, group, rows, buffers: fresh.append(not buffers) or read(self, pool, group, rows, buffers))
+                        lambda self, pool, group, buffers: fresh.append(not buffers) or read(self, pool, group, buffers))
     batches = collect(SoftTargetLoader(source, cache, batch_size=48, seed=3, shuffle_chunks=2), 0)  # 48 spans windows
     assert len(fresh) == 8 and fresh.count(True) == 1  # a window is let go before the next one is read
     assert_aligned(batches, x, y)
