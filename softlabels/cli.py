@@ -194,6 +194,7 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @_teacher_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True, help="Autocast dtype for the teacher.")
+@click.option("--channels-last", is_flag=True, help="Run the teacher on images in channels_last memory format (faster convolutions on GPUs).")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @click.option("--num-workers", type=click.IntRange(min=0), help="DataLoader workers reading the inputs (default: 0, or a few for images and module:callable datasets).")
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True)
@@ -208,7 +209,7 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf logits instead of stopping.")
 @click.option("--skip-bad-files", is_flag=True, help="Image folders: store an image that does not decode as unusable (no loss) and go on, instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, compact, temperatures, views, augment_specs, augment_seed, overwrite, resume, allow_nonfinite, skip_bad_files, quiet):
+def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, channels_last, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, compact, temperatures, views, augment_specs, augment_seed, overwrite, resume, allow_nonfinite, skip_bad_files, quiet):
     """Run a teacher over a dataset and store its logits in a cache.
 
     With --views V and --augment, store V recorded augmented views of every sample: the teacher's
@@ -227,6 +228,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         batch_size=batch_size,
         device=device,
         precision=precision,
+        channels_last=channels_last,
         store_dtype=store_dtype,
         chunk_rows=chunk_rows,
         compress_logits=compress_logits,

@@ -127,6 +127,7 @@ def iter_logits(
     precision: str = "fp32",
     num_workers: int = 0,
     batches: list[int] | None = None,
+    channels_last: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """``(start_row, logits_on_device, labels)`` for every batch of ``source`` (or those in ``batches``);
     the logits are ``[batch, ..., classes]``.
@@ -136,7 +137,7 @@ def iter_logits(
         logits = torch.cat([out.cpu() for _, out, _ in iter_logits(model, open_data("mnist1d://test"))])
     """
     device = torch.device(device)
-    forward = TeacherForward(model, device, precision)
+    forward = TeacherForward(model, device, precision, channels_last)
     for start, x, y, _ in iter_batches(source, batch_size=batch_size, device=device, num_workers=num_workers, batches=batches):
         yield start, forward(x, f"samples {start}..{start + len(y) - 1}"), y
 
@@ -151,6 +152,7 @@ def iter_view_logits(
     precision: str = "fp32",
     num_workers: int = 0,
     batches: list[int] | None = None,
+    channels_last: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
     """``(start_row, logits [rows, V, ..., classes], labels, records)`` for every batch of
     ``batch_size // V`` samples (or those in ``batches``): each sample's ``V`` views are drawn
@@ -162,7 +164,7 @@ def iter_view_logits(
         start, logits, labels, records = next(iter_view_logits(model, open_data("mnist1d://train"), views))
     """
     device = torch.device(device)
-    forward = TeacherForward(model, device, precision)
+    forward = TeacherForward(model, device, precision, channels_last)
     for start, inputs, y, records in iter_batches(source, batch_size=max(1, batch_size // views.count), device=device,
                                                   num_workers=num_workers, batches=batches, views=views):
         out = forward(inputs, f"the views of samples {start}..{start + len(y) - 1}")
@@ -170,14 +172,21 @@ def iter_view_logits(
 
 
 class TeacherForward:
-    """The teacher's forward pass on a batch, in inference mode and the dump's autocast precision."""
+    """The teacher's forward pass on a batch, in inference mode and the dump's autocast precision;
+    with ``channels_last``, images (``[B, C, H, W]``) and the model in that memory format, which
+    convolutions on tensor cores run faster in."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str):
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool = False):
         if precision not in PRECISIONS:
             raise SoftlabelsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
         self.model, self.device, self.autocast = model.eval().to(device), device, PRECISIONS[precision]
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         # The modes are entered per batch, never held across a yield: a suspended generator would
         # otherwise leave the caller's thread in inference mode.
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
@@ -347,6 +356,7 @@ _RESUME_KEYS = {
     "logits compression": ("compress_logits",),
     "batch size": ("batch_size",),
     "precision": ("precision",),
+    "memory format": ("channels_last",),
     "device type": ("device",),
     "views and augmentations": ("views",),
     "token windows and tokenizer": ("tokens", "tokenizer"),
@@ -467,6 +477,7 @@ def dump(
     batch_size: int = 256,
     device: str = "auto",
     precision: str = "fp32",
+    channels_last: bool = False,
     store_dtype: str = "float16",
     chunk_rows: int | None = None,
     compress_logits: bool = False,
@@ -524,12 +535,12 @@ def dump(
     if views is None:
         def logits_of(batches: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
             for start, out, y in iter_logits(teacher.model, source, batch_size=batch_size, device=dev, precision=precision,
-                                             num_workers=num_workers, batches=batches):
+                                             num_workers=num_workers, batches=batches, channels_last=channels_last):
                 yield start, out, y, {}
         batch_rows = batch_size
     else:
         logits_of = functools.partial(iter_view_logits, teacher.model, source, views, batch_size=batch_size, device=dev,
-                                      precision=precision, num_workers=num_workers)
+                                      precision=precision, num_workers=num_workers, channels_last=channels_last)
         batch_rows = max(1, batch_size // views.count)
     digests = source.content_digests()
     if digests is not None:  # each row's file, so that a resumed dump can tell which chunks still hold
@@ -539,7 +550,7 @@ def dump(
     with dump_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             writer, first = _start(out, teacher, source, logits_of, kind, tuple(item_axes), views, overwrite=overwrite, resume=resume,
-                                   expected={"precision": precision, "device": dev.type, "batch_size": batch_size,
+                                   expected={"precision": precision, "channels_last": channels_last, "device": dev.type, "batch_size": batch_size,
                                              "dtype": store_dtype, "chunk_rows": chunk_rows, "compress_logits": compress_logits})
         distributed.barrier()  # rank 0 has made (or reopened) the partial cache the others now open
         if rank != 0:
@@ -616,6 +627,7 @@ def _start(
         "softlabels_version": __version__,
         "torch_version": torch.__version__,
         "precision": expected["precision"],
+        "channels_last": expected["channels_last"],
         "device": expected["device"],
         "batch_size": expected["batch_size"],
         **({"views": views.settings()} if views is not None else {}),
