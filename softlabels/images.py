@@ -294,14 +294,17 @@ class ImageFolderSource(Source):
         :class:`softlabels.augment.image.Crop` resamples, then normalised. ``[B, channels, *size]`` float32.
         """
         boxes = torch.as_tensor(boxes).double().reshape(-1, 4)
-        out = torch.empty(len(boxes), self.transform.channels, *size)
+        out = torch.zeros(len(boxes), self.transform.channels, *size)  # a skipped image stays zeros
+        by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
         for b, i in enumerate(np.asarray(ids, dtype=np.int64).tolist()):
             image = self._open(i)
-            if image is None:  # skipped: zeros, and labels_of says so
-                out[b] = 0
-                continue
-            pixels = torch.from_numpy(np.array(image, dtype=np.uint8).reshape(image.size[1], image.size[0], -1))
-            out[b] = resample_box(pixels.permute(2, 0, 1)[None].float(), boxes[b:b + 1], size)[0]
+            if image is not None:
+                pixels = np.asarray(image, dtype=np.uint8).reshape(image.size[1], image.size[0], -1)
+                by_size.setdefault(pixels.shape[:2], []).append((b, pixels))
+        for group in by_size.values():  # images of one size are resampled together
+            rows = torch.tensor([b for b, _ in group])
+            pixels = torch.from_numpy(np.stack([p for _, p in group])).permute(0, 3, 1, 2).float()
+            out[rows] = resample_box(pixels, boxes[rows], size)
         return self.transform.normalised(out)
 
     # -- identity ----------------------------------------------------------------------------------
