@@ -45,6 +45,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .augment.image import resample_box
 from .data import NO_LABEL, UNUSABLE, Source
@@ -323,7 +324,8 @@ class ImageFolderSource(Source):
             return hashlib.sha256(data).digest(), (height, width)
 
         with ThreadPoolExecutor(_HASH_THREADS) as pool:
-            results = list(pool.map(one, range(len(self))))
+            results = list(tqdm(pool.map(one, range(len(self))), total=len(self), desc="fingerprint", unit="files",
+                                unit_scale=True, leave=False, disable=None))  # a bar on a terminal only
         self._digests = np.frombuffer(b"".join(d for d, _ in results), dtype=np.uint8).reshape(len(self), 32)
         self._sizes = np.array([s for _, s in results], dtype=np.int64).reshape(len(self), 2)
         if self.transform.size is None:
