@@ -323,11 +323,15 @@ class ImageFolderSource(Source):
                 width = height = 0
             return hashlib.sha256(data).digest(), (height, width)
 
-        with ThreadPoolExecutor(_HASH_THREADS) as pool:
-            results = list(tqdm(pool.map(one, range(len(self))), total=len(self), desc="fingerprint", unit="files",
-                                unit_scale=True, leave=False, disable=None))  # a bar on a terminal only
-        self._digests = np.frombuffer(b"".join(d for d, _ in results), dtype=np.uint8).reshape(len(self), 32)
-        self._sizes = np.array([s for _, s in results], dtype=np.int64).reshape(len(self), 2)
+        digests, sizes = np.empty((len(self), 32), dtype=np.uint8), np.empty((len(self), 2), dtype=np.int64)
+        block = 4096  # files in flight at once: a future per file of a million-image folder would not fit
+        with ThreadPoolExecutor(_HASH_THREADS) as pool, tqdm(total=len(self), desc="fingerprint", unit="files", unit_scale=True,
+                                                             leave=False, disable=None) as bar:  # a bar on a terminal only
+            for start in range(0, len(self), block):
+                for i, (digest, size) in enumerate(pool.map(one, range(start, min(start + block, len(self)))), start):
+                    digests[i], sizes[i] = np.frombuffer(digest, dtype=np.uint8), size
+                bar.update(min(block, len(self) - start))
+        self._digests, self._sizes = digests, sizes
         if self.transform.size is None:
             readable = np.flatnonzero(self._sizes.all(axis=1))
             odd = readable[(self._sizes[readable] != self._sizes[readable[:1]]).any(axis=1)]
