@@ -1,7 +1,9 @@
-"""Built-in architectures and resolution of ``NAME`` or ``module:callable`` into a model.
+"""Built-in architectures and resolution of ``NAME``, ``torchvision:NAME``, ``timm:NAME``,
+``hf:PATH`` or ``module:callable`` into a model.
 
 Every architecture is a callable ``f(input_shape, num_classes, **kwargs) -> nn.Module``. Teachers and
-students share this registry, so a trained student can serve as the next teacher.
+students share this registry, so a trained student can serve as the next teacher. torchvision and
+timm models come from :mod:`softlabels.vision`, Hugging Face ones from :mod:`softlabels.hf`.
 
 Example::
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from .errors import SoftlabelsError
 from .gpt import gpt
+from .vision import is_vision_arch, vision_architecture
 
 HF_PREFIX = "hf:"  # architecture hf:PATH, a Hugging Face configuration (softlabels.hf)
 
@@ -162,9 +165,10 @@ def resolve_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
 
 
 def arch_names_code(arch: str) -> bool:
-    """Whether building ``arch`` would import code: anything but a built-in architecture. ``hf:PATH``
-    counts as code too: the configuration it reads is the checkpoint's choice, not the user's."""
-    return arch not in ARCHITECTURES
+    """Whether building ``arch`` would import code: anything but a built-in architecture or a
+    ``torchvision:NAME``/``timm:NAME`` (NAME can only pick one of the library's own models).
+    ``hf:PATH`` counts as code: the configuration it reads is the checkpoint's choice, not the user's."""
+    return not isinstance(arch, str) or not (arch in ARCHITECTURES or is_vision_arch(arch))
 
 
 def _arch_factory(arch: str) -> Callable[..., nn.Module]:
@@ -174,10 +178,14 @@ def _arch_factory(arch: str) -> Callable[..., nn.Module]:
         from .hf import hf_architecture
 
         return hf_architecture(arch[len(HF_PREFIX):])
+    if is_vision_arch(arch):  # before module:callable, which it would otherwise look like
+        return vision_architecture(arch)
     if ":" in arch:
         return resolve_callable(arch, what="architecture")
     names = ", ".join(ARCHITECTURES)
-    raise SoftlabelsError(f"unknown architecture '{arch}': use one of {names}, hf:config.json, or module:callable")
+    raise SoftlabelsError(
+        f"unknown architecture '{arch}': use one of {names}, torchvision:NAME, timm:NAME, hf:config.json, or module:callable"
+    )
 
 
 def build_model(
@@ -190,7 +198,8 @@ def build_model(
     """Build ``arch`` for inputs of ``input_shape`` and ``num_classes`` outputs.
 
     A ``module:callable`` receives ``input_shape`` and ``num_classes`` only if its signature names them,
-    so ``f(input_shape, num_classes, **kw)``, ``f(num_classes=..., **kw)`` and ``f(**kw)`` all work.
+    so ``f(input_shape, num_classes, **kw)``, ``f(num_classes=..., **kw)`` and ``f(**kw)`` all work; an
+    unknown ``input_shape`` is an error only where the parameter has no default.
     """
     factory = _arch_factory(arch)
     kwargs = dict(kwargs or {})
@@ -199,9 +208,10 @@ def build_model(
     except (TypeError, ValueError):
         params = {}
     if "input_shape" in params and "input_shape" not in kwargs:
-        if input_shape is None:
+        if input_shape is not None:
+            kwargs["input_shape"] = tuple(input_shape)
+        elif params["input_shape"].default is inspect.Parameter.empty:
             raise SoftlabelsError(f"architecture '{arch}' needs the input shape, which is unknown here")
-        kwargs["input_shape"] = tuple(input_shape)
     if "num_classes" in params and "num_classes" not in kwargs and num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
