@@ -228,3 +228,36 @@ def test_dump_train_and_evaluate_from_the_command_line(tmp_path, monkeypatch):
     assert metrics["samples"] == 8
     assert metrics["accuracy"] == pytest.approx(float((predicted == y).mean()))
     assert metrics["teacher_agreement"] == pytest.approx(float((predicted == expected.argmax(1)).mean()))
+
+
+def test_an_image_folder_through_a_torchvision_teacher_with_views(tmp_path, monkeypatch):
+    """A view cache of JPEGs and PNGs of mixed sizes, dumped by a torchvision teacher, replays each crop
+    from its source image: the teacher on the replayed views gives the stored targets."""
+    from PIL import Image
+
+    from softlabels import SoftTargetLoader, open_data
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(1)
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (int(rng.integers(30, 60)), int(rng.integers(30, 60)), 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+    torch.manual_seed(0)
+    teacher = trained_bn(torchvision.models.resnet18(num_classes=2))
+    torch.save(teacher.state_dict(), "t.pth")
+    spec = "imagefolder:imgs?size=32&mean=0.485,0.456,0.406&std=0.229,0.224,0.225"
+    result = run("dump", "--teacher", "t.pth", "--arch", "torchvision:resnet18", "--data", spec, "--out", "v.zarr",
+                 "--views", 2, "--augment", "crop?size=32,32", "--augment", "flip", "--store-dtype", "float32", "--quiet",
+                 "--num-workers", 0)  # worker processes talk over sockets, which no_network refuses
+    assert result.exit_code == 0, result.output
+    cache = open_cache("v.zarr")
+    assert cache.manifest["dataset"]["classes"] == ["cat", "dog"]
+    targets, _ = cache.read(0, 8)
+    loader = SoftTargetLoader(open_data(spec), cache, batch_size=8, seed=0)
+    batch = next(iter(loader))
+    i = batch.indices.numpy()
+    with torch.no_grad():
+        fresh = teacher(batch.inputs).numpy()
+    np.testing.assert_allclose(fresh, targets["logits"][i, loader.views.view_of(0, 0, i)], rtol=1e-4, atol=1e-4)
