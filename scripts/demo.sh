@@ -4,7 +4,8 @@
 #   2. dump its logits for the train and test splits and for 40,000 unlabeled transfer samples,
 #   3. train three students on the 4000 hard labels alone (the scratch baseline),
 #   4. distill the same three students from the cached soft targets of the transfer set,
-#   5. print the comparison on the 1000 test samples.
+#   5. print the comparison on the 1000 test samples,
+#   6. write the report: figures of the runs and caches and an HTML page (runs/demo/report/index.html).
 # Usage: bash scripts/demo.sh            (outputs under runs/demo; OUT=dir to change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,3 +43,6 @@ softlabels train-student --cache "$out/transfer.zarr" "${students[@]}" \
 
 echo "== 5. test accuracy (1000 MNIST-1D test samples)"
 softlabels compare "${runs[@]}"
+
+echo "== 6. the report: learning curves, accuracy against size, calibration, the caches' statistics"
+softlabels report "${runs[@]}" --cache "$out/transfer.zarr" --cache "$out/test.zarr" --out "$out/report" --overwrite --quiet

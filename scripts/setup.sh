@@ -12,7 +12,7 @@ stamp="$venv/.softlabels-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-  "$venv/bin/python" -m pip install --quiet -e "$root[test,lm]"
+  "$venv/bin/python" -m pip install --quiet -e "$root[test,lm,tensorboard]"
   touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -23,7 +23,10 @@ from .errors import SoftlabelsError, user_message
 from .loader import source_for_cache
 from .losses import KL_DIRECTIONS
 from .kinds import DEFAULT_TEMPERATURES, Dense, Sampled, TargetKind, TopK, kind_from_settings
-from .report import SUMMARY_COLUMNS, cache_report, format_cache_report, format_table
+from .report import SUMMARY_COLUMNS, cache_report, format_cache_report, format_comparison, format_table
+from .figures import accuracy_vs_params_data, save_figure
+from .report_html import write_report
+from .runs import read_run, read_summary
 from .store import open_cache
 from .kinds import STORE_DTYPES
 from .kinds.topk import TAILS
@@ -109,7 +112,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def _teacher_options(f: Any) -> Any:
     for decorator in reversed(
         [
-            click.option("--arch", help="Architecture of a bare state dict: a built-in name or module:callable."),
+            click.option("--arch", help="Architecture of a bare state dict: a built-in name, torchvision:NAME, timm:NAME or module:callable."),
             click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object."),
             click.option("--num-classes", type=POSITIVE, help="Output classes of a bare state dict (default: inferred)."),
             TRUST_CODE,
@@ -245,7 +248,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         click.echo(result.summary())
 
 
-@cli.command("train-student", epilog="Example:\n\n\b\n  softlabels train-student --cache transfer.zarr --student mlp --student cnn1d \\\n      --student 'wide=mlp?width=400' --eval-data mnist1d://test --eval-cache test.zarr \\\n      --epochs 30 --out runs/kd\n  softlabels train-student --data mnist1d://train --student mlp --hard-labels-only \\\n      --eval-data mnist1d://test --out runs/scratch\n  softlabels train-student --cache transfer.zarr --student mlp --checkpoint-every 200 \\\n      --out runs/long --resume\n  softlabels train-student --data mnist1d://train --student mlp --online-teacher teacher.pth \\\n      --augment 'shift?max=6' --augment 'mixup?alpha=1' --alpha 0 --out runs/online")
+@cli.command("train-student", epilog="Example:\n\n\b\n  softlabels train-student --cache transfer.zarr --student mlp --student cnn1d \\\n      --student 'wide=mlp?width=400' --eval-data mnist1d://test --eval-cache test.zarr \\\n      --epochs 30 --out runs/kd --tensorboard runs/tb/kd\n  softlabels train-student --data mnist1d://train --student mlp --hard-labels-only \\\n      --eval-data mnist1d://test --out runs/scratch\n  softlabels train-student --cache transfer.zarr --student mlp --checkpoint-every 200 \\\n      --out runs/long --resume\n  softlabels train-student --data mnist1d://train --student mlp --online-teacher teacher.pth \\\n      --augment 'shift?max=6' --augment 'mixup?alpha=1' --alpha 0 --out runs/online")
 @click.option("--cache", "cache_path", metavar="PATH", help="Cache written by dump (its manifest names the data).")
 @click.option("--data", "data_spec", metavar="SPEC", help="Training inputs (default: the cache's dataset; must match its fingerprint).")
 @click.option("--student", "students", multiple=True, required=True, metavar="[NAME=]ARCH[?k=v]", help="Repeat to train several students from one pass over the cache.")
@@ -258,7 +261,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.temperature, show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Weight of the hard-label loss.")
 @click.option("--kl", type=click.Choice(KL_DIRECTIONS), default="forward", show_default=True)
 @click.option("--topk-tail", type=click.Choice(TAILS), default="exact", show_default=True,
@@ -276,8 +279,10 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (the options must be the same).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @TRUST_CODE
+@click.option("--tensorboard", metavar="DIR", help="Also write per-epoch scalars of every student (losses, accuracy, agreement, "
+              "learning rate, rows/s) to DIR/NAME for TensorBoard (needs pip install 'softlabels[tensorboard]').")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, topk_tail, seed, hard_labels_only, online_teacher, augment_specs, augment_seed, num_classes, shards, device, num_workers, checkpoint_every, resume, overwrite, trust_code, quiet):
+def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, topk_tail, seed, hard_labels_only, online_teacher, augment_specs, augment_seed, num_classes, shards, device, num_workers, checkpoint_every, resume, overwrite, trust_code, tensorboard, quiet):
     """Train one or more students from a cache of teacher logits.
 
     A view cache trains every sample on one of its recorded views per epoch. --augment gives every
@@ -306,7 +311,7 @@ def train_student(cache_path, data_spec, students, student_kwargs, out, eval_dat
     summary = train_students(
         specs, source=source, cache=cache, config=config, out_dir=out, eval_source=eval_source,
         eval_teacher_top1=eval_top1, num_classes=num_classes, progress=not quiet, resume=resume, overwrite=overwrite,
-        teacher=teacher, trust_code=trust_code,
+        teacher=teacher, trust_code=trust_code, tensorboard=tensorboard,
     )
     if distributed.world()[0] == 0:
         click.echo(format_table(summary, SUMMARY_COLUMNS))
@@ -411,23 +416,36 @@ def convert(src, dst, top_k, sample, proposal_temperature, sample_seed, compact,
         click.echo(f"wrote {dst}: {cache.kind.name} cache, format v{cache.manifest['format_version']}, {size / 2**20:.2f} MiB on disk")
 
 
-@cli.command(epilog="Example:\n\n\b\n  softlabels compare runs/scratch runs/distilled")
+@cli.command(epilog="Example:\n\n\b\n  softlabels compare runs/scratch runs/distilled\n  softlabels compare runs/teacher runs/scratch runs/distilled --plot accuracy.png")
 @click.argument("summaries", nargs=-1, required=True, metavar="RUN_DIR_OR_SUMMARY...")
-def compare(summaries):
+@click.option("--plot", metavar="FILE.png", help="Also draw evaluation accuracy against parameters (the teacher as a line) to "
+              "FILE.png, its numbers to FILE.json.")
+def compare(summaries, plot):
     """Print the students of several train-student runs in one table.
     """
-    rows = []
-    for item in summaries:
-        path = Path(item)
-        path = path / "summary.json" if path.is_dir() else path
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SoftlabelsError(f"cannot read summary {path}: {exc}") from exc
-        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
-            raise SoftlabelsError(f"{path} is not a train-student summary (a JSON list of objects)")
-        rows += [{"run": path.parent.name, **entry} for entry in entries]
-    click.echo(format_table(rows, [("run", "run", str)] + SUMMARY_COLUMNS))
+    click.echo(format_comparison([read_summary(item) for item in summaries]))
+    if plot:
+        if Path(plot).suffix.lower() != ".png":
+            raise click.BadParameter("must name a .png file", param_hint="--plot")
+        runs = [read_run(Path(item) if Path(item).is_dir() else Path(item).parent, records=False) for item in summaries]
+        click.echo(f"wrote {save_figure('accuracy_vs_params', accuracy_vs_params_data(runs), Path(plot).with_suffix(''))}")
+
+
+@cli.command(epilog="Example:\n\n\b\n  softlabels report runs/demo/teacher runs/demo/scratch runs/demo/distilled \\\n      --cache runs/demo/transfer.zarr --cache runs/demo/test.zarr --out runs/demo/report")
+@click.argument("runs", nargs=-1, metavar="RUN_DIR...")
+@click.option("--cache", "caches", multiple=True, metavar="PATH", help="A cache to describe (repeat for several).")
+@click.option("--out", required=True, metavar="DIR", help="Folder to write: index.html, the figures (PNG) and their numbers (JSON).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def report(runs, caches, out, overwrite, quiet):
+    """Write figures and an HTML page of train-student runs and caches.
+
+    Runs: learning curves, accuracy against parameters, agreement with the teacher, reliability
+    diagrams. Caches: the teacher's entropy, the mass kept by its top K classes, its accuracy per
+    class, the spread across recorded views. Every figure's numbers go to a JSON file beside it.
+    """
+    index = write_report(list(runs), list(caches), out, overwrite=overwrite, progress=not quiet)
+    click.echo(f"wrote {index}")
 
 
 def main() -> None:

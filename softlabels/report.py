@@ -45,6 +45,14 @@ SUMMARY_COLUMNS: list[Column] = [
 ]
 
 
+COMPARE_COLUMNS: list[Column] = [("run", "run", str)] + SUMMARY_COLUMNS
+
+
+def format_comparison(summaries: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """What ``softlabels compare`` prints: the rows of every ``(run name, summary rows)``, one table."""
+    return format_table([{"run": name, **row} for name, rows in summaries for row in rows], COMPARE_COLUMNS)
+
+
 def format_table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
     """Left-aligned text columns, numbers right-aligned, one header rule."""
     cells = [[fmt(row.get(key)) for key, _, fmt in columns] for row in rows]
@@ -68,20 +76,16 @@ def cache_report(cache: Cache) -> dict[str, Any]:
     statistic = gold_nats = 0.0
     recorded = cache.checksums()
     gold = any(r.name == GOLD for r in cache.layout.records)
-    # A view mixed with a partner is scored against the sample's own label only where that weighs at least half.
-    weights = [r.name for r in cache.layout.records if r.name.startswith("views/") and r.name.endswith(".lam")
-               and not r.name.startswith("views/partner.")]
+    weights = mix_weights(cache)
     for index in np.flatnonzero(recorded >= 0):
         bounds = cache.chunk_bounds(int(index))
         targets, labels = cache.read(*bounds)
         records = cache.read_records(*bounds) if gold or weights else {}
         statistic += kind.statistic(targets)
-        has_label = labels >= 0
         items += labels.size
         if gold:
-            gold_nats -= float(records[GOLD][has_label].astype(np.float64).sum())
-        for name in weights:
-            has_label &= records[name] >= 0.5
+            gold_nats -= float(records[GOLD][labels >= 0].astype(np.float64).sum())
+        has_label = scored_items(labels, records, weights)
         correct += int((kind.top_class(targets)[has_label] == labels[has_label]).sum())
         labeled += int(has_label.sum())
     n = len(cache)
@@ -107,6 +111,21 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         "tokens": _tokens_report(cache, on_disk, gold_nats / labeled if gold and labeled else None),
         "manifest": cache.manifest,
     }
+
+
+def mix_weights(cache: Cache) -> list[str]:
+    """The records holding the weight of each view's own sample in a mixed view (mixup, cutmix)."""
+    return [r.name for r in cache.layout.records if r.name.startswith("views/") and r.name.endswith(".lam")
+            and not r.name.startswith("views/partner.")]
+
+
+def scored_items(labels: np.ndarray, records: dict[str, np.ndarray], weights: list[str]) -> np.ndarray:
+    """The items the teacher's accuracy is scored on: labeled, and where a view is mixed with a
+    partner, only where the sample's own label weighs at least half (``weights``: :func:`mix_weights`)."""
+    scored = labels >= 0
+    for name in weights:
+        scored &= records[name] >= 0.5
+    return scored
 
 
 def _tokens_report(cache: Cache, on_disk: int, teacher_nats: float | None) -> dict[str, Any] | None:

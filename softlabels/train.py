@@ -44,13 +44,16 @@ from .errors import SoftlabelsError
 from .loader import Batch, SoftTargetLoader, source_for_cache
 from .losses import KL_DIRECTIONS, kd_loss
 from .models import build_model, check_output_shape, count_parameters
+from .calibration import Calibration
 from .durable import write_atomically
 from .kinds.topk import TAILS
 from .store import Cache, open_cache
+from .tensorboard_log import TensorBoardLog, summary_writer_class
 from .tokens import TokenSource, check_tokenizer
 
 _EVAL_BATCH = 1024
 CHECKPOINT = "checkpoint.pt"
+PREDICTIONS = "eval_predictions.npz"  # per student: its predictions on the evaluation data after the last epoch
 _CHECKPOINT_FORMAT = "softlabels-train-checkpoint"
 
 
@@ -107,15 +110,15 @@ class TrainConfig:
 
 
 class _Metrics:
-    """Evaluation metrics accumulated batch by batch, so no ``[N, *items, C]`` array is ever held."""
+    """Evaluation metrics accumulated batch by batch, so no ``[N, *items, C]`` array is ever held;
+    with ``keep_predictions``, each item's top class, its probability and its label are kept too."""
 
-    BINS = 15  # of confidence, for the expected calibration error
-
-    def __init__(self) -> None:
+    def __init__(self, keep_predictions: bool = False) -> None:
         self.labeled = self.correct = self.items = self.agree = 0
         self.nats = 0.0
-        self.confidence, self.hits, self.count = (np.zeros(self.BINS) for _ in range(3))
+        self.calibration = Calibration()
         self.has_teacher = False
+        self.kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = [] if keep_predictions else None
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, teacher_top1: np.ndarray | None) -> None:
         logits = logits.float()
@@ -123,6 +126,8 @@ class _Metrics:
         log_p = torch.log_softmax(logits, dim=-1)
         confidence, predicted = log_p.max(-1)
         labeled = labels != NO_LABEL
+        if self.kept is not None:
+            self.kept.append((predicted.cpu().numpy(), confidence.exp().double().cpu().numpy(), labels.cpu().numpy()))
         if teacher_top1 is not None:
             self.has_teacher = True
             self.agree += int((predicted.cpu().numpy() == teacher_top1).sum())
@@ -135,10 +140,7 @@ class _Metrics:
         self.labeled += int(labeled.sum())
         self.correct += int(hit.sum())
         self.nats -= float(gold[labeled].double().sum())
-        bins = np.minimum((confidence * self.BINS).astype(int), self.BINS - 1)
-        np.add.at(self.confidence, bins, confidence)
-        np.add.at(self.hits, bins, hit)
-        np.add.at(self.count, bins, 1)
+        self.calibration.add(confidence, hit)
 
     def result(self) -> dict[str, float | None]:
         labeled = self.labeled or None
@@ -146,8 +148,16 @@ class _Metrics:
             "accuracy": self.correct / labeled if labeled else None,
             "teacher_agreement": self.agree / self.items if self.has_teacher and self.items else None,
             "nats": self.nats / labeled if labeled else None,  # mean cross-entropy per labeled item
-            "ece": float(np.abs(self.confidence - self.hits).sum() / labeled) if labeled else None,
+            "ece": self.calibration.ece(),
         }
+
+    def predictions(self) -> dict[str, np.ndarray]:
+        """What :data:`PREDICTIONS` holds: ``predicted`` (int64), ``confidence`` (float64, the
+        probability of the predicted class) and ``labels`` (int64, ``-1`` for none), each ``[N, *items]``."""
+        parts = list(zip(*self.kept)) if self.kept else ([], [], [])
+        names, dtypes = ("predicted", "confidence", "labels"), (np.int64, np.float64, np.int64)
+        return {name: np.concatenate(part).astype(dtype, copy=False) if part else np.zeros(0, dtype)
+                for name, part, dtype in zip(names, parts, dtypes)}
 
 
 def evaluate(
@@ -163,14 +173,19 @@ def evaluate(
         evaluate(load_model("student.pth").model, open_data("mnist1d://test"))
         # {'accuracy': 0.8, 'teacher_agreement': None, 'nats': 0.61, 'ece': 0.04}
     """
+    return _evaluate(model, source, teacher_top1=teacher_top1, device=device).result()
+
+
+def _evaluate(model: torch.nn.Module, source: Source, *, teacher_top1: np.ndarray | None, device: str,
+              keep_predictions: bool = False) -> _Metrics:
     if teacher_top1 is not None and len(teacher_top1) != len(source):
         raise SoftlabelsError(f"teacher predictions cover {len(teacher_top1)} rows, the data has {len(source)}")
     was_training = model.training
-    metrics = _Metrics()
+    metrics = _Metrics(keep_predictions)
     for start, out, y in iter_logits(model, source, batch_size=_EVAL_BATCH, device=resolve_device(device)):
         metrics.add(out, y, None if teacher_top1 is None else teacher_top1[start:start + len(y)])
     model.train(was_training)
-    return metrics.result()
+    return metrics
 
 
 def top_classes(model: torch.nn.Module, source: Source, *, device: str = "cpu") -> np.ndarray:
@@ -275,8 +290,13 @@ class _Student:
         self.seconds = 0.0
         self.loss_sum = 0.0
         self.loss_count = 0
+        # the loss's terms, each averaged over the steps that have it: hard-label CE and the soft KL at T
+        self.terms = {"ce_sum": 0.0, "ce_count": 0, "kl_sum": 0.0, "kl_count": 0}
         self.metrics: dict[str, float | None] = {"accuracy": None, "teacher_agreement": None, "nats": None, "ece": None}
         self.history: list[dict[str, Any]] = []  # one record per finished epoch: metrics.jsonl
+        self.predictions: dict[str, np.ndarray] | None = None  # of the last evaluation (not checkpointed)
+        self.rows = 0  # trained on in this process's part of the epoch, and the seconds their steps took
+        self.step_seconds = 0.0
 
     def state(self) -> dict[str, Any]:
         return {
@@ -284,7 +304,7 @@ class _Student:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "rng": dict(self.rng),
-            "seconds": self.seconds, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+            "seconds": self.seconds, "loss_sum": self.loss_sum, "loss_count": self.loss_count, "terms": dict(self.terms),
             "metrics": dict(self.metrics), "history": list(self.history),
         }
 
@@ -294,6 +314,8 @@ class _Student:
         self.schedule.load_state_dict(state["schedule"])
         self.rng = state["rng"]
         self.seconds, self.loss_sum, self.loss_count = state["seconds"], state["loss_sum"], state["loss_count"]
+        terms = state.get("terms", {})  # absent from checkpoints written before the terms were kept: from zero
+        self.terms = {key: type(value)(terms.get(key, 0)) for key, value in self.terms.items()}
         self.metrics, self.history = state["metrics"], state["history"]
 
 
@@ -312,6 +334,7 @@ def train_students(
     overwrite: bool = False,
     teacher: LoadedModel | None = None,
     trust_code: bool = False,
+    tensorboard: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train every student in ``students`` from ``cache`` (or on hard labels alone, or from
     ``teacher`` run on every batch); return the summary.
@@ -321,7 +344,10 @@ def train_students(
     ``out_dir/checkpoint.pt``; every file is replaced atomically. An ``out_dir`` that already holds a
     run is refused unless ``resume`` (continue it from its checkpoint, with the same options) or
     ``overwrite``. ``num_classes`` defaults to the cache's, or without one to the largest label + 1.
-    The caller's random state is the same after the call as before it.
+    The caller's random state is the same after the call as before it. With an evaluation source,
+    each student's predictions after the last epoch go to ``out_dir/NAME/eval_predictions.npz``
+    (:data:`PREDICTIONS`). ``tensorboard`` names a directory for per-epoch TensorBoard scalars
+    (:mod:`softlabels.tensorboard_log`).
 
     A view cache (:mod:`softlabels.views`) trains each sample on one recorded view per epoch, its
     inputs replayed. ``config.augment`` gives every sample a fresh view each epoch instead, for the
@@ -336,6 +362,8 @@ def train_students(
     config.validate()
     if not students:
         raise SoftlabelsError("no student to train: give at least one --student")
+    if tensorboard is not None:
+        summary_writer_class()  # a missing extra is refused before the run directory is touched
     if teacher is not None and (cache is not None or config.hard_labels_only):
         raise SoftlabelsError("--online-teacher runs the teacher on every batch: give it --data, without --cache or --hard-labels-only")
     if cache is None and teacher is None and not config.hard_labels_only:
@@ -414,6 +442,7 @@ def train_students(
                 student.forward = torch.nn.parallel.DistributedDataParallel(student.model)
         loader.load_state_dict(position)
         position = loader.state_dict()  # as the loader checked it: integers inside the run
+        log = TensorBoardLog(tensorboard, names, first_epoch=position["epoch"] + 1) if tensorboard is not None and rank == 0 else None
 
         def checkpoint(epoch: int, batches: int) -> None:
             if out is not None:
@@ -435,12 +464,16 @@ def train_students(
                     if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
                         checkpoint(epoch, done)
                 for student in trained:
-                    _end_epoch(student, epoch, eval_source, eval_teacher_top1, device)
+                    rows_per_second = _end_epoch(student, epoch, eval_source, eval_teacher_top1, device)
+                    if log is not None:  # before the checkpoint: a resumed run purges what follows it
+                        log.write(student.name, student.history[-1], rows_per_second=rows_per_second)
                 checkpoint(epoch + 1, 0)
                 if out is not None:
                     _write_metrics(out, trained)
         finally:
             bar.close()
+            if log is not None:
+                log.close()
     finally:
         _set_rng_state(caller_rng, device)
 
@@ -448,6 +481,8 @@ def train_students(
     if out is not None:
         for student in trained:
             _save_student(out / student.name / "student.pth", student, source, num_classes)
+            if eval_source is not None:
+                _save_predictions(out / student.name / PREDICTIONS, student, eval_source, eval_teacher_top1, device)
         write_atomically(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
     return summary
 
@@ -466,11 +501,13 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
             t = teacher.model(x)
     else:
         t = None if config.hard_labels_only else batch.teacher_logits.to(device, non_blocking=True)
+    labeled = bool((batch.labels != NO_LABEL).any())
     for student in trained:
         began = time.perf_counter()
         _set_rng_state(student.rng, device)
         student.model.train()
-        loss = kd_loss(student.forward(x), t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl, mix=mix,
+        logits = student.forward(x)
+        loss = kd_loss(logits, t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl, mix=mix,
                        mask=mask, tail=config.topk_tail)
         student.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -479,7 +516,26 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         student.rng = _rng_state(device)
         student.loss_sum += float(loss.detach())
         student.loss_count += 1
-        student.seconds += time.perf_counter() - began
+        _add_terms(student, float(loss.detach()), logits.detach(), t, y, mix, labeled, config)
+        elapsed = time.perf_counter() - began
+        student.seconds += elapsed
+        student.step_seconds += elapsed
+        student.rows += len(batch.labels)
+
+
+def _add_terms(student: _Student, loss: float, logits: torch.Tensor, t: Any, y: torch.Tensor, mix: Any, labeled: bool,
+               config: TrainConfig) -> None:
+    """Add a step's hard-label cross-entropy (on a batch with labels) and soft KL at T (with a
+    teacher and alpha < 1) to the student's sums, the KL solved from the loss rather than computed again."""
+    terms = student.terms
+    ce = None
+    if labeled:
+        ce = loss if t is None else float(kd_loss(logits, None, y, mix=mix))
+        terms["ce_sum"] += ce
+        terms["ce_count"] += 1
+    if t is not None and config.alpha < 1:
+        terms["kl_sum"] += (loss - config.alpha * (ce or 0.0)) / ((1 - config.alpha) * config.temperature**2)
+        terms["kl_count"] += 1
 
 
 def _epoch_batches(loader: SoftTargetLoader, num_workers: int) -> Iterator[Batch]:
@@ -489,14 +545,21 @@ def _epoch_batches(loader: SoftTargetLoader, num_workers: int) -> Iterator[Batch
     return iter(torch.utils.data.DataLoader(loader, batch_size=None, num_workers=num_workers, generator=torch.Generator()))
 
 
-def _end_epoch(student: _Student, epoch: int, eval_source: Source | None, eval_teacher_top1: np.ndarray | None, device: torch.device) -> None:
+def _end_epoch(student: _Student, epoch: int, eval_source: Source | None, eval_teacher_top1: np.ndarray | None,
+               device: torch.device) -> float | None:
+    """Evaluate, append the epoch's record to the history and start the next epoch's sums; return
+    the rows per second of the student's steps in this epoch."""
     began = time.perf_counter()
     if eval_source is not None:
-        student.metrics = evaluate(student.model, eval_source, teacher_top1=eval_teacher_top1, device=str(device))
+        result = _evaluate(student.model, eval_source, teacher_top1=eval_teacher_top1, device=str(device), keep_predictions=True)
+        student.metrics, student.predictions = result.result(), result.predictions()
     student.seconds += time.perf_counter() - began
+    terms = student.terms
     student.history.append({
         "epoch": epoch + 1,
         "train_loss": student.loss_sum / max(1, student.loss_count),
+        "train_ce": terms["ce_sum"] / terms["ce_count"] if terms["ce_count"] else None,
+        "train_kl": terms["kl_sum"] / terms["kl_count"] if terms["kl_count"] else None,
         "lr": student.schedule.get_last_lr()[0],
         "eval_accuracy": student.metrics["accuracy"],
         "teacher_agreement": student.metrics["teacher_agreement"],
@@ -504,7 +567,11 @@ def _end_epoch(student: _Student, epoch: int, eval_source: Source | None, eval_t
         "ece": student.metrics["ece"],
         "seconds": round(student.seconds, 3),
     })
+    rows_per_second = student.rows / student.step_seconds if student.step_seconds > 0 else None
     student.loss_sum, student.loss_count = 0.0, 0
+    student.terms = {key: type(value)(0) for key, value in terms.items()}
+    student.rows, student.step_seconds = 0, 0.0
+    return rows_per_second
 
 
 def _targets_description(config: TrainConfig, online: bool) -> str:
@@ -536,6 +603,17 @@ def _save_student(path: Path, student: _Student, source: Source, num_classes: in
         arch = HF_PREFIX + str(Path(arch[len(HF_PREFIX):]).resolve())
     save_checkpoint(path, student.model, arch=arch, arch_kwargs=student.spec.kwargs,
                     input_shape=source.input_shape, num_classes=num_classes)
+
+
+def _save_predictions(path: Path, student: _Student, eval_source: Source, eval_teacher_top1: np.ndarray | None,
+                      device: torch.device) -> None:
+    """The student's last predictions on the evaluation data, as plain arrays (read back with
+    ``np.load(path, allow_pickle=False)``); evaluated again when a run resumed after its last epoch."""
+    predictions = student.predictions
+    if predictions is None:
+        predictions = _evaluate(student.model, eval_source, teacher_top1=eval_teacher_top1, device=str(device),
+                                keep_predictions=True).predictions()
+    write_atomically(path, lambda f: np.savez(f, **predictions))
 
 
 def _write_metrics(out: Path, trained: list[_Student]) -> None:
