@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 from pathlib import Path
@@ -146,8 +147,7 @@ def cache_figures_data(cache: Cache, *, progress: bool = False) -> dict[str, Any
             p = log_p.exp()
             entropy[t].add((-(p * log_p).sum(-1)).numpy())
             cumulative = torch.sort(p, dim=-1, descending=True).values.cumsum(-1)
-            # divided by its own total, so every item's curve ends at exactly 1
-            mass[t] += (cumulative / cumulative[..., -1:]).sum(0).numpy()
+            mass[t] += cumulative.sum(0).numpy()
         if viewed:
             whole = finite.reshape(len(finite), -1).all(-1)  # samples whose every view is finite
             p = torch.softmax(logits[whole], dim=-1)  # [samples, V, C]
@@ -204,13 +204,17 @@ def save_figure(name: str, data: dict[str, Any], stem: Path, *, dpi: int = DPI, 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    DRAW[name](fig, data)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=dpi)
+    from matplotlib import rc_context
+
+    # Run, student and cache names are drawn as written: a "$" in one is not matplotlib's math text.
+    with rc_context({"text.parse_math": False}):
+        fig = Figure(figsize=(9, 3.6), layout="constrained")
+        FigureCanvasAgg(fig)
+        DRAW[name](fig, data)
+        if title:
+            fig.suptitle(title, fontsize=10)
+        image = io.BytesIO()
+        fig.savefig(image, format="png", dpi=dpi)
     png = stem.with_suffix(".png")
     write_atomically(png, lambda f: f.write(image.getvalue()))
     text = json.dumps(data, indent=1, allow_nan=False) + "\n"
@@ -243,7 +247,7 @@ def _whole_epochs(*axes: Any) -> None:
 def _draw_accuracy_vs_params(fig: Any, data: dict[str, Any]) -> None:
     ax = fig.subplots()
     runs = list(dict.fromkeys(p["run"] for p in data["points"]))
-    for marker, run in zip("osD^v<>ph*", runs):
+    for marker, run in zip(itertools.cycle("osD^v<>ph*"), runs):
         points = [p for p in data["points"] if p["run"] == run]
         ax.scatter([p["params"] for p in points], [p["eval_accuracy"] for p in points], marker=marker, s=40, label=run)
         for p in points:

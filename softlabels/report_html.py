@@ -33,7 +33,6 @@ from .runs import read_run
 from .store import open_cache
 
 FORMAT = "softlabels-report"
-MAIN_FIGURE = "accuracy-vs-params.png"
 
 _RUN_FIGURES = (  # file stem, figure, data, caption
     ("accuracy-vs-params", "accuracy_vs_params", accuracy_vs_params_data,
@@ -82,7 +81,7 @@ def write_report(runs: list[str | Path], caches: list[str | Path], out: str | Pa
             figures = [_figure(building, f"{name}-{key.replace('_', '-')}", key, data[key], caption, dpi, listed,
                                title=str(path)) for key, caption in _CACHE_FIGURES if data[key] is not None]
             sections.append(_section(f"Cache {path}", text, figures))
-        (building / "index.html").write_text(_page(sections))
+        (building / "index.html").write_text(_page(sections), encoding="utf-8")
         (building / "report.json").write_text(json.dumps({"format": FORMAT, "softlabels_version": __version__,
                                                           "runs": [str(p) for p in runs], "caches": [str(p) for p in caches],
                                                           "figures": listed}, indent=2) + "\n")
@@ -103,7 +102,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.is_symlink() or not out.is_dir():
         raise SoftlabelsError(f"{out} exists and is not a report folder: remove it or choose another --out")
     try:
-        marker = json.loads((out / "report.json").read_text())
+        marker = json.loads((out / "report.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         marker = None
     if any(out.iterdir()) and not (isinstance(marker, dict) and marker.get("format") == FORMAT):
@@ -131,11 +130,16 @@ def _figure(folder: Path, stem: str, name: str, data: dict[str, Any], caption: s
 
 
 def _unique(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
+    """``names`` made distinct by a suffix ``-2``, ``-3``, ... (never one that another name already is)."""
+    taken: set[str] = set()
     result = []
     for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        result.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}-{n}"
+        taken.add(unique)
+        result.append(unique)
     return result
 
 

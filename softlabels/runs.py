@@ -38,7 +38,7 @@ _METRICS_NUMBERS = ("train_loss", "train_ce", "train_kl", "lr", "eval_accuracy",
 _PREDICTION_KINDS = {"predicted": "i", "confidence": "f", "labels": "i"}
 
 
-@dataclass
+@dataclass(eq=False)  # runs are told apart by identity: their arrays do not compare as one truth value
 class Run:
     """One run directory: its ``summary`` rows, and per student name its ``metrics`` records,
     ``predictions`` (``None`` without evaluation data) and ``checkpoint_sha256`` (``None`` if the
@@ -60,7 +60,7 @@ def read_summary(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
     path = Path(path)
     path = path / SUMMARY if path.is_dir() else path
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SoftlabelsError(f"cannot read summary {path}: {exc}") from exc
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
@@ -82,7 +82,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     a number or null."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise SoftlabelsError(f"cannot read metrics {path}: {exc}") from exc
     records = []
@@ -154,7 +154,7 @@ def find_teacher(runs: list[Run]) -> tuple[Run, dict[str, Any]] | None:
 def _cache_teacher(config: Path) -> str | None:
     """``cache_identity["teacher.sha256"]`` of a run's ``config.json``, if it has one."""
     try:
-        options = json.loads(config.read_text())
+        options = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None  # the options only name the teacher; a run without them just has none
     identity = options.get("cache_identity") if isinstance(options, dict) else None

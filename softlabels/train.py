@@ -516,8 +516,8 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         student.rng = _rng_state(device)
         student.loss_sum += float(loss.detach())
         student.loss_count += 1
+        elapsed = time.perf_counter() - began  # the step itself; the loss terms below are bookkeeping
         _add_terms(student, float(loss.detach()), logits.detach(), t, y, mix, labeled, config)
-        elapsed = time.perf_counter() - began
         student.seconds += elapsed
         student.step_seconds += elapsed
         student.rows += len(batch.labels)
@@ -526,7 +526,8 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
 def _add_terms(student: _Student, loss: float, logits: torch.Tensor, t: Any, y: torch.Tensor, mix: Any, labeled: bool,
                config: TrainConfig) -> None:
     """Add a step's hard-label cross-entropy (on a batch with labels) and soft KL at T (with a
-    teacher and alpha < 1) to the student's sums, the KL solved from the loss rather than computed again."""
+    teacher and alpha < 1) to the student's sums: the cross-entropy computed once more on the detached
+    logits (no gradient), the KL solved from the loss and it."""
     terms = student.terms
     ce = None
     if labeled:

@@ -305,3 +305,17 @@ def test_tensorboard_without_the_extra_is_refused_before_anything_is_written(tmp
                  "--out", tmp_path / "run", "--tensorboard", tmp_path / "tb", "--epochs", 1, "--quiet")
     assert_one_line_error(result, r"--tensorboard needs the tensorboard package: pip install 'softlabels\[tensorboard\]'")
     assert not (tmp_path / "run").exists() and not (tmp_path / "tb").exists()
+
+
+def test_names_from_files_are_escaped_and_drawn_as_written(demo, tmp_path):
+    """A run directory named with HTML and matplotlib's math markup, given twelve times (more runs than
+    markers, the same run twice): the report is written, the name escaped in the page, every run plotted."""
+    odd = tmp_path / 'run$\\foo$<script>"x"'
+    shutil.copytree(demo / "scratch", odd)
+    out = tmp_path / "report"
+    ok("report", *[odd] * 2, *[demo / "scratch"] * 10, "--out", out, "--quiet")
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    points = json.loads((out / "accuracy-vs-params.json").read_text())["points"]
+    assert len(points) == 12 * 2  # two students per run
+    assert imread(out / "accuracy-vs-params.png").ndim == 3
