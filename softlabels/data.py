@@ -153,7 +153,7 @@ class Source:
 
             x, y = source.take(np.array([7, 3, 7]))   # x[0] and x[2] are row 7
         """
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = self._rows(ids)
         distinct, where = np.unique(ids, return_inverse=True)
         if len(distinct) == 0:
             x, y = self.read(0, 0)
@@ -163,6 +163,14 @@ class Source:
         x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         y = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
         return x[where], y[where]
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """``ids`` as int64, refused when one is not a row (an index read from a stranger's cache)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+            bad = ids[(ids < 0) | (ids >= len(self))][0]
+            raise SoftlabelsError(f"dataset {self.spec} has rows 0 to {len(self) - 1}, not row {bad}")
+        return ids
 
     def labels(self) -> np.ndarray:
         """Every label, read in blocks (labels are small next to inputs)."""
@@ -274,6 +282,14 @@ class ArraySource(LazySource):
         if y is None:
             return xs, np.full(stop - start, NO_LABEL, dtype=np.int64)
         return xs, np.asarray(y[start:stop]).astype(np.int64)
+
+    def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self._open()
+        if not all(isinstance(a, np.ndarray) for a in (x, y) if a is not None):
+            return super().take(ids)  # zarr and h5py: one read per run of rows
+        ids = self._rows(ids)  # arrays in memory or memory-mapped: one gather
+        xs = _as_input_array(x[ids])
+        return xs, np.full(len(ids), NO_LABEL, dtype=np.int64) if y is None else y[ids].astype(np.int64)
 
     def fingerprint(self) -> str:
         """sha256 of the shapes, dtypes and every byte of ``x`` and ``y``, read in large blocks."""

@@ -107,7 +107,8 @@ class _Window(NamedTuple):
     labels: np.ndarray | None
     teacher_logits: dict[str, np.ndarray] | None
     indices: np.ndarray
-    records: dict[str, np.ndarray] | None = None  # a view cache's records of these rows
+    records: dict[str, np.ndarray] | None = None  # a view cache's records of these rows, until replayed
+    mix: dict[str, np.ndarray] | None = None  # the fields of the replayed views' Mix
     buffers: dict[str, np.ndarray] | None = None  # the memory the cached arrays were read into, to read the next window into
 
 
@@ -291,12 +292,12 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
     def _view(self, window: _Window) -> tuple[_Window, Mix | None]:
         """The batch as trained on: one recorded view per row replayed (a view cache), or a fresh
         view per row (``augment``), or the rows as they are."""
-        if self.views is not None:
-            rows, view = np.arange(len(window.indices)), self.views.view_of(self.seed, self.epoch, window.indices)
-            targets = {name: a[rows, view] for name, a in window.teacher_logits.items()}
-            record = {name: a[rows, view] for name, a in window.records.items()}
-            x, mix = self.views.apply(self.source, self._raw_inputs(window), record, window.indices)
-            return window._replace(inputs=x, labels=window.labels[rows, view], teacher_logits=targets, records=None), mix
+        if self.views is not None and window.records is None:  # replayed with its window (_replayed)
+            mix = None if window.mix is None else Mix(**{k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in window.mix.items()})
+            return window._replace(mix=None), mix
+        if self.views is not None:  # the window kept one view per row (_one_view)
+            x, mix = self.views.apply(self.source, self._raw_inputs(window), window.records, window.indices)
+            return window._replace(inputs=x, records=None), mix
         if self.augment is not None:
             record = self.augment.draw(window.indices, np.full(len(window.indices), self.epoch), self.num_samples,
                                        self.source.input_shape, self.source)
@@ -407,7 +408,23 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         window = _concat(list(blocks))._replace(buffers=buffers)
         if self.cache is not None:
             window = window._replace(teacher_logits=t, labels=y)
-        return window
+        if self.views is None:
+            return window
+        window = self._one_view(window)
+        return window if self._batch_inputs else self._replayed(window)
+
+    def _one_view(self, window: _Window) -> _Window:
+        """The window with one recorded view per row, chosen by ``(seed, epoch, sample)``: its targets,
+        label and record (chosen once a window, so a batch gathers only the view it trains on)."""
+        rows, view = np.arange(len(window.indices)), self.views.view_of(self.seed, self.epoch, window.indices)
+        return window._replace(labels=window.labels[rows, view], teacher_logits={n: a[rows, view] for n, a in window.teacher_logits.items()},
+                               records={n: a[rows, view] for n, a in window.records.items()})
+
+    def _replayed(self, window: _Window) -> _Window:
+        """The window's views replayed at once, which its batches then gather: a replay's cost is mostly
+        per call, and a window holds many batches. (A source read item by item replays per batch.)"""
+        x, mix = self.views.apply(self.source, self._raw_inputs(window), window.records, window.indices)
+        return window._replace(inputs=x.numpy(), records=None, mix=None if mix is None else {k: t.numpy() for k, t in mix._asdict().items()})
 
 
 def _usable(window: _Window, mix: Mix | None) -> tuple[_Window, Mix | None]:

@@ -13,6 +13,7 @@ import torch
 
 from softlabels.augment import (AUGMENTATIONS, Crop, CutMix, Flip, MixUp, Pipeline, Shift, augmentation_from_settings,
                                 parse_augment)
+from softlabels.augment.signal import keyed_normals
 from softlabels.errors import SoftlabelsError
 
 N = 50  # samples in the dataset that partners are drawn from
@@ -21,6 +22,7 @@ SPECS = {
     "shift?max=6": SIGNAL,
     "scale?max=0.25": SIGNAL,
     "noise?std=0.15": SIGNAL,
+    "noise?std=0.15&generator=pcg64": SIGNAL,
     "crop?size=8,10&scale=0.35,1&ratio=0.75,1.3333": IMAGE,
     "flip": IMAGE,
     "mixup?alpha=1": SIGNAL,
@@ -54,8 +56,25 @@ def ref_scale(x, p, aug):
     return x * p["factor"].reshape(-1, 1, 1)
 
 
+def ref_keyed_normals(seed, size):
+    """The documented generator of noise's keyed normals, in Python integers and ``math``."""
+    values = []
+    for k in range((size + 1) // 2):
+        z = (seed + (k + 1) * 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        z ^= z >> 31
+        r, angle = math.sqrt(-2 * math.log(((z >> 32) + 1) * 2**-32)), (z & 0xFFFFFFFF) * 2**-32 * 2 * math.pi
+        values += [r * math.cos(angle), r * math.sin(angle)]
+    return np.float32(values[:size])
+
+
 def ref_noise(x, p, aug):
-    noise = np.stack([np.random.default_rng(int(s)).standard_normal(x.shape[1:], dtype=np.float32) for s in p["seed"]])
+    shape = x.shape[1:]
+    if aug.generator == "pcg64":
+        noise = np.stack([np.random.default_rng(int(s)).standard_normal(shape, dtype=np.float32) for s in p["seed"]])
+    else:
+        noise = np.stack([ref_keyed_normals(int(s), math.prod(shape)).reshape(shape) for s in p["seed"]])
     return x + np.float32(aug.std) * noise
 
 
@@ -104,7 +123,28 @@ def ref_draw(aug, rng):
 # -- every built-in ------------------------------------------------------------------------------------
 
 def test_registry_names_every_builtin():
-    assert sorted(AUGMENTATIONS) == sorted(spec.partition("?")[0] for spec in SPECS)
+    assert sorted(AUGMENTATIONS) == sorted({spec.partition("?")[0] for spec in SPECS})
+
+
+def test_keyed_noise_is_standard_normal_and_keyed_by_its_seed_alone():
+    seeds = np.random.default_rng(3).integers(2**64, size=5000, dtype=np.uint64)
+    z = keyed_normals(seeds, (41,)).astype(np.float64)
+    assert z.shape == (5000, 41) and abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert abs(np.mean(np.abs(z) < 1) - 0.6827) < 0.005 and abs(np.mean(np.abs(z) < 2) - 0.9545) < 0.003
+    assert abs(np.corrcoef(z[:, 0], z[:, 1])[0, 1]) < 0.05  # the cosine and sine of one word
+    assert np.array_equal(keyed_normals(seeds[[7, 7, 2]], (41,)), z[[7, 7, 2]].astype(np.float32))
+    assert np.array_equal(keyed_normals(seeds[:3], (2, 3)), keyed_normals(seeds[:3], (6,)).reshape(3, 2, 3))
+
+
+def test_a_manifest_without_a_noise_generator_replays_with_numpys_generator():
+    """Caches dumped before keyed noise record no generator: they replay as they were made."""
+    old = augmentation_from_settings({"name": "noise", "std": 0.15}, where="manifest")
+    assert old.generator == "pcg64" and parse_augment("noise?std=0.15").generator == "keyed"
+    assert augmentation_from_settings(parse_augment("noise?std=0.15").settings(), where="manifest").generator == "keyed"
+    x, seeds = inputs(SIGNAL)[:3], np.array([1, 2**63 + 5, 9], np.uint64)
+    expected = ref_noise(x.numpy(), {"seed": seeds}, old)
+    assert np.array_equal(old.apply(x, {"seed": seeds}).numpy(), expected)
+    assert not np.allclose(parse_augment("noise?std=0.15").apply(x, {"seed": seeds}).numpy(), expected)
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -45,6 +45,15 @@ def test_every_array_format_reads_the_same_rows_and_fingerprint(tmp_path, arrays
         xs, ys = source.read(10, 27)
         np.testing.assert_array_equal(xs, x[10:27])
         np.testing.assert_array_equal(ys, y[10:27])
+    ids = np.array([7, 3, 7, 49, 0, 4, 5])
+    for source in sources:  # arrays in memory or mapped gather at once, the others read runs of rows
+        xs, ys = source.take(ids)
+        np.testing.assert_array_equal(xs, x[ids])
+        np.testing.assert_array_equal(ys, y[ids])
+        assert xs.flags.writeable and ys.dtype == np.int64
+        for bad in (-1, 50):
+            with pytest.raises(SoftlabelsError, match=f"has rows 0 to 49, not row {bad}$"):
+                source.take(np.array([2, bad]))
     assert len({s.fingerprint() for s in sources[:4]}) == 1
     assert sources[4].fingerprint().startswith("sampled-sha256:")
 

@@ -192,7 +192,7 @@ def test_convert_keeps_the_first_views_and_makes_sparse_view_caches(tmp_path, vi
 def test_inspect_shows_the_views(view_cache):
     done = subprocess.run([sys.executable, "-m", "softlabels", "inspect", str(view_cache)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "views        3 per sample, augment seed 5: shift?max=6 -> scale?max=0.25 -> noise?std=0.15 -> mixup?alpha=1" in done.stdout
+    assert "views        3 per sample, augment seed 5: shift?max=6 -> scale?max=0.25 -> noise?std=0.15&generator=keyed -> mixup?alpha=1" in done.stdout
     assert "per view" in done.stdout
     assert "views whose own label weighs at least half" in done.stdout  # a mixed view's own label may not be its answer
 
@@ -242,12 +242,21 @@ def test_plain_zarr_and_numpy_replay_a_view_as_the_readme_shows(tmp_path, teache
     g = zarr.open_group(str(path), mode="r")
     std = g.attrs["softlabels"]["views"]["augment"][1]["std"]
     x = source.read(0, len(source))[0]
+    def keyed_normals(seed, size):
+        z = np.uint64(seed) + np.arange(1, (size + 1) // 2 + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+        r = np.sqrt(-2 * np.log(((z >> np.uint64(32)) + np.uint64(1)) * 2.0**-32))
+        angle = (z & np.uint64(0xFFFFFFFF)) * 2.0**-32 * 2 * np.pi
+        return np.stack([r * np.cos(angle), r * np.sin(angle)], -1).reshape(-1)[:size].astype(np.float32)
+
     for i, v in [(0, 0), (17, 1), (99, 1)]:
         def one(row, prefix=""):
             offset = int(g[f"views/{prefix}shift.offset"][i, v])
             out = row[np.clip(np.arange(40) - offset, 0, 39)]
             seed = int(g[f"views/{prefix}noise.seed"][i, v])
-            return out + np.float32(std) * np.random.default_rng(seed).standard_normal(40, dtype=np.float32)
+            return out + np.float32(std) * keyed_normals(seed, 40)
         j, lam = int(g["views/mixup.partner"][i, v]), g["views/mixup.lam"][i, v]
         view = lam * one(x[i]) + (1 - lam) * one(x[j], "partner.")
         record = {name: r[i:i + 1, v] for name, r in open_cache(path).read_records(0, len(source)).items()}

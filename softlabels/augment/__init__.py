@@ -91,7 +91,8 @@ def augmentation_from_settings(entry: Any, *, where: str, trust_code: bool = Fal
     if "callable" not in entry:
         if entry["name"] not in AUGMENTATIONS:
             raise SoftlabelsError(f"{where}: unknown augmentation {entry['name']!r} ({_known()})")
-        return AUGMENTATIONS[entry["name"]].from_settings(entry, where=where)
+        kind = AUGMENTATIONS[entry["name"]]
+        return kind.from_settings({**kind.unrecorded, **entry}, where=where)
     target = entry["callable"]
     settings = {key: value for key, value in entry.items() if key not in _RESERVED}
     if not isinstance(target, str):

@@ -61,6 +61,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
         return f"{len(args)} {'integers' if args[0] is int else 'numbers'}, comma-separated"
@@ -74,6 +76,8 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is float and is_number(value):
         return float(value)
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal and isinstance(value, str) and value in args:
+        return value
     if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
         return tuple(_coerce(v, a) for v, a in zip(value, args))
     raise ValueError(value)
@@ -94,6 +98,9 @@ class Augmentation:
     # First in a pipeline over a source of decoded images (an image folder), it draws for each image's
     # own size and takes its views from the images (from_source), not from the resized inputs.
     crops_source: ClassVar[bool] = False
+    # Settings added after caches were written, with the value those caches were made with: a
+    # manifest entry without one means that value, not today's default (see augmentation_from_settings).
+    unrecorded: ClassVar[dict[str, Any]] = {}
 
     # -- settings ----------------------------------------------------------------------------------
 
