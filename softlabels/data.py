@@ -99,6 +99,10 @@ class Source:
         """Inputs ``x[start:stop]`` and labels ``y[start:stop]`` as numpy arrays."""
         raise NotImplementedError
 
+    def read_inputs(self, start: int, stop: int) -> np.ndarray:
+        """Inputs ``x[start:stop]`` alone, for a reader whose labels come from elsewhere (a cache)."""
+        return self.read(start, stop)[0]
+
     @property
     def chunk_rows(self) -> int | None:
         """Rows per stored chunk of the inputs (``None`` when reads cost the same at any offset)."""
@@ -276,12 +280,14 @@ class ArraySource(LazySource):
         return int(chunks[0]) if chunks else None
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        x, y = self._open()
-        # A slice of a memory-mapped npz is read-only; torch wants arrays it may write.
-        xs = np.require(_as_input_array(np.asarray(x[start:stop])), requirements=["C", "W"])
+        xs, y = self.read_inputs(start, stop), self._open()[1]
         if y is None:
             return xs, np.full(stop - start, NO_LABEL, dtype=np.int64)
         return xs, np.asarray(y[start:stop]).astype(np.int64)
+
+    def read_inputs(self, start: int, stop: int) -> np.ndarray:
+        # A slice of a memory-mapped npz is read-only; torch wants arrays it may write.
+        return np.require(_as_input_array(np.asarray(self._open()[0][start:stop])), requirements=["C", "W"])
 
     def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, y = self._open()

@@ -390,9 +390,10 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
     def _read_block(self, block: int, inputs: bool = True) -> _Window:
         """A block's inputs (or labels without a cache) and records; :meth:`_read_window` reads the targets."""
         start, stop = chunk_bounds(block, self.block_rows, self.num_samples)
-        x, y = self.source.read(start, stop) if inputs else (None, None)
-        if self.cache is not None:
-            y = None
+        if self.cache is not None:  # the cache holds the labels
+            x, y = self.source.read_inputs(start, stop) if inputs else None, None
+        else:
+            x, y = self.source.read(start, stop) if inputs else (None, None)
         records = self.cache.read_records(start, stop) if self.views is not None else None
         return _Window(x, y, None, np.arange(start, stop), records)
 
