@@ -169,27 +169,28 @@ def bench_quality(root: Path, setup: dict, args: argparse.Namespace, log: Path) 
           + "; ".join(extra) + ".")
 
 
-HEAVY = (8, 512, 8)  # a heavier teacher for the dump's overhead: layers, width, heads (random weights: speed only)
-HEAVY_WINDOWS = 1024
+# Heavier teachers for the dump's overhead, random weights (speed only): layers, width, heads; the
+# windows each runs over; its batch in windows.
+HEAVY = {"heavy": ((8, 512, 8), 1024, 256), "large": ((12, 1024, 16), 64, 16)}
 
 
 def bench_dump(root: Path, setup: dict, args: argparse.Namespace) -> None:
     """Dump time over the bare forward pass, for the trained teacher over every training window and
-    for a heavier one over the first windows (saved as .npz token data): the targets cost the same
-    per token for both, so the heavier the teacher the smaller their share."""
+    for heavier ones (:data:`HEAVY`) over the first windows (saved as .npz token data): the targets
+    cost the same per token for all, so the heavier the teacher the smaller their share."""
     from softlabels.checkpoint import save_checkpoint
     from softlabels.models import build_model
 
     source = open_data(setup["specs"]["train"])
-    ids, _ = source.read(0, HEAVY_WINDOWS)
-    np.savez(root / "heavy-windows.npz", input_ids=ids)
-    heavy = dict(zip(("layers", "dim", "heads"), HEAVY))
-    torch.manual_seed(0)
-    model = build_model("gpt", input_shape=(SEQ_LEN,), num_classes=VOCAB, kwargs=heavy)
-    save_checkpoint(root / "heavy.pth", model, arch="gpt", arch_kwargs=heavy, input_shape=(SEQ_LEN,), num_classes=VOCAB)
-    teachers = {f"trained gpt {TEACHER[0]} x {TEACHER[1]}": (softlabels.load_model(setup["teacher"]), source),
-                f"gpt {HEAVY[0]} x {HEAVY[1]}": (softlabels.load_model(root / "heavy.pth"), open_data(str(root / "heavy-windows.npz")))}
-    batch = 256
+    teachers = {f"trained gpt {TEACHER[0]} x {TEACHER[1]}": (softlabels.load_model(setup["teacher"]), source, 256)}
+    for name, ((layers, width, heads), windows, batch) in HEAVY.items():
+        ids, _ = source.read(0, windows)
+        np.savez(root / f"{name}-windows.npz", input_ids=ids)
+        kwargs = {"layers": layers, "dim": width, "heads": heads}
+        torch.manual_seed(0)
+        model = build_model("gpt", input_shape=(SEQ_LEN,), num_classes=VOCAB, kwargs=kwargs)
+        save_checkpoint(root / f"{name}.pth", model, arch="gpt", arch_kwargs=kwargs, input_shape=(SEQ_LEN,), num_classes=VOCAB)
+        teachers[f"gpt {layers} x {width}"] = (softlabels.load_model(root / f"{name}.pth"), open_data(str(root / f"{name}-windows.npz")), batch)
     kinds = {"dense, float16": Dense(), "top-k, K = 16": TopK(k=16, temperatures=(TEMPERATURE,)),
              "sampled, S = 24": Sampled(samples=24, proposal_temperature=TEMPERATURE, temperatures=(TEMPERATURE,)),
              "sampled, S = 24, compact": Sampled(samples=24, proposal_temperature=TEMPERATURE, temperatures=(TEMPERATURE,), compact=True)}
@@ -200,12 +201,12 @@ def bench_dump(root: Path, setup: dict, args: argparse.Namespace) -> None:
         return time.perf_counter() - began
 
     print("\n### Dump speed\n")
-    print(f"Each teacher over its windows of {SEQ_LEN} tokens, batch {batch} windows, CPU ({torch.get_num_threads()} threads), "
-          f"to .zarr; best of {args.repeats} runs, each dump alternating with a bare forward pass: the same batches through the "
-          f"same code path (`iter_logits`), outputs discarded.\n")
-    row("teacher", "parameters", "tokens", "forward tokens/s", "cache", "dump tokens/s", "dump time / forward time")
-    row("---", "---:", "---:", "---:", "---", "---:", "---:")
-    for label, (teacher, data) in teachers.items():
+    print(f"Each teacher over its windows of {SEQ_LEN} tokens, CPU ({torch.get_num_threads()} threads), to .zarr; best of "
+          f"{args.repeats} runs, each dump alternating with a bare forward pass: the same batches through the same code "
+          f"path (`iter_logits`), outputs discarded.\n")
+    row("teacher", "parameters", "tokens", "batch (windows)", "forward tokens/s", "cache", "dump tokens/s", "dump time / forward time")
+    row("---", "---:", "---:", "---:", "---:", "---", "---:", "---:")
+    for label, (teacher, data, batch) in teachers.items():
         tokens = len(data) * SEQ_LEN
 
         def forward_only():
@@ -222,7 +223,7 @@ def bench_dump(root: Path, setup: dict, args: argparse.Namespace) -> None:
         params = sum(p.numel() for p in teacher.model.parameters())
         for name in kinds:
             best = min(dumps[name])
-            row(label, f"{params / 1e6:.1f}M", f"{tokens:,}", f"{tokens / min(forward):,.0f}", name, f"{tokens / best:,.0f}",
+            row(label, f"{params / 1e6:.1f}M", f"{tokens:,}", batch, f"{tokens / min(forward):,.0f}", name, f"{tokens / best:,.0f}",
                 f"{best / min(forward):.3f}")
     shutil.rmtree(root / "speed.zarr", ignore_errors=True)
 

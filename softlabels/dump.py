@@ -47,7 +47,10 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _QUEUE_BATCHES = 8
-_WRITE_GROUP = 8  # finished chunks written per store call at most
+# Finished chunks are written, synced and committed in groups: one sync of an HDF5 file per group
+# halves its write time against one per chunk. A chunk waits at most _WRITE_WAIT seconds for its group.
+_WRITE_GROUP = 8
+_WRITE_WAIT = 0.1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -249,6 +252,7 @@ class _ChunkWriter(threading.Thread):
         self._parts: dict[int, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._filled: dict[int, int] = {}
         self._done: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._waiting_since = 0.0  # when the oldest unwritten finished chunk was finished
 
     def put(self, item: Any) -> None:
         while True:
@@ -263,13 +267,21 @@ class _ChunkWriter(threading.Thread):
     def run(self) -> None:
         received_end = False
         try:
-            while (item := self.inbox.get()) is not None:
+            while True:
+                wait = max(0.0, self._waiting_since + _WRITE_WAIT - time.monotonic()) if self._done else None
+                try:
+                    item = self.inbox.get(timeout=wait)
+                except queue.Empty:  # a slow teacher: the finished chunks have waited long enough
+                    self._flush()
+                    continue
+                if item is None:
+                    break
                 start, targets, finite, predicted, labels, ready = item
                 if ready is not None:
                     ready.synchronize()
                 arrays = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
                 self._add(start, arrays, finite.numpy(), predicted.numpy(), labels.numpy())
-                if self.inbox.empty() or len(self._done) >= _WRITE_GROUP:
+                if len(self._done) >= _WRITE_GROUP or (self._done and time.monotonic() >= self._waiting_since + _WRITE_WAIT):
                     self._flush()
             received_end = True
             self._flush()
@@ -297,6 +309,8 @@ class _ChunkWriter(threading.Thread):
             self._parts.setdefault(chunk, []).append((a - lo, *part))
             self._filled[chunk] = self._filled.get(chunk, 0) + (b - a)
             if self._filled[chunk] == hi - lo:
+                if not self._done:
+                    self._waiting_since = time.monotonic()
                 parts = [part[1:] for part in sorted(self._parts.pop(chunk), key=lambda part: part[0])]
                 self._done[chunk] = _concat_parts(parts)
                 del self._filled[chunk]
@@ -685,12 +699,12 @@ def _feed(
             _check_labels(labels, layout.num_classes, start)
             if labels.shape != logits.shape[:-1]:  # one label per sample: each of its items gets it
                 labels = labels.reshape(-1, *([1] * len(layout.items))).expand(-1, *layout.items)
-            if any(r.name == GOLD for r in layout.records):
-                records = {**records, GOLD: gold_logprob(logits, labels)}
             # Cast, rank, check (and sparsify) on the device: finiteness of the stored values catches
             # float16 overflow too, and only what is stored crosses to the host.
             rows_here = torch.arange(start, start + len(logits), device=logits.device)
             stored = layout.kind.build(logits, rows=rows_here, store_dtype=out_dtype)
+            if any(r.name == GOLD for r in layout.records):
+                records = {**records, GOLD: gold_logprob(logits, labels, layout.kind.log_partition_at_one(stored))}
             predicted = layout.kind.predicted(logits, stored)
             finite = layout.kind.finite(logits, stored).reshape(len(logits), -1).all(1)
             if device.type == "cuda":  # records drawn on the host (views) are numpy and stay there

@@ -130,11 +130,16 @@ def gold_record(seq_len: int) -> Record:
     return Record(GOLD, np.dtype(np.float16), (seq_len,))
 
 
-def gold_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def gold_logprob(logits: torch.Tensor, labels: torch.Tensor, log_partition: torch.Tensor | None = None) -> torch.Tensor:
     """``log softmax(logits)[label]`` per item (``logits [..., V]``, ``labels [...]``), 0 where the
-    label is ``-1``; float16, computed where the logits are."""
+    label is ``-1``; float16, computed where the logits are. Given ``log_partition``, the items'
+    ``logsumexp(logits)``, it is ``logits[label] - log_partition``: no pass over the vocabulary."""
     labels = labels.to(logits.device)
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))[..., 0]
+    index = labels.clamp(min=0).unsqueeze(-1)
+    if log_partition is None:
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, index)[..., 0]
+    else:
+        picked = logits.gather(-1, index)[..., 0].float() - log_partition.float()
     return torch.where(labels >= 0, picked, torch.zeros_like(picked)).to(torch.float16)
 
 

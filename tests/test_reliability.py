@@ -46,7 +46,7 @@ def test_sigkill_at_any_point_then_resume_gives_identical_bytes(slow_setup):
     reference = root / "reference.zarr"
     assert run_dump(root, reference).returncode == 0
     expected = zarr.open_group(str(reference), mode="r")["logits"][:]
-    for chunks in (0, 1, 7, 19):
+    for chunks in (0, 1, 7, 14):  # commits come in small groups (dump._WRITE_GROUP), so not every count is seen
         out = root / f"killed{chunks}.zarr"
         kill_after(root, out, chunks)
         assert not out.exists(), "a killed dump must never leave a cache at PATH"

@@ -16,7 +16,7 @@ from softlabels.checkpoint import load_model
 from softlabels.errors import SoftlabelsError
 from softlabels.kinds.base import SoftTargets
 from softlabels.models import build_model
-from softlabels.tokens import TokenSource, next_token_labels
+from softlabels.tokens import TokenSource, gold_logprob, next_token_labels
 from softlabels.verify import verify_cache
 
 GPT = {"layers": 1, "dim": 32, "heads": 2}
@@ -60,6 +60,22 @@ def test_a_token_dump_stores_every_position_and_the_gold_log_prob(tokens):
         picked = np.take_along_axis(log_p, np.maximum(labels, 0)[..., None], -1)[..., 0]
         np.testing.assert_allclose(gold[where], picked[where], rtol=2e-3, atol=2e-3)
         assert (gold[~where] == 0).all()
+
+
+@pytest.mark.parametrize("kind", [Dense(), TopK(k=4), TopK(k=4, temperatures=(2.0,)), Sampled(samples=6),
+                                  Sampled(samples=6, proposal_temperature=1.0, temperatures=(1.0,), compact=True)])
+def test_the_gold_log_prob_is_the_same_with_or_without_the_kinds_log_partition(kind):
+    logits = torch.randn(3, 7, 50, generator=torch.Generator().manual_seed(0)) * 4
+    labels = torch.randint(-1, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+    lse = kind.log_partition_at_one(kind.build(logits, rows=torch.arange(3)))
+    assert (lse is None) == (isinstance(kind, Dense) or 1.0 not in kind.temperatures or getattr(kind, "compact", False))
+    alone = gold_logprob(logits, labels)
+    expected = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    assert torch.equal(alone[labels < 0], torch.zeros_like(alone[labels < 0]))
+    torch.testing.assert_close(alone[labels >= 0].double(), expected[labels >= 0], atol=1e-2, rtol=1e-3)
+    if lse is not None:
+        shared = gold_logprob(logits, labels, lse)
+        assert (shared != alone).float().mean() < 0.05 and torch.allclose(shared.float(), alone.float(), atol=1e-2)
 
 
 def test_a_token_cache_has_the_same_bytes_for_any_batch_size(tokens):

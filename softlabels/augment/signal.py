@@ -10,7 +10,6 @@ Example::
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 

@@ -30,6 +30,11 @@ class Dense(TargetKind):
     def build(self, logits: torch.Tensor, *, rows: torch.Tensor, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         return {"logits": logits.to(store_dtype)}
 
+    def finite(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The stored logits are every logit cast: NaN and Inf carry over and an overflow shows, so they alone are checked.
+        stored = targets["logits"]
+        return torch.isfinite(stored.amax(-1)) & torch.isfinite(stored.amin(-1))
+
     def logits_at(self, targets: dict[str, np.ndarray]) -> tuple[np.ndarray, None]:
         return targets["logits"], None
 
