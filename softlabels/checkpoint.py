@@ -104,15 +104,20 @@ def save_checkpoint(
     write_atomically(Path(path), lambda f: torch.save(payload, f))
 
 
-def _is_torchscript(path: Path) -> bool:
+def _zip_members(path: Path) -> list[str] | None:
+    """The member names of a zip checkpoint (``None`` for another file), each member's CRC-32
+    checked: ``torch.load`` does not check them, and a flipped byte in a tensor would load silently."""
     if not zipfile.is_zipfile(path):
-        return False
+        return None
     try:
         with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise SoftlabelsError(f"cannot read checkpoint {path}: corrupt or truncated ({exc})") from exc
+    if damaged is not None:
+        raise SoftlabelsError(f"cannot read checkpoint {path}: its member {damaged} fails its CRC-32 (the file is damaged)")
+    return names
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -134,7 +139,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def _read_pickle(path: Path, trust_code: bool) -> Any:
-    if _is_torchscript(path):
+    members = _zip_members(path)
+    if members is not None and any(n.endswith("/constants.pkl") or "/code/" in n for n in members):  # TorchScript
         if not trust_code:
             raise SoftlabelsError(
                 f"{path} is a TorchScript archive, which runs code when loaded; "

@@ -420,15 +420,20 @@ def convert(src, dst, top_k, sample, proposal_temperature, sample_seed, compact,
 @click.argument("summaries", nargs=-1, required=True, metavar="RUN_DIR_OR_SUMMARY...")
 @click.option("--plot", metavar="FILE.png", help="Also draw evaluation accuracy against parameters (the teacher as a line) to "
               "FILE.png, its numbers to FILE.json.")
-def compare(summaries, plot):
-    """Print the students of several train-student runs in one table.
-    """
-    click.echo(format_comparison([read_summary(item) for item in summaries]))
+@click.option("--overwrite", is_flag=True, help="Replace FILE.png and FILE.json if they exist.")
+def compare(summaries, plot, overwrite):
+    """Print the students of several train-student runs in one table."""
     if plot:
         if Path(plot).suffix.lower() != ".png":
             raise click.BadParameter("must name a .png file", param_hint="--plot")
+        stem = Path(plot).with_suffix("")
+        existing = [path for path in (stem.with_suffix(".png"), stem.with_suffix(".json")) if path.exists()]
+        if existing and not overwrite:
+            raise SoftlabelsError(f"{existing[0]} exists; pass --overwrite to replace it")
+    click.echo(format_comparison([read_summary(item) for item in summaries]))
+    if plot:
         runs = [read_run(Path(item) if Path(item).is_dir() else Path(item).parent, records=False) for item in summaries]
-        click.echo(f"wrote {save_figure('accuracy_vs_params', accuracy_vs_params_data(runs), Path(plot).with_suffix(''))}")
+        click.echo(f"wrote {save_figure('accuracy_vs_params', accuracy_vs_params_data(runs), stem)}")
 
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels report runs/demo/teacher runs/demo/scratch runs/demo/distilled \\\n      --cache runs/demo/transfer.zarr --cache runs/demo/test.zarr --out runs/demo/report")

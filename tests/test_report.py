@@ -271,7 +271,12 @@ def test_compare_plot_draws_accuracy_against_parameters(demo, tmp_path):
     assert data["teacher"]["student"] == "teacher"
     assert [(p["run"], p["student"], p["params"], p["eval_accuracy"]) for p in data["points"]] == [
         (name, row["student"], row["params"], row["eval_accuracy"]) for name in ("scratch", "distilled") for row in summary(demo / name)]
-    assert_one_line_error(run("compare", tmp_path, "--plot", out), "cannot read summary")
+    before = out.read_bytes()
+    assert_one_line_error(run("compare", demo / "scratch", "--plot", out), f"{out} exists; pass --overwrite to replace it")
+    assert out.read_bytes() == before
+    ok("compare", demo / "scratch", "--plot", out, "--overwrite")
+    assert [p["run"] for p in json.loads(out.with_suffix(".json").read_text())["points"]] == ["scratch"] * len(summary(demo / "scratch"))
+    assert_one_line_error(run("compare", tmp_path, "--plot", tmp_path / "other.png"), "cannot read summary")
 
 
 def test_loss_terms_in_metrics(demo):
