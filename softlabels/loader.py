@@ -423,7 +423,8 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
 
     def _replayed(self, window: _Window) -> _Window:
         """The window's views replayed at once, which its batches then gather: a replay's cost is mostly
-        per call, and a window holds many batches. (A source read item by item replays per batch.)"""
+        per call, and a window holds many batches. (A source read item by item replays per batch.)
+        Under DataLoader workers each worker replays the windows its batches draw from, as it reads them."""
         x, mix = self.views.apply(self.source, self._raw_inputs(window), window.records, window.indices)
         return window._replace(inputs=x.numpy(), records=None, mix=None if mix is None else {k: t.numpy() for k, t in mix._asdict().items()})
 
