@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from .calibration import Calibration
 from .durable import write_atomically
-from .report import mix_weights, scored_items
+from .kinds.dense import entropy as item_entropy
+from .report import mix_weights, scored_hits
 from .runs import Run, find_teacher
 from .store import Cache
 from .train import TrainConfig
@@ -129,8 +130,8 @@ def cache_figures_data(cache: Cache, *, progress: bool = False) -> dict[str, Any
     for index in tqdm(range(cache.num_chunks), desc="cache statistics", unit="chunk", disable=None if progress else True):
         bounds = cache.chunk_bounds(index)
         targets, labels = cache.read(*bounds)
-        scored = scored_items(labels, cache.read_records(*bounds) if weights else {}, weights) & (labels < c)
-        right = scored & (cache.kind.top_class(targets) == labels)
+        scored, right = scored_hits(cache.kind, targets, labels, cache.read_records(*bounds) if weights else {}, weights)
+        scored, right = scored & (labels < c), right & (labels < c)  # a label out of range has no class to count for
         labeled += np.bincount(labels[scored], minlength=c)
         correct += np.bincount(labels[right], minlength=c)
         full = cache.kind.full_logits(targets)
@@ -143,10 +144,8 @@ def cache_figures_data(cache: Cache, *, progress: bool = False) -> dict[str, Any
         flat = logits[finite]  # [items, C]
         kept_items += len(flat)
         for t in TEMPERATURES:
-            log_p = torch.log_softmax(flat / t, dim=-1)
-            p = log_p.exp()
-            entropy[t].add((-(p * log_p).sum(-1)).numpy())
-            cumulative = torch.sort(p, dim=-1, descending=True).values.cumsum(-1)
+            entropy[t].add(item_entropy(flat, t).numpy())
+            cumulative = torch.sort(torch.softmax(flat / t, dim=-1), dim=-1, descending=True).values.cumsum(-1)
             mass[t] += cumulative.sum(0).numpy()
         if viewed:
             whole = finite.reshape(len(finite), -1).all(-1)  # samples whose every view is finite

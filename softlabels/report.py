@@ -85,9 +85,9 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         items += labels.size
         if gold:
             gold_nats -= float(records[GOLD][labels >= 0].astype(np.float64).sum())
-        has_label = scored_items(labels, records, weights)
-        correct += int((kind.top_class(targets)[has_label] == labels[has_label]).sum())
-        labeled += int(has_label.sum())
+        scored, right = scored_hits(kind, targets, labels, records, weights)
+        correct += int(right.sum())
+        labeled += int(scored.sum())
     n = len(cache)
     dense_float32 = n * math.prod(cache.items) * cache.num_classes * 4
     mean = statistic / items if items else None
@@ -119,13 +119,15 @@ def mix_weights(cache: Cache) -> list[str]:
             and not r.name.startswith("views/partner.")]
 
 
-def scored_items(labels: np.ndarray, records: dict[str, np.ndarray], weights: list[str]) -> np.ndarray:
-    """The items the teacher's accuracy is scored on: labeled, and where a view is mixed with a
-    partner, only where the sample's own label weighs at least half (``weights``: :func:`mix_weights`)."""
+def scored_hits(kind: Any, targets: dict[str, np.ndarray], labels: np.ndarray, records: dict[str, np.ndarray],
+                weights: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, whether the teacher's accuracy is scored on it (labeled, and where a view is mixed
+    with a partner, only where the sample's own label weighs at least half; ``weights``:
+    :func:`mix_weights`), and whether it is scored and the teacher's top class is its label."""
     scored = labels >= 0
     for name in weights:
         scored &= records[name] >= 0.5
-    return scored
+    return scored, scored & (kind.top_class(targets) == labels)
 
 
 def _tokens_report(cache: Cache, on_disk: int, teacher_nats: float | None) -> dict[str, Any] | None:

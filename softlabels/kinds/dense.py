@@ -18,6 +18,17 @@ from ..losses import kl_divergence
 from .base import StoredArray, TargetKind
 
 
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per item, the entropy (nats) of ``softmax(logits / temperature)`` over the last axis.
+
+    Example::
+
+        entropy(torch.zeros(2, 10))   # tensor([2.3026, 2.3026]): log 10, the uniform distribution
+    """
+    log_p = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
 @dataclass(frozen=True)
 class Dense(TargetKind):
     name: ClassVar[str] = "dense"
@@ -45,5 +56,4 @@ class Dense(TargetKind):
 
     def statistic(self, targets: dict[str, np.ndarray]) -> float:
         """Summed entropy (nats) of the teacher at T = 1."""
-        log_p = torch.log_softmax(torch.from_numpy(np.asarray(targets["logits"], dtype=np.float64)), dim=-1)
-        return float(-(log_p.exp() * log_p).sum())
+        return float(entropy(torch.from_numpy(np.asarray(targets["logits"], dtype=np.float64))).sum())
