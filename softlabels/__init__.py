@@ -19,7 +19,7 @@ from .dump import dump, iter_logits  # noqa: E402
 from .errors import SoftlabelsError  # noqa: E402
 from .kinds import Dense, Sampled, SoftTargets, TargetKind, TopK  # noqa: E402
 from .loader import Batch, SoftTargetLoader, source_for_cache  # noqa: E402
-from .losses import kd_loss, kl_divergence  # noqa: E402
+from .losses import KDTerms, kd_loss, kd_terms, kl_divergence  # noqa: E402
 from .models import build_model  # noqa: E402
 from .store import Cache, CacheWriter, Layout, open_cache  # noqa: E402
 from .train import StudentSpec, TrainConfig, evaluate, train_students  # noqa: E402
@@ -29,6 +29,7 @@ __all__ = [
     "Cache",
     "CacheWriter",
     "Dense",
+    "KDTerms",
     "Layout",
     "Sampled",
     "SoftTargets",
@@ -43,6 +44,7 @@ __all__ = [
     "evaluate",
     "iter_logits",
     "kd_loss",
+    "kd_terms",
     "kl_divergence",
     "load_model",
     "open_cache",

@@ -17,7 +17,7 @@ estimates): see :mod:`softlabels.kinds`. This module depends on nothing else in 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,59 @@ def kl_divergence(
     return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
+class KDTerms(NamedTuple):
+    """The two terms of a batch's distillation loss, before weighting."""
+
+    hard: torch.Tensor  # mean cross-entropy over the labeled items (0, with a gradient path, when none is)
+    soft: torch.Tensor | None  # mean KL at the temperature over the (masked) items; None without a teacher
+
+    def loss(self, *, temperature: float, alpha: float) -> torch.Tensor:
+        """``alpha * hard + (1 - alpha) * T^2 * soft`` (the hard term alone without a teacher)."""
+        if self.soft is None:
+            return self.hard
+        loss = (1.0 - alpha) * temperature**2 * self.soft
+        return loss + alpha * self.hard if alpha > 0 else loss
+
+
+def kd_terms(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | Any | None,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 4.0,
+    kl: str = "forward",
+    ignore_index: int = -1,
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
+    tail: str = "exact",
+) -> KDTerms:
+    """The hard and soft terms that :func:`kd_loss` weighs, each a mean over its own items (the
+    arguments are :func:`kd_loss`'s).
+
+    Example::
+
+        s, t = torch.randn(8, 10), torch.randn(8, 10)
+        hard, soft = kd_terms(s, t, torch.tensor([3, -1, 0, 1, 2, -1, 9, 4]), temperature=2.0)
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if kl not in KL_DIRECTIONS:
+        raise ValueError(f"kl must be 'forward' or 'reverse', got {kl!r}")
+    hard = _cross_entropy(student_logits, labels, ignore_index, mix)
+    if teacher is None:
+        return KDTerms(hard, None)
+    if isinstance(teacher, torch.Tensor):
+        if tail != "exact":
+            raise ValueError(f"tail {tail!r} applies to top-k targets, not to full teacher logits")
+        soft = kl_divergence(student_logits, teacher, temperature=temperature, kl=kl)
+    else:
+        soft = teacher.kl(student_logits, temperature=temperature, kl=kl, tail=tail, labels=labels)
+    if mask is not None:
+        mask = mask.to(soft.device)
+        soft = torch.where(mask, soft, torch.zeros_like(soft)).sum() / mask.sum().clamp(min=1)
+    return KDTerms(hard, soft.mean())
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher: torch.Tensor | Any | None,
@@ -77,7 +130,8 @@ def kd_loss(
     ``lam * CE(labels) + (1 - lam) * CE(partner_labels)``, as for a mixup or cutmix view.
     ``mask`` (bool ``[...]``) keeps the KL term to the items where it is true (token positions with
     a next token to predict), averaged over those. ``tail`` chooses a top-k cache's treatment of the
-    teacher's mass outside its K classes (:data:`softlabels.kinds.topk.TAILS`).
+    teacher's mass outside its K classes (:data:`softlabels.kinds.topk.TAILS`). :func:`kd_terms`
+    gives the two terms before weighting.
 
     Example::
 
@@ -85,26 +139,11 @@ def kd_loss(
         y = torch.tensor([3, -1, 0, 1, 2, -1, 9, 4])
         kd_loss(s, t, y, temperature=2.0, alpha=0.3).backward()
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if kl not in KL_DIRECTIONS:
-        raise ValueError(f"kl must be 'forward' or 'reverse', got {kl!r}")
-    hard = _cross_entropy(student_logits, labels, ignore_index, mix)
-    if teacher is None:
-        return hard
-    if isinstance(teacher, torch.Tensor):
-        if tail != "exact":
-            raise ValueError(f"tail {tail!r} applies to top-k targets, not to full teacher logits")
-        soft = kl_divergence(student_logits, teacher, temperature=temperature, kl=kl)
-    else:
-        soft = teacher.kl(student_logits, temperature=temperature, kl=kl, tail=tail, labels=labels)
-    if mask is not None:
-        mask = mask.to(soft.device)
-        soft = torch.where(mask, soft, torch.zeros_like(soft)).sum() / mask.sum().clamp(min=1)
-    loss = (1.0 - alpha) * temperature**2 * soft.mean()
-    return loss + alpha * hard if alpha > 0 else loss
+    terms = kd_terms(student_logits, teacher, labels, temperature=temperature, kl=kl, ignore_index=ignore_index, mix=mix,
+                     mask=mask, tail=tail)
+    return terms.loss(temperature=temperature, alpha=alpha)
 
 
 def _cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int,

@@ -42,7 +42,7 @@ from .data import NO_LABEL, Source, check_classes, default_workers, open_data
 from .dump import iter_logits, resolve_device
 from .errors import SoftlabelsError
 from .loader import Batch, SoftTargetLoader, source_for_cache
-from .losses import KL_DIRECTIONS, kd_loss
+from .losses import KL_DIRECTIONS, KDTerms, kd_terms
 from .models import build_model, check_output_shape, count_parameters
 from .calibration import Calibration
 from .durable import write_atomically
@@ -507,8 +507,8 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         _set_rng_state(student.rng, device)
         student.model.train()
         logits = student.forward(x)
-        loss = kd_loss(logits, t, y, temperature=config.temperature, alpha=config.alpha, kl=config.kl, mix=mix,
-                       mask=mask, tail=config.topk_tail)
+        terms = kd_terms(logits, t, y, temperature=config.temperature, kl=config.kl, mix=mix, mask=mask, tail=config.topk_tail)
+        loss = terms.loss(temperature=config.temperature, alpha=config.alpha)
         student.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         student.optimizer.step()
@@ -517,26 +517,22 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         student.loss_sum += float(loss.detach())
         student.loss_count += 1
         elapsed = time.perf_counter() - began  # the step itself; the loss terms below are bookkeeping
-        _add_terms(student, float(loss.detach()), logits.detach(), t, y, mix, labeled, config)
+        _add_terms(student, terms, labeled)
         student.seconds += elapsed
         student.step_seconds += elapsed
         student.rows += len(batch.labels)
 
 
-def _add_terms(student: _Student, loss: float, logits: torch.Tensor, t: Any, y: torch.Tensor, mix: Any, labeled: bool,
-               config: TrainConfig) -> None:
+def _add_terms(student: _Student, terms: KDTerms, labeled: bool) -> None:
     """Add a step's hard-label cross-entropy (on a batch with labels) and soft KL at T (with a
-    teacher and alpha < 1) to the student's sums: the cross-entropy computed once more on the detached
-    logits (no gradient), the KL solved from the loss and it."""
-    terms = student.terms
-    ce = None
+    teacher) to the student's sums, each as the loss computed it."""
+    sums = student.terms
     if labeled:
-        ce = loss if t is None else float(kd_loss(logits, None, y, mix=mix))
-        terms["ce_sum"] += ce
-        terms["ce_count"] += 1
-    if t is not None and config.alpha < 1:
-        terms["kl_sum"] += (loss - config.alpha * (ce or 0.0)) / ((1 - config.alpha) * config.temperature**2)
-        terms["kl_count"] += 1
+        sums["ce_sum"] += float(terms.hard.detach())
+        sums["ce_count"] += 1
+    if terms.soft is not None:
+        sums["kl_sum"] += float(terms.soft.detach())
+        sums["kl_count"] += 1
 
 
 def _epoch_batches(loader: SoftTargetLoader, num_workers: int) -> Iterator[Batch]:

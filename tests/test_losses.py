@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from softlabels import kd_loss, kl_divergence
+from softlabels import kd_loss, kd_terms, kl_divergence
 
 
 def softmax(z):
@@ -137,3 +137,16 @@ def test_invalid_arguments_are_refused(batch, kwargs):
     s, t, y = batch
     with pytest.raises(ValueError):
         kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), **kwargs)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.99, 1.0])
+def test_the_terms_are_what_the_loss_weighs(batch, alpha):
+    """train-student logs the two terms as kd_terms gives them: no KL solved back from the loss,
+    which near alpha = 1 would divide float32 rounding by 1 - alpha."""
+    s, t, y = (torch.tensor(a) for a in batch)
+    hard, soft = kd_terms(s, t, y, temperature=3.0)
+    assert torch.equal(soft, kl_divergence(s, t, temperature=3.0).mean())
+    assert torch.equal(hard, kd_loss(s, None, y))
+    weighed = kd_terms(s, t, y, temperature=3.0).loss(temperature=3.0, alpha=alpha)
+    assert torch.equal(weighed, kd_loss(s, t, y, temperature=3.0, alpha=alpha))
+    assert kd_terms(s, None, y).soft is None
