@@ -85,16 +85,14 @@ def make_synthetic_cache(root: Path, rows: int, fmt: str = ".zarr") -> Path:
     return path
 
 
-def bench_dump(root: Path) -> None:
+def bench_dump(root: Path, sizes: list[int]) -> None:
     print("\n### Dump overhead\n")
-    rows, batch = 16384, 256
-    x = np.random.default_rng(0).normal(size=(rows, 256)).astype(np.float32)
-    np.savez(root / "dump-inputs.npz", x=x)
-    source = open_data(str(root / "dump-inputs.npz"))
-    print(f"{rows:,} samples of 256 features, C = {CLASSES}, batch {batch}, CPU ({torch.get_num_threads()} threads), "
-          "float16 storage; best of 3 alternating runs.\n")
-    row("teacher", "forward pass, outputs discarded (s)", "dump to .zarr (s)", "ratio", "dump to .h5 (s)", "ratio")
-    row("---", "---:", "---:", "---:", "---:", "---:")
+    batch = 256
+    print(f"Samples of 256 features, C = {CLASSES}, batch {batch}, CPU ({torch.get_num_threads()} threads), "
+          "float16 storage; best of 3 alternating runs. Each dump writes a new path (the previous output is "
+          "removed before the clock starts).\n")
+    row("teacher", "samples", "forward pass, outputs discarded (s)", "dump to .zarr (s)", "ratio", "dump to .h5 (s)", "ratio")
+    row("---", "---:", "---:", "---:", "---:", "---:", "---:")
     for width in (1024, 4096):
         torch.manual_seed(0)
         model = torch.nn.Sequential(
@@ -102,25 +100,31 @@ def bench_dump(root: Path) -> None:
             torch.nn.Linear(width, CLASSES),
         )
         teacher = LoadedModel(model, root / "teacher.pth", "0" * 64, "mlp-bench")
-
-        def forward_only():
-            for _ in iter_logits(model, source, batch_size=batch, device="cpu"):
-                pass
-
-        def dump_to(fmt):
-            return lambda: softlabels.dump(teacher, source, root / f"bench-dump{fmt}", batch_size=batch, device="cpu",
-                                           overwrite=True, progress=False)
-
-        forward_only()  # warm-up
-        times = {"forward": [], ".zarr": [], ".h5": []}
-        for _ in range(3):
-            times["forward"].append(timed(forward_only))
-            times[".zarr"].append(timed(dump_to(".zarr")))
-            times[".h5"].append(timed(dump_to(".h5")))
-        best = {k: min(v) for k, v in times.items()}
         params = sum(p.numel() for p in model.parameters())
-        row(f"MLP 256-{width}-{width}-{CLASSES} ({params / 1e6:.1f}M parameters)", f"{best['forward']:.2f}",
-            f"{best['.zarr']:.2f}", f"{best['.zarr'] / best['forward']:.3f}", f"{best['.h5']:.2f}", f"{best['.h5'] / best['forward']:.3f}")
+        for rows in sizes:
+            x = np.random.default_rng(0).normal(size=(rows, 256)).astype(np.float32)
+            np.savez(root / "dump-inputs.npz", x=x)
+            source = open_data(str(root / "dump-inputs.npz"))
+
+            def forward_only():
+                for _ in iter_logits(model, source, batch_size=batch, device="cpu"):
+                    pass
+
+            def dump_to(fmt):
+                out = root / f"bench-dump{fmt}"
+                softlabels.store.remove_path(out)
+                return timed(lambda: softlabels.dump(teacher, source, out, batch_size=batch, device="cpu", progress=False))
+
+            forward_only()  # warm-up
+            times = {"forward": [], ".zarr": [], ".h5": []}
+            for _ in range(3):
+                times["forward"].append(timed(forward_only))
+                times[".zarr"].append(dump_to(".zarr"))
+                times[".h5"].append(dump_to(".h5"))
+            best = {k: min(v) for k, v in times.items()}
+            row(f"MLP 256-{width}-{width}-{CLASSES} ({params / 1e6:.1f}M parameters)", f"{rows:,}", f"{best['forward']:.2f}",
+                f"{best['.zarr']:.2f}", f"{best['.zarr'] / best['forward']:.3f}", f"{best['.h5']:.2f}",
+                f"{best['.h5'] / best['forward']:.3f}")
 
 
 def bench_stream(root: Path, rows: int) -> None:
@@ -397,6 +401,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="dump,stream,train,students,memory,tokens")
     parser.add_argument("--rows", type=int, default=524288, help="rows of the C = 1000 cache (524288 = 1.05 GB)")
+    parser.add_argument("--dump-rows", default="16384,65536", help="dataset sizes of the dump section, comma-separated")
     parser.add_argument("--big-gb", type=float, default=8.0, help="size of the large cache for the memory section (0: skip)")
     parser.add_argument("--tokens", type=int, default=50_000_000, help="tokens of the token cache (tokens section)")
     parser.add_argument("--workdir", help="keep generated caches here between runs")
@@ -408,7 +413,7 @@ def main() -> None:
         root = Path(args.workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)
         if "dump" in sections:
-            bench_dump(root)
+            bench_dump(root, [int(n) for n in args.dump_rows.split(",")])
         if "stream" in sections:
             bench_stream(root, args.rows)
         if "train" in sections:

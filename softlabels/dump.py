@@ -326,7 +326,10 @@ class _ChunkWriter(threading.Thread):
 
 
 def _concat_parts(parts: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Row-wise concatenation of ``(targets, predicted, labels)`` parts."""
+    """Row-wise concatenation of ``(targets, predicted, labels)`` parts (one part is returned as it is:
+    a batch that fills its chunk, or a run of one chunk, is not copied)."""
+    if len(parts) == 1:
+        return parts[0]
     targets = {name: np.concatenate([part[0][name] for part in parts]) for name in parts[0][0]}
     return targets, np.concatenate([part[1] for part in parts]), np.concatenate([part[2] for part in parts])
 

@@ -182,6 +182,27 @@ def test_finish_refuses_missing_chunks(tmp_path):
     assert not path.exists()
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_partial_caches_commit_record_reads_as_zarr_and_h5py_read_it(tmp_path, suffix):
+    path = tmp_path / f"c{suffix}"
+    writer = CacheWriter(path, Layout(Dense(), 40, 3, "float16", 8), manifest=MANIFEST)
+    logits = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
+    for chunk in (1, 3):
+        writer.write_chunks(chunk, {"logits": logits[chunk * 8:chunk * 8 + 8]}, np.full(8, chunk, dtype=np.int64))
+    recorded = writer.recorded_checksums()
+    writer.close()
+    expected = [-1, chunk_checksum({"logits": logits[8:16].astype(np.float16)}, np.full(8, 1)), -1,
+                chunk_checksum({"logits": logits[24:32].astype(np.float16)}, np.full(8, 3)), -1]
+    assert recorded.tolist() == expected
+    partial = tmp_path / f"c{suffix}.partial"
+    plain = zarr.open_group(str(partial), mode="r") if suffix == ".zarr" else h5py.File(partial, "r")
+    assert np.asarray(plain["chunk_crc32"][:]).tolist() == expected
+    if suffix == ".zarr":  # a damaged record names itself instead of reading as written or not
+        _flip_a_byte(partial / "chunk_crc32" / "c" / "3")
+        with pytest.raises(SoftlabelsError, match=r"array 'chunk_crc32' chunk 3 \(rows 24-31\) is damaged"):
+            CacheWriter.resume(path).recorded_checksums()
+
+
 def test_newer_format_version_is_refused(tmp_path):
     path = tmp_path / "c.zarr"
     write_cache(path, np.zeros((10, 2), dtype=np.float32), np.zeros(10, dtype=np.int64), chunk_rows=4)

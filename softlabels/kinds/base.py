@@ -105,7 +105,8 @@ class TargetKind:
 
     def predicted(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's top class per item, from its logits and the arrays just built from them."""
-        return logits.argmax(-1)
+        # max's indices are argmax's (the first maximum, NaN propagated), at two thirds of its time on the CPU
+        return logits.max(-1).indices
 
     def log_partition_at_one(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``logsumexp(z)`` per item when the arrays just built from the logits ``z`` hold it (so that
