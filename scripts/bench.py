@@ -4,7 +4,8 @@
     python scripts/bench.py --sections dump,stream --big-gb 0
 
 Sections:
-  dump      wall time of `dump` over the teacher's bare forward pass (same data, batch, device)
+  dump      wall time of `dump` over the teacher's bare forward pass (same data, batch, device): the median of
+            alternating rounds, with the teacher on every core and on one
   stream    loader rows/s against raw chunk-file reads of the same arrays, sequential whole-chunk reads and
             per-row reads, C = 1000, >= 1 GB (best of 3 alternating runs)
   train     an epoch from the cache against an epoch on hard labels (same loop), and against online
@@ -85,14 +86,16 @@ def make_synthetic_cache(root: Path, rows: int, fmt: str = ".zarr") -> Path:
     return path
 
 
-def bench_dump(root: Path, sizes: list[int]) -> None:
+def bench_dump(root: Path, sizes: list[int], rounds: int, threads: list[int]) -> None:
     print("\n### Dump overhead\n")
     batch = 256
-    print(f"Samples of 256 features, C = {CLASSES}, batch {batch}, CPU ({torch.get_num_threads()} threads), "
-          "float16 storage; best of 3 alternating runs. Each dump writes a new path (the previous output is "
-          "removed before the clock starts).\n")
-    row("teacher", "samples", "forward pass, outputs discarded (s)", "dump to .zarr (s)", "ratio", "dump to .h5 (s)", "ratio")
-    row("---", "---:", "---:", "---:", "---:", "---:", "---:")
+    print(f"Samples of 256 features, C = {CLASSES}, batch {batch}, CPU, float16 storage. {rounds} rounds, each a "
+          "bare forward pass (outputs discarded), a dump to .zarr and one to .h5, in rotating order; a ratio is a "
+          "dump's time over its round's forward pass, shown as the median of the rounds (lowest-highest). Each "
+          "dump writes a new path (the previous output is removed before the clock starts).\n")
+    row("teacher", "samples", "torch threads", "forward pass (s, median)", "dump to .zarr / forward", "dump to .h5 / forward")
+    row("---", "---:", "---:", "---:", "---:", "---:")
+    default_threads = torch.get_num_threads()
     for width in (1024, 4096):
         torch.manual_seed(0)
         model = torch.nn.Sequential(
@@ -115,16 +118,23 @@ def bench_dump(root: Path, sizes: list[int]) -> None:
                 softlabels.store.remove_path(out)
                 return timed(lambda: softlabels.dump(teacher, source, out, batch_size=batch, device="cpu", progress=False))
 
-            forward_only()  # warm-up
-            times = {"forward": [], ".zarr": [], ".h5": []}
-            for _ in range(3):
-                times["forward"].append(timed(forward_only))
-                times[".zarr"].append(dump_to(".zarr"))
-                times[".h5"].append(dump_to(".h5"))
-            best = {k: min(v) for k, v in times.items()}
-            row(f"MLP 256-{width}-{width}-{CLASSES} ({params / 1e6:.1f}M parameters)", f"{rows:,}", f"{best['forward']:.2f}",
-                f"{best['.zarr']:.2f}", f"{best['.zarr'] / best['forward']:.3f}", f"{best['.h5']:.2f}",
-                f"{best['.h5'] / best['forward']:.3f}")
+            runs = {"forward": lambda: timed(forward_only), ".zarr": lambda: dump_to(".zarr"), ".h5": lambda: dump_to(".h5")}
+            names = list(runs)
+            for n_threads in threads:
+                torch.set_num_threads(n_threads)
+                forward_only()  # warm-up
+                times = {name: [] for name in names}
+                for r in range(rounds):
+                    for name in names[r % 3:] + names[:r % 3]:
+                        times[name].append(runs[name]())
+                ratios = {fmt: sorted(d / f for d, f in zip(times[fmt], times["forward"])) for fmt in (".zarr", ".h5")}
+                row(f"MLP 256-{width}-{width}-{CLASSES} ({params / 1e6:.1f}M parameters)", f"{rows:,}", n_threads,
+                    f"{float(np.median(times['forward'])):.2f}", *(_median_range(ratios[fmt]) for fmt in (".zarr", ".h5")))
+    torch.set_num_threads(default_threads)
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{float(np.median(values)):.3f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def bench_stream(root: Path, rows: int) -> None:
@@ -402,6 +412,9 @@ def main() -> None:
     parser.add_argument("--sections", default="dump,stream,train,students,memory,tokens")
     parser.add_argument("--rows", type=int, default=524288, help="rows of the C = 1000 cache (524288 = 1.05 GB)")
     parser.add_argument("--dump-rows", default="16384,65536", help="dataset sizes of the dump section, comma-separated")
+    parser.add_argument("--dump-rounds", type=int, default=7, help="rounds of the dump section (forward, .zarr, .h5 each)")
+    parser.add_argument("--dump-threads", default=f"{torch.get_num_threads()},1",
+                        help="torch threads of the dump section's teacher, comma-separated (1 leaves the writer a core)")
     parser.add_argument("--big-gb", type=float, default=8.0, help="size of the large cache for the memory section (0: skip)")
     parser.add_argument("--tokens", type=int, default=50_000_000, help="tokens of the token cache (tokens section)")
     parser.add_argument("--workdir", help="keep generated caches here between runs")
@@ -413,7 +426,8 @@ def main() -> None:
         root = Path(args.workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)
         if "dump" in sections:
-            bench_dump(root, [int(n) for n in args.dump_rows.split(",")])
+            bench_dump(root, [int(n) for n in args.dump_rows.split(",")], args.dump_rounds,
+                       [int(n) for n in args.dump_threads.split(",")])
         if "stream" in sections:
             bench_stream(root, args.rows)
         if "train" in sections:

@@ -16,7 +16,7 @@ Sections:
            (renormalised, exact tail, tail to the gold token) and compact sampled targets, each at
            three sizes, with each cache's bytes per token (soft targets only: alpha = 0, T = 1)
   dump     wall time of `dump` over the teacher's bare forward pass on the same batches (dense, top-k,
-           sampled), alternating, best of --repeats
+           sampled), alternating, the median of --repeats rounds
   loader   tokens/s the SoftTargetLoader serves from each cache (inputs included) against the tokens/s
            the small student consumes in training from the same cache
 """
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import torch
 import softlabels
 from softlabels import Dense, Sampled, SoftTargetLoader, StudentSpec, TopK, TrainConfig, open_cache, open_data
 from softlabels.dump import iter_logits
+from softlabels.store import remove_path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import lm_corpus  # noqa: E402  (scripts/lm_corpus.py: the demo's corpus and tokenizer)
@@ -201,10 +201,12 @@ def bench_dump(root: Path, setup: dict, args: argparse.Namespace) -> None:
         return time.perf_counter() - began
 
     print("\n### Dump speed\n")
-    print(f"Each teacher over its windows of {SEQ_LEN} tokens, CPU ({torch.get_num_threads()} threads), to .zarr; best of "
-          f"{args.repeats} runs, each dump alternating with a bare forward pass: the same batches through the same code "
-          f"path (`iter_logits`), outputs discarded.\n")
-    row("teacher", "parameters", "tokens", "batch (windows)", "forward tokens/s", "cache", "dump tokens/s", "dump time / forward time")
+    print(f"Each teacher over its windows of {SEQ_LEN} tokens, CPU ({torch.get_num_threads()} threads), to .zarr. "
+          f"{args.repeats} rounds, each a bare forward pass (the same batches through the same code path, "
+          "`iter_logits`, outputs discarded) before the dump of each kind, every dump to a new path; a ratio is a "
+          "dump's time over the forward pass just before it, shown as the median of the rounds (lowest-highest).\n")
+    row("teacher", "parameters", "tokens", "batch (windows)", "forward tokens/s (median)", "cache", "dump tokens/s (median)",
+        "dump time / forward time")
     row("---", "---:", "---:", "---:", "---:", "---", "---:", "---:")
     for label, (teacher, data, batch) in teachers.items():
         tokens = len(data) * SEQ_LEN
@@ -213,19 +215,24 @@ def bench_dump(root: Path, setup: dict, args: argparse.Namespace) -> None:
             for _ in iter_logits(teacher.model, data, batch_size=batch, device="cpu"):
                 pass
 
+        def dump(kind):
+            remove_path(root / "speed.zarr")
+            return timed(lambda: softlabels.dump(teacher, data, root / "speed.zarr", batch_size=batch, device="cpu", kind=kind,
+                                                 progress=False))
+
         forward_only()  # warm-up
-        forward, dumps = [], {name: [] for name in kinds}
+        forward, dumps = {name: [] for name in kinds}, {name: [] for name in kinds}
         for _ in range(args.repeats):
             for name, kind in kinds.items():
-                forward.append(timed(forward_only))
-                dumps[name].append(timed(lambda: softlabels.dump(teacher, data, root / "speed.zarr", batch_size=batch,
-                                                                 device="cpu", kind=kind, overwrite=True, progress=False)))
+                forward[name].append(timed(forward_only))
+                dumps[name].append(dump(kind))
         params = sum(p.numel() for p in teacher.model.parameters())
+        every_forward = [t for times in forward.values() for t in times]
         for name in kinds:
-            best = min(dumps[name])
-            row(label, f"{params / 1e6:.1f}M", f"{tokens:,}", batch, f"{tokens / min(forward):,.0f}", name, f"{tokens / best:,.0f}",
-                f"{best / min(forward):.3f}")
-    shutil.rmtree(root / "speed.zarr", ignore_errors=True)
+            ratios = [d / f for d, f in zip(dumps[name], forward[name])]
+            row(label, f"{params / 1e6:.1f}M", f"{tokens:,}", batch, f"{tokens / float(np.median(every_forward)):,.0f}", name,
+                f"{tokens / float(np.median(dumps[name])):,.0f}", f"{float(np.median(ratios)):.3f} ({min(ratios):.2f}-{max(ratios):.2f})")
+    remove_path(root / "speed.zarr")
 
 
 def bench_loader(root: Path, setup: dict, args: argparse.Namespace) -> None:
