@@ -46,6 +46,7 @@ import torch
 
 from .errors import SoftlabelsError
 from .models import resolve_callable
+from .store import ZarrRows
 from .trust import refuse_unpickling
 
 log = logging.getLogger(__name__)
@@ -436,7 +437,7 @@ def _zarr_opener(path: Path, spec: str) -> Callable[[], dict[str, Any]]:
             raise SoftlabelsError(f"cannot read dataset {spec}: not a Zarr group ({exc})") from exc
         for name, array in arrays.items():
             refuse_unpickling(array, f"dataset {spec}: array '{name}'")
-        return arrays
+        return {name: ZarrRows.wrap(path, name, array) for name, array in arrays.items()}
 
     return open_zarr
 

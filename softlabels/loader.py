@@ -441,8 +441,11 @@ def _usable(window: _Window, mix: Mix | None) -> tuple[_Window, Mix | None]:
 
 def _take(window: _Window, rows: np.ndarray | slice) -> _Window:
     """Rows ``rows`` of every field; cached targets are a dict of arrays, each indexed alike."""
+    def pick(v):  # np.take: a tenth faster than fancy indexing at gathering rows; a slice stays a view
+        return v[rows] if isinstance(rows, slice) else np.take(v, rows, axis=0)
+
     def take(a):
-        return {k: v[rows] for k, v in a.items()} if isinstance(a, dict) else a[rows]
+        return {k: pick(v) for k, v in a.items()} if isinstance(a, dict) else pick(a)
     return _Window(*(None if a is None else take(a) for a in window._replace(buffers=None)))
 
 

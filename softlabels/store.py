@@ -240,9 +240,7 @@ class _ZarrBackend:
         self.group.attrs[MANIFEST_KEY] = manifest
 
     def _chunk_file(self, name: str, chunk: int, ndim: int) -> str:
-        # Chunked along the first axis only, so every other chunk coordinate is 0. A string, not a
-        # Path: the loader opens one file per chunk, and pathlib would cost more than a small read.
-        return f"{self.root}{os.sep}{name}{os.sep}c{os.sep}{chunk}" + f"{os.sep}0" * (ndim - 1)
+        return _zarr_chunk_file(self.root, name, chunk, ndim)
 
     def sync(self, chunks: range | None, arrays: dict[str, int] | None = None) -> None:
         """fsync the files of ``chunks`` of ``arrays`` (name -> ndim), or with ``chunks=None`` the
@@ -271,17 +269,7 @@ class _ZarrBackend:
     def raw_reader(self, name: str, array: Any) -> "_ZarrRawChunks | None":
         """A direct reader of ``array``'s chunk files when they are little-endian bytes, zstd-compressed
         or not, followed by a crc32c (what version 2 writes), else ``None``."""
-        meta = array.metadata
-        if getattr(meta, "zarr_format", None) != 3:
-            return None
-        codecs = [type(codec).__name__ for codec in meta.codecs]
-        endian = getattr(getattr(meta.codecs[0], "endian", None), "value", None)
-        dtype = np.dtype(array.dtype)
-        reader = {("BytesCodec", "Crc32cCodec"): _ZarrRawChunks, ("BytesCodec", "ZstdCodec", "Crc32cCodec"): _ZarrZstdChunks}.get(tuple(codecs))
-        if (reader is None or (endian != "little" and dtype.itemsize > 1)
-                or getattr(meta.chunk_key_encoding, "separator", None) != "/" or type(meta.chunk_key_encoding).__name__ != "DefaultChunkKeyEncoding"):
-            return None
-        return reader(self, name, array, tuple(meta.chunk_grid.chunk_shape))
+        return _zarr_chunk_reader(self.root, name, array, crc=True)
 
     def close(self) -> None:
         pass
@@ -447,18 +435,59 @@ def _crc32c(data: np.ndarray) -> int:
     return crc32c.crc32c(data)
 
 
-class _ZarrRawChunks(_RawChunks):
-    """A Zarr v3 array whose codecs are ``bytes`` (little-endian) then ``crc32c``: each chunk file is
-    the chunk's values followed by their CRC-32C."""
+def _zarr_chunk_file(root: str | Path, name: str, chunk: int, ndim: int) -> str:
+    # Chunked along the first axis only, so every other chunk coordinate is 0. A string, not a
+    # Path: the loader opens one file per chunk, and pathlib would cost more than a small read.
+    return f"{root}{os.sep}{name}{os.sep}c{os.sep}{chunk}" + f"{os.sep}0" * (ndim - 1)
 
-    def __init__(self, backend: "_ZarrBackend", name: str, array: Any, chunk_shape: tuple[int, ...]):
+
+def _zarr_chunk_reader(root: str | Path, name: str, array: Any, *, crc: bool | None,
+                       fill_missing: bool = False) -> "_ZarrRawChunks | None":
+    """A direct reader of the Zarr v3 array ``root/name`` when its chunk files can be read without
+    zarr: chunked along the first axis only, default chunk keys, codecs ``bytes`` (little-endian),
+    then ``zstd`` or not, then ``crc32c`` (required with ``crc=True``, either way with ``None``).
+    Else ``None``. With ``fill_missing`` a chunk without a file reads as the fill value, as zarr
+    reads it (a dataset); otherwise it is damaged (a cache stores every chunk)."""
+    meta = array.metadata
+    if getattr(meta, "zarr_format", None) != 3 or type(meta.chunk_key_encoding).__name__ != "DefaultChunkKeyEncoding":
+        return None
+    codecs = [type(codec).__name__ for codec in meta.codecs]
+    checked = codecs[-1:] == ["Crc32cCodec"]
+    codecs = codecs[:-1] if checked else codecs
+    reader = {("BytesCodec",): _ZarrRawChunks, ("BytesCodec", "ZstdCodec"): _ZarrZstdChunks}.get(tuple(codecs))
+    endian = getattr(getattr(meta.codecs[0], "endian", None), "value", None)
+    chunk_shape = tuple(getattr(meta.chunk_grid, "chunk_shape", ()))
+    if (reader is None or (crc is not None and checked != crc) or (endian != "little" and np.dtype(array.dtype).itemsize > 1)
+            or getattr(meta.chunk_key_encoding, "separator", None) != "/" or not array.shape
+            or len(chunk_shape) != len(array.shape) or chunk_shape[1:] != tuple(array.shape[1:]) or not math.prod(array.shape)):
+        return None
+    return reader(root, name, array, chunk_shape, crc=checked, fill_missing=fill_missing)
+
+
+class _ZarrRawChunks(_RawChunks):
+    """A Zarr v3 array whose codecs are ``bytes`` (little-endian) then ``crc32c`` (or no checksum, a
+    dataset's): each chunk file is the chunk's values followed by their CRC-32C."""
+
+    def __init__(self, root: str | Path, name: str, array: Any, chunk_shape: tuple[int, ...], *, crc: bool = True,
+                 fill_missing: bool = False):
         super().__init__(np.dtype(array.dtype), chunk_shape, tuple(array.shape))
-        self.backend, self.name, self.fill = backend, name, array.fill_value
+        self.root, self.name, self.fill = root, name, array.fill_value
+        self.crc, self.fill_missing = crc, fill_missing
+
+    def _file(self, chunk: int) -> str:
+        return _zarr_chunk_file(self.root, self.name, chunk, len(self.shape))
+
+    def _missing(self, chunk: int, into: np.ndarray) -> None:
+        """A chunk without a file: its fill values for a dataset, damage in a cache."""
+        if not self.fill_missing:
+            raise _ChunkDamaged(chunk, "its chunk file is missing")
+        into.view(self.dtype)[:] = self.fill
 
     def write(self, start: int, values: np.ndarray) -> None:
         """Store rows ``start..start + len(values)`` (whole chunks from a chunk boundary; the array's
         short last chunk padded with the fill value) as zarr would: each chunk file its little-endian
-        bytes, then their CRC-32C. zarr-python's pipeline costs about ten times the write itself."""
+        bytes, then their CRC-32C if the array has one. zarr-python's pipeline costs about ten times the
+        write itself."""
         rows = self.chunk_shape[0]
         values = np.ascontiguousarray(values, dtype=self.dtype)
         for at in range(0, len(values), rows):
@@ -466,13 +495,14 @@ class _ZarrRawChunks(_RawChunks):
             if len(part) < rows:
                 part = np.concatenate([part, np.full((rows - len(part), *part.shape[1:]), self.fill, self.dtype)])
             data = self.encode(part.reshape(-1).view(np.uint8))
-            path = self.backend._chunk_file(self.name, (start + at) // rows, len(self.shape))
+            path = self._file((start + at) // rows)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # Through a temporary file, as zarr does: another rank reading the chunk sees it whole or not at all.
             temporary = f"{path}.{os.getpid()}.partial"
             with open(temporary, "wb") as f:
                 f.write(data)
-                f.write(_crc32c(data).to_bytes(4, "little"))
+                if self.crc:
+                    f.write(_crc32c(data).to_bytes(4, "little"))
             os.replace(temporary, path)
 
     def encode(self, data: np.ndarray) -> np.ndarray:
@@ -487,31 +517,33 @@ class _ZarrRawChunks(_RawChunks):
         out = np.full(num_chunks(self.shape[0], rows) * rows, self.fill, self.dtype)
         raw = out.view(np.uint8).reshape(-1, self.chunk_bytes)
         for chunk in range(len(raw)):
-            if os.path.exists(self.backend._chunk_file(self.name, chunk, len(self.shape))):
+            if os.path.exists(self._file(chunk)):
                 _check(chunk, self.read_chunk(chunk, raw[chunk]))
         return out[:self.shape[0]]
 
     def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[np.ndarray, int] | None:
-        path = self.backend._chunk_file(self.name, chunk, len(self.shape))
+        trailer = 4 if self.crc else 0
         try:
-            with open(path, "rb", buffering=0) as f:
+            with open(self._file(chunk), "rb", buffering=0) as f:
                 got = f.readinto(memoryview(into))
-                crc = f.read(5)
+                crc = f.read(trailer + 1)
         except FileNotFoundError:
-            raise _ChunkDamaged(chunk, "its chunk file is missing") from None
-        if got != len(into) or len(crc) != 4:
-            more = "more than " if len(crc) > 4 else ""
-            raise _ChunkDamaged(chunk, f"its chunk file has {more}{got + len(crc)} bytes, not {len(into) + 4}")
-        return into, int.from_bytes(crc, "little")
+            return self._missing(chunk, into)
+        if got != len(into) or len(crc) != trailer:
+            more = "more than " if len(crc) > trailer else ""
+            raise _ChunkDamaged(chunk, f"its chunk file has {more}{got + len(crc)} bytes, not {len(into) + trailer}")
+        return (into, int.from_bytes(crc, "little")) if self.crc else None
 
 
 class _ZarrZstdChunks(_ZarrRawChunks):
-    """A Zarr v3 array whose codecs are ``bytes``, ``zstd`` then ``crc32c`` (labels and class indices):
-    each chunk file is a zstd frame followed by its CRC-32C, checked before the frame is decoded
-    straight into place. zarr-python would spend about a millisecond per call on the same small chunks."""
+    """A Zarr v3 array whose codecs are ``bytes``, ``zstd`` then ``crc32c`` (labels and class indices;
+    or no checksum, a dataset's): each chunk file is a zstd frame followed by its CRC-32C, checked
+    before the frame is decoded straight into place. zarr-python would spend about a millisecond per
+    call on the same small chunks."""
 
-    def __init__(self, backend: "_ZarrBackend", name: str, array: Any, chunk_shape: tuple[int, ...]):
-        super().__init__(backend, name, array, chunk_shape)
+    def __init__(self, root: str | Path, name: str, array: Any, chunk_shape: tuple[int, ...], *, crc: bool = True,
+                 fill_missing: bool = False):
+        super().__init__(root, name, array, chunk_shape, crc=crc, fill_missing=fill_missing)
         zstd = array.metadata.codecs[1]
         self.level, self.checksum = zstd.level, zstd.checksum
 
@@ -524,19 +556,61 @@ class _ZarrZstdChunks(_ZarrRawChunks):
         from numcodecs import Zstd
 
         try:
-            stored = np.fromfile(self.backend._chunk_file(self.name, chunk, len(self.shape)), dtype=np.uint8)
+            stored = np.fromfile(self._file(chunk), dtype=np.uint8)
         except FileNotFoundError:
-            raise _ChunkDamaged(chunk, "its chunk file is missing") from None
-        if len(stored) < 4:
-            raise _ChunkDamaged(chunk, f"its chunk file has {len(stored)} bytes")
-        _check(chunk, (stored[:-4], int.from_bytes(stored[-4:].tobytes(), "little")))
+            return self._missing(chunk, into)
+        if self.crc:
+            if len(stored) < 4:
+                raise _ChunkDamaged(chunk, f"its chunk file has {len(stored)} bytes")
+            _check(chunk, (stored[:-4], int.from_bytes(stored[-4:].tobytes(), "little")))
+            stored = stored[:-4]
         try:
-            decoded = Zstd().decode(stored[:-4], out=into)
+            decoded = Zstd().decode(stored, out=into)
         except Exception as exc:  # a frame that passed its checksum yet does not decode to a chunk
             raise _ChunkDamaged(chunk, f"its zstd frame does not decode to {len(into)} bytes: {exc}") from None
         if np.asarray(decoded).nbytes != len(into):
             raise _ChunkDamaged(chunk, f"its zstd frame decodes to {np.asarray(decoded).nbytes} bytes, not {len(into)}")
         return None
+
+
+class ZarrRows:
+    """A Zarr v3 array whose row slices are read straight from its chunk files, checked where they
+    carry a crc32c; anything else is handed to the array. zarr-python spends about a millisecond per
+    call, which for a dataset's inputs read beside a cache's chunks was a fifth of the loader's time.
+
+    Example::
+
+        x = ZarrRows.wrap("data.zarr", "x", zarr.open_group("data.zarr", mode="r")["x"])
+        x[0:100]   # the same values as the zarr array's
+    """
+
+    def __init__(self, array: Any, reader: _ZarrRawChunks, where: str):
+        self.array, self.reader, self.where = array, reader, where
+
+    @classmethod
+    def wrap(cls, root: str | Path, name: str, array: Any) -> Any:
+        """``array`` read directly where its layout allows it (see :func:`_zarr_chunk_reader`), else itself."""
+        reader = _zarr_chunk_reader(root, name, array, crc=None, fill_missing=True)
+        return array if reader is None else cls(array, reader, f"{root}{os.sep}{name}")
+
+    def __getitem__(self, key: Any) -> Any:
+        if not (isinstance(key, slice) and key.step in (None, 1)):
+            return self.array[key]
+        start, stop, _ = key.indices(self.array.shape[0])
+        if stop <= start:
+            return self.array[key]
+        try:
+            return self.reader.read([(start, stop)])
+        except _ChunkDamaged as exc:
+            raise SoftlabelsError(f"{self.where}: chunk {exc.chunk} is damaged ({exc})") from None
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("array", "reader", "where"):  # never the array's: copy and pickle probe these
+            raise AttributeError(name)
+        return getattr(self.array, name)
 
 
 class _H5RawChunks(_RawChunks):

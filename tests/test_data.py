@@ -8,6 +8,7 @@ import pytest
 import zarr
 
 from softlabels import SoftlabelsError, open_data
+from softlabels.store import ZarrRows
 
 
 @pytest.fixture
@@ -56,6 +57,40 @@ def test_every_array_format_reads_the_same_rows_and_fingerprint(tmp_path, arrays
                 source.take(np.array([2, bad]))
     assert len({s.fingerprint() for s in sources[:4]}) == 1
     assert sources[4].fingerprint().startswith("sampled-sha256:")
+
+
+@pytest.mark.parametrize("codecs", ["bytes", "zstd", "zstd+crc32c", "bytes+crc32c"])
+def test_a_zarr_datasets_rows_read_from_its_chunk_files_are_zarrs(tmp_path, arrays, codecs):
+    x, y = arrays
+    compressors = {"bytes": [], "zstd": [zarr.codecs.ZstdCodec()], "zstd+crc32c": [zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec()],
+                   "bytes+crc32c": [zarr.codecs.Crc32cCodec()]}[codecs]
+    group = zarr.open_group(str(tmp_path / "d.zarr"), mode="w")
+    group.create_array("x", shape=x.shape, chunks=(16, 3, 4), dtype=x.dtype, compressors=compressors, fill_value=-2.5)[:] = x
+    group.create_array("y", shape=y.shape, chunks=(16,), dtype=y.dtype, compressors=compressors)[:] = y
+    group.create_array("x_across", shape=x.shape, chunks=(16, 3, 2), dtype=x.dtype)[:] = x  # not along rows only
+    group.create_array("classes", shape=(), dtype="int64")[...] = 6  # a scalar beside the rows, read by no one
+    source = open_data(str(tmp_path / "d.zarr"))
+    assert isinstance(source._open()[0], ZarrRows)  # read from its chunk files, not through zarr
+    assert not isinstance(ZarrRows.wrap(tmp_path / "d.zarr", "x_across", group["x_across"]), ZarrRows)
+    for start, stop in [(0, 50), (5, 6), (15, 17), (31, 50), (48, 50), (16, 32)]:
+        xs, ys = source.read(start, stop)
+        np.testing.assert_array_equal(xs, x[start:stop])
+        np.testing.assert_array_equal(ys, y[start:stop])
+    (tmp_path / "d.zarr" / "x" / "c" / "1" / "0" / "0").unlink()  # zarr reads a missing chunk as its fill value
+    (tmp_path / "d.zarr" / "y" / "c" / "3").unlink()  # the short last chunk of a 1-D array
+    plain = zarr.open_group(str(tmp_path / "d.zarr"), mode="r")
+    expected = np.asarray(plain["x"][:]), np.asarray(plain["y"][:])
+    assert (expected[0][16:32] == -2.5).all() and (expected[1][48:] == 0).all()
+    xs, ys = open_data(str(tmp_path / "d.zarr")).read(0, 50)
+    np.testing.assert_array_equal(xs, expected[0])
+    np.testing.assert_array_equal(ys, expected[1])
+    if "crc32c" in codecs:  # a damaged chunk is refused by name, as zarr refuses it
+        chunk = tmp_path / "d.zarr" / "x" / "c" / "2" / "0" / "0"
+        data = bytearray(chunk.read_bytes())
+        data[3] ^= 0x10
+        chunk.write_bytes(bytes(data))
+        with pytest.raises(SoftlabelsError, match=r"d.zarr/x: chunk 2 is damaged"):
+            open_data(str(tmp_path / "d.zarr")).read_inputs(30, 40)
 
 
 def test_fingerprint_changes_with_one_value(tmp_path, arrays):
