@@ -84,6 +84,8 @@ class Source:
     # Its inputs are images resized from decoded ones of their own sizes (an image folder's): a view
     # pipeline that starts with a crop crops each image at its own resolution (native_shape, crop).
     native_images: bool = False
+    # Its inputs lie in memory or are memory-mapped: reading rows is a copy, with no decode to overlap.
+    in_memory: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -290,9 +292,13 @@ class ArraySource(LazySource):
         # A slice of a memory-mapped npz is read-only; torch wants arrays it may write.
         return np.require(_as_input_array(np.asarray(self._open()[0][start:stop])), requirements=["C", "W"])
 
+    @property
+    def in_memory(self) -> bool:
+        return all(isinstance(a, np.ndarray) for a in self._open() if a is not None)  # a memmap is one
+
     def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, y = self._open()
-        if not all(isinstance(a, np.ndarray) for a in (x, y) if a is not None):
+        if not self.in_memory:
             return super().take(ids)  # zarr and h5py: one read per run of rows
         ids = self._rows(ids)  # arrays in memory or memory-mapped: one gather
         xs = _as_input_array(x[ids])
