@@ -408,6 +408,7 @@ def bench_memory(root: Path, small_rows: int, big_gb: float) -> None:
 
 
 def main() -> None:
+    softlabels.keep_freed_memory()  # as the softlabels command does: measured as users run it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="dump,stream,train,students,memory,tokens")
     parser.add_argument("--rows", type=int, default=524288, help="rows of the C = 1000 cache (524288 = 1.05 GB)")

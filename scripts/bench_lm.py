@@ -19,6 +19,8 @@ Sections:
            sampled), alternating, the median of --repeats rounds
   loader   tokens/s the SoftTargetLoader serves from each cache (inputs included) against the tokens/s
            the small student consumes in training from the same cache
+  allocator  the dump command's time with glibc's malloc as it comes against freed memory kept for
+           reuse (softlabels.keep_freed_memory, which the command calls); not run by default
 """
 
 from __future__ import annotations
@@ -235,6 +237,41 @@ def bench_dump(root: Path, setup: dict, args: argparse.Namespace) -> None:
     remove_path(root / "speed.zarr")
 
 
+def bench_allocator(root: Path, setup: dict, args: argparse.Namespace) -> None:
+    """The dump command's wall time with glibc's malloc as it comes (a ``MALLOC_`` variable set to its
+    default value makes :func:`softlabels.keep_freed_memory` stand aside) against freed memory kept
+    for reuse, alternating which goes first, the median of --repeats rounds."""
+    out = root / "allocator.zarr"
+    command = [sys.executable, "-m", "softlabels", "dump", "--teacher", str(setup["teacher"]), "--data", setup["specs"]["train"],
+               "--out", str(out), "--batch-size", "256", "--quiet", "--overwrite"]
+    kinds = {"dense, float16": [], "top-k, K = 16": ["--top-k", "16", "--temperatures", f"{TEMPERATURE:g}"],
+             "sampled, S = 24, compact": ["--sample", "24", "--proposal-temperature", f"{TEMPERATURE:g}", "--temperatures",
+                                          f"{TEMPERATURE:g}", "--compact"]}
+    allocators = {"as it comes": {**os.environ, "MALLOC_TOP_PAD_": str(128 << 10)},
+                  "kept": {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}}
+    seconds = {(kind, name): [] for kind in kinds for name in allocators}
+    for round_ in range(args.repeats):
+        for kind, options in kinds.items():
+            for name in (list(allocators) if round_ % 2 == 0 else list(allocators)[::-1]):
+                remove_path(out)
+                began = time.perf_counter()
+                subprocess.run([*command, *options], env=allocators[name], check=True, capture_output=True)
+                seconds[(kind, name)].append(time.perf_counter() - began)
+    remove_path(out)
+    print("\n### Dump speed with freed memory kept for reuse\n")
+    print(f"`softlabels dump` of the trained demo teacher over the training windows (batch 256 windows of {SEQ_LEN} tokens, "
+          f"{VOCAB:,} logits each: 134 MB of float32 logits a batch), whole command wall time including start-up, with "
+          f"glibc's malloc as it comes and with freed memory kept (what the command does by default); {args.repeats} "
+          "rounds, alternating which runs first, medians (lowest-highest).\n")
+    row("cache", "malloc as it comes (s)", "freed memory kept (s)", "speed-up (median of the rounds)")
+    row("---", "---:", "---:", "---:")
+    for kind in kinds:
+        plain, kept = seconds[(kind, "as it comes")], seconds[(kind, "kept")]
+        ratios = [a / b for a, b in zip(plain, kept)]
+        row(kind, f"{np.median(plain):.1f} ({min(plain):.1f}-{max(plain):.1f})", f"{np.median(kept):.1f} ({min(kept):.1f}-{max(kept):.1f})",
+            f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+
+
 def bench_loader(root: Path, setup: dict, args: argparse.Namespace) -> None:
     name = list(STUDENTS)[-1]
     caches = {"dense": "dense", "top-k, K = 16": "top16", f"sampled, S = {SAMPLE_SIZES[1]}, compact": f"sampled{SAMPLE_SIZES[1]}"}
@@ -274,6 +311,7 @@ def bench_loader(root: Path, setup: dict, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    softlabels.keep_freed_memory()  # as the softlabels command does: measured as users run it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="quality,dump,loader")
     parser.add_argument("--workdir", help="keep the corpus, teacher, caches and runs here (default: a temporary directory)")
@@ -306,6 +344,8 @@ def main() -> None:
             bench_dump(root, setup, args)
         if "loader" in sections:
             bench_loader(root, setup, args)
+        if "allocator" in sections:
+            bench_allocator(root, setup, args)
     print(f"\nTotal run time {(time.perf_counter() - began) / 60:.0f} min.")
 
 

@@ -13,6 +13,7 @@ The public API, in the order data flows through it::
 
 __version__ = "0.1.0"
 
+from .allocator import keep_freed_memory  # noqa: E402
 from .checkpoint import load_model, save_checkpoint  # noqa: E402
 from .data import open_data  # noqa: E402
 from .dump import dump, iter_logits  # noqa: E402
@@ -43,6 +44,7 @@ __all__ = [
     "dump",
     "evaluate",
     "iter_logits",
+    "keep_freed_memory",
     "kd_loss",
     "kd_terms",
     "kl_divergence",

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 import click
 
 from . import __version__, distributed
+from .allocator import keep_freed_memory
 from .checkpoint import load_model
 from .convert import convert_cache
 from .data import open_data
@@ -454,4 +455,5 @@ def report(runs, caches, out, overwrite, quiet):
 
 
 def main() -> None:
+    keep_freed_memory()  # large per-batch tensors reused, not page-faulted in afresh each batch
     cli(prog_name="softlabels")
