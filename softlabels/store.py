@@ -44,6 +44,7 @@ Example::
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
@@ -53,7 +54,7 @@ from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from isal import isal_zlib
@@ -431,11 +432,24 @@ def _check(chunk: int, check: tuple[np.ndarray, int] | None) -> None:
 
 
 def _crc32c(data: np.ndarray) -> int:
+    return _crc32c_function()(data)
+
+
+@functools.cache
+def _crc32c_function() -> Callable[[Any], int]:
     # aws-checksums folds with VPCLMULQDQ where the CPU has it: 3x the crc32c package on bytes still
-    # in the core's cache, where the loader checks them. Imported on first use (70 ms).
+    # in the core's cache, where the loader checks them. Imported on first use (70 ms) and only then:
+    # an import statement run per chunk cost the loader a third as much as the CRC itself.
     from awscrt.checksums import crc32c
 
-    return crc32c(data)
+    return crc32c
+
+
+@functools.cache
+def _zstd() -> Any:
+    from numcodecs import Zstd
+
+    return Zstd()  # decoding needs no level; a codec holds no state between calls
 
 
 def _zarr_chunk_file(root: str | Path, name: str, chunk: int, ndim: int) -> str:
@@ -556,8 +570,6 @@ class _ZarrZstdChunks(_ZarrRawChunks):
         return np.frombuffer(Zstd(level=self.level, checksum=self.checksum).encode(data), np.uint8)
 
     def read_chunk(self, chunk: int, into: np.ndarray) -> None:
-        from numcodecs import Zstd
-
         try:
             stored = np.fromfile(self._file(chunk), dtype=np.uint8)
         except FileNotFoundError:
@@ -568,7 +580,7 @@ class _ZarrZstdChunks(_ZarrRawChunks):
             _check(chunk, (stored[:-4], int.from_bytes(stored[-4:].tobytes(), "little")))
             stored = stored[:-4]
         try:
-            decoded = Zstd().decode(stored, out=into)
+            decoded = _zstd().decode(stored, out=into)
         except Exception as exc:  # a frame that passed its checksum yet does not decode to a chunk
             raise _ChunkDamaged(chunk, f"its zstd frame does not decode to {len(into)} bytes: {exc}") from None
         if np.asarray(decoded).nbytes != len(into):
