@@ -12,7 +12,8 @@ equals anything), and the check's own time inside the checked loader's epochs (e
 timed where the loader makes it). The first is a difference of a few percent on a machine whose
 epochs vary by tens of percent, so it is measured in many pairs of epochs, one of each in alternating
 order, and reported as the median of the pairs' ratios with a bootstrap 95% interval; the second does
-not depend on how fast the epochs around it ran. It prints Markdown tables for BENCHMARKS.md.
+not depend on how fast the epochs around it ran. First, the speed of each CRC function alone. It
+prints Markdown tables for BENCHMARKS.md.
 
     python scripts/bench_checksums.py              # 65,536 x 1000 float16 (131 MB)
     python scripts/bench_checksums.py --rows 16384 # quicker
@@ -139,6 +140,38 @@ def check_share(path: Path, data: Path, epochs: int) -> tuple[float, float]:
     return float(np.median(shares)), float(np.median(rates))
 
 
+def checksum_rates() -> list[str]:
+    """Table rows: GB/s of each CRC function on a 512 KiB buffer (a chunk, in the core's cache) and
+    on a 64 MiB one (from memory), best of 5, those softlabels uses beside those it replaced."""
+    import zlib
+
+    from awscrt.checksums import crc32c as aws_crc32c
+    from isal.isal_zlib import crc32 as isal_crc32
+
+    functions = {"CRC-32, zlib (before)": zlib.crc32, "CRC-32, ISA-L `isal` (the commit record)": isal_crc32,
+                 "CRC-32C, aws-checksums `awscrt` (every chunk on read)": aws_crc32c}
+    try:
+        import crc32c
+
+        functions["CRC-32C, `crc32c` package (before)"] = crc32c.crc32c
+    except ImportError:
+        pass
+    rows = []
+    for name, function in functions.items():
+        rates = []
+        for size in (512 << 10, 64 << 20):
+            data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+            calls, best = max(1, (256 << 20) // size), float("inf")
+            for _ in range(5):
+                began = time.perf_counter()
+                for _ in range(calls):
+                    function(data)
+                best = min(best, time.perf_counter() - began)
+            rates.append(calls * size / best / 1e9)
+        rows.append(f"| {name} | {rates[0]:.1f} | {rates[1]:.1f} |")
+    return rows
+
+
 def check_alone(suffix: str, checked: Path, data: Path, rows: int, pairs: int) -> str:
     """A table row: the check's cost as the median of ``pairs`` checked/skipped epoch ratios."""
     with_check, without = [], []
@@ -164,6 +197,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=100, help="epoch pairs measuring the check alone")
     args = parser.parse_args()
+    print("| checksum | GB/s, 512 KiB in cache | GB/s, 64 MiB |\n| --- | ---: | ---: |")
+    print("\n".join(checksum_rates()) + "\n")
     print(f"{args.rows:,} x {args.classes} float16 logits ({args.rows * args.classes * 2 / 1e6:.0f} MB), softlabels "
           f"{softlabels.__version__}, best of {args.repeats} alternating runs, page cache warm\n")
     print("| format | path | without checksums | with checksums | cost | run-to-run spread |")

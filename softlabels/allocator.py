@@ -3,9 +3,9 @@
 glibc's malloc serves a block of more than 32 MiB with a fresh ``mmap`` and unmaps it when it is
 freed, so every batch whose tensors are that large (a language model's logits, ``[B, L, V]``) pays a
 page fault for each 4 KiB of them, and the kernel zeroes every page first. With the blocks kept in
-the heap, a dump of the 3.7M-parameter demo teacher ran 1.3x faster here, its bare forward pass
-1.5x. This is what PyTorch's CPU tuning guide gets from jemalloc or TCMalloc, with the allocator the
-process already has. ``softlabels`` commands call it on start; a script using the library may too:
+the heap, the dump command of the 3.7M-parameter demo teacher ran 1.2-1.4x faster on the CPU
+(``scripts/bench_lm.py --sections allocator``). This is what PyTorch's CPU tuning guide gets from
+jemalloc or TCMalloc, with the allocator the process already has. ``softlabels`` commands call it on start; a script using the library may too:
 
     import softlabels
     softlabels.keep_freed_memory()
