@@ -5,7 +5,8 @@ freed, so every batch whose tensors are that large (a language model's logits, `
 page fault for each 4 KiB of them, and the kernel zeroes every page first. With the blocks kept in
 the heap, the dump command of the 3.7M-parameter demo teacher ran 1.2-1.4x faster on the CPU
 (``scripts/bench_lm.py --sections allocator``). This is what PyTorch's CPU tuning guide gets from
-jemalloc or TCMalloc, with the allocator the process already has. ``softlabels`` commands call it on start; a script using the library may too:
+jemalloc or TCMalloc, with the allocator the process already has. ``softlabels`` commands call it
+on start; a script using the library may too:
 
     import softlabels
     softlabels.keep_freed_memory()
@@ -31,7 +32,7 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc's own symbol: musl and macOS have mallopt-less or different mallocs
+        libc.gnu_get_libc_version  # glibc's own symbol: musl's and macOS's mallocs differ
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False

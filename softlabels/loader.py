@@ -401,8 +401,8 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         """The window's blocks: inputs and records read on the pool's threads (zarr and h5py release
         the GIL while they read and decode; inputs in memory are copied here) and joined, while this
         thread reads the targets and labels in one call that puts each chunk straight at its place in
-        the window (into ``buffers``, see :meth:`Cache.read_ranges`). A source read item by item gives its inputs per batch instead
-        (:meth:`_with_inputs`)."""
+        the window (into ``buffers``, see :meth:`Cache.read_ranges`). A source read item by item gives
+        its inputs per batch instead (:meth:`_with_inputs`)."""
         read = functools.partial(self._read_block, inputs=not self._batch_inputs)
         # Inputs in memory (or memory-mapped) are copied in this thread once the targets are read: on the
         # pool, whose threads took the interpreter lock from this one between its reads and checks, they
