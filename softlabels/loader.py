@@ -405,8 +405,8 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         its inputs per batch instead (:meth:`_with_inputs`)."""
         read = functools.partial(self._read_block, inputs=not self._batch_inputs)
         # Inputs in memory (or memory-mapped) are copied in this thread once the targets are read: on the
-        # pool, whose threads took the interpreter lock from this one between its reads and checks, they
-        # cost more than the copies (the targets' checks ran at half speed, the loader 10-15% slower).
+        # pool, whose threads took the interpreter lock from this one between its reads and checks, the
+        # hand-offs cost more than the copies.
         blocks = map(read, group) if self.source.in_memory else pool.map(read, group)  # the pool's submitted now
         if self.cache is not None:
             t, y = self.cache.read_ranges([chunk_bounds(b, self.block_rows, self.num_samples) for b in group], buffers)
