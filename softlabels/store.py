@@ -561,13 +561,13 @@ class _ZarrZstdChunks(_ZarrRawChunks):
     def __init__(self, root: str | Path, name: str, array: Any, chunk_shape: tuple[int, ...], *, crc: bool = True,
                  fill_missing: bool = False):
         super().__init__(root, name, array, chunk_shape, crc=crc, fill_missing=fill_missing)
-        zstd = array.metadata.codecs[1]
-        self.level, self.checksum = zstd.level, zstd.checksum
-
-    def encode(self, data: np.ndarray) -> np.ndarray:
         from numcodecs import Zstd
 
-        return np.frombuffer(Zstd(level=self.level, checksum=self.checksum).encode(data), np.uint8)
+        zstd = array.metadata.codecs[1]
+        self.encoder = Zstd(level=zstd.level, checksum=zstd.checksum)  # made once, not per chunk written
+
+    def encode(self, data: np.ndarray) -> np.ndarray:
+        return np.frombuffer(self.encoder.encode(data), np.uint8)
 
     def read_chunk(self, chunk: int, into: np.ndarray) -> None:
         try:
