@@ -419,20 +419,44 @@ class _RawChunks:
                 at += taken
         return buffer[:total].view(self.dtype).reshape(-1, *self.chunk_shape[1:])
 
-    def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[np.ndarray, int] | None:
+    def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[int, int] | None:
         """Read chunk ``chunk``'s stored bytes into ``into`` (its values, then :attr:`trailer` bytes);
-        return the bytes whose CRC-32C is to be checked and the recorded one, or ``None`` when the
-        chunk was checked already. Raise ``_ChunkDamaged`` if the stored chunk is not whole."""
+        return the CRC-32C of its values as read and the recorded one, or ``None`` when the chunk was
+        checked already or carries none. Raise ``_ChunkDamaged`` if the stored chunk is not whole."""
         raise NotImplementedError
 
 
-def _check(chunk: int, check: tuple[np.ndarray, int] | None) -> None:
-    if check is not None and _crc32c(check[0]) != check[1]:
+def _check(chunk: int, check: tuple[int, int] | None) -> None:
+    """Raise if a chunk's computed CRC-32C (``check[0]``) is not its recorded one (``check[1]``)."""
+    if check is not None and check[0] != check[1]:
         raise _ChunkDamaged(chunk, "its crc32c does not match its bytes")
 
 
-def _crc32c(data: np.ndarray) -> int:
-    return _crc32c_function()(data)
+def _crc32c(data: Any, previous: int = 0) -> int:
+    """CRC-32C of ``data`` (any buffer), continuing ``previous``: the CRC of the bytes before it."""
+    return _crc32c_function()(data, previous)
+
+
+# A chunk is read and checked this many bytes at a time: a piece's CRC-32C then reads it from the core's
+# L2 cache, where the kernel's copy just put it. Whole 512 KiB chunks partly left it, and their CRC ran
+# at two thirds of the speed (bench_checksums.py measures the check).
+_PIECE_BYTES = 256 * 1024
+
+
+def _read_checked(read_into: Callable[[memoryview, int], int], into: np.ndarray, covered: int) -> tuple[int, int]:
+    """Fill ``into`` piece by piece, ``read_into(view, offset)`` reading each piece and returning how
+    many bytes it read (fewer only at the end of a file), and take the CRC-32C of the first
+    ``covered`` bytes piece by piece right after each read. Returns the bytes read and the CRC."""
+    view = memoryview(into)
+    got = crc = 0
+    while got < len(view):
+        count = read_into(view[got:got + _PIECE_BYTES], got)
+        if count <= 0:
+            break
+        if got < covered:
+            crc = _crc32c(view[got:min(got + count, covered)], crc)
+        got += count
+    return got, crc
 
 
 @functools.cache
@@ -538,18 +562,21 @@ class _ZarrRawChunks(_RawChunks):
                 _check(chunk, self.read_chunk(chunk, raw[chunk]))
         return out[:self.shape[0]]
 
-    def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[np.ndarray, int] | None:
+    def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[int, int] | None:
         trailer = 4 if self.crc else 0
         try:
             with open(self._file(chunk), "rb", buffering=0) as f:
-                got = f.readinto(memoryview(into))
+                if self.crc:
+                    got, computed = _read_checked(lambda view, at: f.readinto(view), into, len(into))
+                else:
+                    got = f.readinto(memoryview(into))
                 crc = f.read(trailer + 1)
         except FileNotFoundError:
             return self._missing(chunk, into)
         if got != len(into) or len(crc) != trailer:
             more = "more than " if len(crc) > trailer else ""
             raise _ChunkDamaged(chunk, f"its chunk file has {more}{got + len(crc)} bytes, not {len(into) + trailer}")
-        return (into, int.from_bytes(crc, "little")) if self.crc else None
+        return (computed, int.from_bytes(crc, "little")) if self.crc else None
 
 
 class _ZarrZstdChunks(_ZarrRawChunks):
@@ -577,7 +604,7 @@ class _ZarrZstdChunks(_ZarrRawChunks):
         if self.crc:
             if len(stored) < 4:
                 raise _ChunkDamaged(chunk, f"its chunk file has {len(stored)} bytes")
-            _check(chunk, (stored[:-4], int.from_bytes(stored[-4:].tobytes(), "little")))
+            _check(chunk, (_crc32c(stored[:-4]), int.from_bytes(stored[-4:].tobytes(), "little")))
             stored = stored[:-4]
         try:
             decoded = _zstd().decode(stored, out=into)
@@ -645,8 +672,11 @@ class _H5RawChunks(_RawChunks):
         self.array, self.table, self.column, self.fd = array, table, column, fd
         self._index: np.ndarray | None = None  # per chunk: byte offset, stored size, filter mask (-1: absent)
 
-    def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[np.ndarray, int]:
+    def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[int, int]:
         offset = (chunk * self.chunk_shape[0], *([0] * (len(self.chunk_shape) - 1)))
+        rows = min(self.chunk_shape[0], self.shape[0] - offset[0])  # the writer summed the rows in the array only
+        covered = rows * self.chunk_bytes // self.chunk_shape[0]
+        computed = None
         try:
             if self.fd is None:
                 mask, stored = self.array.id.read_direct_chunk(offset, out=into)
@@ -655,16 +685,19 @@ class _H5RawChunks(_RawChunks):
                 where, size, mask = (int(v) for v in self._chunk_index()[chunk])
                 if where < 0:
                     raise _ChunkDamaged(chunk, "the file does not have it")
-                if size == len(into) and os.preadv(self.fd, [into], where) != size:
-                    raise _ChunkDamaged(chunk, "the file ends inside it")
+                if size == len(into):
+                    got, computed = _read_checked(lambda view, at: os.preadv(self.fd, [view], where + at), into, covered)
+                    if got != size:
+                        raise _ChunkDamaged(chunk, "the file ends inside it")
         except _ChunkDamaged:
             raise
         except Exception as exc:  # e.g. a chunk the file does not have
             raise _ChunkDamaged(chunk, f"unreadable: {exc}") from None
         if mask != 0 or size != len(into):  # the values and the fletcher32 trailer
             raise _ChunkDamaged(chunk, f"its stored chunk has {size} bytes, not {len(into)}")
-        rows = min(self.chunk_shape[0], self.shape[0] - offset[0])  # the writer summed the rows in the array only
-        return into[: rows * self.chunk_bytes // self.chunk_shape[0]], int(self.table[chunk, self.column])
+        if computed is None:
+            computed = _crc32c(into[:covered])
+        return computed, int(self.table[chunk, self.column])
 
     def _chunk_index(self) -> np.ndarray:
         """Where each chunk is stored, read from HDF5's chunk index in one pass on first use (a lookup

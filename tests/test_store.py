@@ -321,6 +321,30 @@ def test_shuffled_ranges_with_the_short_last_chunk_inside_read_exactly_and_a_dam
             cache.read_ranges(ranges)
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+@pytest.mark.parametrize("chunk, offset", [(0, 400_000), (1, 270_000)], ids=["second piece", "short last chunk"])
+def test_chunks_read_and_checked_in_pieces_read_exactly_and_damage_in_a_later_piece_fails(tmp_path, suffix, chunk, offset):
+    # 128 rows of 4,000 bytes: each chunk is read and checked in two pieces (store._PIECE_BYTES); the
+    # short last chunk's 72 rows (288,000 bytes) end inside its second piece, its padding after them
+    path = tmp_path / f"c{suffix}"
+    logits = np.random.default_rng(1).normal(size=(200, 1000)).astype(np.float32)
+    write_cache(path, logits, np.arange(200, dtype=np.int64) % 1000, chunk_rows=128, dtype="float32")
+    with open_cache(path) as cache:
+        targets, labels = cache.read_ranges([(128, 200), (0, 128)])
+        np.testing.assert_array_equal(targets["logits"], logits[np.r_[128:200, 0:128]])
+        np.testing.assert_array_equal(labels, np.r_[128:200, 0:128] % 1000)
+    if suffix == ".zarr":
+        data = bytearray((path / f"logits/c/{chunk}/0").read_bytes())
+        data[offset] ^= 0x01
+        (path / f"logits/c/{chunk}/0").write_bytes(bytes(data))
+    else:
+        flip_hdf5_byte(path, "logits", chunk=chunk, offset=offset, mask=0x01)
+    rows = (0, 127) if chunk == 0 else (128, 199)
+    with open_cache(path) as cache:
+        with pytest.raises(SoftlabelsError, match=rf"array 'logits' chunk {chunk} \(rows {rows[0]}-{rows[1]}\) is damaged \(its crc32c"):
+            cache.read_ranges([(128, 200), (0, 128)])
+
+
 def test_an_hdf5_file_cut_inside_a_chunk_while_open_fails_naming_it(tmp_path):
     path = tmp_path / "c.h5"
     write_cache(path, np.ones((64, 50), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16, dtype="float32")
