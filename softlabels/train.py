@@ -46,6 +46,7 @@ from .losses import KL_DIRECTIONS, KDTerms, kd_terms
 from .models import build_model, check_output_shape, count_parameters
 from .calibration import Calibration
 from .durable import write_atomically
+from .kinds.base import argmax
 from .kinds.topk import TAILS
 from .store import Cache, open_cache
 from .tensorboard_log import TensorBoardLog, summary_writer_class
@@ -191,7 +192,7 @@ def _evaluate(model: torch.nn.Module, source: Source, *, teacher_top1: np.ndarra
 def top_classes(model: torch.nn.Module, source: Source, *, device: str = "cpu") -> np.ndarray:
     """The model's top class for every item of ``source`` (``[N, *items]``)."""
     was_training = model.training
-    parts = [out.argmax(-1).cpu().numpy() for _, out, _ in iter_logits(model, source, batch_size=_EVAL_BATCH, device=resolve_device(device))]
+    parts = [argmax(out).cpu().numpy() for _, out, _ in iter_logits(model, source, batch_size=_EVAL_BATCH, device=resolve_device(device))]
     model.train(was_training)
     return np.concatenate(parts)
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from softlabels import Dense, Sampled, SoftTargets, TopK, kd_loss, kl_divergence, open_cache
 from softlabels.cli import cli
 from softlabels.kinds import DEFAULT_TEMPERATURES, KINDS
-from softlabels.kinds.base import index_dtype
+from softlabels.kinds.base import argmax, index_dtype
 
 C = 30
 
@@ -130,6 +130,28 @@ def test_one_place_holds_the_sparse_defaults():
     assert Sampled().sample_seed == defaults["sample_seed"]
     assert Sampled().temperatures == TopK().temperatures == DEFAULT_TEMPERATURES
     assert set(KINDS) == {"dense", "topk", "sampled"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_argmax_is_the_first_maximum_with_nan_counted_largest(dtype):
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[1.0, nan, 3.0, nan], [2.0, 5.0, 5.0, 1.0], [-inf] * 4, [1.0, inf, inf, 0.0], [nan, 9, 9, 9]], dtype=dtype)
+    assert argmax(logits).tolist() == [1, 1, 0, 1, 0]
+    rows = torch.randn(6, 5, 300, dtype=torch.float64).round(decimals=1).to(dtype)[:, ::2]  # ties, a strided view
+    assert torch.equal(argmax(rows), rows.max(-1).indices)
+
+
+@pytest.mark.parametrize("store", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_dense_items_finiteness_is_that_of_its_stored_logits(store):
+    # float16's largest value is 65504; from 65520 up a float32 rounds to Inf
+    edges = [65503.0, 65519.0, 65520.0, -65520.0, 3.0e38, 3.4e38, float("inf"), -float("inf"), float("nan")]
+    logits = torch.randn(len(edges), 7)
+    logits[torch.arange(len(edges)), torch.arange(len(edges)) % 7] = torch.tensor(edges)
+    logits = torch.cat([logits, torch.randn(5, 7)]).reshape(2, 7, 7)  # a leading item axis
+    stored = Dense().build(logits, rows=torch.arange(2), store_dtype=store)
+    expected = torch.isfinite(stored["logits"].float()).all(-1)
+    assert torch.equal(Dense().finite(logits, stored), expected)
+    assert not expected.all() and expected.any()
 
 
 def test_index_dtype_is_the_smallest_that_holds_c():

@@ -37,6 +37,20 @@ class StoredArray:
     width: int
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The index of the largest value on ``dim=-1``: the first of equal maxima, a NaN counted as the
+    largest (as ``torch.max`` and ``np.argmax`` both count them).
+
+    Example::
+
+        argmax(torch.tensor([[1.0, 3.0, 3.0], [0.0, float("nan"), 2.0]]))   # tensor([1, 1])
+    """
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        # numpy's vectorised argmax: a fifth of the time of torch's max or argmax on the CPU (1000 classes)
+        return torch.from_numpy(np.argmax(logits.detach().numpy(), axis=-1))
+    return logits.max(-1).indices
+
+
 def index_dtype(num_classes: int) -> np.dtype:
     """The smallest unsigned integer type that holds every class index."""
     for dtype in (np.uint8, np.uint16, np.uint32):
@@ -105,8 +119,7 @@ class TargetKind:
 
     def predicted(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's top class per item, from its logits and the arrays just built from them."""
-        # max's indices are argmax's (the first maximum, NaN propagated), at two thirds of its time on the CPU
-        return logits.max(-1).indices
+        return argmax(logits)
 
     def log_partition_at_one(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``logsumexp(z)`` per item when the arrays just built from the logits ``z`` hold it (so that

@@ -42,9 +42,10 @@ class Dense(TargetKind):
         return {"logits": logits.to(store_dtype)}
 
     def finite(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        # The stored logits are every logit cast: NaN and Inf carry over and an overflow shows, so they alone are checked.
-        stored = targets["logits"]
-        return torch.isfinite(stored.amax(-1)) & torch.isfinite(stored.amin(-1))
+        # The stored logits are every logit cast, and a cast keeps their order: the largest and smallest
+        # cast show NaN, Inf and an overflow. Taken from the logits: float16 reductions are 3x slower.
+        dtype = targets["logits"].dtype
+        return torch.isfinite(logits.amax(-1).to(dtype)) & torch.isfinite(logits.amin(-1).to(dtype))
 
     def logits_at(self, targets: dict[str, np.ndarray]) -> tuple[np.ndarray, None]:
         return targets["logits"], None
