@@ -15,9 +15,10 @@ A refused or failed safe load is never retried unsafely.
 
 Example::
 
-    save_checkpoint("student.pth", model, arch="mlp", arch_kwargs={}, input_shape=(40,), num_classes=10)
+    save_checkpoint("student.pth", model, arch="mlp", arch_kwargs={}, input_shape=(40,), num_classes=3,
+                    classes=["cat", "dog", "owl"])
     loaded = load_model("student.pth")
-    loaded.arch, loaded.num_classes   # ('mlp', 10)
+    loaded.arch, loaded.num_classes, loaded.classes   # ('mlp', 3, ['cat', 'dog', 'owl'])
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class LoadedModel:
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None
     tokenizer: dict[str, Any] | None = None  # {"sha256", "vocab_size"} of a tokenizer shipped with the model
+    classes: list[str] | None = None  # the name of each output class, in order, where the checkpoint records them
 
     @property
     def params(self) -> int:
@@ -87,17 +89,22 @@ def save_checkpoint(
     arch_kwargs: dict[str, Any],
     input_shape: tuple[int, ...],
     num_classes: int,
+    classes: list[str] | None = None,
 ) -> None:
     """Write a checkpoint that :func:`load_model` (and ``dump --teacher``) rebuilds without ``--arch``.
 
-    It holds only tensors, strings, numbers, lists and dicts, so it loads with ``weights_only=True``,
-    and is written through a temporary file, fsynced and renamed, so it is never half-written.
+    ``classes`` names each output class in order (an image folder's class names): a dataset whose
+    names differ is then refused wherever the model meets it, instead of labels silently meaning
+    other classes. The file holds only tensors, strings, numbers, lists and dicts, so it loads with
+    ``weights_only=True``, and is written through a temporary file, fsynced and renamed, so it is
+    never half-written.
     """
     payload = {
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs),
         "input_shape": [int(d) for d in input_shape],
         "num_classes": int(num_classes),
+        **({"classes": list(classes)} if classes is not None else {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "softlabels_version": __version__,
     }
@@ -259,10 +266,13 @@ def load_model(
         arch_kwargs = described.get("arch_kwargs", {})
     input_shape = described.get("input_shape", input_shape)
     num_classes = num_classes or described.get("num_classes") or _infer_num_classes(state_dict)
+    names = described.get("classes")
+    if names is not None and len(names) != num_classes:
+        raise SoftlabelsError(f"checkpoint {path}: field 'classes' names {len(names)} classes, the model has {num_classes}")
     model = build_model(arch, input_shape=input_shape, num_classes=num_classes, kwargs=arch_kwargs)
     _load_state(model, state_dict, path, arch)
     model.eval()
-    return LoadedModel(model, path, sha256, arch, dict(arch_kwargs), num_classes, input_shape)
+    return LoadedModel(model, path, sha256, arch, dict(arch_kwargs), num_classes, input_shape, classes=names)
 
 
 def _validated_description(described: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -286,6 +296,11 @@ def _validated_description(described: dict[str, Any], path: Path) -> dict[str, A
         if not _positive_int(classes):
             raise SoftlabelsError(f"checkpoint {path}: field 'num_classes' is not a positive integer: {classes!r}")
         checked["num_classes"] = int(classes)
+    names = described.get("classes")
+    if names is not None:
+        if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)):
+            raise SoftlabelsError(f"checkpoint {path}: field 'classes' is not a list of class names")
+        checked["classes"] = names
     return checked
 
 

@@ -17,7 +17,7 @@ from . import __version__, distributed
 from .allocator import keep_freed_memory
 from .checkpoint import load_model
 from .convert import convert_cache
-from .data import open_data
+from .data import check_classes, open_data
 from .augment import Pipeline, parse_augment
 from .dump import PRECISIONS, dump as run_dump
 from .errors import SoftlabelsError, user_message
@@ -339,6 +339,7 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
     else:
         raise SoftlabelsError("give --data (or --cache)")
     model = _load(model_path, source, arch, arch_kwargs, num_classes, trust_code)
+    check_classes(model.classes, source, f"model {model_path}")
     metrics = run_evaluate(model.model, source, teacher_top1=teacher_top1, device=device)
     result = {"model": model_path, "data": source.spec, "samples": len(source), **metrics}
     if as_json:

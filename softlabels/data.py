@@ -200,12 +200,13 @@ def skipped_rows(dataset_manifest: dict[str, Any], skipped: Any, where: str) -> 
 
 
 def check_classes(recorded: Any, source: Source, where: str) -> None:
-    """Refuse ``source`` when its class names differ from ``recorded``, the ``dataset.classes`` of a
-    cache's manifest (``None`` where the cache or the source has no names).
+    """Refuse ``source`` when its class names differ from ``recorded``: the ``dataset.classes`` of a
+    cache's manifest, or the ``classes`` of a model's checkpoint (``None`` where it or the source has
+    no names). ``where`` names the cache or the model.
 
     Example::
 
-        check_classes(cache.manifest["dataset"].get("classes"), open_data("imagefolder:val?size=224"), str(cache.path))
+        check_classes(cache.manifest["dataset"].get("classes"), open_data("imagefolder:val?size=224"), f"cache {cache.path}")
     """
     if recorded is None or source.classes is None:
         return
@@ -215,9 +216,10 @@ def check_classes(recorded: Any, source: Source, where: str) -> None:
         missing = sorted(set(recorded) - set(source.classes))
         extra = sorted(set(source.classes) - set(recorded))
         detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:5])}" if missing else "", f"not in the cache {', '.join(extra[:5])}" if extra else "",
+            f"the dataset lacks {', '.join(missing[:5])}" if missing else "",
+            f"only the dataset has {', '.join(extra[:5])}" if extra else "",
         ) if part) or "the same names in another order"
-        raise SoftlabelsError(f"dataset {source.spec} has classes other than those {where} was dumped with ({detail}): "
+        raise SoftlabelsError(f"dataset {source.spec} has classes other than {where}'s ({detail}): "
                               "label k must name the same class in both")
 
 

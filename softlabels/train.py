@@ -222,6 +222,7 @@ def eval_inputs(
     source = open_data(eval_data)
     if eval_teacher:
         teacher = load_model(eval_teacher, input_shape=source.input_shape, trust_code=trust_code)
+        check_classes(teacher.classes, source, f"teacher {teacher.path}")
         return source, top_classes(teacher.model, source, device=device)
     return source, None
 
@@ -381,6 +382,8 @@ def train_students(
             f"--eval-data inputs have shape {list(eval_source.input_shape)}, the training data {list(source.input_shape)}"
         )
     num_classes = class_count(source, cache, num_classes or (teacher.num_classes if teacher is not None else None))
+    if teacher is not None:
+        check_classes(teacher.classes, source, f"teacher {teacher.path}")
     if cache is not None and eval_source is not None:
         check_tokenizer(cache.manifest.get("tokens"), eval_source, where=f"cache {cache.path}")
         check_classes((cache.manifest.get("dataset") or {}).get("classes"), eval_source, f"cache {cache.path}")
@@ -600,7 +603,7 @@ def _save_student(path: Path, student: _Student, source: Source, num_classes: in
     if arch.startswith(HF_PREFIX):  # the configuration it names, from wherever the checkpoint is read
         arch = HF_PREFIX + str(Path(arch[len(HF_PREFIX):]).resolve())
     save_checkpoint(path, student.model, arch=arch, arch_kwargs=student.spec.kwargs,
-                    input_shape=source.input_shape, num_classes=num_classes)
+                    input_shape=source.input_shape, num_classes=num_classes, classes=source.classes)
 
 
 def _save_predictions(path: Path, student: _Student, eval_source: Source, eval_teacher_top1: np.ndarray | None,

@@ -21,6 +21,21 @@ def test_self_describing_round_trip(tmp_path):
     assert not loaded.model.training
 
 
+def test_class_names_round_trip_and_a_bad_classes_field_is_refused(tmp_path):
+    model = build_model("linear", input_shape=(4,), num_classes=3)
+    save_checkpoint(tmp_path / "named.pth", model, arch="linear", arch_kwargs={}, input_shape=(4,), num_classes=3,
+                    classes=["ant", "bee", "cow"])
+    save_checkpoint(tmp_path / "plain.pth", model, arch="linear", arch_kwargs={}, input_shape=(4,), num_classes=3)
+    assert load_model(tmp_path / "named.pth").classes == ["ant", "bee", "cow"]
+    assert load_model(tmp_path / "plain.pth").classes is None
+    payload = torch.load(tmp_path / "plain.pth", weights_only=True)
+    for bad, message in [("ant", "is not a list of class names"), (["ant", 7, "cow"], "is not a list of class names"),
+                         ([], "is not a list of class names"), (["ant", "bee"], "names 2 classes, the model has 3")]:
+        torch.save({**payload, "classes": bad}, tmp_path / "bad.pth")
+        with pytest.raises(SoftlabelsError, match=rf"checkpoint .*bad.pth: field 'classes' {message}"):
+            load_model(tmp_path / "bad.pth")
+
+
 def test_bare_state_dict_needs_arch(linear_teacher):
     with pytest.raises(SoftlabelsError, match="--arch"):
         load_model(linear_teacher)

@@ -143,7 +143,35 @@ def test_dump_records_classes_and_training_refuses_other_classes(tmp_path):
     assert dataset["classes"] == CLASSES and dataset["transform"]["size"] == 16
     result = run("train-student", "--cache", tmp_path / "c.zarr", "--student", "linear", "--epochs", "1", "--quiet",
                  "--eval-data", f"imagefolder:{other}?size=16", "--out", tmp_path / "runs")
-    assert_one_line_error(result, r"classes other than those cache .* was dumped with \(missing cow; not in the cache cat\)")
+    assert_one_line_error(result, r"classes other than cache .*'s \(the dataset lacks cow; only the dataset has cat\)")
+
+
+def test_a_student_records_its_classes_and_no_model_meets_a_dataset_of_other_classes(tmp_path):
+    root = make_folder(tmp_path / "train")
+    other = make_folder(tmp_path / "other", per_class=2)
+    (other / "cow").rename(other / "cat")
+    same, changed = f"imagefolder:{root}?size=16", f"imagefolder:{other}?size=16"
+    assert run("dump", "--teacher", save_teacher(tmp_path / "t.pth"), "--data", same, "--out", tmp_path / "c.zarr",
+               "--quiet").exit_code == 0
+    result = run("train-student", "--cache", tmp_path / "c.zarr", "--student", "linear", "--epochs", "1", "--quiet",
+                 "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    student = tmp_path / "runs" / "linear" / "student.pth"
+    assert load_model(student).classes == CLASSES
+    refused = {  # the student as the next teacher, or evaluated, on folders whose label 2 is another class
+        "dump": ["dump", "--teacher", student, "--data", changed, "--out", tmp_path / "d.zarr"],
+        "evaluate": ["evaluate", "--model", student, "--data", changed],
+        "online teacher": ["train-student", "--data", changed, "--online-teacher", student, "--student", "linear",
+                           "--out", tmp_path / "online"],
+        "evaluation teacher": ["train-student", "--data", same, "--hard-labels-only", "--student", "linear", "--eval-data",
+                               changed, "--eval-teacher", student, "--out", tmp_path / "eval"],
+    }
+    for command in refused.values():
+        assert_one_line_error(run(*command), r"classes other than (teacher|model) .*student.pth's "
+                                             r"\(the dataset lacks cow; only the dataset has cat\)")
+    assert not any((tmp_path / name).exists() for name in ("d.zarr", "d.zarr.partial", "online", "eval"))
+    result = run("evaluate", "--model", student, "--data", same)
+    assert result.exit_code == 0 and "accuracy" in result.output, result.output
 
 
 def test_a_corrupt_image_stops_the_dump_and_resume_works_once_it_is_fixed_or_removed(tmp_path):
