@@ -12,8 +12,9 @@ equals anything), and the check's own time inside the checked loader's epochs (e
 timed where the loader makes it). The first is a difference of a few percent on a machine whose
 epochs vary by tens of percent, so it is measured in many pairs of epochs, one of each in alternating
 order, and reported as the median of the pairs' ratios with a bootstrap 95% interval; the second does
-not depend on how fast the epochs around it ran. First, the speed of each CRC function alone. It
-prints Markdown tables for BENCHMARKS.md.
+not depend on how fast the epochs around it ran. First, the speed of each CRC function alone; last,
+the check's own time with each chunk read and checked in pieces (as the loader does) against chunks
+read whole and then checked. It prints Markdown tables for BENCHMARKS.md.
 
     python scripts/bench_checksums.py              # 65,536 x 1000 float16 (131 MB)
     python scripts/bench_checksums.py --rows 16384 # quicker
@@ -172,6 +173,24 @@ def checksum_rates() -> list[str]:
     return rows
 
 
+def piece_shares(suffix: str, checked: Path, data: Path, rounds: int) -> list[str]:
+    """Table rows: the check's own time in an epoch (:func:`check_share`) with each chunk read and
+    checked in pieces of ``store._PIECE_BYTES`` (what the loader does) and read whole, then checked,
+    alternating over ``rounds`` rounds of 5 epochs each; medians."""
+    sizes = {f"{softlabels.store._PIECE_BYTES // 1024} KiB pieces": softlabels.store._PIECE_BYTES, "whole chunks": 1 << 40}
+    shares: dict[str, list[tuple[float, float]]] = {name: [] for name in sizes}
+    real = softlabels.store._PIECE_BYTES
+    try:
+        for i in range(rounds):
+            for name in (list(sizes) if i % 2 == 0 else list(sizes)[::-1]):
+                softlabels.store._PIECE_BYTES = sizes[name]
+                shares[name].append(check_share(checked, data, 5))
+    finally:
+        softlabels.store._PIECE_BYTES = real
+    return [f"| {suffix} | {name} | {np.median([s for s, _ in got]):.2%} | {np.median([r for _, r in got]):.0f} GB/s |"
+            for name, got in shares.items()]
+
+
 def check_alone(suffix: str, checked: Path, data: Path, rows: int, pairs: int) -> str:
     """A table row: the check's cost as the median of ``pairs`` checked/skipped epoch ratios."""
     with_check, without = [], []
@@ -196,6 +215,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=100, help="epoch pairs measuring the check alone")
+    parser.add_argument("--piece-rounds", type=int, default=12, help="rounds comparing chunks read in pieces and whole")
     args = parser.parse_args()
     print("| checksum | GB/s, 512 KiB in cache | GB/s, 64 MiB |\n| --- | ---: | ---: |")
     print("\n".join(checksum_rates()) + "\n")
@@ -203,7 +223,7 @@ def main() -> None:
           f"{softlabels.__version__}, best of {args.repeats} alternating runs, page cache warm\n")
     print("| format | path | without checksums | with checksums | cost | run-to-run spread |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
-    skipped_rows = []
+    skipped_rows, piece_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for suffix in (".zarr", ".h5"):
             checked, unchecked, data = write_caches(Path(tmp), args.rows, args.classes, suffix)
@@ -224,12 +244,17 @@ def main() -> None:
                 print(f"| {suffix} | {label} | {scale / plain:,.{digits}f} {unit} | {scale / checked_s:,.{digits}f} {unit} | "
                       f"{checked_s / plain - 1:+.1%} | {noise:.0%} |")
             skipped_rows.append(check_alone(suffix, checked, data, args.rows, args.pairs))
+            piece_rows += piece_shares(suffix, checked, data, args.piece_rounds)
     print(f"\nThe format-2 loader with every CRC-32C comparison skipped, against the same loader checking, "
           f"{args.pairs} pairs of epochs:\n")
     print("| format | check skipped (median) | checked (median) | cost: median of the pairs | 95% interval | spread of one epoch "
           "| the check's own time in an epoch (median of 20) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(skipped_rows))
+    print(f"\nThe check's own time in an epoch with each chunk read and checked in pieces (what the loader does) "
+          f"and read whole, then checked: medians of {args.piece_rounds} alternating rounds of 5 epochs:\n")
+    print("| format | chunk read | the check's own time in an epoch | CRC-32C rate |\n| --- | --- | ---: | ---: |")
+    print("\n".join(piece_rows))
 
 
 if __name__ == "__main__":
