@@ -70,6 +70,7 @@ class LoadedModel:
             "arch_kwargs": self.arch_kwargs,
             "params": self.params,
             **({"tokenizer": self.tokenizer} if self.tokenizer is not None else {}),
+            **({"classes": self.classes} if self.classes is not None else {}),
         }
 
 
@@ -136,13 +137,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise SoftlabelsError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
-    described: Any = {}
-    if "softlabels" in metadata:
-        try:
-            described = json.loads(metadata["softlabels"])
-        except json.JSONDecodeError:
-            described = {}
-    return tensors, described if isinstance(described, dict) else {}
+    if "softlabels" not in metadata:
+        return tensors, {}
+    try:
+        described = json.loads(metadata["softlabels"])
+    except json.JSONDecodeError:
+        described = None
+    if not isinstance(described, dict):  # what it says of itself cannot be dropped silently: it may name its classes
+        raise SoftlabelsError(f"safetensors checkpoint {path}: its metadata 'softlabels' is not a JSON object")
+    return tensors, described
 
 
 def _read_pickle(path: Path, trust_code: bool) -> Any:
@@ -300,6 +303,8 @@ def _validated_description(described: dict[str, Any], path: Path) -> dict[str, A
     if names is not None:
         if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)):
             raise SoftlabelsError(f"checkpoint {path}: field 'classes' is not a list of class names")
+        if len(set(names)) != len(names):
+            raise SoftlabelsError(f"checkpoint {path}: field 'classes' names a class twice")
         checked["classes"] = names
     return checked
 

@@ -211,7 +211,7 @@ def check_classes(recorded: Any, source: Source, where: str) -> None:
     if recorded is None or source.classes is None:
         return
     if not (isinstance(recorded, list) and all(isinstance(name, str) for name in recorded)):
-        raise SoftlabelsError(f"{where}: manifest field 'dataset.classes' must be a list of class names")
+        raise SoftlabelsError(f"{where}: its class names are not a list of strings")
     if recorded != source.classes:
         missing = sorted(set(recorded) - set(source.classes))
         extra = sorted(set(source.classes) - set(recorded))

@@ -65,7 +65,7 @@ def source_for_cache(cache: Cache, spec: str | None = None, *, trust_code: bool 
         )
     source = open_data(spec)
     check_tokenizer(cache.manifest.get("tokens"), source, where=f"cache {cache.path}")
-    check_classes(recorded.get("classes"), source, f"cache {cache.path}")
+    check_classes(cache.classes, source, f"cache {cache.path}")
     source.skip_rows(skipped_rows(recorded, cache.manifest.get("skipped"), f"cache {cache.path}"))
     if len(source) != len(cache):
         raise SoftlabelsError(f"dataset {source.spec} has {len(source)} samples but cache {cache.path} has {len(cache)}")

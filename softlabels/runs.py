@@ -25,7 +25,7 @@ import numpy as np
 from .checkpoint import file_sha256
 from .errors import SoftlabelsError
 from .kinds.base import is_number
-from .train import PREDICTIONS
+from .train import PREDICTIONS, plain_name
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
@@ -67,7 +67,7 @@ def read_summary(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
         raise SoftlabelsError(f"{path} is not a train-student summary (a JSON list of objects)")
     for i, entry in enumerate(entries):
         where = f"{path}: entry {i}"
-        if not _plain_name(entry.get("student")):
+        if not plain_name(entry.get("student")):
             raise SoftlabelsError(f"{where}: 'student' must be a plain name, got {entry.get('student')!r}")
         _check_numbers(entry, _SUMMARY_NUMBERS, where)
         if not isinstance(entry.get("params"), int) and entry.get("params") is not None:
@@ -106,8 +106,12 @@ def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
     ``labels`` (``-1``: none), of one shape, loaded without pickle."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in _PREDICTION_KINDS if name in data.files}
+        with open(path, "rb") as f:
+            data = np.load(f, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy under the archive's name
+                raise ValueError("not an .npz archive")
+            with data:
+                arrays = {name: data[name] for name in _PREDICTION_KINDS if name in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise SoftlabelsError(f"cannot read predictions {path}: {type(exc).__name__}: {exc}") from exc
     for name, kind in _PREDICTION_KINDS.items():
@@ -160,11 +164,6 @@ def _cache_teacher(config: Path) -> str | None:
     identity = options.get("cache_identity") if isinstance(options, dict) else None
     sha256 = identity.get("teacher.sha256") if isinstance(identity, dict) else None
     return sha256 if isinstance(sha256, str) else None
-
-
-def _plain_name(value: Any) -> bool:
-    """A name that stays one directory inside the run (no separators, no ``..``)."""
-    return isinstance(value, str) and bool(value) and Path(value).name == value and value not in (".", "..")
 
 
 def _check_numbers(record: dict[str, Any], keys: tuple[str, ...], where: str) -> None:

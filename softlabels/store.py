@@ -734,6 +734,29 @@ def _item_axes(manifest: dict[str, Any], path: Path) -> tuple[tuple[str, int], .
     return tuple((a["name"], a["size"]) for a in axes)
 
 
+def _check_descriptions(manifest: dict[str, Any], path: Path) -> None:
+    """The manifest's counts, class names and token fields that readers print or compare: each of
+    its type, or absent."""
+    teacher, dataset, tokens = manifest.get("teacher", {}), manifest.get("dataset", {}), manifest.get("tokens")
+    if tokens is not None and not (isinstance(tokens, dict) and isinstance(tokens.get("tokenizer"), (dict, type(None)))):
+        raise SoftlabelsError(f"{path}: manifest field 'tokens' is not an object with a 'tokenizer' object or null")
+    tokenizer = (tokens or {}).get("tokenizer") or {}
+    counts = {"teacher.params": teacher.get("params"), "dataset.num_samples": dataset.get("num_samples"),
+              "tokens.seq_len": (tokens or {}).get("seq_len"), "tokens.vocab_size": (tokens or {}).get("vocab_size"),
+              "tokens.tokenizer.vocab_size": tokenizer.get("vocab_size")}
+    for name, value in counts.items():
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise SoftlabelsError(f"{path}: manifest field '{name}' is not a count, got {value!r}")
+    if not isinstance(tokenizer.get("sha256", ""), str):
+        raise SoftlabelsError(f"{path}: manifest field 'tokens.tokenizer.sha256' is not a string")
+    for name, names, size in (("dataset.classes", dataset.get("classes"), None),
+                              ("teacher.classes", teacher.get("classes"), manifest["num_classes"])):
+        if names is not None and not (isinstance(names, list) and names and all(isinstance(v, str) for v in names)
+                                      and len(set(names)) == len(names) and size in (None, len(names))):
+            raise SoftlabelsError(f"{path}: manifest field '{name}' is not a list of distinct class names"
+                                  + (f", one for each of the {size} classes" if size else ""))
+
+
 def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tuple[dict[str, Any], Layout]:
     """Check a manifest against this reader and the arrays it describes; return it and its layout."""
     if not isinstance(manifest, dict):
@@ -762,6 +785,7 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tupl
     n, c = manifest["num_samples"], manifest["num_classes"]
     if n < 0 or c < 1 or manifest["chunk_rows"] < 1 or manifest["dtype"] not in STORE_DTYPES:
         raise SoftlabelsError(f"{path}: manifest has impossible values (num_samples={n}, num_classes={c})")
+    _check_descriptions(manifest, path)
     kind = kind_from_settings(manifest, num_classes=c, where=f"{path}: manifest", require_all=True)
     records = manifest.get("records", [])
     if not isinstance(records, list):
@@ -941,6 +965,12 @@ class Cache(_Chunked):
         for index in range(self.num_chunks):
             start, stop = self.chunk_bounds(index)
             yield (start, *self.read(start, stop))
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The name of each class, in order, where the manifest records them: the dataset's (an image
+        folder's), else the teacher's checkpoint's."""
+        return (self.manifest.get("dataset") or {}).get("classes") or (self.manifest.get("teacher") or {}).get("classes")
 
     def teacher_top1(self) -> np.ndarray:
         """The teacher's top class of every item (``[N, *items]``), read chunk by chunk."""

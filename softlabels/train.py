@@ -92,11 +92,11 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise SoftlabelsError("epochs and batch size must be positive")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise SoftlabelsError("learning rate must be > 0 and weight decay >= 0")
-        if self.temperature <= 0:
+        if not (math.isfinite(self.lr) and math.isfinite(self.weight_decay)) or self.lr <= 0 or self.weight_decay < 0:
+            raise SoftlabelsError(f"learning rate must be > 0 and weight decay >= 0, got {self.lr} and {self.weight_decay}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise SoftlabelsError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
+        if not 0 <= self.alpha <= 1:  # also false for NaN
             raise SoftlabelsError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.kl not in KL_DIRECTIONS:
             raise SoftlabelsError(f"kl must be forward or reverse, got {self.kl}")
@@ -248,10 +248,18 @@ def class_count(source: Source, cache: Cache | None, num_classes: int | None = N
     return largest + 1
 
 
+def plain_name(value: Any) -> bool:
+    """A name that stays one directory inside a run (no separators, no ``..``)."""
+    return isinstance(value, str) and bool(value) and Path(value).name == value and value not in (".", "..")
+
+
 def _student_names(students: list[StudentSpec]) -> list[str]:
     names, seen = [], {}
     for spec in students:
         base = spec.name or _default_name(spec.arch)
+        if not plain_name(base):
+            raise SoftlabelsError(f"student name {base!r} names no directory of its own in the run: "
+                                  "use a plain name, without path separators")
         seen[base] = seen.get(base, 0) + 1
         names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
     return names
@@ -384,9 +392,21 @@ def train_students(
     num_classes = class_count(source, cache, num_classes or (teacher.num_classes if teacher is not None else None))
     if teacher is not None:
         check_classes(teacher.classes, source, f"teacher {teacher.path}")
-    if cache is not None and eval_source is not None:
-        check_tokenizer(cache.manifest.get("tokens"), eval_source, where=f"cache {cache.path}")
-        check_classes((cache.manifest.get("dataset") or {}).get("classes"), eval_source, f"cache {cache.path}")
+    # What each output class of the students means: the names of the training data's classes, else
+    # those the cache or the teacher recorded (a teacher's targets over unlabeled data).
+    named = [(source.classes, f"training data {source.spec}")]
+    if cache is not None:
+        named.append((cache.classes, f"cache {cache.path}"))
+    if teacher is not None:
+        named.append((teacher.classes, f"teacher {teacher.path}"))
+    classes = next((names for names, _ in named if names is not None), None)
+    if classes is not None and len(classes) != num_classes:  # names of some outputs only (a folder of fewer classes)
+        classes = None
+    if eval_source is not None:
+        if cache is not None:
+            check_tokenizer(cache.manifest.get("tokens"), eval_source, where=f"cache {cache.path}")
+        for names, where in named:
+            check_classes(names, eval_source, where)
     device = resolve_device(config.device)
     # Hard-label training reads the cache only for labels the dataset lacks, never the logits otherwise.
     loader_cache = None if config.hard_labels_only and source.has_labels else cache
@@ -484,7 +504,7 @@ def train_students(
     summary = [_summary_row(student, config, teacher is not None) for student in trained]
     if out is not None:
         for student in trained:
-            _save_student(out / student.name / "student.pth", student, source, num_classes)
+            _save_student(out / student.name / "student.pth", student, source.input_shape, num_classes, classes)
             if eval_source is not None:
                 _save_predictions(out / student.name / PREDICTIONS, student, eval_source, eval_teacher_top1, device)
         write_atomically(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
@@ -518,7 +538,11 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         student.optimizer.step()
         student.schedule.step()
         student.rng = _rng_state(device)
-        student.loss_sum += float(loss.detach())
+        value = float(loss.detach())
+        if not math.isfinite(value):  # every later step and the evaluation would be NaN too
+            raise SoftlabelsError(f"student '{student.name}' diverged: its loss is {value} in epoch {len(student.history) + 1}; "
+                                  "train it again with a lower --lr (and --overwrite)")
+        student.loss_sum += value
         student.loss_count += 1
         elapsed = time.perf_counter() - began  # the step itself; the loss terms below are bookkeeping
         _add_terms(student, terms, labeled)
@@ -598,12 +622,12 @@ def _summary_row(student: _Student, config: TrainConfig, online: bool) -> dict[s
     }
 
 
-def _save_student(path: Path, student: _Student, source: Source, num_classes: int) -> None:
+def _save_student(path: Path, student: _Student, input_shape: tuple[int, ...], num_classes: int, classes: list[str] | None) -> None:
     arch = student.spec.arch
     if arch.startswith(HF_PREFIX):  # the configuration it names, from wherever the checkpoint is read
         arch = HF_PREFIX + str(Path(arch[len(HF_PREFIX):]).resolve())
     save_checkpoint(path, student.model, arch=arch, arch_kwargs=student.spec.kwargs,
-                    input_shape=source.input_shape, num_classes=num_classes, classes=source.classes)
+                    input_shape=input_shape, num_classes=num_classes, classes=classes)
 
 
 def _save_predictions(path: Path, student: _Student, eval_source: Source, eval_teacher_top1: np.ndarray | None,

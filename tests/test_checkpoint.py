@@ -1,5 +1,6 @@
 """Checkpoint forms, architecture resolution and refusal of anything that would run code."""
 
+import json
 import os
 import textwrap
 
@@ -30,7 +31,8 @@ def test_class_names_round_trip_and_a_bad_classes_field_is_refused(tmp_path):
     assert load_model(tmp_path / "plain.pth").classes is None
     payload = torch.load(tmp_path / "plain.pth", weights_only=True)
     for bad, message in [("ant", "is not a list of class names"), (["ant", 7, "cow"], "is not a list of class names"),
-                         ([], "is not a list of class names"), (["ant", "bee"], "names 2 classes, the model has 3")]:
+                         ([], "is not a list of class names"), (["ant", "bee"], "names 2 classes, the model has 3"),
+                         (["ant", "bee", "ant"], "names a class twice")]:
         torch.save({**payload, "classes": bad}, tmp_path / "bad.pth")
         with pytest.raises(SoftlabelsError, match=rf"checkpoint .*bad.pth: field 'classes' {message}"):
             load_model(tmp_path / "bad.pth")
@@ -48,6 +50,18 @@ def test_safetensors_with_arch(tmp_path):
     loaded = load_model(tmp_path / "w.safetensors", arch="linear", input_shape=(12,))
     x = torch.randn(2, 12)
     torch.testing.assert_close(loaded.model(x), model(x))
+
+
+def test_safetensors_metadata_describes_the_model_and_a_malformed_one_is_refused(tmp_path):
+    model = build_model("linear", input_shape=(4,), num_classes=2)
+    described = {"arch": "linear", "input_shape": [4], "num_classes": 2, "classes": ["cat", "dog"]}
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"), metadata={"softlabels": json.dumps(described)})
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert (loaded.arch, loaded.input_shape, loaded.classes) == ("linear", (4,), ["cat", "dog"])
+    for bad in ['{"arch": "linear", "classes": ["cat"', '["linear"]']:
+        save_file(model.state_dict(), str(tmp_path / "bad.safetensors"), metadata={"softlabels": bad})
+        with pytest.raises(SoftlabelsError, match="metadata 'softlabels' is not a JSON object"):
+            load_model(tmp_path / "bad.safetensors", arch="linear", input_shape=(4,))
 
 
 def test_state_dict_that_does_not_fit_names_the_key(linear_teacher):

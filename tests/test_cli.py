@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from softlabels import open_cache
+from softlabels import SoftlabelsError, open_cache
 from softlabels.cli import cli
+from softlabels.runs import read_predictions
 
 from .conftest import make_npz
 
@@ -110,6 +111,31 @@ def test_invalid_option_values_are_usage_errors(tmp_path, args):
     result = run("train-student", "--data", "x.npz", "--hard-labels-only", "--student", "mlp", "--out", tmp_path, *args)
     assert result.exit_code == 2
     assert "Traceback" not in result.output and f"Invalid value for '{args[0]}'" in result.output
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--temperature", "nan"], "temperature must be > 0, got nan"),
+    (["--lr", "nan"], "learning rate must be > 0 and weight decay >= 0, got nan"),
+    (["--student", "../x=linear"], "student name '../x' names no directory of its own in the run"),
+])
+def test_bad_training_options_are_one_line_errors_that_write_nothing(tmp_path, npz_data, args, pattern):
+    result = run("train-student", "--data", npz_data, "--hard-labels-only", "--student", "linear", "--out", tmp_path / "r", *args)
+    assert_one_line_error(result, pattern)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_diverging_student_stops_the_run_in_one_line(tmp_path, npz_data):
+    result = run("train-student", "--data", npz_data, "--hard-labels-only", "--student", "mlp", "--epochs", "2",
+                 "--lr", "1e30", "--eval-data", npz_data, "--out", tmp_path / "r")
+    assert_one_line_error(result, r"student 'mlp' diverged: its loss is (nan|inf) in epoch 1; .*lower --lr")
+    assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_predictions_that_are_no_npz_archive_are_refused_in_one_line(tmp_path):
+    with open(tmp_path / "eval_predictions.npz", "wb") as f:
+        np.save(f, np.arange(3))
+    with pytest.raises(SoftlabelsError, match="cannot read predictions .*: not an .npz archive"):
+        read_predictions(tmp_path / "eval_predictions.npz")
 
 
 def test_inspect_json_and_evaluate(tmp_path, npz_data, linear_teacher):

@@ -34,10 +34,11 @@ def make_folder(root, per_class=6, sizes=((24, 32), (40, 30), (28, 28)), flat=Fa
     return root
 
 
-def save_teacher(path, size=16, classes=3):
+def save_teacher(path, size=16, classes=3, names=None):
     torch.manual_seed(0)
     model = build_model("cnn2d", input_shape=(3, size, size), num_classes=classes, kwargs={"channels": 4})
-    save_checkpoint(path, model, arch="cnn2d", arch_kwargs={"channels": 4}, input_shape=(3, size, size), num_classes=classes)
+    save_checkpoint(path, model, arch="cnn2d", arch_kwargs={"channels": 4}, input_shape=(3, size, size), num_classes=classes,
+                    classes=names)
     return path
 
 
@@ -143,7 +144,7 @@ def test_dump_records_classes_and_training_refuses_other_classes(tmp_path):
     assert dataset["classes"] == CLASSES and dataset["transform"]["size"] == 16
     result = run("train-student", "--cache", tmp_path / "c.zarr", "--student", "linear", "--epochs", "1", "--quiet",
                  "--eval-data", f"imagefolder:{other}?size=16", "--out", tmp_path / "runs")
-    assert_one_line_error(result, r"classes other than cache .*'s \(the dataset lacks cow; only the dataset has cat\)")
+    assert_one_line_error(result, r"classes other than training data .*'s \(the dataset lacks cow; only the dataset has cat\)")
 
 
 def test_a_student_records_its_classes_and_no_model_meets_a_dataset_of_other_classes(tmp_path):
@@ -172,6 +173,27 @@ def test_a_student_records_its_classes_and_no_model_meets_a_dataset_of_other_cla
     assert not any((tmp_path / name).exists() for name in ("d.zarr", "d.zarr.partial", "online", "eval"))
     result = run("evaluate", "--model", student, "--data", same)
     assert result.exit_code == 0 and "accuracy" in result.output, result.output
+
+
+def test_a_teachers_class_names_reach_students_trained_on_its_targets_over_unlabeled_images(tmp_path):
+    labeled, flat = make_folder(tmp_path / "labeled", per_class=2), make_folder(tmp_path / "flat", per_class=2, flat=True)
+    other = make_folder(tmp_path / "other", per_class=2)
+    (other / "cow").rename(other / "cat")
+    teacher = save_teacher(tmp_path / "t.pth", names=CLASSES)
+    assert run("dump", "--teacher", teacher, "--data", f"imagefolder:{flat}?size=16", "--out", tmp_path / "c.zarr",
+               "--quiet").exit_code == 0
+    with open_cache(tmp_path / "c.zarr") as cache:
+        assert cache.manifest["teacher"]["classes"] == CLASSES and cache.manifest["dataset"]["classes"] is None
+    train = ["train-student", "--cache", tmp_path / "c.zarr", "--student", "linear", "--epochs", "1", "--quiet"]
+    assert run(*train, "--out", tmp_path / "runs").exit_code == 0
+    assert load_model(tmp_path / "runs" / "linear" / "student.pth").classes == CLASSES
+    assert_one_line_error(run(*train, "--eval-data", f"imagefolder:{other}?size=16", "--out", tmp_path / "r2"),
+                          r"classes other than cache .*c.zarr's \(the dataset lacks cow; only the dataset has cat\)")
+    # without a teacher, evaluation data of other classes than the training data's
+    result = run("train-student", "--data", f"imagefolder:{labeled}?size=16", "--hard-labels-only", "--student", "linear",
+                 "--eval-data", f"imagefolder:{other}?size=16", "--out", tmp_path / "r3")
+    assert_one_line_error(result, r"classes other than training data imagefolder:.*labeled.*'s \(the dataset lacks cow")
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
 
 def test_a_corrupt_image_stops_the_dump_and_resume_works_once_it_is_fixed_or_removed(tmp_path):

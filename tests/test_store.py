@@ -221,6 +221,27 @@ def test_manifest_that_disagrees_with_arrays_is_refused(tmp_path):
         open_cache(path)
 
 
+@pytest.mark.parametrize("section, update, message", [
+    ("teacher", {"params": "many"}, r"'teacher.params' is not a count, got 'many'"),
+    ("dataset", {"num_samples": -3}, r"'dataset.num_samples' is not a count"),
+    ("teacher", {"classes": ["a", "b", "c"]}, r"'teacher.classes' is not a list of distinct class names, one for each of the 2 classes"),
+    ("teacher", {"classes": ["a", "a"]}, r"'teacher.classes' is not a list of distinct class names"),
+    ("dataset", {"classes": ["a", 3]}, r"'dataset.classes' is not a list of distinct class names"),
+    ("tokens", {"seq_len": "64", "tokenizer": None}, r"'tokens.seq_len' is not a count"),
+    ("tokens", {"tokenizer": "bpe"}, r"'tokens' is not an object with a 'tokenizer' object or null"),
+    ("tokens", {"tokenizer": {"sha256": 7}}, r"'tokens.tokenizer.sha256' is not a string"),
+])
+def test_manifest_descriptions_of_the_wrong_type_are_refused_on_open(tmp_path, section, update, message):
+    # what inspect prints and the class and tokenizer checks compare, from a cache that may be a stranger's
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.zeros((10, 2), dtype=np.float32), np.zeros(10, dtype=np.int64), chunk_rows=4)
+    group = zarr.open_group(str(path), mode="r+")
+    manifest = group.attrs["softlabels"]
+    group.attrs["softlabels"] = {**manifest, section: {**manifest.get(section, {}), **update}}
+    with pytest.raises(SoftlabelsError, match=message):
+        open_cache(path)
+
+
 def test_not_a_cache_is_refused(tmp_path):
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w").create_array("x", shape=(3,), dtype="int8")
     with pytest.raises(SoftlabelsError, match="not a softlabels cache"):
