@@ -606,13 +606,35 @@ class _ZarrZstdChunks(_ZarrRawChunks):
                 raise _ChunkDamaged(chunk, f"its chunk file has {len(stored)} bytes")
             _check(chunk, (_crc32c(stored[:-4]), int.from_bytes(stored[-4:].tobytes(), "little")))
             stored = stored[:-4]
+        declared = _zstd_content_size(stored)
+        if declared != len(into):  # zstd then holds the frame to it: decoding checks the size it makes
+            raise _ChunkDamaged(chunk, f"its zstd frame declares {declared} bytes, not {len(into)}")
         try:
-            decoded = _zstd().decode(stored, out=into)
+            _zstd().decode(stored, out=into)
         except Exception as exc:  # a frame that passed its checksum yet does not decode to a chunk
             raise _ChunkDamaged(chunk, f"its zstd frame does not decode to {len(into)} bytes: {exc}") from None
-        if np.asarray(decoded).nbytes != len(into):
-            raise _ChunkDamaged(chunk, f"its zstd frame decodes to {np.asarray(decoded).nbytes} bytes, not {len(into)}")
         return None
+
+
+def _zstd_content_size(frame: np.ndarray) -> int | None:
+    """The decoded size a zstd frame's header declares (RFC 8878, section 3.1.1.1), ``None`` if it is
+    no zstd frame or declares none. Decoding into a chunk's buffer would not say how much it filled.
+
+    Example::
+
+        _zstd_content_size(np.frombuffer(_zstd().encode(np.zeros(8, np.int64)), np.uint8))   # 64
+    """
+    head = bytes(frame[:18])
+    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = head[4]
+    single_segment = (descriptor >> 5) & 1
+    at = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3]  # after the window and dictionary fields
+    size = (single_segment, 2, 4, 8)[descriptor >> 6]
+    if size == 0 or len(head) < at + size:
+        return None
+    value = int.from_bytes(head[at:at + size], "little")
+    return value + 256 if size == 2 else value
 
 
 class ZarrRows:

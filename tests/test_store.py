@@ -299,6 +299,21 @@ def test_a_damaged_zarr_chunk_fails_when_read_naming_array_chunk_and_rows(tmp_pa
             zarr.open_group(str(path), mode="r")[array][32:48]
 
 
+def test_a_zstd_chunk_of_the_wrong_size_with_a_valid_crc32c_fails_when_read(tmp_path):
+    # a frame of 8 labels where the chunk holds 16: whatever the buffer held before must not show through
+    from numcodecs import Zstd
+
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.arange(64, dtype=np.int64) % 5, chunk_rows=16)
+    frame = Zstd(level=1).encode(np.arange(8, dtype="<i8"))
+    (path / "labels" / "c" / "1").write_bytes(bytes(frame) + google_crc32c.value(bytes(frame)).to_bytes(4, "little"))
+    with open_cache(path) as cache:
+        reuse = {}
+        cache.read_ranges([(32, 48)], reuse)  # the buffer now holds chunk 2's labels
+        with pytest.raises(SoftlabelsError, match=r"array 'labels' chunk 1 \(rows 16-31\) is damaged \(its zstd frame declares 64 bytes, not 128\)"):
+            cache.read_ranges([(16, 32)], reuse)
+
+
 @pytest.mark.parametrize("compress", [False, True], ids=["raw logits", "zstd logits"])
 def test_direct_chunk_reads_return_what_zarr_returns(tmp_path, compress):
     rng = np.random.default_rng(3)
