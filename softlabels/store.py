@@ -1178,9 +1178,7 @@ class CacheWriter(_Chunked):
         self._backend.write_manifest(self.manifest)
         self._backend.sync(None)
         self._backend.close()
-        remove_path(self.path)
-        os.replace(self.partial, self.path)
-        fsync_directory(self.path.parent)
+        _publish(self.partial, self.path)
         self._finished = True
 
     def close(self) -> None:
@@ -1221,6 +1219,23 @@ def dump_lock(path: Path) -> Iterator[None]:
             lock.unlink(missing_ok=True)
     finally:
         os.close(fd)
+
+
+def _publish(partial: Path, path: Path) -> None:
+    """Move the finished cache at ``partial`` to ``path``, replacing what is there. A file is replaced in
+    one rename. A directory (a Zarr cache) cannot be, so the old one is renamed aside first and removed
+    only once the new one is in place: killed at any moment, ``path`` holds a whole cache or nothing
+    (the old one then waits at ``PATH.replaced``), never a half-removed one."""
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(path.name + ".replaced")
+        remove_path(aside)  # left by an earlier kill
+        os.replace(path, aside)
+        os.replace(partial, path)
+        fsync_directory(path.parent)
+        remove_path(aside)
+    else:
+        os.replace(partial, path)
+        fsync_directory(path.parent)
 
 
 def remove_path(path: Path) -> None:

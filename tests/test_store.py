@@ -162,6 +162,31 @@ def test_chunk_files_written_directly_are_the_bytes_zarr_writes(tmp_path, kind):
     assert [name for name in direct if direct[name] != plain[name] and not name.endswith("zarr.json")] == []
 
 
+def test_a_cache_replaced_by_a_killed_writer_is_whole_never_half_removed(tmp_path, monkeypatch):
+    import shutil
+
+    import softlabels.store as store
+
+    path, labels = tmp_path / "c.zarr", np.zeros(64, dtype=np.int64)
+    write_cache(path, np.zeros((64, 5), dtype=np.float32), labels, chunk_rows=16)
+    real = store.remove_path
+
+    def killed_while_removing_the_old_cache(target):
+        if target.name.endswith(".replaced") and target.exists():
+            shutil.rmtree(target / "logits")
+            raise KeyboardInterrupt
+        real(target)
+
+    monkeypatch.setattr(store, "remove_path", killed_while_removing_the_old_cache)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(path, np.ones((64, 5), dtype=np.float32), labels, chunk_rows=16)
+    monkeypatch.undo()
+    with open_cache(path) as cache:
+        assert cache.manifest["complete"] and (cache.read(0, 64)[0]["logits"] == 1).all()
+    write_cache(path, np.full((64, 5), 2, dtype=np.float32), labels, chunk_rows=16)  # the leftover is cleared
+    assert not (tmp_path / "c.zarr.replaced").exists() and (open_cache(path).read(0, 64)[0]["logits"] == 2).all()
+
+
 def test_incomplete_cache_is_refused(tmp_path):
     path = tmp_path / "c.zarr"
     writer = CacheWriter(path, Layout(Dense(), 20, 3, "float16", 8), manifest=MANIFEST)
