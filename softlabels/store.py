@@ -344,7 +344,7 @@ class _H5Backend:
         table = self.file.get(_READ_CHECKSUMS)
         if table is None:  # a file without the table is read through h5py, fletcher32 checked
             return
-        names = json.loads(table.attrs["arrays"])
+        names = json.loads(table.attrs["arrays"])  # this writer's own table
         table[first:first + len(chunks)] = [
             [_crc32c(_little_endian(chunk[name])) for name in names]
             for chunk in chunks
@@ -353,20 +353,41 @@ class _H5Backend:
     def raw_reader(self, name: str, array: Any) -> "_H5RawChunks | None":
         """A direct reader of an uncompressed target array whose chunks the read-checksum table
         covers; ``None`` (h5py with fletcher32, or version 1) otherwise."""
+        import h5py
+
         table = self.file.get(_READ_CHECKSUMS)
-        if table is None or array.compression is not None or array.chunks is None:
+        if table is None or array.chunks is None:
             return None
-        try:
-            names = json.loads(table.attrs["arrays"])
-        except (KeyError, TypeError, ValueError):
-            return None
-        if name not in names or table.dtype != np.uint32 or table.ndim != 2 or table.shape[1] != len(names):
+        plist = array.id.get_create_plist()
+        if [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] != [h5py.h5z.FILTER_FLETCHER32]:
+            return None  # stored through other filters too (compression, shuffle, ...): h5py undoes them
+        names = self._read_checksum_names(table)
+        if name not in names:
             return None
         if self.file.mode != "r":
             return _H5RawChunks(array, table, names.index(name))
         # A reader's table never changes (one read, not a small h5py read per chunk), and its chunks
         # are read from the file by offset: h5py holds the GIL for the whole of a read_direct_chunk.
-        return _H5RawChunks(array, np.asarray(table[:]), names.index(name), fd=self.file.id.get_vfd_handle())
+        try:
+            values = np.asarray(table[:])
+        except OSError as exc:  # its fletcher32 failed
+            raise SoftlabelsError(f"{self.file.filename}: array '{_READ_CHECKSUMS}' is damaged ({exc})") from None
+        return _H5RawChunks(array, values, names.index(name), fd=self.file.id.get_vfd_handle())
+
+    def _read_checksum_names(self, table: Any) -> list[str]:
+        """The arrays the read-checksum table covers, one column each, checked against its shape."""
+        where = f"{self.file.filename}: array '{_READ_CHECKSUMS}'"
+        try:
+            names = json.loads(table.attrs["arrays"])
+        except (KeyError, TypeError, ValueError):
+            names = None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
+            raise SoftlabelsError(f"{where}: its attribute 'arrays' is not a list of distinct array names")
+        chunks = {-(-a.shape[0] // a.chunks[0]) for n, a in self.arrays().items() if n in names and a.chunks and a.shape}
+        if table.dtype != np.uint32 or table.ndim != 2 or table.shape[1] != len(names) or chunks - {table.shape[0]}:
+            raise SoftlabelsError(f"{where} is {table.dtype} {list(table.shape)}, not uint32 [chunks, {len(names)}] "
+                                  "for the arrays it covers")
+        return names
 
     def close(self) -> None:
         self.file.close()
@@ -935,10 +956,10 @@ class Cache(_Chunked):
             self.manifest, self.layout = validate_manifest(self._backend.read_manifest(), self._backend.arrays(), path)
             if not self.manifest.get("complete") and not allow_incomplete:
                 raise SoftlabelsError(f"{path} is incomplete (its dump did not finish); resume or rerun the dump")
+            self._arrays = _Arrays(path, self._backend, self.layout, self.manifest["format_version"])
         except BaseException:
             self._backend.close()
             raise
-        self._arrays = _Arrays(path, self._backend, self.layout, self.manifest["format_version"])
 
     def __len__(self) -> int:
         return self.layout.num_samples

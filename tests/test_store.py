@@ -418,6 +418,47 @@ def test_an_hdf5_file_cut_inside_a_chunk_while_open_fails_naming_it(tmp_path):
             cache.read(0, 64)
 
 
+def _rewrite_hdf5(path, name, **dataset_options):
+    with h5py.File(path, "r+") as f:
+        values, attrs = f[name][:], dict(f[name].attrs)
+        chunks = f[name].chunks
+        del f[name]
+        f.create_dataset(name, data=values, chunks=chunks, **dataset_options).attrs.update(attrs)
+
+
+def test_an_hdf5_array_stored_through_other_filters_reads_through_h5py(tmp_path):
+    path = tmp_path / "c.h5"
+    logits = np.random.default_rng(0).normal(size=(64, 50)).astype(np.float32)
+    write_cache(path, logits, np.zeros(64, dtype=np.int64), chunk_rows=16, dtype="float32")
+    _rewrite_hdf5(path, "logits", shuffle=True, fletcher32=True)  # same values, other stored bytes
+    with open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.read(0, 64)[0]["logits"], logits)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("rows", r"array 'chunk_crc32c' is uint32 \[3, 1\], not uint32 \[chunks, 1\]"),
+    ("names", r"array 'chunk_crc32c': its attribute 'arrays' is not a list of distinct array names"),
+    ("byte", r"array 'chunk_crc32c' is damaged"),
+])
+def test_a_damaged_or_malformed_hdf5_read_checksum_table_is_refused_in_one_line(tmp_path, damage, message):
+    path = tmp_path / "c.h5"
+    write_cache(path, np.ones((64, 50), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16, dtype="float32")
+    if damage == "rows":
+        with h5py.File(path, "r") as f:
+            values = f["chunk_crc32c"][:3]
+        with h5py.File(path, "r+") as f:
+            attrs = dict(f["chunk_crc32c"].attrs)
+            del f["chunk_crc32c"]
+            f.create_dataset("chunk_crc32c", data=values, fletcher32=True).attrs.update(attrs)
+    elif damage == "names":
+        with h5py.File(path, "r+") as f:
+            f["chunk_crc32c"].attrs["arrays"] = "5"
+    else:
+        flip_hdf5_byte(path, "chunk_crc32c", chunk=0, offset=2)
+    with pytest.raises(SoftlabelsError, match=message):
+        open_cache(path)
+
+
 def test_a_damaged_hdf5_chunk_fails_when_read(tmp_path):
     path = tmp_path / "c.h5"
     logits = np.random.default_rng(0).normal(size=(64, 50)).astype(np.float32)
