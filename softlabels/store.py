@@ -45,11 +45,13 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import io
 import json
 import math
 import os
 import re
 import shutil
+import stat
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ MANIFEST_KEY = "softlabels"
 _READ_CHECKSUMS = "chunk_crc32c"  # HDF5 only: see _H5Backend.create_read_checksums
 PARTIAL_SUFFIX = ".partial"
 _TARGET_CHUNK_BYTES = 512 << 10
+_MAX_CHUNK_BYTES = 1 << 30  # a reader allocates a chunk's bytes before reading them
 _MAX_DEFAULT_CHUNK_ROWS = 4096
 _CHECKSUMS_PER_CHUNK = 4096
 
@@ -190,6 +193,14 @@ class Layout:
         """Bytes of one sample's targets (all items and arrays) and records."""
         targets = sum(a.dtype.itemsize * a.width for a in self.target_arrays()) * math.prod(self.items)
         return targets + sum(r.dtype.itemsize * math.prod(r.shape) for r in self.records)
+
+    def check_chunk_bytes(self, where: str) -> None:
+        """Refuse chunks of more than 1 GiB in any array: each is read whole, into memory."""
+        for name, (shape, dtype) in self.shapes().items():
+            size = self.chunk_rows * math.prod(shape[1:]) * dtype.itemsize
+            if size > _MAX_CHUNK_BYTES:
+                raise SoftlabelsError(f"{where}: a chunk of {self.chunk_rows:,} rows of array '{name}' holds {size:,} bytes, "
+                                      f"more than {_MAX_CHUNK_BYTES:,}: use fewer rows per chunk")
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Every array's shape and dtype."""
@@ -497,6 +508,16 @@ def _zstd() -> Any:
     return Zstd()  # decoding needs no level; a codec holds no state between calls
 
 
+def _open_chunk_file(path: str, chunk: int) -> io.FileIO:
+    """A chunk file opened for reading, which must be a regular file: a pipe or a device in a cache
+    (which may come from anyone) would block the reader or never end."""
+    f = io.FileIO(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise _ChunkDamaged(chunk, "its chunk file is not a regular file")
+    return f
+
+
 def _zarr_chunk_file(root: str | Path, name: str, chunk: int, ndim: int) -> str:
     # Chunked along the first axis only, so every other chunk coordinate is 0. A string, not a
     # Path: the loader opens one file per chunk, and pathlib would cost more than a small read.
@@ -586,7 +607,7 @@ class _ZarrRawChunks(_RawChunks):
     def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[int, int] | None:
         trailer = 4 if self.crc else 0
         try:
-            with open(self._file(chunk), "rb", buffering=0) as f:
+            with _open_chunk_file(self._file(chunk), chunk) as f:
                 if self.crc:
                     got, computed = _read_checked(lambda view, at: f.readinto(view), into, len(into))
                 else:
@@ -619,7 +640,11 @@ class _ZarrZstdChunks(_ZarrRawChunks):
 
     def read_chunk(self, chunk: int, into: np.ndarray) -> None:
         try:
-            stored = np.fromfile(self._file(chunk), dtype=np.uint8)
+            with _open_chunk_file(self._file(chunk), chunk) as f:
+                # zstd's worst case is a little over the data it holds; a longer file is no chunk of ours
+                stored = np.frombuffer(f.read(len(into) + len(into) // 64 + 1024), np.uint8)
+                if f.read(1):
+                    raise _ChunkDamaged(chunk, "its chunk file is longer than any zstd frame of the chunk")
         except FileNotFoundError:
             return self._missing(chunk, into)
         if self.crc:
@@ -835,6 +860,7 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tupl
         raise SoftlabelsError(f"{path}: manifest field 'records' is not a list")
     records = tuple(Record.from_settings(r, f"{path}: manifest field 'records'") for r in records)
     layout = Layout(kind, n, c, manifest["dtype"], manifest["chunk_rows"], _item_axes(manifest, path), records)
+    layout.check_chunk_bytes(str(path))
     if len({r.name for r in records}) != len(records):
         raise SoftlabelsError(f"{path}: manifest field 'records' repeats a name")
     for name, (shape, dtype) in layout.shapes().items():
@@ -1074,6 +1100,7 @@ class CacheWriter(_Chunked):
         layout = dataclasses.replace(layout, chunk_rows=max(1, min(layout.chunk_rows, layout.num_samples)))
         if layout.dtype not in STORE_DTYPES:
             raise SoftlabelsError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {layout.dtype}")
+        layout.check_chunk_bytes(str(path))
         manifest = {
             **manifest,
             "format": FORMAT,

@@ -1,6 +1,7 @@
 """Cache round trips through CacheWriter/open_cache and through plain zarr and h5py."""
 
 import json
+import os
 import zlib
 
 import google_crc32c  # zarr's own CRC-32C: a second implementation, not the one softlabels uses
@@ -337,6 +338,33 @@ def test_a_zstd_chunk_of_the_wrong_size_with_a_valid_crc32c_fails_when_read(tmp_
         cache.read_ranges([(32, 48)], reuse)  # the buffer now holds chunk 2's labels
         with pytest.raises(SoftlabelsError, match=r"array 'labels' chunk 1 \(rows 16-31\) is damaged \(its zstd frame declares 64 bytes, not 128\)"):
             cache.read_ranges([(16, 32)], reuse)
+
+
+@pytest.mark.parametrize("chunk_file", ["logits/c/1/0", "labels/c/1"], ids=["raw logits", "zstd labels"])
+def test_a_pipe_in_place_of_a_chunk_file_fails_when_read_instead_of_blocking(tmp_path, chunk_file):
+    import signal
+
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    (path / chunk_file).unlink()
+    os.mkfifo(path / chunk_file)
+    signal.alarm(20)  # a blocked read fails the test instead of hanging it
+    try:
+        with open_cache(path) as cache, pytest.raises(SoftlabelsError, match=r"chunk 1 .* is damaged \(its chunk file is not a regular file\)"):
+            cache.read(0, 64)
+    finally:
+        signal.alarm(0)
+
+
+def test_chunks_of_more_than_a_gibibyte_are_refused_when_written_or_read(tmp_path):
+    with pytest.raises(SoftlabelsError, match=r"a chunk of 2,000,000 rows of array 'logits' holds 4,000,000,000 bytes"):
+        CacheWriter(tmp_path / "w.zarr", Layout(Dense(), 10**7, 1000, "float16", 2_000_000), manifest=MANIFEST)
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.zeros((10, 2), dtype=np.float32), np.zeros(10, dtype=np.int64), chunk_rows=4)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["softlabels"] = {**group.attrs["softlabels"], "num_samples": 2**40, "chunk_rows": 2**40}
+    with pytest.raises(SoftlabelsError, match="holds .* bytes, more than 1,073,741,824"):
+        open_cache(path)
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["raw logits", "zstd logits"])
