@@ -243,24 +243,31 @@ class _ZarrBackend:
 
     def arrays(self) -> dict[str, Any]:
         # The config is per handle, not stored: every handle that writes must ask for empty chunks too.
-        return {name: array.with_config({"write_empty_chunks": True}) for name, array in self.group.members(max_depth=None)
-                if hasattr(array, "with_config")}
+        try:
+            members = self.group.members(max_depth=None)
+        except Exception as exc:  # an array's zarr.json cut short or not JSON
+            raise SoftlabelsError(f"{self.root}: its arrays' metadata cannot be read ({' '.join(str(exc).split())})") from None
+        return {name: array.with_config({"write_empty_chunks": True}) for name, array in members if hasattr(array, "with_config")}
 
     def read_manifest(self) -> Any:
         return self.group.attrs.get(MANIFEST_KEY)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.group.attrs[MANIFEST_KEY] = manifest
+        fsync_file(self.root / "zarr.json")  # zarr writes it but never syncs it
 
     def _chunk_file(self, name: str, chunk: int, ndim: int) -> str:
         return _zarr_chunk_file(self.root, name, chunk, ndim)
 
     def sync(self, chunks: range | None, arrays: dict[str, int] | None = None) -> None:
-        """fsync the files of ``chunks`` of ``arrays`` (name -> ndim), or with ``chunks=None`` the
-        manifest, which zarr writes but never syncs. Every chunk is stored (write_empty_chunks), so a
-        missing file is an error, not a chunk to skip."""
+        """fsync the files of ``chunks`` of ``arrays`` (name -> ndim), or with ``chunks=None`` every
+        file and directory of the cache (commit records and array metadata included). Every chunk is
+        stored (write_empty_chunks), so a missing file is an error, not a chunk to skip."""
         if chunks is None:
-            fsync_file(self.root / "zarr.json")
+            for folder, _, files in os.walk(self.root, topdown=False):
+                for name in files:
+                    fsync_file(Path(folder) / name)
+                fsync_directory(Path(folder))
             return
         for chunk in chunks:
             for name, ndim in (arrays or {}).items():
@@ -333,6 +340,7 @@ class _H5Backend:
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
+        self.sync(None)
 
     def sync(self, chunks: range | None, arrays: dict[str, int] | None = None) -> None:
         self.file.flush()
@@ -593,15 +601,19 @@ class _ZarrRawChunks(_RawChunks):
         return data
 
     def read_written(self) -> np.ndarray:
-        """Every value, the fill value in a chunk whose file is not there yet (a partial cache), as zarr
-        reads it; a chunk file that is there must be whole. One small read per chunk file: zarr-python
+        """Every value written so far (a partial cache's commit record): the fill value in a chunk
+        whose file is not there yet, or not whole (cut short or failing its CRC-32C: torn by a crash
+        before it reached the disk), which is then no commit. One small read per chunk file: zarr-python
         takes about 0.3 ms per chunk, which for a dump's commit record was most of its fixed cost."""
         rows = self.chunk_shape[0]
         out = np.full(num_chunks(self.shape[0], rows) * rows, self.fill, self.dtype)
         raw = out.view(np.uint8).reshape(-1, self.chunk_bytes)
         for chunk in range(len(raw)):
             if os.path.exists(self._file(chunk)):
-                _check(chunk, self.read_chunk(chunk, raw[chunk]))
+                try:
+                    _check(chunk, self.read_chunk(chunk, raw[chunk]))
+                except _ChunkDamaged:
+                    out[chunk * rows:(chunk + 1) * rows] = self.fill
         return out[:self.shape[0]]
 
     def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[int, int] | None:
@@ -1051,7 +1063,12 @@ class Cache(_Chunked):
         return np.asarray(self._arrays.labels[:])
 
     def checksums(self) -> np.ndarray:
-        return np.asarray(self._arrays.checksums[:])
+        """Each chunk's CRC-32 as the dump recorded it (the commit record), ``-1`` where none was."""
+        try:
+            return np.asarray(self._arrays.checksums[:])
+        except Exception as exc:  # its store checksum (zarr's crc32c, HDF5's fletcher32) failed
+            raise SoftlabelsError(f"{self.path}: array 'chunk_crc32' (the commit record) is damaged: "
+                                  f"{' '.join(f'{type(exc).__name__}: {exc}'.split())}") from None
 
     def nbytes_on_disk(self) -> int:
         return directory_bytes(self.path)
@@ -1126,8 +1143,8 @@ class CacheWriter(_Chunked):
                 backend.create_array(name, shape, (rows, *shape[1:]), dtype, -1 if name == "labels" else 0,
                                      compress_logits or not floating)
         backend.create_read_checksums(layout)
+        backend.sync(None)  # the arrays' metadata: a resumed dump reopens them
         backend.write_manifest(manifest)
-        backend.sync(None)
         self._attach(path, backend, manifest, layout)
 
     @classmethod
@@ -1162,10 +1179,7 @@ class CacheWriter(_Chunked):
         raw = self._writers.get("chunk_crc32")
         if raw is None:
             return np.asarray(self._arrays.checksums[:])
-        try:
-            return raw.read_written()
-        except _ChunkDamaged as exc:
-            raise self._arrays._damaged("chunk_crc32", exc.chunk, str(exc)) from None
+        return raw.read_written()
 
     def labels(self) -> np.ndarray:
         """Every item's label as written so far."""
@@ -1222,9 +1236,9 @@ class CacheWriter(_Chunked):
         written = self.recorded_checksums()
         if (written < 0).any():
             raise RuntimeError(f"chunk {int(np.flatnonzero(written < 0)[0])} was never written")
+        self._backend.sync(None)  # everything the cache holds is on disk before its manifest says complete
         self.manifest.update(manifest_updates, complete=True)
         self._backend.write_manifest(self.manifest)
-        self._backend.sync(None)
         self._backend.close()
         _publish(self.partial, self.path)
         self._finished = True

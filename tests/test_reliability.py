@@ -208,6 +208,21 @@ def test_verify_catches_flipped_truncated_and_missing_chunks(cache_and_teacher):
     assert result.output.strip().splitlines()[-1].startswith("error: ")
 
 
+def test_verify_reports_a_damaged_commit_record_and_still_checks_every_chunk(cache_and_teacher):
+    out, _ = cache_and_teacher
+    record, flipped = out / "chunk_crc32/c/2", out / "logits/c/4/0"
+    for path in (record, flipped):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    result = verify(out)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    bad = [line for line in result.output.splitlines() if line.startswith("bad: ")]
+    assert len(bad) == 2
+    assert bad[0].startswith("bad: ") and "array 'chunk_crc32' (the commit record) is damaged" in bad[0]
+    assert bad[1] == "bad: chunk 4 (rows 200-249): array 'logits' is damaged (its crc32c does not match its bytes)"
+
+
 def test_verify_catches_a_flipped_byte_in_hdf5(tmp_path, npz_data, linear_teacher):
     teacher = load_model(linear_teacher, arch="linear", input_shape=(12,))
     out = tmp_path / "c.h5"

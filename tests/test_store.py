@@ -223,10 +223,18 @@ def test_a_partial_caches_commit_record_reads_as_zarr_and_h5py_read_it(tmp_path,
     partial = tmp_path / f"c{suffix}.partial"
     plain = zarr.open_group(str(partial), mode="r") if suffix == ".zarr" else h5py.File(partial, "r")
     assert np.asarray(plain["chunk_crc32"][:]).tolist() == expected
-    if suffix == ".zarr":  # a damaged record names itself instead of reading as written or not
-        _flip_a_byte(partial / "chunk_crc32" / "c" / "3")
-        with pytest.raises(SoftlabelsError, match=r"array 'chunk_crc32' chunk 3 \(rows 24-31\) is damaged"):
-            CacheWriter.resume(path).recorded_checksums()
+    if suffix == ".zarr":  # a record torn by a crash (cut short, or its bytes not all on disk) is no commit
+        (partial / "chunk_crc32" / "c" / "3").write_bytes((partial / "chunk_crc32" / "c" / "3").read_bytes()[:5])
+        _flip_a_byte(partial / "chunk_crc32" / "c" / "1")
+        assert CacheWriter.resume(path).recorded_checksums().tolist() == [-1] * 5
+
+
+def test_an_arrays_metadata_cut_short_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.zeros((10, 2), dtype=np.float32), np.zeros(10, dtype=np.int64), chunk_rows=4)
+    (path / "logits" / "zarr.json").write_bytes((path / "logits" / "zarr.json").read_bytes()[:40])
+    with pytest.raises(SoftlabelsError, match="its arrays' metadata cannot be read"):
+        open_cache(path)
 
 
 def test_newer_format_version_is_refused(tmp_path):
