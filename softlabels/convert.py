@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .errors import SoftlabelsError
 from .kinds import TargetKind
 from .store import CacheWriter, Layout, directory_bytes, dump_lock, open_cache
+from .views import GROUP as VIEW_RECORDS
 
 # Fields the writer sets itself from the layout; everything else (teacher, dataset, ...) carries over.
 _LAYOUT_FIELDS = {"format", "format_version", "num_samples", "num_classes", "dtype", "chunk_rows", "item_axes",
@@ -55,13 +56,15 @@ def convert_cache(
                 raise SoftlabelsError(f"--keep-views must be between 1 and the {count} views of {src}, got {keep_views}")
             views = slice(0, keep_views)
             item_axes = ((item_axes[0][0], keep_views), *item_axes[1:])
-            records = tuple(dataclasses.replace(r, shape=(keep_views, *r.shape[1:])) for r in records)
+            records = tuple(dataclasses.replace(r, shape=(keep_views, *r.shape[1:])) if r.name.startswith(VIEW_RECORDS) else r
+                            for r in records)  # the views' own parameters; a row's other records stay whole
             manifest["views"] = {**cache.manifest["views"], "count": keep_views}
         layout = Layout(new_kind, len(cache), cache.num_classes, cache.layout.dtype, cache.chunk_rows, item_axes, records)
         with CacheWriter(dst, layout, manifest=manifest, compress_logits=bool(cache.manifest.get("compress_logits"))) as writer:
             chunks = tqdm(cache.iter_chunks(), total=cache.num_chunks, unit="chunk", desc="convert", disable=None if progress else True)
             for index, (start, targets, labels) in enumerate(chunks):
-                kept = {name: r[:, views] for name, r in cache.read_records(start, start + len(labels)).items()}
+                kept = {name: r[:, views] if name.startswith(VIEW_RECORDS) else r
+                        for name, r in cache.read_records(start, start + len(labels)).items()}
                 if keep_views is not None:
                     targets, labels = {name: t[:, views] for name, t in targets.items()}, labels[:, views]
                 if kind is not None:

@@ -1209,6 +1209,10 @@ class CacheWriter(_Chunked):
                              f"{sorted(self._arrays.targets)} and records {sorted(self._arrays.records)}")
         targets = {name: np.asarray(targets[name]).astype(shapes[name][1], copy=False) for name in self._arrays.targets}
         records = {name: np.asarray(records[name]).astype(shapes[name][1], copy=False) for name in self._arrays.records}
+        for name, values in {**targets, **records}.items():
+            if values.shape != (stop - start, *shapes[name][0][1:]):
+                raise ValueError(f"array '{name}' of chunks {first}..{first + count - 1} needs shape "
+                                 f"{[stop - start, *shapes[name][0][1:]]}, got {list(values.shape)}")
         labels = labels.astype(np.int64, copy=False)
         for name, array in {**self._arrays.targets, **self._arrays.records}.items():
             self._write(name, array, start, {**targets, **records}[name])

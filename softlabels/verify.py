@@ -29,7 +29,7 @@ from .dump import PRECISIONS, TeacherForward, iter_logits, resolve_device
 from .errors import SoftlabelsError
 from .loader import source_for_cache
 from .store import Cache, DamagedChunk, chunk_checksum, open_cache
-from .views import Views
+from .views import GROUP as VIEW_RECORDS, Views
 
 # Relative tolerance of a recomputed logit by the precision the dump ran at (another device or
 # library version may round differently); float16 storage adds its own rounding (2**-11) on top.
@@ -133,6 +133,8 @@ def _recompute_views(cache: Cache, views: Views, report: VerifyReport, count: in
     batch_size, precision, rtol = _dump_settings(cache, teacher)
     rng = np.random.default_rng(seed)
     samples = np.sort(rng.choice(len(cache), size=min(count, len(cache)), replace=False))
+    if not len(samples):  # an empty cache: no view to recompute
+        return
     chosen = rng.integers(views.count, size=len(samples))
     targets, records = _stored_views(cache, samples, chosen)
     where = [f"sample {i} view {v}" for i, v in zip(samples, chosen)]
@@ -165,7 +167,7 @@ def _stored_views(cache: Cache, samples: np.ndarray, views: np.ndarray) -> tuple
         here = (samples >= a) & (samples < b)
         rows, view = samples[here] - a, views[here]
         targets.append({name: t[rows, view] for name, t in cache.read(a, b)[0].items()})
-        records.append({name: r[rows, view] for name, r in cache.read_records(a, b).items()})
+        records.append({name: r[rows, view] for name, r in cache.read_records(a, b).items() if name.startswith(VIEW_RECORDS)})
     return ({name: np.concatenate([t[name] for t in targets]) for name in targets[0]},
             {name: np.concatenate([r[name] for r in records]) for name in records[0]})
 

@@ -196,6 +196,19 @@ def test_a_teachers_class_names_reach_students_trained_on_its_targets_over_unlab
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
 
+def test_keeping_fewer_views_of_an_image_view_cache_keeps_each_rows_file_digest_whole(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=2)
+    assert run("dump", "--teacher", save_teacher(tmp_path / "t.pth"), "--data", f"imagefolder:{root}?size=16",
+               "--out", tmp_path / "v.zarr", "--views", "4", "--augment", "flip", "--quiet").exit_code == 0
+    result = run("convert", tmp_path / "v.zarr", tmp_path / "v2.zarr", "--keep-views", "2")
+    assert result.exit_code == 0, result.output
+    with open_cache(tmp_path / "v.zarr") as full, open_cache(tmp_path / "v2.zarr") as kept:
+        before, after = full.read_records(0, len(full)), kept.read_records(0, len(kept))
+        assert after["dataset/sha256"].shape == (len(full), 8)
+        np.testing.assert_array_equal(after["dataset/sha256"], before["dataset/sha256"])
+        np.testing.assert_array_equal(after["views/flip.flip"], before["views/flip.flip"][:, :2])
+
+
 def test_a_corrupt_image_stops_the_dump_and_resume_works_once_it_is_fixed_or_removed(tmp_path):
     root = make_folder(tmp_path / "imgs")
     teacher = save_teacher(tmp_path / "t.pth")
