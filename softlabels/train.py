@@ -434,7 +434,7 @@ def train_students(
     run = Path(out_dir) if out_dir is not None else None
     options = _options(config, shards, names, students, source, cache, eval_source, eval_teacher_top1, num_classes, device)
     options["online_teacher"] = teacher.sha256 if teacher is not None else None
-    saved = _start_run(run, options, resume=resume, overwrite=overwrite, writer=rank == 0)
+    saved = _start_run(run, options, resume=resume, overwrite=overwrite)
     out = run if rank == 0 else None  # rank 0 evaluates and writes
     if out is None:
         eval_source = None
@@ -451,6 +451,8 @@ def train_students(
             model = build_model(spec.arch, input_shape=source.input_shape, num_classes=num_classes, kwargs=spec.kwargs)
             check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'", items=loader.items)
             trained.append(_Student(name, spec, model.to(device), config, total_steps, device))
+        if out is not None and saved is None:  # the students are built: a run they replace may go
+            _begin_run(out, options)
         position = {"epoch": 0, "batches": 0}
         if saved is not None:
             try:
@@ -715,8 +717,9 @@ def _remove_run(run: Path) -> None:
             shutil.rmtree(child)
 
 
-def _start_run(run: Path | None, options: dict[str, Any], *, resume: bool, overwrite: bool, writer: bool) -> dict[str, Any] | None:
-    """The checkpoint to continue from (``None``: start afresh), after refusing what must not happen."""
+def _start_run(run: Path | None, options: dict[str, Any], *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from (``None``: start afresh), after refusing what must not happen;
+    nothing is written or removed yet (see :func:`_begin_run`)."""
     if run is None:
         if resume:
             raise SoftlabelsError("resuming needs the run's output directory")
@@ -735,11 +738,15 @@ def _start_run(run: Path | None, options: dict[str, Any], *, resume: bool, overw
             raise SoftlabelsError(f"cannot resume {run}: it holds a run but no {CHECKPOINT}")
         if not overwrite:
             raise SoftlabelsError(f"{run} already holds a training run: pass --resume to continue it or --overwrite to replace it")
-        if writer:
-            _remove_run(run)  # the whole replaced run: no later --resume or report mixes it with the new one
-    if writer:
-        write_atomically(run / "config.json", lambda f: f.write((json.dumps(options, indent=2) + "\n").encode()))
     return None
+
+
+def _begin_run(run: Path, options: dict[str, Any]) -> None:
+    """Start a new run in ``run``: a run there (allowed by :func:`_start_run`) is removed whole, so
+    that no later --resume or report mixes it with the new one, and the options are written."""
+    if _holds_a_run(run):
+        _remove_run(run)
+    write_atomically(run / "config.json", lambda f: f.write((json.dumps(options, indent=2) + "\n").encode()))
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
