@@ -44,6 +44,9 @@ DEFAULT_CHUNK_ROWS = 1024  # the shuffle's block size when there is no cache to 
 _MAX_BLOCK_BYTES = 16 << 20
 
 
+_DECODED_AHEAD = 4  # batches made ahead when each holds inputs decoded for it
+
+
 def source_for_cache(cache: Cache, spec: str | None = None, *, trust_code: bool = False) -> Source:
     """The dataset a cache was dumped from (or ``spec``), refused if its fingerprint differs.
 
@@ -265,6 +268,8 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         # end of the epoch, or garbage collection after a break) stops them.
         per_batch = self.batch_size // self.shards if self.shard is not None else self.batch_size
         ahead = max(2, -(-self.shuffle_chunks * self.block_rows // per_batch))
+        if self._batch_inputs:  # inputs decoded per batch (images): a window of them could be gigabytes
+            ahead = min(ahead, _DECODED_AHEAD)
         with Background(functools.partial(self._make_batches, worker, workers), ahead, name="softlabels-batches") as batches:
             for batch in batches:
                 self._served += 1

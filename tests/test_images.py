@@ -209,6 +209,26 @@ def test_keeping_fewer_views_of_an_image_view_cache_keeps_each_rows_file_digest_
         np.testing.assert_array_equal(after["views/flip.flip"], before["views/flip.flip"][:, :2])
 
 
+def test_the_loader_decodes_only_a_few_batches_ahead_of_training(tmp_path, monkeypatch):
+    import time
+
+    from softlabels.images import ImageFolderSource
+
+    root = make_folder(tmp_path / "imgs", per_class=20)  # 60 images: one chunk, one window of 30 batches of 2
+    assert run("dump", "--teacher", save_teacher(tmp_path / "t.pth"), "--data", f"imagefolder:{root}?size=16",
+               "--out", tmp_path / "c.zarr", "--quiet").exit_code == 0
+    decoded, real = [], ImageFolderSource._decode
+    monkeypatch.setattr(ImageFolderSource, "_decode", lambda self, i: decoded.append(i) or real(self, i))
+    with open_cache(tmp_path / "c.zarr") as cache:
+        loader = SoftTargetLoader(open_data(f"imagefolder:{root}?size=16"), cache, batch_size=2, seed=0)
+        decoded.clear()
+        batches = iter(loader)
+        next(batches)
+        time.sleep(1.0)  # time for the background thread to run ahead as far as it may
+        assert len(decoded) <= 2 * 6, len(decoded)  # the batch served, the queue's 4, and one being made
+        batches.close()
+
+
 def test_a_corrupt_image_stops_the_dump_and_resume_works_once_it_is_fixed_or_removed(tmp_path):
     root = make_folder(tmp_path / "imgs")
     teacher = save_teacher(tmp_path / "t.pth")
