@@ -195,8 +195,20 @@ class ImageFolderSource(Source):
         self._digests: np.ndarray | None = None
         self._sizes: np.ndarray | None = None  # [N, 2] (height, width) of every decoded image
         self._fingerprint: str | None = None
-        first = self._decode(0)
-        self._shape = (self.transform.channels, *first.shape[:2])
+        self._shape = self._first_shape()
+
+    def _first_shape(self) -> tuple[int, ...]:
+        """Every input's shape: ``size`` says it; without it, the first image that decodes does (a
+        corrupt one is named when it is read, or skipped with ``skip_bad_files``)."""
+        if self.transform.size is not None:
+            return (self.transform.channels, self.transform.size, self.transform.size)
+        first_error = None
+        for i in range(len(self.files)):
+            try:
+                return (self.transform.channels, *self._decode(i).shape[:2])
+            except SoftlabelsError as exc:
+                first_error = first_error or exc
+        raise first_error
 
     # -- the Source interface ----------------------------------------------------------------------
 

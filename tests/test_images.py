@@ -229,6 +229,18 @@ def test_the_loader_decodes_only_a_few_batches_ahead_of_training(tmp_path, monke
         batches.close()
 
 
+@pytest.mark.parametrize("size", ["?size=16", ""], ids=["sized", "as stored"])
+def test_a_corrupt_first_image_is_skipped_like_any_other(tmp_path, size):
+    root = make_folder(tmp_path / "imgs", sizes=((16, 16),))
+    (root / "ant" / "ant00.jpg").write_bytes(b"junk")  # row 0
+    args = ["dump", "--teacher", save_teacher(tmp_path / "t.pth"), "--data", f"imagefolder:{root}{size}", "--quiet"]
+    assert_one_line_error(run(*args, "--out", tmp_path / "a.zarr"), r"cannot decode ant/ant00.jpg")
+    result = run(*args, "--out", tmp_path / "b.zarr", "--skip-bad-files")
+    assert result.exit_code == 0, result.output
+    with open_cache(tmp_path / "b.zarr") as cache:
+        assert cache.labels()[0] == UNUSABLE and (cache.labels()[1:] != UNUSABLE).all()
+
+
 def test_a_corrupt_image_stops_the_dump_and_resume_works_once_it_is_fixed_or_removed(tmp_path):
     root = make_folder(tmp_path / "imgs")
     teacher = save_teacher(tmp_path / "t.pth")
