@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .augment import Pipeline
-from .data import Source
+from .data import NO_LABEL, UNUSABLE, Source
 from .errors import SoftlabelsError
 from .kinds.base import positive_int
 from .kinds.sampled import keyed_uniforms
@@ -144,4 +144,6 @@ def replay(pipeline: Pipeline, source: Source, x: torch.Tensor | None, record: d
         partner_x = torch.from_numpy(np.ascontiguousarray(partner_x))
     views = pipeline.apply(x, record, partner_x.to(x.device), cropped=cropped)
     lam = torch.as_tensor(pipeline.lam(record), dtype=torch.float32).cpu()
-    return views, Mix(torch.from_numpy(partner_y.astype(np.int64)), lam)
+    # A partner the dump could not read (skipped, its inputs zeros) has no label to share the loss with.
+    partner_y = np.where(partner_y == UNUSABLE, NO_LABEL, partner_y).astype(np.int64)
+    return views, Mix(torch.from_numpy(partner_y), lam)

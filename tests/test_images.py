@@ -294,6 +294,27 @@ def test_skip_bad_files_records_the_file_and_training_leaves_it_out(tmp_path):
     assert sorted(served.tolist()) == [i for i in range(18) if i != 2]
 
 
+def test_a_skipped_image_drawn_as_a_mixing_partner_shares_no_label_and_training_runs(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=3)
+    (root / "ant" / "ant01.png").write_bytes(b"not a png")  # row 1
+    augment = ["--augment", "crop?size=12,12&scale=0.2,1", "--augment", "cutmix?alpha=1"]
+    assert run("dump", "--teacher", save_teacher(tmp_path / "t.pth", size=12), "--data", f"imagefolder:{root}?size=12",
+               "--out", tmp_path / "v.zarr", "--views", 8, *augment, "--skip-bad-files", "--quiet").exit_code == 0
+    cache = open_cache(tmp_path / "v.zarr")
+    partners = cache.read_records(0, len(cache))["views/cutmix.partner"]
+    assert (partners == 1).any()  # 64 draws among 9 rows: the skipped row is somebody's partner
+    loader = SoftTargetLoader(open_data(f"imagefolder:{root}?size=12"), cache, batch_size=9, seed=0)
+    mixes = []
+    for epoch in range(12):  # one of each row's 8 views an epoch
+        loader.set_epoch(epoch)
+        mixes += [b.mix.partner_labels for b in loader]
+    labels = torch.cat(mixes)
+    assert (labels >= -1).all() and (labels == -1).any()
+    result = run("train-student", "--cache", tmp_path / "v.zarr", "--student", "linear", "--epochs", 2, "--quiet",
+                 "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+
+
 def test_views_crop_each_image_at_its_own_resolution_and_replay_exactly(tmp_path):
     """A crop first in the pipeline is drawn for each image's own size and cut from the decoded image,
     not from the resized input; training replays exactly the inputs the teacher saw."""
