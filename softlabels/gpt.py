@@ -56,6 +56,9 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[-1]
+        if length > self.positions.num_embeddings:  # else an index error that reads like a vocabulary problem
+            raise SoftlabelsError(f"this gpt takes windows of at most {self.positions.num_embeddings} tokens "
+                                  f"(it was made for them), not {length}: use seq_len={self.positions.num_embeddings} or less")
         x = self.tokens(input_ids.long()) + self.positions(torch.arange(length, device=input_ids.device))
         for block in self.blocks:
             x = block(x)

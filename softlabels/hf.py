@@ -80,8 +80,8 @@ def load_hf_teacher(directory: str | Path, *, input_shape: tuple[int, ...] | Non
             str(directory), config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
             dtype=torch.float32, output_loading_info=True,
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise SoftlabelsError(f"cannot load the HF model in {directory}: {_first_line(exc)}") from exc
+    except Exception as exc:  # transformers and safetensors raise types of their own (a damaged header, a bad field)
+        raise SoftlabelsError(f"cannot load the HF model in {directory}: {type(exc).__name__}: {_first_line(exc)}") from exc
     # transformers fills missing weights with random ones and only warns; a teacher must be whole.
     missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
     if missing:
@@ -144,8 +144,8 @@ def _config(file: Path) -> Any:
     transformers = _transformers()
     try:
         return transformers.AutoConfig.from_pretrained(str(file), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SoftlabelsError(f"cannot use HF configuration {file}: {_first_line(exc)}") from None
+    except Exception as exc:  # transformers validates fields with exception types of its own
+        raise SoftlabelsError(f"cannot use HF configuration {file}: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def _vocab_size(config: Any, where: Any) -> int:

@@ -365,7 +365,8 @@ def test_pipelines_refuse_bad_seeds_and_inputs():
     ("shift?max=3&foo=1", "--augment 'shift?max=3&foo=1': shift has no parameter 'foo' (its parameters: max)"),
     ("flip?p=0.3", "flip has no parameter 'p' (it has no parameters)"),
     ("shift", "--augment 'shift': shift needs max (its parameters: max)"),
-    ("shift?max=-1", "--augment 'shift?max=-1': shift max must be an integer >= 0, got -1"),
+    ("shift?max=-1", "--augment 'shift?max=-1': shift max must be an integer from 0 to 2**31 - 1, got -1"),
+    ("shift?max=3000000000", "shift max must be an integer from 0 to 2**31 - 1, got 3000000000"),
     ("shift?max=1.5", "shift max must be an integer, got 1.5"),
     ("scale?max=abc", "scale max must be a number, got 'abc'"),
     ("scale?max=1", "scale max must be a number in [0, 1), got 1"),
@@ -402,7 +403,7 @@ def test_manifest_settings_are_checked():
         "c.zarr: augmentation settings are {seed: int, augment: [entries]}")
     assert "c.zarr augment[1]: unknown augmentation 'rotate'" in error_of(
         lambda: Pipeline.from_settings({"seed": 0, "augment": [{"name": "flip"}, {"name": "rotate"}]}, where="c.zarr"))
-    assert "c.zarr augment[0]: shift max must be an integer >= 0, got -2" in error_of(
+    assert "c.zarr augment[0]: shift max must be an integer from 0 to 2**31 - 1, got -2" in error_of(
         lambda: Pipeline.from_settings({"augment": [{"name": "shift", "max": -2}]}, where="c.zarr"))
     assert "c.zarr: mixer mixup must come last" in error_of(
         lambda: Pipeline.from_settings({"augment": [{"name": "mixup"}, {"name": "flip"}]}, where="c.zarr"))

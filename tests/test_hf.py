@@ -87,6 +87,14 @@ def test_directories_that_are_refused(gpt2, tmp_path):
         load_model(copy, num_classes=10)
     with pytest.raises(SoftlabelsError, match="names its own architecture"):
         load_model(copy, arch="gpt")
+    (copy / "config.json").write_text(json.dumps({**config, "n_positions": "64"}))  # a field of the wrong type
+    with pytest.raises(SoftlabelsError, match=r"HF configuration .*config.json"):
+        load_model(copy)
+    (copy / "config.json").write_text(json.dumps(config))
+    weights = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(weights[:8] + b"{not json" + weights[17:])  # a damaged header
+    with pytest.raises(SoftlabelsError, match=r"cannot load the HF model in .*: .*"):
+        load_model(copy)
     (copy / "model.safetensors").unlink()
     torch.save(model.state_dict(), copy / "pytorch_model.bin")
     with pytest.raises(SoftlabelsError, match="an HF directory without weights"):

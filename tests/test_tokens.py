@@ -254,6 +254,7 @@ def run(*args):
     (lambda d: np.savez(d / "bad.npz", tokens=np.zeros((4, 8), int)), "has no array 'x'"),
     (lambda d: np.savez(d / "bad.npz", input_ids=np.zeros((4, 1), int)), "seq_len >= 2"),
     (lambda d: np.savez(d / "bad.npz", input_ids=np.full((4, 12), 99)), "token ids go up to 99"),
+    (lambda d: np.savez(d / "bad.npz", input_ids=np.ones((4, 16), int)), "this gpt takes windows of at most 12 tokens"),
 ])
 def test_bad_token_input_fails_in_one_line(tokens, make, message):
     make(tokens)

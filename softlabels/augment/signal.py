@@ -37,8 +37,8 @@ class Shift(Augmentation):
     name: ClassVar[str] = "shift"
 
     def validate(self, *, where: str) -> None:
-        if self.max < 0:
-            raise SoftlabelsError(f"{where}: shift max must be an integer >= 0, got {self.max}")
+        if not 0 <= self.max < 2**31:  # the offset is stored as an int32
+            raise SoftlabelsError(f"{where}: shift max must be an integer from 0 to 2**31 - 1, got {self.max}")
 
     def check_input(self, shape: tuple[int, ...], *, where: str) -> None:
         if len(shape) not in (1, 2):
