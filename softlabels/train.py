@@ -46,7 +46,7 @@ from .losses import KL_DIRECTIONS, KDTerms, kd_terms
 from .models import build_model, check_output_shape, count_parameters
 from .calibration import Calibration
 from .durable import write_atomically
-from .kinds.base import argmax
+from .kinds.base import argmax, is_number
 from .kinds.topk import TAILS
 from .store import Cache, open_cache
 from .tensorboard_log import TensorBoardLog, summary_writer_class
@@ -288,6 +288,11 @@ def _set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) 
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _like(value: Any, model: torch.Tensor) -> bool:
+    """Whether ``value`` is a tensor of ``model``'s dtype and shape."""
+    return isinstance(value, torch.Tensor) and value.dtype == model.dtype and value.shape == model.shape
+
+
 class _Student:
     def __init__(self, name: str, spec: StudentSpec, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
         self.name, self.spec, self.model = name, spec, model
@@ -319,11 +324,21 @@ class _Student:
         }
 
     def load(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (:meth:`state`), each part checked first: a ValueError, KeyError or
+        TypeError means the checkpoint does not hold what this student saved."""
+        rng, ours = state["rng"], self.rng
+        if not (isinstance(rng, dict) and _like(rng.get("cpu"), ours["cpu"])
+                and (rng.get("cuda") is None if ours["cuda"] is None else _like(rng.get("cuda"), ours["cuda"]))):
+            raise ValueError("its random state is not one this device's generators take")
+        numbers = (state["seconds"], state["loss_sum"], state["loss_count"])
+        if not (all(is_number(v) for v in numbers) and isinstance(state["loss_count"], int) and isinstance(state["metrics"], dict)
+                and isinstance(state["history"], list) and all(isinstance(h, dict) for h in state["history"])):
+            raise ValueError("its counters, metrics or history are not of their types")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        self.rng = state["rng"]
-        self.seconds, self.loss_sum, self.loss_count = state["seconds"], state["loss_sum"], state["loss_count"]
+        self.rng = rng
+        self.seconds, self.loss_sum, self.loss_count = numbers
         terms = state.get("terms", {})  # absent from checkpoints written before the terms were kept: from zero
         self.terms = {key: type(value)(terms.get(key, 0)) for key, value in self.terms.items()}
         self.metrics, self.history = state["metrics"], state["history"]

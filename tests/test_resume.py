@@ -207,7 +207,7 @@ def test_resume_on_other_targets_or_other_data_is_refused(setup):
                         result.output.strip()), result.output
 
 
-@pytest.mark.parametrize("damage", ["not a dict", "states missing", "bad weights"])
+@pytest.mark.parametrize("damage", ["not a dict", "states missing", "bad weights", "bad random state", "bad history"])
 def test_a_damaged_checkpoint_is_refused_in_one_line(setup, damage):
     assert run(*train_args("r")).exit_code == 0
     saved = torch.load("r/checkpoint.pt", weights_only=True)
@@ -215,8 +215,12 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(setup, damage):
         saved = [saved]
     elif damage == "states missing":
         saved["students"] = {}
-    else:
+    elif damage == "bad weights":
         saved["students"]["Sleepy"]["model"] = {"net.1.weight": torch.zeros(3)}
+    elif damage == "bad random state":
+        saved["students"]["mlp"]["rng"]["cpu"] = torch.zeros(5, dtype=torch.uint8)
+    else:
+        saved["students"]["mlp"]["history"] = "none"
     torch.save(saved, "r/checkpoint.pt")
     result = run(*train_args("r"), "--resume")
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
