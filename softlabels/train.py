@@ -123,6 +123,9 @@ class _Metrics:
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, teacher_top1: np.ndarray | None) -> None:
         logits = logits.float()
+        # Labels per item (a token window's next tokens) say which items are targets at all; a
+        # sample's label is its items' (an unlabeled sample still has a teacher to agree with).
+        per_item = labels.ndim == logits.ndim - 1 and logits.ndim > 2
         labels = labels.to(logits.device).reshape(labels.shape + (1,) * (logits.ndim - 1 - labels.ndim)).expand(logits.shape[:-1])
         log_p = torch.log_softmax(logits, dim=-1)
         confidence, predicted = log_p.max(-1)
@@ -131,8 +134,10 @@ class _Metrics:
             self.kept.append((predicted.cpu().numpy(), confidence.exp().double().cpu().numpy(), labels.cpu().numpy()))
         if teacher_top1 is not None:
             self.has_teacher = True
-            self.agree += int((predicted.cpu().numpy() == teacher_top1).sum())
-            self.items += predicted.numel()
+            agree = predicted.cpu().numpy() == teacher_top1
+            scored = labeled.cpu().numpy() if per_item else np.ones_like(agree)
+            self.agree += int(agree[scored].sum())
+            self.items += int(scored.sum())
         if not labeled.any():
             return
         gold = log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1))[..., 0]

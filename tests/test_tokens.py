@@ -232,6 +232,22 @@ def test_every_kind_reports_the_teachers_own_accuracy(tokens):
         assert result.teacher_accuracy == pytest.approx(expected), name
 
 
+def test_agreement_with_the_teacher_counts_the_positions_with_a_next_token(tokens):
+    from softlabels import evaluate
+
+    source = open_data(str(tokens / "tok.npz"))
+    ids, labels = source.read(0, 48)
+    torch.manual_seed(1)
+    student = build_model("gpt", input_shape=(12,), num_classes=60, kwargs=GPT).eval()
+    with torch.no_grad():
+        ours = student(torch.from_numpy(ids)).argmax(-1).numpy()
+        theirs = load_model(tokens / "gpt.pth").model(torch.from_numpy(ids)).argmax(-1).numpy()
+    targets = labels >= 0  # the prompt's 3 masked positions and each window's last have none
+    assert 0 < targets.mean() < 1
+    result = evaluate(student, source, teacher_top1=theirs, device="cpu")
+    assert result["teacher_agreement"] == pytest.approx((ours == theirs)[targets].mean())
+
+
 def test_a_vocabulary_beyond_65536_tokens_uses_uint32_indices():
     arrays = {a.name: a.dtype for a in TopK(k=4).arrays(70_000, "float16")}
     assert arrays["topk_indices"] == np.uint32
