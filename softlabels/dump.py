@@ -708,7 +708,7 @@ def _feed(
             rows_here = torch.arange(start, start + len(logits), device=logits.device)
             stored = layout.kind.build(logits, rows=rows_here, store_dtype=out_dtype)
             if any(r.name == GOLD for r in layout.records):
-                records = {**records, GOLD: gold_logprob(logits, labels, layout.kind.log_partition_at_one(stored))}
+                records = {**records, GOLD: gold_logprob(logits, labels, layout.kind.log_partition_at_one(logits, stored))}
             predicted = layout.kind.predicted(logits, stored)
             finite = layout.kind.finite(logits, stored).reshape(len(logits), -1).all(1)
             if device.type == "cuda":  # records drawn on the host (views) are numpy and stay there

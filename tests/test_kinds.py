@@ -154,6 +154,22 @@ def test_a_dense_items_finiteness_is_that_of_its_stored_logits(store):
     assert not expected.all() and expected.any()
 
 
+def test_a_float16_top_k_cache_keeps_the_teachers_tail_and_its_own_kl_is_zero():
+    # top logits near 30, where float16 steps are 1/64: their rounding moves the kept probabilities by
+    # up to 1.6%, which a log-partition of the unrounded logits would take out of the tail
+    torch.manual_seed(0)
+    z = torch.randn(4000, 600) * 3
+    z[::2, 0] += 28  # confident rows: a tiny tail; the others keep a large one
+    kind = TopK(k=8, temperatures=(1.0, 2.0))
+    targets = kind.build(z, rows=torch.arange(len(z)), store_dtype=torch.float16)
+    for j, t in enumerate(kind.temperatures):
+        kept = (targets["topk_logits"].float() / t - targets["logsumexp"][:, j:j + 1]).exp().sum(-1)
+        true_rest = 1 - torch.softmax(z.double() / t, -1).gather(-1, targets["topk_indices"]).sum(-1)
+        assert ((1 - kept) - true_rest).abs().max() < 1e-5
+    own = kind.kl(z, targets, temperature=1.0, kl="forward")  # the teacher as its own student
+    assert own.mean() < 1e-6 and own.max() < 1e-5
+
+
 def test_index_dtype_is_the_smallest_that_holds_c():
     assert index_dtype(256) == np.uint8 and index_dtype(257) == np.uint16 and index_dtype(70000) == np.uint32
 
@@ -180,7 +196,11 @@ def test_topk_and_sampled_caches_read_with_plain_zarr_and_h5py(dumped, teacher):
     assert manifest["format_version"] == 2 and manifest["item_axes"] == []
     assert group["topk_indices"].dtype == np.uint8 and group["topk_logits"].shape == (1000, 3)
     np.testing.assert_array_equal(group["topk_indices"][:].astype(np.int64), z.topk(3, 1).indices.numpy())
-    np.testing.assert_allclose(group["logsumexp"][:, 3], torch.logsumexp(z / 8.0, 1).numpy(), rtol=1e-5)
+    # float16 logits: the log-partition that gives the K logits as stored the teacher's mass of the K classes
+    z8, stored = z.numpy() / 8.0, group["topk_logits"][:].astype(np.float64) / 8.0
+    exact = np.exp(np.take_along_axis(z8, group["topk_indices"][:].astype(np.int64), 1)).sum(1)
+    expected = torch.logsumexp(z / 8.0, 1).numpy() + np.log(np.exp(stored).sum(1) / exact)
+    np.testing.assert_allclose(group["logsumexp"][:, 3], expected, rtol=1e-5)
 
     sampled = dumped("sampled.h5", "--sample", "12", "--sample-seed", "5")
     with h5py.File(sampled, "r") as f:

@@ -64,10 +64,12 @@ def test_a_token_dump_stores_every_position_and_the_gold_log_prob(tokens):
 
 @pytest.mark.parametrize("kind", [Dense(), TopK(k=4), TopK(k=4, temperatures=(2.0,)), Sampled(samples=6),
                                   Sampled(samples=6, proposal_temperature=1.0, temperatures=(1.0,), compact=True)])
-def test_the_gold_log_prob_is_the_same_with_or_without_the_kinds_log_partition(kind):
+@pytest.mark.parametrize("store", [torch.float32, torch.float16])
+def test_the_gold_log_prob_is_the_same_with_or_without_the_kinds_log_partition(kind, store):
     logits = torch.randn(3, 7, 50, generator=torch.Generator().manual_seed(0)) * 4
+    logits[..., 0] += 25  # top logits where float16 steps are 1/64
     labels = torch.randint(-1, 50, (3, 7), generator=torch.Generator().manual_seed(1))
-    lse = kind.log_partition_at_one(kind.build(logits, rows=torch.arange(3)))
+    lse = kind.log_partition_at_one(logits, kind.build(logits, rows=torch.arange(3), store_dtype=store))
     assert (lse is None) == (isinstance(kind, Dense) or 1.0 not in kind.temperatures or getattr(kind, "compact", False))
     alone = gold_logprob(logits, labels)
     expected = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]

@@ -121,7 +121,7 @@ class TargetKind:
         """The teacher's top class per item, from its logits and the arrays just built from them."""
         return argmax(logits)
 
-    def log_partition_at_one(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def log_partition_at_one(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``logsumexp(z)`` per item when the arrays just built from the logits ``z`` hold it (so that
         a caller needs no second pass over the logits for it), else ``None``."""
         return None
@@ -193,7 +193,7 @@ class SparseKind(TargetKind):
                 or not all(is_number(t) and t > 0 for t in self.temperatures)):
             raise SoftlabelsError(f"{where}: temperatures must be a non-empty list of positive numbers, got {self.temperatures!r}")
 
-    def log_partition_at_one(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def log_partition_at_one(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if "logsumexp" not in targets or not any(abs(t - 1) < 1e-6 for t in self.temperatures):
             return None  # a compact sampled cache stores no log-partition; a grid may leave out T = 1
         return self.log_partition(targets, 1.0)
