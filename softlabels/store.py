@@ -478,8 +478,8 @@ def _crc32c(data: Any, previous: int = 0) -> int:
 
 
 # A chunk is read and checked this many bytes at a time: a piece's CRC-32C then reads it from the core's
-# L2 cache, where the kernel's copy just put it. Whole 512 KiB chunks partly left it, and their CRC ran
-# at two thirds of the speed (bench_checksums.py measures the check).
+# L2 cache, where the kernel's copy just put it. A whole 512 KiB chunk had partly left it by then, and
+# its check took longer (bench_checksums.py compares the two).
 _PIECE_BYTES = 256 * 1024
 
 
