@@ -675,6 +675,7 @@ def _write_metrics(out: Path, trained: list[_Student]) -> None:
 def _options(config: TrainConfig, shards: int, names: list[str], students: list[StudentSpec], source: Source, cache: Cache | None,
              eval_source: Source | None, eval_teacher_top1: np.ndarray | None, num_classes: int, device: torch.device) -> dict[str, Any]:
     """What a resumed run must repeat: plain strings, numbers, lists and dicts (loadable with weights_only)."""
+    identity = None
     if cache is not None:  # its content, not its name: a cache converted from another keeps its manifest's dates
         manifest = cache.manifest
         identity = {"teacher.sha256": (manifest.get("teacher") or {}).get("sha256"),
@@ -682,8 +683,6 @@ def _options(config: TrainConfig, shards: int, names: list[str], students: list[
                     "kind": json.dumps(cache.kind.settings(), sort_keys=True),
                     "layout": json.dumps([cache.layout.dtype, cache.chunk_rows, cache.layout.item_axes]),
                     "chunk checksums": hashlib.sha256(np.ascontiguousarray(cache.checksums(), "<i8").tobytes()).hexdigest()}
-    else:  # the data itself, which a cache would have pinned
-        identity = {"data fingerprint": source.fingerprint()}
     return {
         # shards as trained: a torchrun run may resume with another number of ranks (the same batches) but not 1
         "config": {**{f.name: getattr(config, f.name) for f in fields(config) if f.name not in TrainConfig.FREE_ON_RESUME},
@@ -720,8 +719,6 @@ def _option_difference(before: dict[str, Any], now: dict[str, Any]) -> str | Non
         return f"--cache was {before.get('cache')}, now {now['cache']}"
     for key, value in (now["cache_identity"] or {}).items():
         if (before.get("cache_identity") or {}).get(key) != value:
-            if now["cache"] is None:
-                return f"--data {now['data']} is not the data the run started from (its fingerprint differs)"
             return f"--cache {now['cache']} is not the cache the run started from {before['cache']} (its {key} differs)"
     if before.get("eval_teacher") != now["eval_teacher"]:
         return "the teacher's predictions on the evaluation data (--eval-cache, --eval-teacher) differ"

@@ -3,7 +3,6 @@ changes, no silent overwrite, and the caller's random state left as it was."""
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -188,23 +187,13 @@ def test_resume_with_other_options_is_refused_naming_the_option(setup, change, m
     assert (setup / "r" / "checkpoint.pt").read_bytes() == before
 
 
-def test_resume_on_other_targets_or_other_data_is_refused(setup):
-    import numpy as np
-
+def test_resume_on_other_targets_is_refused(setup):
     for k in (5, 3):  # two caches converted from one: the same teacher, data and dates
         assert run("convert", "c.zarr", f"t{k}.zarr", "--top-k", k).exit_code == 0
     common = ["--student", "mlp?width=16", "--epochs", "1", "--device", "cpu", "--quiet"]
     assert run("train-student", "--cache", "t5.zarr", *common, "--out", "k").exit_code == 0
     result = run("train-student", "--cache", "t3.zarr", *common, "--out", "k", "--resume")
     assert result.output.strip() == "error: cannot resume k: --cache t3.zarr is not the cache the run started from t5.zarr (its kind differs)"
-    data = dict(np.load("data.npz"))
-    np.savez("mine.npz", **data)
-    hard = ["train-student", "--data", "mine.npz", "--hard-labels-only", *common, "--out", "h"]
-    assert run(*hard).exit_code == 0
-    np.savez("mine.npz", **{**data, "x": data["x"] + 1})  # the same name, other samples
-    result = run(*hard, "--resume")
-    assert re.fullmatch(r"error: cannot resume h: --data \S*mine.npz is not the data the run started from \(its fingerprint differs\)",
-                        result.output.strip()), result.output
 
 
 @pytest.mark.parametrize("damage", ["not a dict", "states missing", "bad weights", "bad random state", "bad history"])
