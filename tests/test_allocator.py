@@ -36,8 +36,11 @@ def _probe(env: dict[str, str]) -> tuple[bool, int, int, int]:
 def test_a_freed_large_block_stays_resident_for_reuse():
     applied, before, held, after = _probe({})
     assert applied
-    assert held - before >= 250
-    assert after - before >= 250  # kept in the heap: the next batch's tensors reuse it without page faults
+    # Part of the block may land on heap pages that were already resident (freed during the
+    # import and kept), so it adds a little less than its 256 MiB: what is checked is that
+    # freeing gives nothing back.
+    assert held - before >= 200
+    assert held - after < 8  # kept in the heap: the next batch's tensors reuse it without page faults
 
 
 @glibc
@@ -45,4 +48,4 @@ def test_without_it_or_when_the_environment_tunes_malloc_a_freed_block_goes_back
     applied, before, held, after = _probe({"MALLOC_ARENA_MAX": "4"})
     assert not applied  # the user's own malloc settings are left as they are
     assert held - before >= 250
-    assert after - before < 50  # glibc's default: a block this large is unmapped when freed
+    assert held - after >= 250  # glibc's default: a block this large is unmapped when freed
