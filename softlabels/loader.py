@@ -170,8 +170,9 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             raise SoftlabelsError(f"batch size {batch_size} does not split evenly over {shards} shards")
         if shard is not None and not 0 <= shard < shards:
             raise SoftlabelsError(f"shard {shard} is outside 0..{shards - 1}")
-        if cache is not None:  # rows the dump could not read are read as it stored them: zeros, without loss
-            source.skip_rows(skipped_rows(cache.manifest.get("dataset") or {}, cache.manifest.get("skipped"), str(cache.path)))
+        skipped = [] if cache is None else skipped_rows(cache.manifest.get("dataset") or {}, cache.manifest.get("skipped"), str(cache.path))
+        source.skip_rows(skipped)  # rows the dump could not read are read as it stored them: zeros, without loss
+        self.skips_rows = bool(skipped)  # whether a batch may hold fewer rows than it was cut with
         self.source = source
         self._cache, self._cache_path, self._cache_pid = cache, (cache.path if cache is not None else None), os.getpid()
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle

@@ -488,6 +488,7 @@ def train_students(
                 student.forward = torch.nn.parallel.DistributedDataParallel(student.model)
         loader.load_state_dict(position)
         position = loader.state_dict()  # as the loader checked it: integers inside the run
+        uneven = torch.distributed.is_initialized() and loader.skips_rows  # ranks may hold unequal shares of a batch
         log = TensorBoardLog(tensorboard, names, first_epoch=position["epoch"] + 1) if tensorboard is not None and rank == 0 else None
 
         def checkpoint(epoch: int, batches: int) -> None:
@@ -504,7 +505,7 @@ def train_students(
                 loader.set_epoch(epoch)  # keeps a resumed epoch's position
                 done = loader.state_dict()["batches"]
                 for batch in _epoch_batches(loader, num_workers):
-                    _step(trained, batch, config, device, teacher, loader.masks_unlabeled_items)
+                    _step(trained, batch, config, device, teacher, loader.masks_unlabeled_items, uneven)
                     done += 1
                     bar.update(1)
                     if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
@@ -534,10 +535,21 @@ def train_students(
 
 
 def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: torch.device, teacher: LoadedModel | None,
-          mask_unlabeled: bool) -> None:
-    """One optimizer step of every student on ``batch``, each in its own random state."""
-    if not len(batch.labels):  # every row was an input the dump could not read (--skip-bad-files)
+          mask_unlabeled: bool, uneven: bool = False) -> None:
+    """One optimizer step of every student on ``batch``, each in its own random state.
+
+    ``uneven``: under torchrun, ranks may hold different numbers of a global batch's rows (rows a
+    dump skipped carry no loss and were left out). Each rank's mean loss is then weighed by its
+    share of the batch's rows, so that DDP's mean of the ranks' gradients is the gradient of the
+    mean over the whole batch, as in one process; a rank left with no row still joins the step.
+    """
+    rows = len(batch.labels)
+    total = distributed.sum_ints(rows)[0] if uneven else rows
+    if not total:  # every row was an input the dump could not read (--skip-bad-files)
         return
+    if not rows:
+        return _join_step(trained, batch, device)
+    share = rows * distributed.world()[1] / total if uneven else 1.0
     x = batch.inputs.to(device, non_blocking=True)
     y = batch.labels.to(device, non_blocking=True)
     mask = y != NO_LABEL if mask_unlabeled else None
@@ -556,7 +568,7 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         terms = kd_terms(logits, t, y, temperature=config.temperature, kl=config.kl, mix=mix, mask=mask, tail=config.topk_tail)
         loss = terms.loss(temperature=config.temperature, alpha=config.alpha)
         student.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share if uneven else loss).backward()
         student.optimizer.step()
         student.schedule.step()
         student.rng = _rng_state(device)
@@ -571,6 +583,22 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         student.seconds += elapsed
         student.step_seconds += elapsed
         student.rows += len(batch.labels)
+
+
+def _join_step(trained: list[_Student], batch: Batch, device: torch.device) -> None:
+    """The step of a rank with no row of this batch while other ranks have some: each student adds a
+    zero gradient to DDP's all-reduce (which every rank must join), then steps with the mean the
+    others' rows give. The forward pass takes one row of zeros in eval mode, so that no batch norm
+    statistic sees it."""
+    x = torch.zeros((1, *batch.inputs.shape[1:]), dtype=batch.inputs.dtype, device=device)
+    for student in trained:
+        _set_rng_state(student.rng, device)
+        student.model.eval()
+        student.optimizer.zero_grad(set_to_none=True)
+        (student.forward(x).sum() * 0.0).backward()
+        student.optimizer.step()
+        student.schedule.step()
+        student.rng = _rng_state(device)
 
 
 def _add_terms(student: _Student, terms: KDTerms, labeled: bool) -> None:

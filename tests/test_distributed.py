@@ -163,3 +163,33 @@ def test_two_ranks_write_the_token_cache_of_one_process(tmp_path):
     # float32 log-partitions: the teacher's CPU forward pass is not always bitwise the same from one
     # process to the next (seen once in several runs of a single-process dump, off by 2e-5 relative)
     np.testing.assert_allclose(a["logsumexp"][:], b["logsumexp"][:], rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+def test_a_rank_whose_slice_is_all_skipped_rows_still_steps_and_ddp_matches_one_process(tmp_path):
+    """Rows a dump skipped carry no loss. A rank left with none of its batch's rows must still join
+    the step's gradient all-reduce (or the other rank waits for it forever), and ranks holding unequal
+    shares of a batch still train as one process does on the whole batch."""
+    from click.testing import CliRunner
+
+    from softlabels.cli import cli
+
+    from .test_images import make_folder, run, save_teacher
+
+    root = make_folder(tmp_path / "imgs", per_class=4)
+    for bad in ("ant/ant00.jpg", "ant/ant01.png", "bee/bee00.jpg"):  # rows 0, 1 and 4
+        (root / bad).write_bytes(b"not an image")
+    cache = tmp_path / "c.zarr"
+    assert run("dump", "--teacher", save_teacher(tmp_path / "t.pth"), "--data", f"imagefolder:{root}?size=16",
+               "--out", cache, "--quiet", "--chunk-rows", 4, "--skip-bad-files").exit_code == 0
+    # Two rows a global batch, one a rank: a skipped row leaves its rank nothing to train on.
+    common = ["train-student", "--cache", str(cache), "--student", "mlp?width=8", "--student", "linear", "--epochs", "2",
+              "--batch-size", "2", "--seed", "1", "--num-workers", "0", "--quiet"]
+    done = torchrun(tmp_path, ["-m", "softlabels"] + common + ["--out", str(tmp_path / "ddp")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    single = CliRunner().invoke(cli, common + ["--shards", "2", "--out", str(tmp_path / "single")])
+    assert single.exit_code == 0, single.output
+    for name in ("mlp", "linear"):
+        ddp = torch.load(tmp_path / "ddp" / name / "student.pth", weights_only=True)["state_dict"]
+        one = torch.load(tmp_path / "single" / name / "student.pth", weights_only=True)["state_dict"]
+        assert max((ddp[k] - one[k]).abs().max().item() for k in ddp) < 1e-5
