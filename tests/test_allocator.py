@@ -36,10 +36,10 @@ def _probe(env: dict[str, str]) -> tuple[bool, int, int, int]:
 def test_a_freed_large_block_stays_resident_for_reuse():
     applied, before, held, after = _probe({})
     assert applied
-    # Part of the block may land on heap pages that were already resident (freed during the
-    # import and kept), so it adds a little less than its 256 MiB: what is checked is that
-    # freeing gives nothing back.
-    assert held - before >= 200
+    # Part of the block may land on heap pages that were already resident (freed during the import
+    # and kept: glibc's top-of-heap trim threshold grows to at most 64 MiB), so it adds less than its
+    # 256 MiB: what is checked is that freeing gives nothing back.
+    assert held - before >= 128
     assert held - after < 8  # kept in the heap: the next batch's tensors reuse it without page faults
 
 
