@@ -27,7 +27,7 @@ from .kinds import DEFAULT_TEMPERATURES, Dense, Sampled, TargetKind, TopK, kind_
 from .report import SUMMARY_COLUMNS, cache_report, format_cache_report, format_comparison, format_table
 from .figures import accuracy_vs_params_data, save_figure
 from .report_html import write_report
-from .runs import read_run, read_summary
+from .runs import read_runs, read_summary, run_names
 from .store import open_cache
 from .kinds import STORE_DTYPES
 from .kinds.topk import TAILS
@@ -432,9 +432,10 @@ def compare(summaries, plot, overwrite):
         existing = [path for path in (stem.with_suffix(".png"), stem.with_suffix(".json")) if path.exists()]
         if existing and not overwrite:
             raise SoftlabelsError(f"{existing[0]} exists; pass --overwrite to replace it")
-    click.echo(format_comparison([read_summary(item) for item in summaries]))
+    rows = [read_summary(item)[1] for item in summaries]
+    click.echo(format_comparison(list(zip(run_names(list(summaries)), rows))))
     if plot:
-        runs = [read_run(Path(item) if Path(item).is_dir() else Path(item).parent, records=False) for item in summaries]
+        runs = read_runs([Path(item) if Path(item).is_dir() else Path(item).parent for item in summaries], records=False)
         click.echo(f"wrote {save_figure('accuracy_vs_params', accuracy_vs_params_data(runs), stem)}")
 
 

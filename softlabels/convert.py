@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from .errors import SoftlabelsError
 from .kinds import TargetKind
-from .store import CacheWriter, Layout, directory_bytes, dump_lock, open_cache
+from .durable import exclusive
+from .store import CacheWriter, Layout, directory_bytes, open_cache
 from .views import GROUP as VIEW_RECORDS
 
 # Fields the writer sets itself from the layout; everything else (teacher, dataset, ...) carries over.
@@ -34,7 +35,7 @@ def convert_cache(
     kind in the current format; ``keep_views`` keeps the first views of a view cache, their records
     with them. Return the new cache's size on disk in bytes."""
     dst = Path(dst)
-    with open_cache(src) as cache, dump_lock(dst):
+    with open_cache(src) as cache, exclusive(dst, "convert"):
         old_kind = cache.kind
         if kind is not None and old_kind.full_logits(cache.read(0, min(1, len(cache)))[0]) is None:
             raise SoftlabelsError(f"{src} is a {old_kind.name} cache; only a cache of full logits (dense) converts to another kind")

@@ -40,7 +40,8 @@ from .errors import SoftlabelsError
 from .kinds import Dense, TargetKind
 from .tokens import GOLD, TOKEN_AXIS, TokenSource, check_tokenizer, gold_logprob, gold_record, token_manifest
 from .views import VIEW_AXIS, Views
-from .store import (CacheWriter, Layout, Record, backend_name, chunk_checksum, default_chunk_rows, directory_bytes, dump_lock,
+from .durable import exclusive
+from .store import (CacheWriter, Layout, Record, backend_name, chunk_checksum, default_chunk_rows, directory_bytes,
                     partial_path, remove_path)
 
 log = logging.getLogger(__name__)
@@ -565,7 +566,7 @@ def dump(
         logits_of = functools.partial(_with_digests, logits_of, digests[:, :DIGEST_BYTES])
     accuracy = _Accuracy()
     first = None
-    with dump_lock(out) if rank == 0 else contextlib.nullcontext():
+    with exclusive(out, "dump") if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             writer, first = _start(out, teacher, source, logits_of, kind, tuple(item_axes), views, overwrite=overwrite, resume=resume,
                                    expected={"precision": precision, "channels_last": channels_last, "device": dev.type, "batch_size": batch_size,

@@ -1,15 +1,22 @@
-"""Files that survive a crash whole: fsync helpers and writes through a temporary file and a rename.
+"""Files that survive a crash whole: fsync helpers, writes through a temporary file and a rename,
+and the lock that keeps a second process from writing the same output.
 
 Example::
 
-    write_atomically(Path("runs/kd/summary.json"), lambda f: f.write(b"[]\\n"))
+    with exclusive(Path("runs/kd"), "train-student"):
+        write_atomically(Path("runs/kd/summary.json"), lambda f: f.write(b"[]\\n"))
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from .errors import SoftlabelsError
 
 
 def fsync_file(path: Path) -> None:
@@ -40,7 +47,7 @@ def write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
     over it, so ``path`` is never half-written, even after a crash of the machine."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a name of its own: another process may write beside it
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{_TEMPORARY}")  # a name of its own: another process may write beside it
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -51,3 +58,41 @@ def write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+_TEMPORARY = ".tmp"
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Remove the temporary files :func:`write_atomically` left in ``folder`` when its process was
+    killed mid-write (a checkpoint's can be gigabytes). Only for a folder no other process writes
+    in: one held :func:`exclusive`."""
+    if folder.is_dir():
+        for path in folder.glob(f"*{_TEMPORARY}"):
+            if re.fullmatch(rf".+\.\d+{re.escape(_TEMPORARY)}", path.name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive(path: Path, command: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``PATH.lock`` while ``command`` (a dump, a training run) writes ``PATH``.
+
+    ``flock`` locks die with their process, so a killed command never leaves the path locked. The
+    lock file is removed on release; a waiter that locked a file removed meanwhile notices by its
+    inode and refuses rather than share the path.
+    """
+    lock = Path(str(path) + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SoftlabelsError(f"another {command} is writing {path} (it holds {lock})") from None
+        if not lock.exists() or os.stat(lock).st_ino != os.fstat(fd).st_ino:
+            raise SoftlabelsError(f"another {command} is writing {path}")
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)

@@ -256,9 +256,23 @@ def _draw_accuracy_vs_params(fig: Any, data: dict[str, Any]) -> None:
         params = "" if teacher["params"] is None else f", {teacher['params']:,} params"
         ax.axhline(teacher["eval_accuracy"], color="black", linestyle="--", linewidth=1,
                    label=f"teacher ({_label(teacher)}{params})")
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set(xlabel="parameters", ylabel="evaluation accuracy", title="accuracy against size")
     ax.legend(fontsize=8)
+
+
+def _log_x(ax: Any) -> None:
+    """A log-scale x axis whose ticks read 20k, 1M: matplotlib's own labels are math text, which
+    :func:`save_figure` does not parse (names are drawn as written)."""
+    from matplotlib.ticker import EngFormatter, LogFormatter
+
+    class PlainLog(LogFormatter):  # LogFormatter chooses which ticks to label, EngFormatter writes them
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return EngFormatter(sep="")(x) if super().__call__(x, pos) else ""
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(PlainLog())
+    ax.xaxis.set_minor_formatter(PlainLog(minor_thresholds=(1, 0.4)))
 
 
 def _draw_agreement(fig: Any, data: dict[str, Any]) -> None:
@@ -319,7 +333,7 @@ def _draw_mass_kept(fig: Any, data: dict[str, Any]) -> None:
     for level in data["levels"]:
         ax.axhline(level, color="gray", linestyle=":", linewidth=0.8)
     if len(data["temperatures"][0]["k"]) > 50:
-        ax.set_xscale("log")
+        _log_x(ax)
     ax.set(xlabel="K (classes kept, largest first)", ylabel="mean teacher mass kept", title="teacher mass in the top K classes")
     ax.legend(fontsize=8, loc="lower right")
 

@@ -29,7 +29,8 @@ from .errors import SoftlabelsError
 from .figures import (accuracy_vs_params_data, agreement_data, cache_figures_data, learning_curves_data, reliability_data,
                       save_figure)
 from .report import cache_report, format_cache_report, format_comparison
-from .runs import read_run
+from .names import distinct
+from .runs import read_runs
 from .store import open_cache
 
 FORMAT = "softlabels-report"
@@ -59,7 +60,7 @@ def write_report(runs: list[str | Path], caches: list[str | Path], out: str | Pa
     if not runs and not caches:
         raise SoftlabelsError("give at least one run directory or --cache")
     _check_out(out, overwrite)
-    read = [read_run(path) for path in runs]
+    read = read_runs(runs)
     for path in caches:
         open_cache(path).close()  # an incomplete or damaged cache is refused before any work
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ def write_report(runs: list[str | Path], caches: list[str | Path], out: str | Pa
             figures = [_figure(building, stem, name, data(read), caption, dpi, listed) for stem, name, data, caption in _RUN_FIGURES]
             table = format_comparison([(run.name, run.summary) for run in read])
             sections.append(_section("Runs", table, [f for f in figures if f]))
-        names = _unique([re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).name.rsplit(".", 1)[0]) or "cache" for path in caches])
+        names = distinct([re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).name.rsplit(".", 1)[0]) or "cache" for path in caches])
         for path, name in zip(caches, names):
             with open_cache(path) as cache:
                 text = format_cache_report(cache_report(cache))
@@ -127,20 +128,6 @@ def _figure(folder: Path, stem: str, name: str, data: dict[str, Any], caption: s
     save_figure(name, data, folder / stem, dpi=dpi, title=title)
     listed.append({"figure": name, "png": f"{stem}.png", "json": f"{stem}.json"})
     return {"png": f"{stem}.png", "json": f"{stem}.json", "caption": caption}
-
-
-def _unique(names: list[str]) -> list[str]:
-    """``names`` made distinct by a suffix ``-2``, ``-3``, ... (never one that another name already is)."""
-    taken: set[str] = set()
-    result = []
-    for name in names:
-        unique, n = name, 1
-        while unique in taken:
-            n += 1
-            unique = f"{name}-{n}"
-        taken.add(unique)
-        result.append(unique)
-    return result
 
 
 def _section(title: str, table: str, figures: list[dict[str, str]]) -> str:

@@ -25,9 +25,9 @@ import numpy as np
 from .checkpoint import file_sha256
 from .errors import SoftlabelsError
 from .kinds.base import is_number
-from .train import PREDICTIONS, plain_name
+from .names import distinct, plain_name
+from .train import CONFIG, PREDICTIONS, SUMMARY
 
-SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT_FILE = "student.pth"
 
@@ -125,6 +125,28 @@ def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def run_names(paths: list[str | Path]) -> list[str]:
+    """What tables and figures call each run: its directory's name, with its parent's where runs
+    share one (``a/kd``, ``b/kd``), made distinct.
+
+    Example::
+
+        run_names(["a/kd", "b/kd", "runs/scratch"])   # ['a/kd', 'b/kd', 'scratch']
+    """
+    folders = [Path(p).resolve() for p in paths]
+    folders = [f.parent if f.is_file() else f for f in folders]  # a summary file names its run's directory
+    names = [f.name for f in folders]
+    return distinct([f"{f.parent.name}/{n}" if names.count(n) > 1 and f.parent.name else n for f, n in zip(folders, names)])
+
+
+def read_runs(paths: list[str | Path], *, records: bool = True) -> list[Run]:
+    """:func:`read_run` of each of ``paths``, named by :func:`run_names`."""
+    runs = [read_run(path, records=records) for path in paths]
+    for run, name in zip(runs, run_names(paths)):
+        run.name = name
+    return runs
+
+
 def read_run(path: str | Path, *, records: bool = True) -> Run:
     """Everything a run directory holds for a report, checked (see :class:`Run`); without
     ``records``, the summary and the checkpoints' hashes only (no metrics, no predictions)."""
@@ -132,7 +154,7 @@ def read_run(path: str | Path, *, records: bool = True) -> Run:
     if not (path / SUMMARY).is_file():
         raise SoftlabelsError(f"{path} is not a finished train-student run: it has no {SUMMARY}")
     name, summary = read_summary(path)
-    run = Run(name=name, path=path, summary=summary, teacher_sha256=_cache_teacher(path / "config.json"))
+    run = Run(name=name, path=path, summary=summary, teacher_sha256=_cache_teacher(path / CONFIG))
     for row in summary:
         student = path / row["student"]
         if records:

@@ -43,7 +43,6 @@ Example::
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import io
 import json
@@ -52,7 +51,6 @@ import os
 import re
 import shutil
 import stat
-from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -1260,31 +1258,6 @@ class CacheWriter(_Chunked):
 
 def partial_path(path: Path) -> Path:
     return Path(str(path) + PARTIAL_SUFFIX)
-
-
-@contextmanager
-def dump_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``PATH.lock`` while a dump writes ``PATH``.
-
-    ``flock`` locks die with their process, so a killed dump never leaves the path locked. The lock
-    file is removed on release; a waiter that locked a file removed meanwhile notices by its inode
-    and refuses rather than share the path.
-    """
-    lock = Path(str(path) + ".lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SoftlabelsError(f"another dump is writing {path} (it holds {lock})") from None
-        if not lock.exists() or os.stat(lock).st_ino != os.fstat(fd).st_ino:
-            raise SoftlabelsError(f"another dump is writing {path}")
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
-    finally:
-        os.close(fd)
 
 
 def _publish(partial: Path, path: Path) -> None:

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -44,8 +45,9 @@ from .errors import SoftlabelsError
 from .loader import Batch, SoftTargetLoader, source_for_cache
 from .losses import KL_DIRECTIONS, KDTerms, kd_terms
 from .models import build_model, check_output_shape, count_parameters
+from .names import distinct, plain_name
 from .calibration import Calibration
-from .durable import write_atomically
+from .durable import exclusive, remove_temporaries, write_atomically
 from .kinds.base import argmax, is_number
 from .kinds.topk import TAILS
 from .store import Cache, open_cache
@@ -55,6 +57,9 @@ from .tokens import TokenSource, check_tokenizer
 _EVAL_BATCH = 1024
 CHECKPOINT = "checkpoint.pt"
 PREDICTIONS = "eval_predictions.npz"  # per student: its predictions on the evaluation data after the last epoch
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+RUN_FILES = (CHECKPOINT, SUMMARY, CONFIG)  # beside the students' directories
 _CHECKPOINT_FORMAT = "softlabels-train-checkpoint"
 
 
@@ -189,6 +194,7 @@ def _evaluate(model: torch.nn.Module, source: Source, *, teacher_top1: np.ndarra
     was_training = model.training
     metrics = _Metrics(keep_predictions)
     for start, out, y in iter_logits(model, source, batch_size=_EVAL_BATCH, device=resolve_device(device)):
+        _check_label_range(out.shape[-1], y, f"the model evaluated on {source.spec}")
         metrics.add(out, y, None if teacher_top1 is None else teacher_top1[start:start + len(y)])
     model.train(was_training)
     return metrics
@@ -197,9 +203,19 @@ def _evaluate(model: torch.nn.Module, source: Source, *, teacher_top1: np.ndarra
 def top_classes(model: torch.nn.Module, source: Source, *, device: str = "cpu") -> np.ndarray:
     """The model's top class for every item of ``source`` (``[N, *items]``)."""
     was_training = model.training
-    parts = [argmax(out).cpu().numpy() for _, out, _ in iter_logits(model, source, batch_size=_EVAL_BATCH, device=resolve_device(device))]
+    parts = []
+    for _, out, y in iter_logits(model, source, batch_size=_EVAL_BATCH, device=resolve_device(device)):
+        _check_label_range(out.shape[-1], y, f"the teacher run on {source.spec}")
+        parts.append(argmax(out).cpu().numpy())
     model.train(was_training)
     return np.concatenate(parts)
+
+
+def _check_label_range(classes: int, labels: torch.Tensor, who: str) -> None:
+    """Refuse labels that name no output of a model: its class count differs from the data's."""
+    largest = int(labels.max()) if labels.numel() else -1
+    if largest >= classes:
+        raise SoftlabelsError(f"{who} has {classes} classes, but the data has label {largest}")
 
 
 def eval_inputs(
@@ -253,20 +269,21 @@ def class_count(source: Source, cache: Cache | None, num_classes: int | None = N
     return largest + 1
 
 
-def plain_name(value: Any) -> bool:
-    """A name that stays one directory inside a run (no separators, no ``..``)."""
-    return isinstance(value, str) and bool(value) and Path(value).name == value and value not in (".", "..")
-
-
 def _student_names(students: list[StudentSpec]) -> list[str]:
-    names, seen = [], {}
-    for spec in students:
-        base = spec.name or _default_name(spec.arch)
-        if not plain_name(base):
-            raise SoftlabelsError(f"student name {base!r} names no directory of its own in the run: "
+    """Each student's directory in the run: its given name, else its architecture's (``mlp``,
+    ``mlp-2``, ...: never a name another student is given)."""
+    given = [spec.name for spec in students if spec.name]
+    for name in given:
+        if given.count(name) > 1:
+            raise SoftlabelsError(f"two students are named {name!r}: give each its own name")
+    defaults = iter(distinct([_default_name(spec.arch) for spec in students if not spec.name], taken=given))
+    names = [spec.name or next(defaults) for spec in students]
+    for name in names:
+        if not plain_name(name):
+            raise SoftlabelsError(f"student name {name!r} names no directory of its own in the run: "
                                   "use a plain name, without path separators")
-        seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+        if name in RUN_FILES:
+            raise SoftlabelsError(f"student name {name!r} is the name of a file of the run itself: choose another")
     return names
 
 
@@ -454,84 +471,103 @@ def train_students(
     run = Path(out_dir) if out_dir is not None else None
     options = _options(config, shards, names, students, source, cache, eval_source, eval_teacher_top1, num_classes, device)
     options["online_teacher"] = teacher.sha256 if teacher is not None else None
-    saved = _start_run(run, options, resume=resume, overwrite=overwrite)
     out = run if rank == 0 else None  # rank 0 evaluates and writes
-    if out is None:
-        eval_source = None
-    num_workers = config.num_workers
-    if num_workers is None:  # a dataset read item by item is read in worker processes, off the training loop
-        num_workers = default_workers(source)
+    with contextlib.ExitStack() as held:
+        if out is not None:  # one process at a time writes a run
+            out.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(exclusive(out, "train-student"))
+            for folder in (out, *(out / name for name in names)):
+                remove_temporaries(folder)
+        saved = _start_run(run, options, resume=resume, overwrite=overwrite)
+        if out is None:
+            eval_source = None
+        num_workers = config.num_workers
+        if num_workers is None:  # a dataset read item by item is read in worker processes, off the training loop
+            num_workers = default_workers(source)
 
-    caller_rng = _rng_state(device)
-    try:
-        sample = torch.from_numpy(source.read(0, min(2, len(source)))[0])
-        trained: list[_Student] = []
-        for name, spec in zip(names, students):
-            torch.manual_seed(_student_seed(config.seed, name))
-            model = build_model(spec.arch, input_shape=source.input_shape, num_classes=num_classes, kwargs=spec.kwargs)
-            check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'", items=loader.items)
-            trained.append(_Student(name, spec, model.to(device), config, total_steps, device))
-        if out is not None and saved is None:  # the students are built: a run they replace may go
-            _begin_run(out, options)
-        position = {"epoch": 0, "batches": 0}
-        if saved is not None:
-            try:
-                for student in trained:
-                    student.load(saved["students"][student.name])
-                position = saved["position"]
-            except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # the options matched, the states do not
-                raise SoftlabelsError(f"cannot resume {run}: {CHECKPOINT} is damaged ({type(exc).__name__}: {exc})") from exc
-            if out is not None:
-                _write_metrics(out, trained)  # as the checkpoint has them, whatever a killed run wrote after it
-        if torch.distributed.is_initialized():
-            for student in trained:  # wrapped after loading: DDP broadcasts rank 0's weights when it wraps
-                student.forward = torch.nn.parallel.DistributedDataParallel(student.model)
-        loader.load_state_dict(position)
-        position = loader.state_dict()  # as the loader checked it: integers inside the run
-        uneven = torch.distributed.is_initialized() and loader.skips_rows  # ranks may hold unequal shares of a batch
-        log = TensorBoardLog(tensorboard, names, first_epoch=position["epoch"] + 1) if tensorboard is not None and rank == 0 else None
-
-        def checkpoint(epoch: int, batches: int) -> None:
-            if out is not None:
-                write_atomically(out / CHECKPOINT, lambda f: torch.save({
-                    "format": _CHECKPOINT_FORMAT, "options": options, "position": {"epoch": epoch, "batches": batches},
-                    "students": {s.name: s.state() for s in trained},
-                }, f))
-
-        bar = tqdm(total=config.epochs * steps, initial=position["epoch"] * steps + position["batches"], unit="batch",
-                   desc="train", disable=None if progress and rank == 0 else True)
+        caller_rng = _rng_state(device)
         try:
-            for epoch in range(position["epoch"], config.epochs):
-                loader.set_epoch(epoch)  # keeps a resumed epoch's position
-                done = loader.state_dict()["batches"]
-                for batch in _epoch_batches(loader, num_workers):
-                    _step(trained, batch, config, device, teacher, loader.masks_unlabeled_items, uneven)
-                    done += 1
-                    bar.update(1)
-                    if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
-                        checkpoint(epoch, done)
-                for student in trained:
-                    rows_per_second = _end_epoch(student, epoch, eval_source, eval_teacher_top1, device)
-                    if log is not None:  # before the checkpoint: a resumed run purges what follows it
-                        log.write(student.name, student.history[-1], rows_per_second=rows_per_second)
-                checkpoint(epoch + 1, 0)
-                if out is not None:
-                    _write_metrics(out, trained)
-        finally:
-            bar.close()
-            if log is not None:
-                log.close()
-    finally:
-        _set_rng_state(caller_rng, device)
+            sample = torch.from_numpy(source.read(0, min(2, len(source)))[0])
+            if teacher is not None:  # it runs on every batch: one that cannot take the data is refused before any step
+                check_output_shape(teacher.model, sample.to(device), num_classes=num_classes, name=f"teacher {teacher.path}",
+                                   items=loader.items)
+            trained: list[_Student] = []
+            for name, spec in zip(names, students):
+                torch.manual_seed(_student_seed(config.seed, name))
+                model = build_model(spec.arch, input_shape=source.input_shape, num_classes=num_classes, kwargs=spec.kwargs)
+                check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'", items=loader.items)
+                trained.append(_Student(name, spec, model.to(device), config, total_steps, device))
+            begun = out is None or saved is not None
 
-    summary = [_summary_row(student, config, teacher is not None) for student in trained]
-    if out is not None:
-        for student in trained:
-            _save_student(out / student.name / "student.pth", student, source.input_shape, num_classes, classes)
-            if eval_source is not None:
-                _save_predictions(out / student.name / PREDICTIONS, student, eval_source, eval_teacher_top1, device)
-        write_atomically(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
-    return summary
+            def begin() -> None:
+                # A run this one replaces goes at this one's first write: a failure before it (in building
+                # the students, their first steps or their first evaluation) leaves the old run whole.
+                nonlocal begun
+                if not begun:
+                    _begin_run(out, options)
+                    begun = True
+            position = {"epoch": 0, "batches": 0}
+            if saved is not None:
+                try:
+                    for student in trained:
+                        student.load(saved["students"][student.name])
+                    position = saved["position"]
+                except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # the options matched, the states do not
+                    raise SoftlabelsError(f"cannot resume {run}: {CHECKPOINT} is damaged ({type(exc).__name__}: {exc})") from exc
+                if out is not None:
+                    _write_metrics(out, trained)  # as the checkpoint has them, whatever a killed run wrote after it
+            if torch.distributed.is_initialized():
+                for student in trained:  # wrapped after loading: DDP broadcasts rank 0's weights when it wraps
+                    student.forward = torch.nn.parallel.DistributedDataParallel(student.model)
+            loader.load_state_dict(position)
+            position = loader.state_dict()  # as the loader checked it: integers inside the run
+            uneven = torch.distributed.is_initialized() and loader.skips_rows  # ranks may hold unequal shares of a batch
+            log = TensorBoardLog(tensorboard, names, first_epoch=position["epoch"] + 1) if tensorboard is not None and rank == 0 else None
+
+            def checkpoint(epoch: int, batches: int) -> None:
+                if out is not None:
+                    begin()
+                    write_atomically(out / CHECKPOINT, lambda f: torch.save({
+                        "format": _CHECKPOINT_FORMAT, "options": options, "position": {"epoch": epoch, "batches": batches},
+                        "students": {s.name: s.state() for s in trained},
+                    }, f))
+
+            bar = tqdm(total=config.epochs * steps, initial=position["epoch"] * steps + position["batches"], unit="batch",
+                       desc="train", disable=None if progress and rank == 0 else True)
+            try:
+                for epoch in range(position["epoch"], config.epochs):
+                    loader.set_epoch(epoch)  # keeps a resumed epoch's position
+                    done = loader.state_dict()["batches"]
+                    for batch in _epoch_batches(loader, num_workers):
+                        _check_label_range(num_classes, batch.labels, "each student (--num-classes, or the cache's or teacher's classes)")
+                        _step(trained, batch, config, device, teacher, loader.masks_unlabeled_items, uneven)
+                        done += 1
+                        bar.update(1)
+                        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
+                            checkpoint(epoch, done)
+                    for student in trained:
+                        rows_per_second = _end_epoch(student, epoch, eval_source, eval_teacher_top1, device)
+                        if log is not None:  # before the checkpoint: a resumed run purges what follows it
+                            log.write(student.name, student.history[-1], rows_per_second=rows_per_second)
+                    checkpoint(epoch + 1, 0)
+                    if out is not None:
+                        _write_metrics(out, trained)
+            finally:
+                bar.close()
+                if log is not None:
+                    log.close()
+        finally:
+            _set_rng_state(caller_rng, device)
+
+        summary = [_summary_row(student, config, teacher is not None) for student in trained]
+        if out is not None:
+            begin()
+            for student in trained:
+                _save_student(out / student.name / "student.pth", student, source.input_shape, num_classes, classes)
+                if eval_source is not None:
+                    _save_predictions(out / student.name / PREDICTIONS, student, eval_source, eval_teacher_top1, device)
+            write_atomically(out / SUMMARY, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+        return summary
 
 
 def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: torch.device, teacher: LoadedModel | None,
@@ -754,14 +790,14 @@ def _option_difference(before: dict[str, Any], now: dict[str, Any]) -> str | Non
 
 
 def _holds_a_run(run: Path) -> bool:
-    if (run / "summary.json").exists() or (run / CHECKPOINT).exists():
+    if (run / SUMMARY).exists() or (run / CHECKPOINT).exists():
         return True
     return run.is_dir() and any((child / "student.pth").exists() or (child / "metrics.jsonl").exists() for child in run.iterdir())
 
 
 def _remove_run(run: Path) -> None:
     """Remove what a run writes (checkpoint, summary, config, student directories); nothing else in ``run``."""
-    for name in (CHECKPOINT, "summary.json", "config.json"):
+    for name in RUN_FILES:
         (run / name).unlink(missing_ok=True)
     for child in run.iterdir():
         if child.is_dir() and ((child / "student.pth").exists() or (child / "metrics.jsonl").exists()):
@@ -797,7 +833,7 @@ def _begin_run(run: Path, options: dict[str, Any]) -> None:
     that no later --resume or report mixes it with the new one, and the options are written."""
     if _holds_a_run(run):
         _remove_run(run)
-    write_atomically(run / "config.json", lambda f: f.write((json.dumps(options, indent=2) + "\n").encode()))
+    write_atomically(run / CONFIG, lambda f: f.write((json.dumps(options, indent=2) + "\n").encode()))
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from softlabels import SoftlabelsError, open_cache
+from softlabels.checkpoint import save_checkpoint
 from softlabels.cli import cli
 from softlabels.runs import read_predictions
 
@@ -117,11 +119,48 @@ def test_invalid_option_values_are_usage_errors(tmp_path, args):
     (["--temperature", "nan"], "temperature must be > 0, got nan"),
     (["--lr", "nan"], "learning rate must be > 0 and weight decay >= 0, got nan"),
     (["--student", "../x=linear"], "student name '../x' names no directory of its own in the run"),
+    (["--student", "a=linear", "--student", "a=mlp"], "two students are named 'a': give each its own name"),
+    (["--student", "summary.json=mlp"], "student name 'summary.json' is the name of a file of the run itself"),
 ])
 def test_bad_training_options_are_one_line_errors_that_write_nothing(tmp_path, npz_data, args, pattern):
     result = run("train-student", "--data", npz_data, "--hard-labels-only", "--student", "linear", "--out", tmp_path / "r", *args)
     assert_one_line_error(result, pattern)
     assert not (tmp_path / "r").exists() and not (tmp_path / "x").exists()
+
+
+def test_students_of_one_architecture_are_numbered_past_the_names_given(tmp_path, npz_data):
+    result = run("train-student", "--data", npz_data, "--hard-labels-only", "--student", "linear", "--student", "linear",
+                 "--student", "linear-2=mlp?width=4", "--epochs", "1", "--quiet", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert [row["student"] for row in rows] == ["linear", "linear-3", "linear-2"]
+    assert torch.load(tmp_path / "r" / "linear-2" / "student.pth", weights_only=True)["arch"] == "mlp"
+    assert torch.load(tmp_path / "r" / "linear-3" / "student.pth", weights_only=True)["arch"] == "linear"
+
+
+def test_a_model_of_fewer_classes_than_the_data_is_refused_in_one_line(tmp_path, npz_data):
+    small = tmp_path / "small.pth"  # npz_data has labels 0..4
+    save_checkpoint(small, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)), arch="linear", arch_kwargs={},
+                    input_shape=(12,), num_classes=3)
+    who = f"the model evaluated on {npz_data}"
+    assert_one_line_error(run("evaluate", "--model", small, "--data", npz_data), f"{who} has 3 classes, but the data has label 4")
+    result = run("train-student", "--data", npz_data, "--hard-labels-only", "--student", "linear", "--eval-data", npz_data,
+                 "--eval-teacher", small, "--out", tmp_path / "r")
+    assert_one_line_error(result, f"the teacher run on {npz_data} has 3 classes, but the data has label 4")
+    result = run("train-student", "--data", npz_data, "--hard-labels-only", "--student", "linear", "--num-classes", "3",
+                 "--out", tmp_path / "r")
+    assert_one_line_error(result, r"each student \(--num-classes, or the cache's or teacher's classes\) has 3 classes, but the data has label 4")
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_online_teacher_that_cannot_take_the_data_is_refused_before_training(tmp_path):
+    wide = make_npz(tmp_path / "wide.npz", features=20)
+    teacher = tmp_path / "t.pth"
+    save_checkpoint(teacher, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)), arch="linear", arch_kwargs={},
+                    input_shape=(12,), num_classes=5)
+    result = run("train-student", "--data", wide, "--online-teacher", teacher, "--student", "linear", "--out", tmp_path / "r")
+    assert_one_line_error(result, rf"teacher {teacher} cannot take inputs of shape \[20\]")
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_diverging_student_stops_the_run_in_one_line(tmp_path, npz_data):

@@ -324,3 +324,35 @@ def test_names_from_files_are_escaped_and_drawn_as_written(demo, tmp_path):
     points = json.loads((out / "accuracy-vs-params.json").read_text())["points"]
     assert len(points) == 12 * 2  # two students per run
     assert imread(out / "accuracy-vs-params.png").ndim == 3
+
+
+def test_runs_that_share_a_folder_name_are_told_apart(demo, tmp_path):
+    for parent in ("a", "b"):
+        shutil.copytree(demo / "scratch", tmp_path / parent / "kd")
+    runs = [tmp_path / "a" / "kd", tmp_path / "b" / "kd", demo / "scratch"]
+    table = ok("compare", *runs, "--plot", tmp_path / "acc.png").output
+    assert "a/kd" in table and "b/kd" in table
+    points = json.loads((tmp_path / "acc.json").read_text())["points"]
+    assert list(dict.fromkeys(p["run"] for p in points)) == ["a/kd", "b/kd", "scratch"]
+    ok("report", *runs, "--out", tmp_path / "report", "--quiet")
+    curves = json.loads((tmp_path / "report" / "learning-curves.json").read_text())["series"]
+    assert list(dict.fromkeys(s["run"] for s in curves)) == ["a/kd", "b/kd", "scratch"]
+
+
+@pytest.mark.parametrize("params", [(20_000, 60_000), (900, 3_000_000)])
+def test_log_axis_ticks_are_plain_text(params):
+    """Names are drawn as written (no math text), so the log axis's numbers must not be math text either."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from matplotlib import rc_context
+    from softlabels.figures import DRAW
+
+    points = [{"run": "r", "student": f"s{i}", "params": p, "eval_accuracy": 0.5 + i / 10} for i, p in enumerate(params)]
+    with rc_context({"text.parse_math": False}):
+        fig = Figure()
+        FigureCanvasAgg(fig)
+        DRAW["accuracy_vs_params"](fig, {"points": points, "teacher": None})
+        fig.canvas.draw()
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()]
+    assert labels and all(re.fullmatch(r"\d+(\.\d+)?[kM]?", label) for label in labels), labels

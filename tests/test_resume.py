@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from softlabels import StudentSpec, TrainConfig, open_cache, open_data, train_students
 from softlabels import train as train_module
+from softlabels.durable import exclusive
 from softlabels.cli import cli
 
 ZOO = textwrap.dedent("""
@@ -33,6 +34,16 @@ ZOO = textwrap.dedent("""
             self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, 24), nn.ReLU(), nn.Dropout(0.3), nn.Linear(24, num_classes))
         def forward(self, x):
             time.sleep(self.delay)
+            return self.net(x)
+
+    class TrainFails(nn.Module):
+        '''Fine in eval mode (the shape check), failing at its first training step.'''
+        def __init__(self, num_classes):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, num_classes))
+        def forward(self, x):
+            if self.training:
+                raise RuntimeError("cannot train")
             return self.net(x)
 """)
 
@@ -249,6 +260,28 @@ def test_an_existing_run_is_not_overwritten_without_overwrite(setup):
     assert torch.load("r/checkpoint.pt", weights_only=True)["options"]["config"]["lr"] == 0.01
     finished = run(*train_args("r"), "--resume", "--lr", "0.01")  # a finished run resumes to the same outputs
     assert finished.exit_code == 0 and "wrote r/summary.json" in finished.output
+
+
+def test_a_replacement_that_fails_in_its_first_steps_leaves_the_run_as_it_was(setup):
+    assert run(*train_args("r")).exit_code == 0
+    before = {name: (setup / "r" / name).read_bytes() for name in ("summary.json", "checkpoint.pt", "config.json", "mlp/student.pth")}
+    failed = run("train-student", "--cache", "c.zarr", "--student", "zoo:TrainFails", *COMMON, "--out", "r", "--overwrite")
+    assert failed.exit_code == 1 and "cannot train" in failed.output
+    assert {name: (setup / "r" / name).read_bytes() for name in before} == before
+    assert run(*train_args("r"), "--resume").exit_code == 0  # still the run it was
+
+
+def test_one_process_at_a_time_writes_a_run_and_a_killed_write_leaves_no_temporary_behind(setup):
+    with exclusive(setup / "r", "train-student"):
+        held = run(*train_args("r"))
+    assert held.exit_code == 1 and held.output.strip() == "error: another train-student is writing r (it holds r.lock)"
+    assert not (setup / "r").exists() and not (setup / "r.lock").exists()
+    (setup / "r" / "mlp").mkdir(parents=True)
+    for left in ("checkpoint.pt.4242.tmp", "mlp/student.pth.4242.tmp"):  # what a kill -9 mid-write leaves
+        (setup / "r" / left).write_bytes(b"x" * 1000)
+    (setup / "r" / "notes.tmp").write_text("mine")
+    assert run(*train_args("r")).exit_code == 0
+    assert sorted(p.name for p in (setup / "r").rglob("*.tmp")) == ["notes.tmp"]
 
 
 def test_resume_without_a_checkpoint_starts_the_run(setup):
