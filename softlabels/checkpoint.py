@@ -160,15 +160,17 @@ def _read_pickle(path: Path, trust_code: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_code)
     except pickle.UnpicklingError as exc:
-        if trust_code:
-            raise SoftlabelsError(f"cannot read checkpoint {path}: {exc}") from exc
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        refused = next((line for line in lines if "global" in line.lower()), None)  # a class or function it names
+        if refused is None or trust_code:  # garbage a pickle reader stumbled on, not an object it refused
+            reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "not a pickle")
+            raise SoftlabelsError(f"cannot read checkpoint {path}: corrupt or not a checkpoint ({reason})") from exc
         raise SoftlabelsError(
             f"refusing to load {path}: it holds Python objects that a weights-only load does not allow "
-            f"({first_line}); pass --trust-code only if you trust where it came from"
+            f"({refused}); pass --trust-code only if you trust where it came from"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise SoftlabelsError(f"cannot read checkpoint {path}: corrupt or truncated ({exc})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile) as exc:
+        raise SoftlabelsError(f"cannot read checkpoint {path}: corrupt or truncated ({type(exc).__name__}: {exc})") from exc
 
 
 def _strip_wrappers(state_dict: dict[str, Any]) -> dict[str, Any]:

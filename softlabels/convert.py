@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from .errors import SoftlabelsError
 from .kinds import TargetKind
 from .durable import exclusive
-from .store import CacheWriter, Layout, directory_bytes, open_cache
+from .store import Cache, CacheWriter, Layout, chunk_checksum, directory_bytes, open_cache, partial_path, remove_path
 from .views import GROUP as VIEW_RECORDS
 
 # Fields the writer sets itself from the layout; everything else (teacher, dataset, ...) carries over.
@@ -61,17 +62,34 @@ def convert_cache(
                             for r in records)  # the views' own parameters; a row's other records stay whole
             manifest["views"] = {**cache.manifest["views"], "count": keep_views}
         layout = Layout(new_kind, len(cache), cache.num_classes, cache.layout.dtype, cache.chunk_rows, item_axes, records)
-        with CacheWriter(dst, layout, manifest=manifest, compress_logits=bool(cache.manifest.get("compress_logits"))) as writer:
+        _convert_chunks(cache, src, dst, layout, manifest, new_kind, old_kind if kind is not None else None, views,
+                        keep_views is not None, progress)
+    return directory_bytes(dst)
+
+
+def _convert_chunks(cache: Cache, src: str | Path, dst: Path, layout: Layout, manifest: dict[str, Any], new_kind: TargetKind,
+                    old_kind: TargetKind | None, views: slice, keep_views: bool, progress: bool) -> None:
+    """Write every chunk of ``cache`` to ``dst``, rebuilt as ``new_kind`` from ``old_kind``'s full
+    logits if given, each checked against the commit record first (a chunk file moved since the dump
+    passes its own crc32c). A conversion does not resume: on failure its partial cache is removed."""
+    writer = CacheWriter(dst, layout, manifest=manifest, compress_logits=bool(cache.manifest.get("compress_logits")))
+    try:
+        with writer:
+            recorded = cache.checksums()
             chunks = tqdm(cache.iter_chunks(), total=cache.num_chunks, unit="chunk", desc="convert", disable=None if progress else True)
             for index, (start, targets, labels) in enumerate(chunks):
-                kept = {name: r[:, views] if name.startswith(VIEW_RECORDS) else r
-                        for name, r in cache.read_records(start, start + len(labels)).items()}
-                if keep_views is not None:
+                records = cache.read_records(start, start + len(labels))
+                if chunk_checksum(targets, labels, records) != recorded[index]:
+                    raise SoftlabelsError(f"{src}: chunk {index} does not match its commit record; run softlabels verify {src}")
+                kept = {name: r[:, views] if name.startswith(VIEW_RECORDS) else r for name, r in records.items()}
+                if keep_views:
                     targets, labels = {name: t[:, views] for name, t in targets.items()}, labels[:, views]
-                if kind is not None:
+                if old_kind is not None:
                     logits = torch.from_numpy(old_kind.full_logits(targets))
                     rows = torch.arange(start, start + len(labels))
                     targets = {k: v.numpy() for k, v in new_kind.build(logits, rows=rows, store_dtype=logits.dtype).items()}
                 writer.write_chunks(index, targets, labels, kept)
             writer.finish()
-    return directory_bytes(dst)
+    except BaseException:
+        remove_path(partial_path(dst))
+        raise

@@ -226,6 +226,8 @@ class _ZarrBackend:
         import zarr
 
         self.root = path
+        if mode != "w":
+            _check_zarr_files(path)
         try:
             self.group = zarr.open_group(str(path), mode=mode)
         except Exception as exc:
@@ -284,13 +286,49 @@ class _ZarrBackend:
     def record_read_checksums(self, first: int, chunks: list[dict[str, np.ndarray]]) -> None:
         pass
 
-    def raw_reader(self, name: str, array: Any) -> "_ZarrRawChunks | None":
-        """A direct reader of ``array``'s chunk files when they are little-endian bytes, zstd-compressed
-        or not, followed by a crc32c (what version 2 writes), else ``None``."""
-        return _zarr_chunk_reader(self.root, name, array, crc=True)
+    def raw_reader(self, name: str, array: Any) -> "_ZarrRawChunks":
+        """A direct reader of ``array``'s chunk files, which version 2 writes as little-endian bytes,
+        zstd-compressed or not, followed by a crc32c, under zarr's default chunk keys. Any other
+        metadata is refused: read through zarr, other chunk keys or codecs would find no chunk files
+        and read fill values, or read them unchecked."""
+        reader = _zarr_chunk_reader(self.root, name, array, crc=True)
+        if reader is None:
+            raise SoftlabelsError(f"{self.root}: array '{name}' is not stored as softlabels stores it (codecs bytes, "
+                                  "optionally zstd, then crc32c; chunks of whole rows under zarr's default chunk keys)")
+        return reader
 
     def close(self) -> None:
         pass
+
+
+# A cache's metadata files are small JSON documents; anything larger is no metadata of ours.
+_MAX_METADATA_BYTES = 64 << 20
+
+
+def _check_zarr_files(root: Path) -> None:
+    """Refuse a Zarr cache whose files that zarr-python itself reads (the group's and arrays'
+    ``zarr.json``, the commit record's chunks) are not regular files of a sane size: a FIFO there
+    blocks the reader forever, a link to a device reads without end. The bulk of the chunk files are
+    read directly, each checked as it is opened (:func:`_open_chunk_file`)."""
+    files = [root / "zarr.json"]
+    try:
+        folders = [entry for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False)]
+    except OSError as exc:
+        raise SoftlabelsError(f"{root} is not a softlabels cache: {exc}") from None
+    files += [Path(folder.path) / "zarr.json" for folder in folders]
+    commit = root / "chunk_crc32" / "c"
+    if commit.is_dir():
+        files += [Path(folder) / name for folder, _, names in os.walk(commit) for name in names]
+    for path in files:
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            continue  # zarr says what is missing
+        except OSError as exc:
+            raise SoftlabelsError(f"{root}: cannot read {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode) or (path.name == "zarr.json" and info.st_size > _MAX_METADATA_BYTES):
+            raise SoftlabelsError(f"{root}: {path} is not a metadata or chunk file of a cache "
+                                  f"({'too large' if stat.S_ISREG(info.st_mode) else 'not a regular file'})")
 
 
 class _ChunkDamaged(Exception):
@@ -303,6 +341,8 @@ class _H5Backend:
     def __init__(self, path: Path, mode: str):
         import h5py
 
+        if path.exists() and not path.is_file():  # a FIFO would block h5py forever
+            raise SoftlabelsError(f"{path} is not a softlabels cache: not a regular file")
         try:
             self.file = h5py.File(path, mode)
         except Exception as exc:

@@ -68,6 +68,10 @@ def verify_cache(
     with open_cache(path, allow_incomplete=True) as cache:
         if not cache.manifest.get("complete"):
             report.problems.append("the cache is incomplete: its dump did not finish")
+        try:  # what training would refuse; resolving named code only with trust_code
+            Views.from_manifest(cache.manifest, where="the manifest", trust_code=trust_code)
+        except SoftlabelsError as exc:
+            report.problems.append(str(exc))
         try:
             recorded = cache.checksums()
         except SoftlabelsError as exc:  # each chunk is still checked against the store's own checksums

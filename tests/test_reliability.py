@@ -331,3 +331,15 @@ def test_mutated_manifests_get_a_clean_error_never_a_crash(cache_and_teacher, mu
     assert result.exit_code in (0, 1) and "Traceback" not in result.output
     if result.exit_code == 1:
         assert result.output.startswith("error: ") or "INCOMPLETE" in result.output
+
+
+def test_convert_refuses_chunk_files_moved_since_the_dump(cache_and_teacher, tmp_path):
+    cache = cache_and_teacher[0]
+    chunks = cache / "logits" / "c"
+    first, second = (chunks / "1" / "0").read_bytes(), (chunks / "2" / "0").read_bytes()
+    (chunks / "1" / "0").write_bytes(second)  # each keeps a valid crc32c of its own bytes
+    (chunks / "2" / "0").write_bytes(first)
+    result = CliRunner().invoke(cli, ["convert", str(cache), str(tmp_path / "out.zarr"), "--top-k", "2", "--quiet"])
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"error: {cache}: chunk 1 does not match its commit record; run softlabels verify {cache}")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == []  # nor its partial cache

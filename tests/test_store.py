@@ -507,3 +507,37 @@ def test_a_damaged_hdf5_chunk_fails_when_read(tmp_path):
             cache.read(0, 64)
     with h5py.File(path, "r") as f, pytest.raises(OSError, match="(?i)fletcher32|checksum|filter"):
         f["logits"][16:32]
+
+
+@pytest.mark.parametrize("edit, array", [
+    (lambda meta: meta["chunk_key_encoding"]["configuration"].update(separator="."), "logits"),  # read as fill values
+    (lambda meta: meta["codecs"].pop(), "logits"),  # no crc32c: read unchecked
+    (lambda meta: meta["codecs"].insert(1, {"name": "gzip", "configuration": {"level": 1}}), "labels"),
+], ids=["chunk-key separator", "no crc32c", "another codec"])
+def test_array_metadata_other_than_softlabels_writes_is_refused_on_open(tmp_path, edit, array):
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    meta_path = path / array / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(SoftlabelsError, match=rf"array '{array}' is not stored as softlabels stores it"):
+        open_cache(path)
+
+
+@pytest.mark.parametrize("name", ["c.zarr/zarr.json", "c.zarr/logits/zarr.json", "c.zarr/chunk_crc32/c/0", "c.h5"])
+def test_a_pipe_in_place_of_a_cache_file_zarr_or_h5py_would_read_is_refused_instead_of_blocking(tmp_path, name):
+    import signal
+
+    for suffix in (".zarr", ".h5"):
+        write_cache(tmp_path / f"c{suffix}", np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    path = tmp_path / name
+    if path.is_dir() or path.is_file():
+        os.remove(path)
+    os.mkfifo(path)
+    signal.alarm(20)  # a blocked open fails the test instead of hanging it
+    try:
+        with pytest.raises(SoftlabelsError, match="not a regular file"):
+            open_cache(tmp_path / name.split("/")[0]).checksums()
+    finally:
+        signal.alarm(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -171,6 +172,21 @@ def test_verify_replays_views_and_catches_edited_parameters(tmp_path, teacher, v
     report = verify_cache(edited, recompute=100, teacher=teacher, device="cpu")
     assert any("stored parameter 'views/shift.offset'" in p for p in report.problems)
     assert any("cached logits differ from the teacher's" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("views, message", [
+    ({"count": -1}, "manifest field 'views' must be an object with a positive 'count'"),
+    ({"augment": [{"name": "os:system"}]}, "os:system"),
+])
+def test_verify_refuses_the_view_settings_training_refuses(tmp_path, view_cache, views, message):
+    edited = tmp_path / "edited.zarr"
+    shutil.copytree(view_cache, edited)
+    group = zarr.open_group(str(edited), mode="r+")
+    manifest = dict(group.attrs["softlabels"])
+    manifest["views"] = {**manifest["views"], **views}
+    group.attrs["softlabels"] = manifest
+    report = verify_cache(edited)
+    assert not report.ok and any(message in problem for problem in report.problems), report.problems
 
 
 def test_convert_keeps_the_first_views_and_makes_sparse_view_caches(tmp_path, view_cache):
