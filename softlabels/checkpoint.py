@@ -190,7 +190,9 @@ def _infer_num_classes(state_dict: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _load_state(model: nn.Module, state_dict: dict[str, Any], path: Path, arch: str) -> None:
+def _load_state(model: nn.Module, state_dict: dict[str, Any], path: Path, arch: str, *, check_only: bool = False) -> None:
+    """Load ``state_dict`` into ``model``, refusing a missing, unexpected or misshapen key in one line
+    (with ``check_only``, only refuse: ``model`` may live on the meta device)."""
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state_dict:
@@ -206,7 +208,29 @@ def _load_state(model: nn.Module, state_dict: dict[str, Any], path: Path, arch: 
     for key in state_dict:
         if key not in expected:
             raise SoftlabelsError(f"{path} does not fit architecture '{arch}': unexpected key '{key}'")
-    model.load_state_dict(state_dict)
+    if not check_only:
+        model.load_state_dict(state_dict)
+
+
+def _check_fit_before_building(arch: str, arch_kwargs: dict[str, Any], input_shape: Any, num_classes: int | None,
+                               state_dict: dict[str, Any], path: Path) -> None:
+    """Refuse arguments that do not build the checkpoint's model before any memory is taken for it:
+    a checkpoint's ``arch_kwargs`` (it may come from anyone) could ask for millions of layers or
+    rows. A layer holds at least one tensor, so a depth beyond their count cannot fit; wide layers
+    are built on the meta device, which allocates nothing, and compared with the state dict."""
+    for key in ("depth", "layers"):
+        value = arch_kwargs.get(key)
+        if isinstance(value, int) and value > len(state_dict):
+            raise SoftlabelsError(f"{path} does not fit architecture '{arch}': {key}={value}, "
+                                  f"but the checkpoint holds {len(state_dict)} tensors")
+    try:
+        with torch.device("meta"):
+            probe = build_model(arch, input_shape=input_shape, num_classes=num_classes, kwargs=arch_kwargs)
+    except SoftlabelsError:
+        raise
+    except Exception:  # an architecture that cannot be built on the meta device is checked once built
+        return
+    _load_state(probe, state_dict, path, arch, check_only=True)
 
 
 def load_model(
@@ -274,6 +298,8 @@ def load_model(
     names = described.get("classes")
     if names is not None and len(names) != num_classes:
         raise SoftlabelsError(f"checkpoint {path}: field 'classes' names {len(names)} classes, the model has {num_classes}")
+    if not arch_names_code(arch):  # a built-in architecture, built from the file's arguments alone
+        _check_fit_before_building(arch, arch_kwargs, input_shape, num_classes, state_dict, path)
     model = build_model(arch, input_shape=input_shape, num_classes=num_classes, kwargs=arch_kwargs)
     _load_state(model, state_dict, path, arch)
     model.eval()

@@ -161,3 +161,18 @@ def test_a_flipped_byte_in_a_tensor_is_refused_by_the_zip_crc(tmp_path):
     assert torch.load(path, weights_only=True)["state_dict"]  # what torch alone would accept
     with pytest.raises(SoftlabelsError, match=r"its member .*/data/\S+ fails its CRC-32 \(the file is damaged\)"):
         load_model(path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"depth": 10**7}, "depth=10000000, but the checkpoint holds 6 tensors"),
+    ({"width": 10**9}, "key '1.weight' has shape \\[100, 40\\], the architecture expects \\[1000000000, 40\\]"),
+])
+def test_arguments_that_do_not_build_the_checkpoints_model_are_refused_before_it_is_built(tmp_path, kwargs, message):
+    """A stranger's checkpoint asking for millions of layers or rows: refused in a moment, nothing allocated."""
+    model = build_model("mlp", input_shape=(40,), num_classes=3)
+    save_checkpoint(tmp_path / "m.pth", model, arch="mlp", arch_kwargs={}, input_shape=(40,), num_classes=3)
+    saved = torch.load(tmp_path / "m.pth", weights_only=True)
+    saved["arch_kwargs"] = kwargs
+    torch.save(saved, tmp_path / "huge.pth")
+    with pytest.raises(SoftlabelsError, match=message):
+        load_model(tmp_path / "huge.pth")

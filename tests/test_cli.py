@@ -153,6 +153,19 @@ def test_a_model_of_fewer_classes_than_the_data_is_refused_in_one_line(tmp_path,
     assert not (tmp_path / "r").exists()
 
 
+def test_evaluating_a_model_with_nan_weights_or_against_a_view_cache_is_a_one_line_error(tmp_path, npz_data, linear_teacher):
+    broken = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    with torch.no_grad():
+        broken[1].weight.fill_(float("nan"))
+    save_checkpoint(tmp_path / "nan.pth", broken, arch="linear", arch_kwargs={}, input_shape=(12,), num_classes=5)
+    assert_one_line_error(run("evaluate", "--model", tmp_path / "nan.pth", "--data", npz_data), "outputs NaN or Inf")
+    views = tmp_path / "views.zarr"
+    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", views, "--views", "2",
+               "--augment", "noise?std=0.1", "--quiet").exit_code == 0
+    assert_one_line_error(run("evaluate", "--model", tmp_path / "nan.pth", "--cache", views),
+                          r"the teacher's classes are \[2\] per sample \(a cache of recorded views\?\)")
+
+
 def test_an_online_teacher_that_cannot_take_the_data_is_refused_before_training(tmp_path):
     wide = make_npz(tmp_path / "wide.npz", features=20)
     teacher = tmp_path / "t.pth"
