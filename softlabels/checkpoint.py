@@ -141,7 +141,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         return tensors, {}
     try:
         described = json.loads(metadata["softlabels"])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         described = None
     if not isinstance(described, dict):  # what it says of itself cannot be dropped silently: it may name its classes
         raise SoftlabelsError(f"safetensors checkpoint {path}: its metadata 'softlabels' is not a JSON object")

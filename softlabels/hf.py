@@ -135,7 +135,7 @@ def _config(file: Path) -> Any:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SoftlabelsError(f"HF configuration not found: {file}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SoftlabelsError(f"cannot read HF configuration {file}: {_first_line(exc)}") from None
     if not isinstance(raw, dict):
         raise SoftlabelsError(f"HF configuration {file} is not a JSON object")

@@ -61,7 +61,7 @@ def read_summary(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
     path = path / SUMMARY if path.is_dir() else path
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SoftlabelsError(f"cannot read summary {path}: {exc}") from exc
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         raise SoftlabelsError(f"{path} is not a train-student summary (a JSON list of objects)")
@@ -90,8 +90,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         where = f"{path}, line {number}"
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SoftlabelsError(f"{where} is not JSON ({exc.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise SoftlabelsError(f"{where} is not JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
         if not isinstance(record, dict):
             raise SoftlabelsError(f"{where} is not a JSON object")
         if record.get("epoch") != number or isinstance(record.get("epoch"), bool):
@@ -181,7 +181,7 @@ def _cache_teacher(config: Path) -> str | None:
     """``cache_identity["teacher.sha256"]`` of a run's ``config.json``, if it has one."""
     try:
         options = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None  # the options only name the teacher; a run without them just has none
     identity = options.get("cache_identity") if isinstance(options, dict) else None
     sha256 = identity.get("teacher.sha256") if isinstance(identity, dict) else None

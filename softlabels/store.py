@@ -373,7 +373,7 @@ class _H5Backend:
             return raw
         try:
             return json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nested beyond what a manifest is: no manifest of ours
             return raw
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
@@ -436,7 +436,7 @@ class _H5Backend:
         where = f"{self.file.filename}: array '{_READ_CHECKSUMS}'"
         try:
             names = json.loads(table.attrs["arrays"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, RecursionError):
             names = None
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
             raise SoftlabelsError(f"{where}: its attribute 'arrays' is not a list of distinct array names")
@@ -557,7 +557,12 @@ def _zstd() -> Any:
 def _open_chunk_file(path: str, chunk: int) -> io.FileIO:
     """A chunk file opened for reading, which must be a regular file: a pipe or a device in a cache
     (which may come from anyone) would block the reader or never end."""
-    f = io.FileIO(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    try:
+        f = io.FileIO(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a link that loops, a file without read permission
+        raise _ChunkDamaged(chunk, f"its chunk file cannot be opened ({exc.strerror})") from None
     if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
         f.close()
         raise _ChunkDamaged(chunk, "its chunk file is not a regular file")

@@ -517,6 +517,10 @@ def train_students(
                     for student in trained:
                         student.load(saved["students"][student.name])
                     position = saved["position"]
+                    finished = position["epoch"]
+                    if not (isinstance(finished, int) and all([h.get("epoch") for h in student.history] == list(range(1, finished + 1))
+                                                              for student in trained)):
+                        raise ValueError(f"its students' epochs do not end at its position, epoch {finished!r}")
                 except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # the options matched, the states do not
                     raise SoftlabelsError(f"cannot resume {run}: {CHECKPOINT} is damaged ({type(exc).__name__}: {exc})") from exc
                 if out is not None:
@@ -777,7 +781,9 @@ def _option_difference(before: dict[str, Any], now: dict[str, Any]) -> str | Non
     """The first option that differs, said as the command line says it; ``None`` if all agree."""
     for key, value in now["config"].items():
         if before["config"].get(key) != value:
-            return f"--{key.replace('_', '-')} was {before['config'].get(key)}, now {value}"
+            old = before["config"].get(key)
+            old, value = (repr(old), repr(value)) if str(old) == str(value) else (old, value)  # "2" and 2
+            return f"--{key.replace('_', '-')} was {old}, now {value}"
     for key in ("device", "student", "data", "num_classes", "eval_data"):
         if before.get(key) != now[key]:
             old, new = before.get(key), now[key]

@@ -207,7 +207,8 @@ def test_resume_on_other_targets_is_refused(setup):
     assert result.output.strip() == "error: cannot resume k: --cache t3.zarr is not the cache the run started from t5.zarr (its kind differs)"
 
 
-@pytest.mark.parametrize("damage", ["not a dict", "states missing", "bad weights", "bad random state", "bad history"])
+@pytest.mark.parametrize("damage", ["not a dict", "states missing", "bad weights", "bad random state", "bad history",
+                                    "position before its history", "history of strings"])
 def test_a_damaged_checkpoint_is_refused_in_one_line(setup, damage):
     assert run(*train_args("r")).exit_code == 0
     saved = torch.load("r/checkpoint.pt", weights_only=True)
@@ -219,8 +220,13 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(setup, damage):
         saved["students"]["Sleepy"]["model"] = {"net.1.weight": torch.zeros(3)}
     elif damage == "bad random state":
         saved["students"]["mlp"]["rng"]["cpu"] = torch.zeros(5, dtype=torch.uint8)
-    else:
+    elif damage == "bad history":
         saved["students"]["mlp"]["history"] = "none"
+    elif damage == "position before its history":  # it would train an epoch again and write it twice
+        saved["position"]["epoch"] -= 1
+    else:
+        for record in saved["students"]["mlp"]["history"]:
+            record["epoch"] = str(record["epoch"])
     torch.save(saved, "r/checkpoint.pt")
     result = run(*train_args("r"), "--resume")
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
