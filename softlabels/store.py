@@ -925,7 +925,7 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tupl
             raise SoftlabelsError(
                 f"{path}: array '{name}' has shape {list(arrays[name].shape)} but the manifest says {list(shape)}"
             )
-        if np.dtype(str(arrays[name].dtype)) != dtype:
+        if str(arrays[name].dtype) != str(np.dtype(dtype)):  # compared as names: a compound type has no dtype string
             raise SoftlabelsError(f"{path}: array '{name}' is {arrays[name].dtype} but the manifest implies {dtype}")
         refuse_unpickling(arrays[name], f"{path}: array '{name}'")
         if name != "chunk_crc32" and tuple(arrays[name].chunks or ()) != (layout.chunk_rows, *shape[1:]):

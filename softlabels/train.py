@@ -191,15 +191,15 @@ def _evaluate(model: torch.nn.Module, source: Source, *, teacher_top1: np.ndarra
               keep_predictions: bool = False) -> _Metrics:
     if teacher_top1 is not None and len(teacher_top1) != len(source):
         raise SoftlabelsError(f"teacher predictions cover {len(teacher_top1)} rows, the data has {len(source)}")
-    if teacher_top1 is not None and tuple(teacher_top1.shape[1:]) != tuple(source.label_shape):
-        raise SoftlabelsError(f"the teacher's classes are {list(teacher_top1.shape[1:])} per sample (a cache of recorded views?), "
-                              f"the labels of {source.spec} {list(source.label_shape)}: use a cache of the data itself")
     was_training = model.training
     metrics = _Metrics(keep_predictions)
     for start, out, y in iter_logits(model, source, batch_size=_EVAL_BATCH, device=resolve_device(device)):
         _check_label_range(out.shape[-1], y, f"the model evaluated on {source.spec}")
         if not torch.isfinite(out).all():
             raise SoftlabelsError(f"the model evaluated on {source.spec} outputs NaN or Inf (from sample {start}): its weights may be damaged")
+        if teacher_top1 is not None and tuple(teacher_top1.shape[1:]) != tuple(out.shape[1:-1]):
+            raise SoftlabelsError(f"the teacher's classes are {list(teacher_top1.shape[1:])} per sample (a cache of recorded views?), "
+                                  f"the model's {list(out.shape[1:-1])}: use a cache of the data itself")
         metrics.add(out, y, None if teacher_top1 is None else teacher_top1[start:start + len(y)])
     model.train(was_training)
     return metrics

@@ -162,8 +162,10 @@ def test_evaluating_a_model_with_nan_weights_or_against_a_view_cache_is_a_one_li
     views = tmp_path / "views.zarr"
     assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", views, "--views", "2",
                "--augment", "noise?std=0.1", "--quiet").exit_code == 0
-    assert_one_line_error(run("evaluate", "--model", tmp_path / "nan.pth", "--cache", views),
-                          r"the teacher's classes are \[2\] per sample \(a cache of recorded views\?\)")
+    save_checkpoint(tmp_path / "ok.pth", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)), arch="linear",
+                    arch_kwargs={}, input_shape=(12,), num_classes=5)
+    assert_one_line_error(run("evaluate", "--model", tmp_path / "ok.pth", "--cache", views),
+                          r"the teacher's classes are \[2\] per sample \(a cache of recorded views\?\), the model's \[\]")
 
 
 def test_an_online_teacher_that_cannot_take_the_data_is_refused_before_training(tmp_path):
