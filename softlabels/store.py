@@ -906,8 +906,10 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tupl
     if not isinstance(manifest.get("complete"), bool):
         raise SoftlabelsError(f"{path}: manifest field 'complete' is missing or not true/false")
     n, c = manifest["num_samples"], manifest["num_classes"]
-    if n < 0 or c < 1 or manifest["chunk_rows"] < 1 or manifest["dtype"] not in STORE_DTYPES:
-        raise SoftlabelsError(f"{path}: manifest has impossible values (num_samples={n}, num_classes={c})")
+    for key, bad in (("num_samples", n < 0), ("num_classes", c < 1), ("chunk_rows", manifest["chunk_rows"] < 1),
+                     ("dtype", manifest["dtype"] not in STORE_DTYPES)):
+        if bad:
+            raise SoftlabelsError(f"{path}: manifest field '{key}' has an impossible value {manifest[key]!r}")
     _check_descriptions(manifest, path)
     kind = kind_from_settings(manifest, num_classes=c, where=f"{path}: manifest", require_all=True)
     records = manifest.get("records", [])

@@ -255,6 +255,16 @@ def test_manifest_that_disagrees_with_arrays_is_refused(tmp_path):
         open_cache(path)
 
 
+@pytest.mark.parametrize("field, value", [("num_samples", -1), ("num_classes", 0), ("chunk_rows", 0), ("dtype", "int8")])
+def test_a_manifest_field_of_an_impossible_value_is_named(tmp_path, field, value):
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.zeros((10, 2), dtype=np.float32), np.zeros(10, dtype=np.int64), chunk_rows=4)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["softlabels"] = {**group.attrs["softlabels"], field: value}
+    with pytest.raises(SoftlabelsError, match=rf"manifest field '{field}' has an impossible value {value!r}"):
+        open_cache(path)
+
+
 @pytest.mark.parametrize("section, update, message", [
     ("teacher", {"params": "many"}, r"'teacher.params' is not a count, got 'many'"),
     ("dataset", {"num_samples": -3}, r"'dataset.num_samples' is not a count"),
