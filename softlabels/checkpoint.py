@@ -91,12 +91,14 @@ def save_checkpoint(
     input_shape: tuple[int, ...],
     num_classes: int,
     classes: list[str] | None = None,
+    tokenizer: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint that :func:`load_model` (and ``dump --teacher``) rebuilds without ``--arch``.
 
     ``classes`` names each output class in order (an image folder's class names): a dataset whose
     names differ is then refused wherever the model meets it, instead of labels silently meaning
-    other classes. The file holds only tensors, strings, numbers, lists and dicts, so it loads with
+    other classes. ``tokenizer`` (``{"sha256", "vocab_size"}``) names the tokenizer of a language
+    model's token ids: data made with another is refused likewise. The file holds only tensors, strings, numbers, lists and dicts, so it loads with
     ``weights_only=True``, and is written through a temporary file, fsynced and renamed, so it is
     never half-written.
     """
@@ -106,6 +108,7 @@ def save_checkpoint(
         "input_shape": [int(d) for d in input_shape],
         "num_classes": int(num_classes),
         **({"classes": list(classes)} if classes is not None else {}),
+        **({"tokenizer": dict(tokenizer)} if tokenizer is not None else {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "softlabels_version": __version__,
     }
@@ -303,7 +306,8 @@ def load_model(
     model = build_model(arch, input_shape=input_shape, num_classes=num_classes, kwargs=arch_kwargs)
     _load_state(model, state_dict, path, arch)
     model.eval()
-    return LoadedModel(model, path, sha256, arch, dict(arch_kwargs), num_classes, input_shape, classes=names)
+    return LoadedModel(model, path, sha256, arch, dict(arch_kwargs), num_classes, input_shape, tokenizer=described.get("tokenizer"),
+                       classes=names)
 
 
 def _validated_description(described: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -334,6 +338,12 @@ def _validated_description(described: dict[str, Any], path: Path) -> dict[str, A
         if len(set(names)) != len(names):
             raise SoftlabelsError(f"checkpoint {path}: field 'classes' names a class twice")
         checked["classes"] = names
+    tokenizer = described.get("tokenizer")
+    if tokenizer is not None:
+        if not (isinstance(tokenizer, dict) and set(tokenizer) == {"sha256", "vocab_size"} and isinstance(tokenizer["sha256"], str)
+                and _positive_int(tokenizer["vocab_size"])):
+            raise SoftlabelsError(f"checkpoint {path}: field 'tokenizer' is not an object of 'sha256' and 'vocab_size'")
+        checked["tokenizer"] = tokenizer
     return checked
 
 

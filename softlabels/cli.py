@@ -29,6 +29,7 @@ from .figures import accuracy_vs_params_data, save_figure
 from .report_html import write_report
 from .runs import read_runs, read_summary, run_names
 from .store import open_cache
+from .tokens import check_tokenizer
 from .kinds import STORE_DTYPES
 from .kinds.topk import TAILS
 from .train import StudentSpec, TrainConfig, eval_inputs, evaluate as run_evaluate, train_students
@@ -340,6 +341,7 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
         raise SoftlabelsError("give --data (or --cache)")
     model = _load(model_path, source, arch, arch_kwargs, num_classes, trust_code)
     check_classes(model.classes, source, f"model {model_path}")
+    check_tokenizer({"tokenizer": model.tokenizer}, source, f"model {model_path}")
     metrics = run_evaluate(model.model, source, teacher_top1=teacher_top1, device=device)
     result = {"model": model_path, "data": source.spec, "samples": len(source), **metrics}
     if as_json:

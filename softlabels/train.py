@@ -249,6 +249,7 @@ def eval_inputs(
     if eval_teacher:
         teacher = load_model(eval_teacher, input_shape=source.input_shape, trust_code=trust_code)
         check_classes(teacher.classes, source, f"teacher {teacher.path}")
+        check_tokenizer({"tokenizer": teacher.tokenizer}, source, f"teacher {teacher.path}")
         return source, top_classes(teacher.model, source, device=device)
     return source, None
 
@@ -434,6 +435,10 @@ def train_students(
     num_classes = class_count(source, cache, num_classes or (teacher.num_classes if teacher is not None else None))
     if teacher is not None:
         check_classes(teacher.classes, source, f"teacher {teacher.path}")
+        check_tokenizer({"tokenizer": teacher.tokenizer}, source, f"teacher {teacher.path}")
+    # The tokenizer of the token ids the students learn from, recorded in their checkpoints.
+    tokenizer = next((t for t in (getattr(source, "tokenizer", None),
+                                  ((cache.manifest.get("tokens") or {}).get("tokenizer") if cache is not None else None)) if t), None)
     # What each output class of the students means: the names of the training data's classes, else
     # those the cache or the teacher recorded (a teacher's targets over unlabeled data).
     named = [(source.classes, f"training data {source.spec}")]
@@ -572,7 +577,7 @@ def train_students(
         if out is not None:
             begin()
             for student in trained:
-                _save_student(out / student.name / "student.pth", student, source.input_shape, num_classes, classes)
+                _save_student(out / student.name / "student.pth", student, source.input_shape, num_classes, classes, tokenizer)
                 if eval_source is not None:
                     _save_predictions(out / student.name / PREDICTIONS, student, eval_source, eval_teacher_top1, device)
             write_atomically(out / SUMMARY, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
@@ -717,12 +722,13 @@ def _summary_row(student: _Student, config: TrainConfig, online: bool) -> dict[s
     }
 
 
-def _save_student(path: Path, student: _Student, input_shape: tuple[int, ...], num_classes: int, classes: list[str] | None) -> None:
+def _save_student(path: Path, student: _Student, input_shape: tuple[int, ...], num_classes: int, classes: list[str] | None,
+                  tokenizer: dict[str, Any] | None) -> None:
     arch = student.spec.arch
     if arch.startswith(HF_PREFIX):  # the configuration it names, from wherever the checkpoint is read
         arch = HF_PREFIX + str(Path(arch[len(HF_PREFIX):]).resolve())
     save_checkpoint(path, student.model, arch=arch, arch_kwargs=student.spec.kwargs,
-                    input_shape=input_shape, num_classes=num_classes, classes=classes)
+                    input_shape=input_shape, num_classes=num_classes, classes=classes, tokenizer=tokenizer)
 
 
 def _save_predictions(path: Path, student: _Student, eval_source: Source, eval_teacher_top1: np.ndarray | None,

@@ -124,3 +124,33 @@ def test_missing_paths_non_utf8_and_no_tokenizers(corpus, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
     with pytest.raises(SoftlabelsError, match=r"pip install 'softlabels\[lm\]'"):
         open_data(f"text:{docs}?tokenizer={tokenizer_path}&seq_len=16")
+
+
+def test_a_model_trained_on_one_tokenizers_ids_refuses_data_from_another(corpus, tmp_path):
+    """The student's checkpoint records the tokenizer; dump, evaluate and --eval-teacher refuse other token ids."""
+    from click.testing import CliRunner
+
+    from softlabels import load_model
+    from softlabels.cli import cli
+
+    docs, files, tokenizer_path = corpus
+    ours = f"text:{docs}?tokenizer={tokenizer_path}&seq_len={SEQ_LEN}"
+    theirs = f"text:{docs}?tokenizer={train_tokenizer(files, tmp_path / 'other.json', vocab_size=250)}&seq_len={SEQ_LEN}"
+
+    def run(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args])
+
+    trained = run("train-student", "--data", ours, "--hard-labels-only", "--student", "gpt?layers=1&dim=16&heads=2",
+                  "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    assert trained.exit_code == 0, trained.output
+    model = tmp_path / "run" / "gpt" / "student.pth"
+    assert load_model(model).tokenizer == open_data(ours).tokenizer
+    assert run("evaluate", "--model", model, "--data", ours).exit_code == 0
+    for args in (["evaluate", "--model", model, "--data", theirs],
+                 ["dump", "--teacher", model, "--data", theirs, "--out", tmp_path / "c.zarr", "--quiet"],
+                 ["train-student", "--data", theirs, "--hard-labels-only", "--student", "linear", "--eval-data", theirs,
+                  "--eval-teacher", model, "--out", tmp_path / "r2", "--quiet"]):
+        result = run(*args)
+        assert result.exit_code == 1 and "was made with tokenizer sha256" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "c.zarr").exists()
