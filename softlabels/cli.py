@@ -150,6 +150,10 @@ def _kind(top_k, sample, proposal_temperature, sample_seed, compact, temperature
         raise click.UsageError("give --top-k or --sample, not both")
     if compact and not sample:
         raise click.UsageError("--compact applies to --sample")
+    for name, applies, to in (("proposal_temperature", sample, "--sample"), ("sample_seed", sample, "--sample"),
+                              ("temperatures", top_k or sample, "--top-k or --sample")):
+        if not applies and click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"--{name.replace('_', '-')} applies to {to}")  # given, it would be ignored
     try:
         grid = [float(t) for t in temperatures.split(",") if t.strip()]
     except ValueError:

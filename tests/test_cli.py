@@ -56,6 +56,18 @@ def test_dump_cli_writes_a_cache_and_summary(tmp_path, npz_data, linear_teacher)
         assert cache.manifest["teacher"]["arch"] == "linear"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--proposal-temperature", "2"], "--proposal-temperature applies to --sample"),
+    (["--top-k", "3", "--sample-seed", "4"], "--sample-seed applies to --sample"),
+    (["--temperatures", "1,2"], "--temperatures applies to --top-k or --sample"),
+    (["--compact"], "--compact applies to --sample"),
+])
+def test_sampling_options_that_would_be_ignored_are_usage_errors(tmp_path, npz_data, linear_teacher, args, message):
+    result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", tmp_path / "c.zarr", *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "c.zarr").exists()
+
+
 @pytest.mark.parametrize(
     "args,pattern",
     [
