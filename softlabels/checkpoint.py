@@ -35,9 +35,11 @@ import torch
 from torch import nn
 
 from . import __version__
+from .data import Source, check_classes
 from .durable import write_atomically
 from .errors import SoftlabelsError
 from .models import arch_names_code, build_model, count_parameters
+from .tokens import check_tokenizer
 from .trust import check_recorded_spec
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
@@ -60,6 +62,12 @@ class LoadedModel:
     @property
     def params(self) -> int:
         return count_parameters(self.model)
+
+    def check_data(self, source: Source, role: str = "model") -> None:
+        """Refuse a dataset whose class names or tokenizer differ from those this model recorded: its
+        labels or token ids would mean something else to it."""
+        check_classes(self.classes, source, f"{role} {self.path}")
+        check_tokenizer({"tokenizer": self.tokenizer}, source, f"{role} {self.path}")
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``teacher`` record."""

@@ -17,7 +17,7 @@ from . import __version__, distributed
 from .allocator import keep_freed_memory
 from .checkpoint import load_model
 from .convert import convert_cache
-from .data import check_classes, open_data
+from .data import open_data
 from .augment import Pipeline, parse_augment
 from .dump import PRECISIONS, dump as run_dump
 from .errors import SoftlabelsError, user_message
@@ -29,7 +29,6 @@ from .figures import accuracy_vs_params_data, save_figure
 from .report_html import write_report
 from .runs import read_runs, read_summary, run_names
 from .store import open_cache
-from .tokens import check_tokenizer
 from .kinds import STORE_DTYPES
 from .kinds.topk import TAILS
 from .train import StudentSpec, TrainConfig, eval_inputs, evaluate as run_evaluate, train_students
@@ -344,8 +343,7 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
     else:
         raise SoftlabelsError("give --data (or --cache)")
     model = _load(model_path, source, arch, arch_kwargs, num_classes, trust_code)
-    check_classes(model.classes, source, f"model {model_path}")
-    check_tokenizer({"tokenizer": model.tokenizer}, source, f"model {model_path}")
+    model.check_data(source)
     metrics = run_evaluate(model.model, source, teacher_top1=teacher_top1, device=device)
     result = {"model": model_path, "data": source.spec, "samples": len(source), **metrics}
     if as_json:

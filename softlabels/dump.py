@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from . import __version__, distributed
 from .checkpoint import LoadedModel
-from .data import DIGEST, DIGEST_BYTES, NO_LABEL, UNUSABLE, Source, check_classes, default_workers
+from .data import DIGEST, DIGEST_BYTES, NO_LABEL, UNUSABLE, Source, default_workers
 from .errors import SoftlabelsError
 from .kinds import Dense, TargetKind
-from .tokens import GOLD, TOKEN_AXIS, TokenSource, check_tokenizer, gold_logprob, gold_record, token_manifest
+from .tokens import GOLD, TOKEN_AXIS, TokenSource, gold_logprob, gold_record, token_manifest
 from .views import VIEW_AXIS, Views
 from .durable import exclusive
 from .store import (CacheWriter, Layout, Record, backend_name, chunk_checksum, default_chunk_rows, directory_bytes,
@@ -542,8 +542,7 @@ def dump(
         item_axes = (VIEW_AXIS,)
     if isinstance(source, TokenSource):
         item_axes = item_axes or (TOKEN_AXIS,)
-        check_tokenizer({"tokenizer": teacher.tokenizer}, source, f"teacher {teacher.path}")
-    check_classes(teacher.classes, source, f"teacher {teacher.path}")
+    teacher.check_data(source, "teacher")
     rank, size = distributed.world()
     if size > 1 and backend_name(out) == "hdf5":
         raise SoftlabelsError("an HDF5 file has one writer: under torchrun, dump to a .zarr path")

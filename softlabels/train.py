@@ -248,8 +248,7 @@ def eval_inputs(
     source = open_data(eval_data)
     if eval_teacher:
         teacher = load_model(eval_teacher, input_shape=source.input_shape, trust_code=trust_code)
-        check_classes(teacher.classes, source, f"teacher {teacher.path}")
-        check_tokenizer({"tokenizer": teacher.tokenizer}, source, f"teacher {teacher.path}")
+        teacher.check_data(source, "teacher")
         return source, top_classes(teacher.model, source, device=device)
     return source, None
 
@@ -434,8 +433,7 @@ def train_students(
         )
     num_classes = class_count(source, cache, num_classes or (teacher.num_classes if teacher is not None else None))
     if teacher is not None:
-        check_classes(teacher.classes, source, f"teacher {teacher.path}")
-        check_tokenizer({"tokenizer": teacher.tokenizer}, source, f"teacher {teacher.path}")
+        teacher.check_data(source, "teacher")
     # The tokenizer of the token ids the students learn from, recorded in their checkpoints.
     tokenizer = next((t for t in (getattr(source, "tokenizer", None),
                                   ((cache.manifest.get("tokens") or {}).get("tokenizer") if cache is not None else None)) if t), None)
