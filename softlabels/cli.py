@@ -355,6 +355,8 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
             line += f", {metrics['nats']:.4f} nats per item (perplexity {math.exp(min(metrics['nats'], 700)):.4g}), ECE {metrics['ece']:.2%}"
         if metrics["teacher_agreement"] is not None:
             line += f", agreement with teacher {metrics['teacher_agreement']:.2%}"
+            if cache.kind.top_class_estimate:
+                line += f" (the cache's {cache.kind.top_class_estimate} taken as the teacher's)"
         click.echo(line)
 
 

@@ -24,6 +24,14 @@ def _percent(value: Any) -> str:
     return "-" if value is None else f"{value:.2%}"
 
 
+def _against_dense(ratio: float | None) -> str:
+    """``ratio`` (dense float32 bytes over the cache's) as " (2.5x smaller than dense float32)", or
+    larger where it is below 1."""
+    if not ratio:
+        return ""
+    return f" ({ratio:.1f}x smaller than dense float32)" if ratio >= 1 else f" ({1 / ratio:.1f}x larger than dense float32)"
+
+
 def _count(value: Any) -> str:
     return "-" if value is None else f"{value:,}"
 
@@ -106,6 +114,10 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         "labeled_items": labeled,
         "scored_on": "views whose own label weighs at least half" if weights else "labeled items",
         "teacher_accuracy": correct / labeled if labeled else None,
+        # where the stored targets cannot tell the teacher's top class: what they count, and the
+        # dump's own count from the teacher's logits
+        "teacher_accuracy_of": kind.top_class_estimate,
+        "dump_teacher_accuracy": cache.manifest.get("teacher_accuracy") if kind.top_class_estimate else None,
         "statistic": {"name": kind.statistic_name, "mean": None if mean is None or math.isnan(mean) else mean},
         "views": _views_report(cache, on_disk),
         "tokens": _tokens_report(cache, on_disk, gold_nats / labeled if gold and labeled else None),
@@ -210,11 +222,13 @@ def format_cache_report(report: dict[str, Any]) -> str:
         f"cache        {report['path']} ({'complete' if report['complete'] else 'INCOMPLETE'})",
         f"format       {m['format']} v{m['format_version']}, kind {kind}",
         f"targets      {shape}, {report['dtype'] or 'no logits stored'}, {report['chunk_rows']} samples per chunk",
-        f"on disk      {report['bytes_on_disk'] / 2**20:.2f} MiB, {report['bytes_per_sample']:.1f} bytes per sample "
-        f"({report['compression_vs_dense_float32']:.1f}x smaller than dense float32)",
+        f"on disk      {report['bytes_on_disk'] / 2**20:.2f} MiB, {report['bytes_per_sample']:.1f} bytes per sample"
+        f"{_against_dense(report['compression_vs_dense_float32'])}",
         f"teacher      {teacher.get('arch')} from {teacher.get('file')} ({_count(teacher.get('params'))} params, sha256 {str(teacher.get('sha256'))[:12]}...)",
         f"dataset      {dataset.get('spec')} ({_count(dataset.get('num_samples'))} samples, {str(dataset.get('fingerprint', ''))[:20]}...)",
-        f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_items']:,} {report['scored_on']}",
+        f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_items']:,} {report['scored_on']}"
+        + (f", counting {report['teacher_accuracy_of']} (the dump's count from the teacher's logits: "
+           f"{_percent(report['dump_teacher_accuracy'])})" if report["teacher_accuracy_of"] else ""),
         f"{statistic['name']:<12} " + ("-" if statistic["mean"] is None else kind_type.statistic_format.format(statistic["mean"])),
         *_views_lines(report["views"]),
         *_tokens_lines(report["tokens"]),

@@ -905,6 +905,9 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tupl
                 raise SoftlabelsError(f"{path}: manifest field '{key}.{name}' is not a string")
     if not isinstance(manifest.get("complete"), bool):
         raise SoftlabelsError(f"{path}: manifest field 'complete' is missing or not true/false")
+    accuracy = manifest.get("teacher_accuracy")
+    if accuracy is not None and (not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not 0 <= accuracy <= 1):
+        raise SoftlabelsError(f"{path}: manifest field 'teacher_accuracy' is not a number from 0 to 1 or null")
     n, c = manifest["num_samples"], manifest["num_classes"]
     for key, bad in (("num_samples", n < 0), ("num_classes", c < 1), ("chunk_rows", manifest["chunk_rows"] < 1),
                      ("dtype", manifest["dtype"] not in STORE_DTYPES)):

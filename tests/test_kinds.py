@@ -224,7 +224,7 @@ def test_inspect_train_and_convert_serve_every_kind(dumped, tmp_path):
     np.testing.assert_array_equal(a["topk_indices"], b["topk_indices"])
     np.testing.assert_allclose(a["logsumexp"], b["logsumexp"], rtol=1e-6)
     report = json.loads(CliRunner().invoke(cli, ["inspect", str(converted), "--json"]).output)
-    assert report["kind"]["kind"] == "topk" and report["kind"]["k"] == 4
+    assert report["kind"]["kind"] == "topk" and report["kind"]["k"] == 4 and report["teacher_accuracy_of"] is None
     dense_report = json.loads(CliRunner().invoke(cli, ["inspect", str(dense), "--json"]).output)
     assert report["bytes_per_sample"] < 0.95 * dense_report["bytes_per_sample"] and report["statistic"]["name"] == "top-k mass"
     assert 0.5 < report["statistic"]["mean"] <= 1.0

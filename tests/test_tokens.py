@@ -203,7 +203,14 @@ def test_a_compact_dump_stores_the_draws_of_a_full_one_and_verifies(tokens, suff
             assert np.array_equal(drawn, a.read(0, 48)[0][name])
     done = run("verify", compact, "--recompute", 16, "--teacher", tokens / "gpt.pth", "--device", "cpu")
     assert done.returncode == 0 and "16 rows recomputed (their draws rebuilt)" in done.stdout, done.stderr
-    assert json.loads(run("inspect", compact, "--json").stdout)["dtype"] is None  # no logits stored
+    report = json.loads(run("inspect", compact, "--json").stdout)
+    assert report["dtype"] is None  # no logits stored
+    # the stored draws cannot tell the teacher's top class: inspect says what it counts, and the
+    # dump's count from the teacher's logits, which the full dump made from the same logits
+    with open_cache(full) as a:
+        assert report["teacher_accuracy_of"] == "the most drawn class"
+        assert report["dump_teacher_accuracy"] == a.manifest["teacher_accuracy"] == b.manifest["teacher_accuracy"]
+    assert f"the dump's count from the teacher's logits: {report['dump_teacher_accuracy']:.2%}" in run("inspect", compact).stdout
     # other weights under the recorded checkpoint's name draw other tokens, and verify names the rows
     with torch.no_grad():
         teacher.model.tokens.weight.mul_(3)

@@ -137,6 +137,12 @@ class TargetKind:
 
     # -- reading -----------------------------------------------------------------------------------
 
+    @property
+    def top_class_estimate(self) -> str | None:
+        """``None`` where :meth:`top_class` is the teacher's own top class; otherwise what it gives
+        instead (a sampled cache keeps only the classes it drew)."""
+        return None
+
     def top_class(self, targets: dict[str, np.ndarray]) -> np.ndarray:
         """The teacher's top class per item (for a sampled cache, its best stored class)."""
         values, classes = self.logits_at(targets)

@@ -156,6 +156,10 @@ class Sampled(SparseKind):
         """The stored logits (``None`` in a compact cache) and their classes."""
         return targets.get("sample_logits"), targets["sample_indices"]
 
+    @property
+    def top_class_estimate(self) -> str:
+        return "the most drawn class" if self.compact else "the drawn class of the largest logit"
+
     def top_class(self, targets: dict[str, np.ndarray]) -> np.ndarray:
         if self.compact:  # the most drawn class: stored first
             return targets["sample_indices"][..., 0].astype(np.int64)
