@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from .dump import PRECISIONS, dump as run_dump
 from .errors import SoftlabelsError, user_message
 from .loader import source_for_cache
 from .losses import KL_DIRECTIONS
-from .kinds import DEFAULT_TEMPERATURES, Dense, Sampled, TargetKind, TopK, kind_from_settings
+from .kinds import KINDS, Dense, Option, TargetKind, kind_from_settings
 from .report import SUMMARY_COLUMNS, cache_report, format_cache_report, format_comparison, format_table
 from .figures import accuracy_vs_params_data, save_figure
 from .report_html import write_report
@@ -123,51 +124,67 @@ def _teacher_options(f: Any) -> Any:
     return f
 
 
-def _sparse_options(f: Any) -> Any:
-    for decorator in reversed(
-        [
-            click.option("--top-k", type=POSITIVE, metavar="K", help="Store the K largest logits per sample (kind topk)."),
-            click.option("--sample", type=POSITIVE, metavar="S", help="Store S classes drawn from the teacher per sample (kind sampled)."),
-            click.option("--proposal-temperature", type=click.FloatRange(min=0, min_open=True),
-                         default=Sampled.proposal_temperature, show_default=True,
-                         help="Temperature of the distribution --sample draws from (use the training temperature or higher)."),
-            click.option("--sample-seed", type=click.IntRange(0, 2**63 - 1), default=Sampled.sample_seed, show_default=True,
-                         help="Seed of the --sample draws."),
-            click.option("--compact", is_flag=True,
-                         help="With --sample: store the drawn classes and counts only (train at the proposal temperature, forward KL)."),
-            click.option("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES), show_default=True,
-                         help="Temperatures whose log-partition a sparse cache keeps; training must use one of them."),
-        ]
-    ):
-        f = decorator(f)
+class _Temperatures(click.ParamType):
+    name = "T1,T2,..."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[float]:
+        if isinstance(value, (list, tuple)):
+            return [float(t) for t in value]
+        try:
+            grid = [float(t) for t in value.split(",") if t.strip()]
+        except ValueError:
+            self.fail(f"'{value}' is not a comma-separated list of numbers", param, ctx)
+        if not grid or min(grid) <= 0:
+            self.fail("temperatures must be positive", param, ctx)
+        return grid
+
+
+_OPTION_VALUES = {"count": POSITIVE, "temperature": click.FloatRange(min=0, min_open=True),
+                  "seed": click.IntRange(0, 2**63 - 1), "temperatures": _Temperatures()}
+# every kind's options, once each, in the order of KINDS; those kinds share (--temperatures) last
+_KIND_OPTIONS = sorted({o.flag: o for kind in KINDS.values() for o in kind.options}.values(),
+                       key=lambda o: sum(o in kind.options for kind in KINDS.values()) > 1)
+
+
+def _param(option: Option) -> str:
+    return option.flag.lstrip("-").replace("-", "_")
+
+
+def _kind_options(f: Any) -> Any:
+    """The options of every registered kind (``--top-k``, ``--sample``, ...), as :func:`_kind` reads them."""
+    selecting = {kind.options[0].flag for kind in KINDS.values() if kind.options}
+    for option in reversed(_KIND_OPTIONS):
+        if option.value == "switch":
+            f = click.option(option.flag, is_flag=True, help=option.help)(f)
+        elif option.flag in selecting:
+            f = click.option(option.flag, type=_OPTION_VALUES[option.value], metavar=option.metavar, help=option.help)(f)
+        else:  # the setting's default, from the kind's own fields
+            default = next(field.default for kind in KINDS.values() if option in kind.options
+                           for field in dataclasses.fields(kind) if field.name == option.setting)
+            shown = ",".join(f"{t:g}" for t in default) if isinstance(default, tuple) else default
+            f = click.option(option.flag, type=_OPTION_VALUES[option.value], default=shown, show_default=True,
+                             metavar=option.metavar, help=option.help)(f)
     return f
 
 
-def _kind(top_k, sample, proposal_temperature, sample_seed, compact, temperatures) -> TargetKind | None:
-    """The kind the sparse options ask for, or ``None`` when they ask for none."""
-    if top_k and sample:
-        raise click.UsageError("give --top-k or --sample, not both")
-    if compact and not sample:
-        raise click.UsageError("--compact applies to --sample")
-    for name, applies, to in (("proposal_temperature", sample, "--sample"), ("sample_seed", sample, "--sample"),
-                              ("temperatures", top_k or sample, "--top-k or --sample")):
-        if not applies and click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
-            raise click.UsageError(f"--{name.replace('_', '-')} applies to {to}")  # given, it would be ignored
-    try:
-        grid = [float(t) for t in temperatures.split(",") if t.strip()]
-    except ValueError:
-        raise click.BadParameter(f"'{temperatures}' is not a comma-separated list of numbers", param_hint="--temperatures") from None
-    if not grid or min(grid) <= 0:
-        raise click.BadParameter("temperatures must be positive", param_hint="--temperatures")
-    if top_k:
-        settings = {"kind": TopK.name, "k": top_k, "temperatures": grid}
-    elif sample:
-        settings = {"kind": Sampled.name, "samples": sample, "proposal_temperature": proposal_temperature,
-                    "sample_seed": sample_seed, "compact": compact, "temperatures": grid}
-    else:
+def _kind(options: dict[str, Any]) -> TargetKind | None:
+    """The kind the command's kind options (``options``, by parameter name) ask for, or ``None``
+    when they ask for none. An option given for another kind, which would be ignored, is an error."""
+    context = click.get_current_context()
+    given = {o.flag for o in _KIND_OPTIONS if context.get_parameter_source(_param(o)) != click.core.ParameterSource.DEFAULT}
+    chosen = [kind for kind in KINDS.values() if kind.options and kind.options[0].flag in given]
+    if len(chosen) > 1:
+        raise click.UsageError(f"give {' or '.join(kind.options[0].flag for kind in chosen)}, not both")
+    for flag in sorted(given):
+        if not chosen or flag not in {o.flag for o in chosen[0].options}:
+            owners = [kind.options[0].flag for kind in KINDS.values() if flag in {o.flag for o in kind.options}]
+            raise click.UsageError(f"{flag} applies to {' or '.join(owners)}")
+    if not chosen:
         return None
+    kind = chosen[0]
+    settings = {"kind": kind.name, **{o.setting: options[_param(o)] for o in kind.options}}
     # the number of classes is checked once the teacher (or the cache) says it
-    return kind_from_settings(settings, num_classes=2**62, where="--top-k/--sample")
+    return kind_from_settings(settings, num_classes=2**62, where=" / ".join(o.flag for o in kind.options))
 
 
 AUGMENT = click.option(
@@ -208,7 +225,7 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True)
 @click.option("--chunk-rows", type=POSITIVE, help="Rows per chunk (default: about 0.5 MiB of logits).")
 @click.option("--compress-logits", is_flag=True, help="Compress the logits too (zstd in Zarr, gzip in HDF5): ~10% smaller, slower.")
-@_sparse_options
+@_kind_options
 @click.option("--views", type=int, metavar="V", help="Store the teacher's targets for V augmented views of every sample (needs --augment).")
 @AUGMENT
 @AUGMENT_SEED
@@ -217,12 +234,13 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf logits instead of stopping.")
 @click.option("--skip-bad-files", is_flag=True, help="Image folders: store an image that does not decode as unusable (no loss) and go on, instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, channels_last, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, top_k, sample, proposal_temperature, sample_seed, compact, temperatures, views, augment_specs, augment_seed, overwrite, resume, allow_nonfinite, skip_bad_files, quiet):
+def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_code, device, precision, channels_last, batch_size, num_workers, store_dtype, chunk_rows, compress_logits, views, augment_specs, augment_seed, overwrite, resume, allow_nonfinite, skip_bad_files, quiet, **kind_options):
     """Run a teacher over a dataset and store its logits in a cache.
 
     With --views V and --augment, store V recorded augmented views of every sample: the teacher's
     targets for each view and the parameters that made it, replayed when students train.
     """
+    kind = _kind(kind_options) or Dense()  # a usage error before anything is loaded
     distributed.init()
     if (views is None) != (not augment_specs):
         raise SoftlabelsError("--views V and --augment SPEC go together: a view cache records V augmented views per sample")
@@ -240,7 +258,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
         store_dtype=store_dtype,
         chunk_rows=chunk_rows,
         compress_logits=compress_logits,
-        kind=_kind(top_k, sample, proposal_temperature, sample_seed, compact, temperatures) or Dense(),
+        kind=kind,
         views=recorded_views,
         num_workers=num_workers,
         overwrite=overwrite,
@@ -406,15 +424,15 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
 @cli.command(epilog="Example:\n\n\b\n  softlabels convert train.zarr train-top10.zarr --top-k 10\n  softlabels convert train.zarr train-s12.h5 --sample 12 --sample-seed 1\n  softlabels convert views64.zarr views16-top5.zarr --keep-views 16 --top-k 5\n  softlabels convert old-v1.zarr new.zarr --upgrade")
 @click.argument("src")
 @click.argument("dst")
-@_sparse_options
+@_kind_options
 @click.option("--keep-views", type=POSITIVE, metavar="V", help="Keep the first V views of each sample of a view cache.")
 @click.option("--upgrade", is_flag=True, help="Rewrite SRC in the current format version, same kind.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def convert(src, dst, top_k, sample, proposal_temperature, sample_seed, compact, temperatures, keep_views, upgrade, overwrite, quiet):
+def convert(src, dst, keep_views, upgrade, overwrite, quiet, **kind_options):
     """Derive a top-k or sampled cache from a dense one, keep fewer views of a view cache, or upgrade
     an old cache, without running the teacher."""
-    kind = _kind(top_k, sample, proposal_temperature, sample_seed, compact, temperatures)
+    kind = _kind(kind_options)
     if upgrade and (kind is not None or keep_views):
         raise click.UsageError("--upgrade rewrites a cache as it is: give it alone")
     if not (upgrade or kind is not None or keep_views):

@@ -61,6 +61,8 @@ def test_dump_cli_writes_a_cache_and_summary(tmp_path, npz_data, linear_teacher)
     (["--top-k", "3", "--sample-seed", "4"], "--sample-seed applies to --sample"),
     (["--temperatures", "1,2"], "--temperatures applies to --top-k or --sample"),
     (["--compact"], "--compact applies to --sample"),
+    (["--compact", "--top-k", "3"], "--compact applies to --sample"),
+    (["--top-k", "3", "--sample", "2"], "give --top-k or --sample, not both"),
 ])
 def test_sampling_options_that_would_be_ignored_are_usage_errors(tmp_path, npz_data, linear_teacher, args, message):
     result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", tmp_path / "c.zarr", *args)

@@ -1,7 +1,9 @@
 """Target kinds: what a cache stores per item. Each kind is one type in one module; this registry
 is the only place that knows their names.
 
-Adding a kind is one module with a :class:`TargetKind` subclass plus one line in :data:`KINDS`.
+Adding a kind is one module with a :class:`TargetKind` subclass (its settings, arrays, construction,
+loss, statistics, and the :class:`~softlabels.kinds.base.Option` list by which ``dump`` and
+``convert`` ask for it) plus one line in :data:`KINDS`.
 
 Example::
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import SoftlabelsError
-from .base import DEFAULT_TEMPERATURES, STORE_DTYPES, SoftTargets, StoredArray, TargetKind
+from .base import DEFAULT_TEMPERATURES, STORE_DTYPES, Option, SoftTargets, StoredArray, TargetKind
 from .dense import Dense
 from .sampled import Sampled
 from .topk import TopK
@@ -31,5 +33,5 @@ def kind_from_settings(settings: dict[str, Any], *, num_classes: int, where: str
     return KINDS[name].from_settings(settings, num_classes=num_classes, where=where, require_all=require_all)
 
 
-__all__ = ["DEFAULT_TEMPERATURES", "KINDS", "STORE_DTYPES", "Dense", "Sampled", "SoftTargets", "StoredArray",
+__all__ = ["DEFAULT_TEMPERATURES", "KINDS", "STORE_DTYPES", "Dense", "Option", "Sampled", "SoftTargets", "StoredArray",
            "TargetKind", "TopK", "kind_from_settings"]

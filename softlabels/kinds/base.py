@@ -37,6 +37,21 @@ class StoredArray:
     width: int
 
 
+@dataclass(frozen=True)
+class Option:
+    """A command-line option of ``dump`` and ``convert`` that gives the kind's setting ``setting``. A
+    kind's first option selects the kind (``--top-k 10``); the others refine it and take the setting's
+    default when not given. ``value`` is what the option takes: ``count`` (a positive integer),
+    ``temperature`` (a positive number), ``seed`` (an integer in [0, 2**63)), ``switch`` (on when
+    given) or ``temperatures`` (a comma-separated list of positive numbers)."""
+
+    flag: str
+    setting: str
+    value: str
+    help: str
+    metavar: str | None = None
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """The index of the largest value on ``dim=-1``: the first of equal maxima, a NaN counted as the
     largest (as ``torch.max`` and ``np.argmax`` both count them).
@@ -74,6 +89,8 @@ class TargetKind:
     (recorded in the manifest next to ``kind``) and which registers itself in :data:`KINDS`."""
 
     name: ClassVar[str]
+    # How dump and convert ask for the kind; none for dense, the kind they store when asked for none.
+    options: ClassVar[tuple[Option, ...]] = ()
 
     # -- settings and manifest ---------------------------------------------------------------------
 
@@ -189,6 +206,11 @@ class SparseKind(TargetKind):
     temperatures: ``p_c = exp(z_c / T - lse_T)``."""
 
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
+
+    options: ClassVar[tuple[Option, ...]] = (
+        Option("--temperatures", "temperatures", "temperatures",
+               "Temperatures whose log-partition a sparse cache keeps; training must use one of them."),
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.temperatures, list):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import SoftlabelsError
-from .base import SparseKind, StoredArray, index_dtype, is_number, positive_int
+from .base import Option, SparseKind, StoredArray, index_dtype, is_number, positive_int
 
 _M32 = 0xFFFFFFFF
 
@@ -95,6 +95,15 @@ class Sampled(SparseKind):
     compact: bool = False
 
     name: ClassVar[str] = "sampled"
+    options: ClassVar[tuple[Option, ...]] = (
+        Option("--sample", "samples", "count", "Store S classes drawn from the teacher per sample (kind sampled).", metavar="S"),
+        Option("--proposal-temperature", "proposal_temperature", "temperature",
+               "Temperature of the distribution --sample draws from (use the training temperature or higher)."),
+        Option("--sample-seed", "sample_seed", "seed", "Seed of the --sample draws."),
+        Option("--compact", "compact", "switch",
+               "With --sample: store the drawn classes and counts only (train at the proposal temperature, forward KL)."),
+        *SparseKind.options,
+    )
     statistic_name: ClassVar[str] = "distinct"
     statistic_format: ClassVar[str] = "{:.1f} classes per sample on average"
 

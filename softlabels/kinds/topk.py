@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import SoftlabelsError
-from .base import SparseKind, StoredArray, index_dtype, positive_int
+from .base import Option, SparseKind, StoredArray, index_dtype, positive_int
 
 TAILS = ("exact", "renormalize", "gold")
 
@@ -34,6 +34,10 @@ class TopK(SparseKind):
     k: int = 10
 
     name: ClassVar[str] = "topk"
+    options: ClassVar[tuple[Option, ...]] = (
+        Option("--top-k", "k", "count", "Store the K largest logits per sample (kind topk).", metavar="K"),
+        *SparseKind.options,
+    )
     statistic_name: ClassVar[str] = "top-k mass"
     statistic_format: ClassVar[str] = "{:.2%} of the teacher's probability at T=1, on average"
 
