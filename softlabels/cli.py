@@ -295,7 +295,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @AUGMENT
 @AUGMENT_SEED
 @click.option("--num-classes", type=POSITIVE, help="Classes when there is no cache (default: largest label + 1).")
-@click.option("--shards", type=POSITIVE, help="Train as N torchrun ranks would (the same global batches, an incomplete last one dropped), in one process.")
+@click.option("--shards", type=POSITIVE, help="Train in one process on the batches N torchrun ranks train on, to resume or compare an N-rank run (the global batches are the same for any N).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--num-workers", type=click.IntRange(min=0), help="DataLoader worker processes reading batches (default: 0, or a few for a module:callable dataset).")
 @click.option("--checkpoint-every", type=POSITIVE, metavar="STEPS", help="Also write DIR/checkpoint.pt every STEPS steps (default: after each epoch only).")

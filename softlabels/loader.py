@@ -123,10 +123,10 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
 
     The epoch's global batches (``batch_size`` rows each) are a pure function of ``(seed, epoch)``,
     whatever the number of ranks or DataLoader workers. ``shards`` and ``shard`` give rank ``shard``
-    of ``shards`` its slice of every global batch, rows ``[shard * b, (shard + 1) * b)`` with
-    ``b = batch_size // shards``; with ``shard=None`` each global batch is served whole. With more
-    than one shard an incomplete last batch is dropped, so every rank takes the same number of steps
-    and one process with ``shards=N`` trains on the batches N ranks train on.
+    of ``shards`` its slice of every global batch of ``n`` rows, rows ``[shard * n // shards,
+    (shard + 1) * n // shards)``; with ``shard=None`` each global batch is served whole. An incomplete
+    last batch (unless ``drop_last``) is split the same way, so its slices may differ by a row or be
+    empty: :attr:`uneven` says so, and a trainer weighs each rank's loss by its share of the rows.
 
     It is a ``torch.utils.data.IterableDataset``: under ``DataLoader(loader, batch_size=None,
     num_workers=W)`` worker ``w`` serves global batches ``w, w + W, ...``, so the DataLoader's
@@ -172,11 +172,13 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             raise SoftlabelsError(f"shard {shard} is outside 0..{shards - 1}")
         skipped = [] if cache is None else skipped_rows(cache.manifest.get("dataset") or {}, cache.manifest.get("skipped"), str(cache.path))
         source.skip_rows(skipped)  # rows the dump could not read are read as it stored them: zeros, without loss
-        self.skips_rows = bool(skipped)  # whether a batch may hold fewer rows than it was cut with
+        # Whether ranks may hold unequal shares of a global batch: rows left out (skipped), or the
+        # slices of an incomplete last batch.
+        self.uneven = bool(skipped) or (shards > 1 and not drop_last and len(source) % batch_size > 0)
         self.source = source
         self._cache, self._cache_path, self._cache_pid = cache, (cache.path if cache is not None else None), os.getpid()
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.shuffle_chunks, self.drop_last = shuffle_chunks, drop_last or shards > 1
+        self.shuffle_chunks, self.drop_last = shuffle_chunks, drop_last
         self.shards, self.shard, self.read_threads = shards, shard, read_threads
         self.block_rows = block_rows(source, cache)
         self.views = None if cache is None else Views.from_manifest(cache.manifest, where=str(cache.path), trust_code=trust_code)
@@ -349,12 +351,12 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
 
     def _slices(self, start: int, worker: int, workers: int) -> list[tuple[int, int]]:
         """Positions ``[lo, hi)`` in the epoch's row order of the batches this process serves."""
-        per = self.batch_size // self.shards
         slices = []
         for b in range(start + worker, self.batches_per_epoch, workers):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
             if self.shard is not None:
-                lo, hi = lo + self.shard * per, min(lo + (self.shard + 1) * per, hi)
+                n = hi - lo
+                lo, hi = lo + self.shard * n // self.shards, lo + (self.shard + 1) * n // self.shards
             slices.append((lo, hi))
         return slices
 

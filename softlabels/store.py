@@ -767,7 +767,9 @@ class ZarrRows:
         try:
             return self.reader.read([(start, stop)])
         except _ChunkDamaged as exc:
-            raise SoftlabelsError(f"{self.where}: chunk {exc.chunk} is damaged ({exc})") from None
+            rows = self.reader.chunk_shape[0]
+            last = min((exc.chunk + 1) * rows, self.array.shape[0]) - 1
+            raise SoftlabelsError(f"{self.where}: chunk {exc.chunk} (rows {exc.chunk * rows}-{last}) is damaged ({exc})") from None
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return np.asarray(self[:], dtype=dtype)
@@ -1043,6 +1045,8 @@ class Cache(_Chunked):
             if not self.manifest.get("complete") and not allow_incomplete:
                 raise SoftlabelsError(f"{path} is incomplete (its dump did not finish); resume or rerun the dump")
             self._arrays = _Arrays(path, self._backend, self.layout, self.manifest["format_version"])
+            if not allow_incomplete:
+                self.check_commit_record()
         except BaseException:
             self._backend.close()
             raise
@@ -1117,6 +1121,18 @@ class Cache(_Chunked):
         except Exception as exc:  # its store checksum (zarr's crc32c, HDF5's fletcher32) failed
             raise SoftlabelsError(f"{self.path}: array 'chunk_crc32' (the commit record) is damaged: "
                                   f"{' '.join(f'{type(exc).__name__}: {exc}'.split())}") from None
+
+    def check_commit_record(self) -> np.ndarray:
+        """The commit record (:meth:`checksums`), refused where a complete cache lacks a chunk's entry:
+        a record chunk deleted from a Zarr cache reads as "never written", and its rows would be left
+        out unseen. Returns the record."""
+        recorded = self.checksums()
+        missing = np.flatnonzero(recorded < 0)
+        if self.manifest["complete"] and len(missing):
+            chunk = int(missing[0])
+            raise DamagedChunk(self.path, "chunk_crc32", chunk, self.chunk_bounds(chunk),
+                               f"the cache is complete but the commit record has no entry for {len(missing)} chunk(s)")
+        return recorded
 
     def nbytes_on_disk(self) -> int:
         return directory_bytes(self.path)

@@ -29,7 +29,7 @@ import time
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -309,6 +309,19 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
+def _save_every_rng() -> Callable[[], None]:
+    """Save the random state of the CPU and of every CUDA device (``torch.manual_seed`` seeds them
+    all), and return what sets it back."""
+    cpu = torch.get_rng_state()
+    cuda = [torch.cuda.get_rng_state(d) for d in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+    def give_back() -> None:
+        torch.set_rng_state(cpu)
+        for d, state in enumerate(cuda):
+            torch.cuda.set_rng_state(state, d)
+    return give_back
+
+
 def _set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None:
@@ -493,7 +506,7 @@ def train_students(
         if num_workers is None:  # a dataset read item by item is read in worker processes, off the training loop
             num_workers = default_workers(source)
 
-        caller_rng = _rng_state(device)
+        give_back_rng = _save_every_rng()  # each student seeds the generators; the caller gets its own back
         try:
             sample = torch.from_numpy(source.read(0, min(2, len(source)))[0])
             if teacher is not None:  # it runs on every batch: one that cannot take the data is refused before any step
@@ -533,7 +546,7 @@ def train_students(
                     student.forward = torch.nn.parallel.DistributedDataParallel(student.model)
             loader.load_state_dict(position)
             position = loader.state_dict()  # as the loader checked it: integers inside the run
-            uneven = torch.distributed.is_initialized() and loader.skips_rows  # ranks may hold unequal shares of a batch
+            uneven = torch.distributed.is_initialized() and loader.uneven
             log = TensorBoardLog(tensorboard, names, first_epoch=position["epoch"] + 1) if tensorboard is not None and rank == 0 else None
 
             def checkpoint(epoch: int, batches: int) -> None:
@@ -569,7 +582,7 @@ def train_students(
                 if log is not None:
                     log.close()
         finally:
-            _set_rng_state(caller_rng, device)
+            give_back_rng()
 
         summary = [_summary_row(student, config, teacher is not None) for student in trained]
         if out is not None:
@@ -586,10 +599,11 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
           mask_unlabeled: bool, uneven: bool = False) -> None:
     """One optimizer step of every student on ``batch``, each in its own random state.
 
-    ``uneven``: under torchrun, ranks may hold different numbers of a global batch's rows (rows a
-    dump skipped carry no loss and were left out). Each rank's mean loss is then weighed by its
-    share of the batch's rows, so that DDP's mean of the ranks' gradients is the gradient of the
-    mean over the whole batch, as in one process; a rank left with no row still joins the step.
+    ``uneven``: under torchrun, ranks may hold different numbers of a global batch's rows (the
+    slices of an incomplete last batch; rows a dump skipped, which carry no loss, left out). Each
+    rank's mean loss is then weighed by its share of the batch's rows, so that DDP's mean of the
+    ranks' gradients is the gradient of the mean over the whole batch, as in one process; a rank
+    left with no row still joins the step.
     """
     rows = len(batch.labels)
     total = distributed.sum_ints(rows)[0] if uneven else rows
@@ -761,7 +775,8 @@ def _options(config: TrainConfig, shards: int, names: list[str], students: list[
                     "layout": json.dumps([cache.layout.dtype, cache.chunk_rows, cache.layout.item_axes]),
                     "chunk checksums": hashlib.sha256(np.ascontiguousarray(cache.checksums(), "<i8").tobytes()).hexdigest()}
     return {
-        # shards as trained: a torchrun run may resume with another number of ranks (the same batches) but not 1
+        # shards as trained: a run resumes with the number of ranks it began with (each rank's random
+        # state is its own), or in one process with --shards set to it
         "config": {**{f.name: getattr(config, f.name) for f in fields(config) if f.name not in TrainConfig.FREE_ON_RESUME},
                    "shards": shards, "augment": config.augment.settings() if config.augment is not None else None},
         "device": device.type,

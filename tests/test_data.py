@@ -9,6 +9,7 @@ import zarr
 
 from softlabels import SoftlabelsError, open_data
 from softlabels.store import ZarrRows
+from .conftest import flip_hdf5_byte
 
 
 @pytest.fixture
@@ -89,8 +90,25 @@ def test_a_zarr_datasets_rows_read_from_its_chunk_files_are_zarrs(tmp_path, arra
         data = bytearray(chunk.read_bytes())
         data[3] ^= 0x10
         chunk.write_bytes(bytes(data))
-        with pytest.raises(SoftlabelsError, match=r"d.zarr/x: chunk 2 is damaged"):
+        with pytest.raises(SoftlabelsError, match=r"d.zarr/x: chunk 2 \(rows 32-47\) is damaged"):
             open_data(str(tmp_path / "d.zarr")).read_inputs(30, 40)
+
+
+def test_a_damaged_hdf5_dataset_chunk_is_named_with_its_rows(tmp_path, arrays):
+    x, y = arrays
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("x", data=x, chunks=(16, 3, 4), fletcher32=True)
+        f.create_dataset("y", data=y, chunks=(16,), fletcher32=True)
+    flip_hdf5_byte(tmp_path / "d.h5", "x", 2, 5)
+    flip_hdf5_byte(tmp_path / "d.h5", "y", 1, 3)
+    source = open_data(str(tmp_path / "d.h5"))
+    np.testing.assert_array_equal(source.read(0, 16)[0], x[:16])  # the other chunks still read
+    with pytest.raises(SoftlabelsError, match=r"^dataset .*d.h5: array 'x' chunk 2 \(rows 32-47\) is damaged \(OSError: .*filter"):
+        source.read_inputs(20, 50)
+    with pytest.raises(SoftlabelsError, match=r"array 'y' chunk 1 \(rows 16-31\) is damaged"):
+        source.read(0, 16 * 1 + 5)
+    with pytest.raises(SoftlabelsError, match=r"array 'x' chunk 2 \(rows 32-47\) is damaged"):
+        source.fingerprint()
 
 
 def test_fingerprint_changes_with_one_value(tmp_path, arrays):

@@ -122,6 +122,7 @@ def test_world_only_asks_and_init_joins(monkeypatch):
     assert not torch.distributed.is_initialized()  # asking started nothing
 
 
+@pytest.mark.slow
 def test_two_ranks_record_the_views_of_one_process(slow_setup):
     root = slow_setup
     views = ["--views", "3", "--augment", "shift?max=2", "--augment", "noise?std=0.1", "--augment", "mixup?alpha=1"]
@@ -139,6 +140,7 @@ def test_two_ranks_record_the_views_of_one_process(slow_setup):
     assert a["logits"].shape == (2000, 3, 5)
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_token_cache_of_one_process(tmp_path):
     import numpy as np
 

@@ -71,9 +71,13 @@ def test_upgrade_rewrites_a_version_1_cache_as_version_2_with_the_same_bytes(v1,
 
 
 def test_upgrade_needs_one_mode_and_refuses_to_overwrite(v1, tmp_path):
-    assert run("convert", v1 / "dense-v1.zarr", tmp_path / "x.zarr").exit_code == 2
-    assert run("convert", v1 / "dense-v1.zarr", tmp_path / "x.zarr", "--upgrade", "--top-k", 2).exit_code == 2
-    assert run("convert", v1 / "dense-v1.zarr", tmp_path / "x.zarr", "--upgrade", "--quiet").exit_code == 0
+    nothing = run("convert", v1 / "dense-v1.zarr", tmp_path / "x.zarr")
+    assert nothing.exit_code == 2 and "give --top-k K, --sample S, --keep-views V or --upgrade" in nothing.output
+    both = run("convert", v1 / "dense-v1.zarr", tmp_path / "x.zarr", "--upgrade", "--top-k", 2)
+    assert both.exit_code == 2 and "--upgrade rewrites a cache as it is: give it alone" in both.output
+    assert not (tmp_path / "x.zarr").exists()
+    upgraded = run("convert", v1 / "dense-v1.zarr", tmp_path / "x.zarr", "--upgrade", "--quiet")
+    assert upgraded.exit_code == 0 and "dense cache, format v2" in upgraded.output, upgraded.output
     again = run("convert", v1 / "dense-v1.zarr", tmp_path / "x.zarr", "--upgrade", "--quiet")
     assert again.exit_code == 1 and "already exists" in again.output
     zarr.open_group(str(tmp_path / "x.zarr"), mode="r")  # untouched and readable

@@ -115,20 +115,27 @@ def test_without_a_cache_serves_inputs_and_labels(pair):
     np.testing.assert_array_equal(np.concatenate([b.labels.numpy() for b in batches]), y[idx])
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 4])
-def test_every_number_of_ranks_trains_on_the_same_global_batches(pair, ranks):
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("ranks", [1, 2, 4, 3])
+def test_every_number_of_ranks_trains_on_the_same_global_batches(pair, ranks, drop_last):
     source, cache, x, y = pair
-    reference = collect(SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, drop_last=True), 1)
-    whole = collect(SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, shards=ranks, drop_last=True), 1)
-    per_rank = [collect(SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, shards=ranks, shard=r, drop_last=True), 1)
-                for r in range(ranks)]
-    assert len(reference) == 16  # 1000 // 60: the incomplete last batch is dropped
+    make = lambda **kw: SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, drop_last=drop_last, **kw)  # noqa: E731
+    reference = collect(make(), 1)
+    whole = collect(make(shards=ranks), 1)
+    per_rank = [collect(make(shards=ranks, shard=r), 1) for r in range(ranks)] if 60 % ranks == 0 else []
+    # 1000 rows: 16 batches of 60, then the incomplete last one of 40 unless it is dropped
+    assert [len(b.labels) for b in reference] == [60] * 16 + ([] if drop_last else [40])
     assert_same_batches(whole, reference)
+    assert make(shards=ranks).uneven == (ranks > 1 and not drop_last)  # the last batch's slices may differ
     assert all(len(batches) == len(reference) for batches in per_rank)  # every rank takes the same steps
     for r, batches in enumerate(per_rank):
         assert_aligned(batches, x, y)
         for b, part in zip(reference, batches):
-            np.testing.assert_array_equal(part.indices.numpy(), b.indices.numpy()[r * 60 // ranks:(r + 1) * 60 // ranks])
+            n = len(b.labels)
+            np.testing.assert_array_equal(part.indices.numpy(), b.indices.numpy()[r * n // ranks:(r + 1) * n // ranks])
+    if per_rank:  # together the ranks train on every row of every batch, the last one included
+        assert sorted(np.concatenate([i for batches in per_rank for i in indices(batches)]).tolist()) == \
+            sorted(np.concatenate(indices(reference)).tolist())
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from softlabels import CacheWriter, Dense, Layout, SoftlabelsError, TopK, open_cache
 from softlabels.store import Record, chunk_checksum, default_chunk_rows
+from softlabels.report import cache_report
 
 from .conftest import flip_hdf5_byte
 
@@ -341,6 +342,22 @@ def test_a_damaged_zarr_chunk_fails_when_read_naming_array_chunk_and_rows(tmp_pa
     if damage == "flip":  # plain zarr refuses it too: the store's own crc32c codec
         with pytest.raises(Exception, match="checksum"):
             zarr.open_group(str(path), mode="r")[array][32:48]
+
+
+def test_a_complete_cache_missing_a_commit_record_chunk_is_refused_not_read_short(tmp_path):
+    # A deleted record chunk reads as "never written" (the fill value): its rows would silently drop out
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.arange(64, dtype=np.int64) % 5, chunk_rows=16)
+    files = sorted((path / "chunk_crc32" / "c").iterdir())
+    files[-1].unlink()
+    recorded = zarr.open_group(str(path), mode="r")["chunk_crc32"][:]
+    missing = int(np.flatnonzero(recorded < 0)[0])
+    expected = rf"array 'chunk_crc32' chunk {missing} \(rows {16 * missing}-{16 * missing + 15}\) is damaged \(the cache is complete"
+    with pytest.raises(SoftlabelsError, match=expected):
+        open_cache(path)
+    with open_cache(path, allow_incomplete=True) as cache:  # as inspect and verify open it
+        with pytest.raises(SoftlabelsError, match=expected):
+            cache_report(cache)
 
 
 def test_a_zstd_chunk_of_the_wrong_size_with_a_valid_crc32c_fails_when_read(tmp_path):
