@@ -244,7 +244,15 @@ def test_read_threads_end_with_the_epoch_or_an_abandoned_iteration(pair):
     assert loader_threads() == []
 
 
-def test_hdf5_data_and_cache_are_reopened_in_each_worker(tmp_path):
+def test_hdf5_data_and_cache_are_reopened_in_each_worker(tmp_path, monkeypatch):
+    opened, real_init = tmp_path / "opened.log", h5py.File.__init__
+
+    def logged_init(self, name, *args, **kwargs):  # which process opens which file
+        if isinstance(name, (str, os.PathLike)):  # h5py also reopens by file id
+            with open(opened, "a") as log:
+                log.write(f"{os.getpid()} {os.path.basename(os.fspath(name))}\n")
+        real_init(self, name, *args, **kwargs)
+    monkeypatch.setattr(h5py.File, "__init__", logged_init)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(700, 4)).astype(np.float32)
     y = rng.integers(0, 2, 700)
@@ -255,10 +263,17 @@ def test_hdf5_data_and_cache_are_reopened_in_each_worker(tmp_path):
     cache = write_cache(tmp_path / "c.h5", source, y)
     loader = SoftTargetLoader(source, cache, batch_size=32, seed=1, shuffle_chunks=2)
     source.read(0, 10), cache.read(0, 10)  # handles open in the parent before the workers fork
+    opened.unlink()
     batches = collect(loader, 0, workers=2)
     assert sorted(np.concatenate(indices(batches)).tolist()) == list(range(700))
     assert_aligned(batches, x, y)
     assert_same_batches(batches, collect(loader, 0))
+    by_worker = {}
+    for line in opened.read_text().splitlines():
+        pid, name = line.split()
+        if int(pid) != os.getpid():
+            by_worker.setdefault(pid, set()).add(name)
+    assert list(by_worker.values()) == [{"d.h5", "c.h5"}] * 2  # each worker opened both files itself
 
 
 ITEMS = textwrap.dedent("""

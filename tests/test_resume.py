@@ -149,7 +149,7 @@ def test_an_interrupted_run_resumes_exactly_from_any_checkpoint(setup, monkeypat
     cache = open_cache("c.zarr")
     source = open_data("data.npz")
     config = TrainConfig(epochs=3, batch_size=32, device="cpu", checkpoint_every=1, seed=2)
-    students = [StudentSpec("mlp", {"width": 8}), StudentSpec("linear")]
+    students = [StudentSpec("mlp", {"width": 8}), StudentSpec("zoo:Sleepy")]  # Sleepy has dropout: its random state counts
     train_students(students, source=source, cache=cache, config=config, out_dir="whole", progress=False)
     original, taken = train_module._step, []
 
@@ -165,7 +165,7 @@ def test_an_interrupted_run_resumes_exactly_from_any_checkpoint(setup, monkeypat
     position = torch.load("cut/checkpoint.pt", weights_only=True)["position"]
     assert position == {"epoch": steps // 10, "batches": steps % 10}
     train_students(students, source=source, cache=cache, config=config, out_dir="cut", progress=False, resume=True)
-    for name in ("mlp", "linear"):
+    for name in ("mlp", "Sleepy"):
         a, b = weights(setup / "whole", name), weights(setup / "cut", name)
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert metrics(setup / "cut", name) == [{**r, "seconds": s["seconds"]} for r, s in
@@ -312,3 +312,41 @@ def test_workers_do_not_change_what_is_trained(setup):
         train_students([StudentSpec("zoo:Sleepy"), StudentSpec("mlp")], source=source, cache=cache, config=config,
                        out_dir=out, progress=False)
     assert_same_weights(setup / "w0", setup / "w2")
+
+
+def test_every_run_file_is_synced_under_a_temporary_name_then_renamed_over_its_own(setup, monkeypatch):
+    """No run file is ever half-written: each reaches its name by a rename of a temporary file whose
+    bytes were fsynced first, and a write that fails midway leaves the file it would replace as it was."""
+    synced, renamed = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        renamed.append((os.path.abspath(src), os.path.abspath(dst), os.path.abspath(src) in synced))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert run(*train_args("r")).exit_code == 0
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "replace", real_replace)
+    files = ["checkpoint.pt", "config.json", "summary.json", "mlp/student.pth", "mlp/metrics.jsonl", "Sleepy/student.pth",
+             "Sleepy/metrics.jsonl"]
+    for name in files:
+        target = os.path.abspath(f"r/{name}")
+        ways = [(src, was_synced) for src, dst, was_synced in renamed if dst == target]
+        assert ways and all(was_synced and src != target for src, was_synced in ways), (name, ways)
+
+    from softlabels.durable import write_atomically
+
+    before = (setup / "r" / "summary.json").read_bytes()
+
+    def half(f):
+        f.write(b'[{"student": "cut')
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(setup / "r" / "summary.json", half)
+    assert (setup / "r" / "summary.json").read_bytes() == before
+    assert not list((setup / "r").glob("*.tmp"))
