@@ -183,8 +183,10 @@ def _kind(options: dict[str, Any]) -> TargetKind | None:
         return None
     kind = chosen[0]
     settings = {"kind": kind.name, **{o.setting: options[_param(o)] for o in kind.options}}
-    # the number of classes is checked once the teacher (or the cache) says it
-    return kind_from_settings(settings, num_classes=2**62, where=" / ".join(o.flag for o in kind.options))
+    try:  # the number of classes is checked once the teacher (or the cache) says it
+        return kind_from_settings(settings, num_classes=2**62, where=kind.options[0].flag)
+    except SoftlabelsError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 AUGMENT = click.option(
@@ -363,6 +365,8 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
     model = _load(model_path, source, arch, arch_kwargs, num_classes, trust_code)
     model.check_data(source)
     metrics = run_evaluate(model.model, source, teacher_top1=teacher_top1, device=device)
+    if teacher_top1 is not None:  # the class each item's agreement is counted against, where not the teacher's own
+        metrics["teacher_agreement_of"] = cache.kind.top_class_estimate
     result = {"model": model_path, "data": source.spec, "samples": len(source), **metrics}
     if as_json:
         click.echo(json.dumps(result))
@@ -373,8 +377,8 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
             line += f", {metrics['nats']:.4f} nats per item (perplexity {math.exp(min(metrics['nats'], 700)):.4g}), ECE {metrics['ece']:.2%}"
         if metrics["teacher_agreement"] is not None:
             line += f", agreement with teacher {metrics['teacher_agreement']:.2%}"
-            if cache.kind.top_class_estimate:
-                line += f" (the cache's {cache.kind.top_class_estimate} taken as the teacher's)"
+            if metrics.get("teacher_agreement_of"):
+                line += f" (the cache's {metrics['teacher_agreement_of']} taken as the teacher's)"
         click.echo(line)
 
 

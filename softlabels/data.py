@@ -248,6 +248,28 @@ class LazySource(Source):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_arrays": None, "_pid": None}
 
+    def _read_rows(self, name: str, array: Any, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of the source's array ``name``. A read that fails (a chunk whose
+        checksum, such as HDF5's fletcher32, does not match; a codec's error) names the array, the
+        first chunk that fails and its rows."""
+        try:
+            return np.asarray(array[start:stop])
+        except SoftlabelsError:
+            raise
+        except Exception as exc:
+            why = " ".join(f"{type(exc).__name__}: {exc}".split())
+            rows = getattr(array, "chunks", None)
+            if rows:
+                rows = int(rows[0])
+                for chunk in range(start // rows, -(-stop // rows)):
+                    lo, hi = chunk * rows, min((chunk + 1) * rows, int(array.shape[0]))
+                    try:
+                        array[lo:hi]
+                    except Exception:
+                        raise SoftlabelsError(f"dataset {self.spec}: array '{name}' chunk {chunk} (rows {lo}-{hi - 1}) "
+                                              f"is damaged ({why})") from None
+            raise SoftlabelsError(f"dataset {self.spec}: array '{name}' rows {start}-{stop - 1} could not be read ({why})") from None
+
 
 class ArraySource(LazySource):
     """Inputs and labels held by array-likes that slice (numpy, zarr, h5py); ``opener()`` returns
@@ -288,34 +310,11 @@ class ArraySource(LazySource):
         xs = self.read_inputs(start, stop)
         if self._open()[1] is None:
             return xs, np.full(stop - start, NO_LABEL, dtype=np.int64)
-        return xs, self._rows_of(1, start, stop).astype(np.int64)
+        return xs, self._read_rows("y", self._open()[1], start, stop).astype(np.int64)
 
     def read_inputs(self, start: int, stop: int) -> np.ndarray:
         # A slice of a memory-mapped npz is read-only; torch wants arrays it may write.
-        return np.require(_as_input_array(self._rows_of(0, start, stop)), requirements=["C", "W"])
-
-    def _rows_of(self, which: int, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` of ``x`` (``which`` 0) or ``y`` (1). A read that fails (a chunk whose
-        checksum, HDF5's fletcher32, does not match; a codec's error) names the array, the first
-        chunk that fails and its rows."""
-        array = self._open()[which]
-        try:
-            return np.asarray(array[start:stop])
-        except SoftlabelsError:
-            raise
-        except Exception as exc:
-            why = " ".join(f"{type(exc).__name__}: {exc}".split())
-            rows = getattr(array, "chunks", None)
-            if rows:
-                rows = int(rows[0])
-                for chunk in range(start // rows, -(-stop // rows)):
-                    lo, hi = chunk * rows, min((chunk + 1) * rows, len(self))
-                    try:
-                        array[lo:hi]
-                    except Exception:
-                        raise SoftlabelsError(f"dataset {self.spec}: array '{'xy'[which]}' chunk {chunk} (rows {lo}-{hi - 1}) "
-                                              f"is damaged ({why})") from None
-            raise SoftlabelsError(f"dataset {self.spec}: array '{'xy'[which]}' rows {start}-{stop - 1} could not be read ({why})") from None
+        return np.require(_as_input_array(self._read_rows("x", self._open()[0], start, stop)), requirements=["C", "W"])
 
     @property
     def in_memory(self) -> bool:
@@ -339,9 +338,9 @@ class ArraySource(LazySource):
             block = max(1, _FINGERPRINT_BLOCK_BYTES // row_bytes)
             for start in range(0, len(self), block):
                 stop = min(start + block, len(self))
-                digest.update(np.ascontiguousarray(self._rows_of(0, start, stop)).tobytes())
+                digest.update(np.ascontiguousarray(self._read_rows("x", x, start, stop)).tobytes())
                 if y is not None:
-                    digest.update(np.ascontiguousarray(self._rows_of(1, start, stop).astype(np.int64)).tobytes())
+                    digest.update(np.ascontiguousarray(self._read_rows("y", y, start, stop).astype(np.int64)).tobytes())
             self._fingerprint = "sha256:" + digest.hexdigest()
         return self._fingerprint
 

@@ -126,7 +126,8 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
     of ``shards`` its slice of every global batch of ``n`` rows, rows ``[shard * n // shards,
     (shard + 1) * n // shards)``; with ``shard=None`` each global batch is served whole. An incomplete
     last batch (unless ``drop_last``) is split the same way, so its slices may differ by a row or be
-    empty: :attr:`uneven` says so, and a trainer weighs each rank's loss by its share of the rows.
+    empty (:meth:`batch_rows` says how many rows a global batch has), and a trainer weighs each
+    rank's loss by its share of the rows.
 
     It is a ``torch.utils.data.IterableDataset``: under ``DataLoader(loader, batch_size=None,
     num_workers=W)`` worker ``w`` serves global batches ``w, w + W, ...``, so the DataLoader's
@@ -172,9 +173,7 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             raise SoftlabelsError(f"shard {shard} is outside 0..{shards - 1}")
         skipped = [] if cache is None else skipped_rows(cache.manifest.get("dataset") or {}, cache.manifest.get("skipped"), str(cache.path))
         source.skip_rows(skipped)  # rows the dump could not read are read as it stored them: zeros, without loss
-        # Whether ranks may hold unequal shares of a global batch: rows left out (skipped), or the
-        # slices of an incomplete last batch.
-        self.uneven = bool(skipped) or (shards > 1 and not drop_last and len(source) % batch_size > 0)
+        self.skips_rows = bool(skipped)  # whether a batch may hold fewer rows than it was cut with
         self.source = source
         self._cache, self._cache_path, self._cache_pid = cache, (cache.path if cache is not None else None), os.getpid()
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
@@ -229,6 +228,10 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         if self.drop_last:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
+
+    def batch_rows(self, batch: int) -> int:
+        """The rows of global batch ``batch`` of an epoch (before rows a dump skipped are left out)."""
+        return min(self.batch_size, self.num_samples - batch * self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Serve ``epoch`` next, from its first batch (unless it is the epoch :meth:`load_state_dict` resumed)."""
@@ -378,6 +381,13 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         spans = [(int(np.searchsorted(ends, lo, "right")), int(np.searchsorted(begins, hi, "left"))) for lo, hi in slices]
         loaded: dict[int, _Window] = {}
         for (lo, hi), (a, b) in zip(slices, spans):
+            if lo >= hi:  # a rank's empty slice of a small last batch: no rows, the window's fields
+                w = min(a, len(plan) - 1)
+                window = loaded.get(w) or read(plan[w][0])
+                yield _take(window, slice(0, 0))
+                if w not in loaded and release is not None:
+                    release(window)
+                continue
             parts = []
             for w in range(a, b):
                 if w not in loaded:

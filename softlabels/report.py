@@ -114,8 +114,8 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         "labeled_items": labeled,
         "scored_on": "views whose own label weighs at least half" if weights else "labeled items",
         "teacher_accuracy": correct / labeled if labeled else None,
-        # where the stored targets cannot tell the teacher's top class: what they count, and the
-        # dump's own count from the teacher's logits
+        # where the stored targets cannot tell the teacher's top class: what is counted instead, and
+        # the manifest's teacher_accuracy (the dump counted the teacher's own top class)
         "teacher_accuracy_of": kind.top_class_estimate,
         "dump_teacher_accuracy": cache.manifest.get("teacher_accuracy") if kind.top_class_estimate else None,
         "statistic": {"name": kind.statistic_name, "mean": None if mean is None or math.isnan(mean) else mean},
@@ -227,8 +227,8 @@ def format_cache_report(report: dict[str, Any]) -> str:
         f"teacher      {teacher.get('arch')} from {teacher.get('file')} ({_count(teacher.get('params'))} params, sha256 {str(teacher.get('sha256'))[:12]}...)",
         f"dataset      {dataset.get('spec')} ({_count(dataset.get('num_samples'))} samples, {str(dataset.get('fingerprint', ''))[:20]}...)",
         f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_items']:,} {report['scored_on']}"
-        + (f", counting {report['teacher_accuracy_of']} (the dump's count from the teacher's logits: "
-           f"{_percent(report['dump_teacher_accuracy'])})" if report["teacher_accuracy_of"] else ""),
+        + (f", counting the {report['teacher_accuracy_of']} (the dump's own count: {_percent(report['dump_teacher_accuracy'])})"
+           if report["teacher_accuracy_of"] else ""),
         f"{statistic['name']:<12} " + ("-" if statistic["mean"] is None else kind_type.statistic_format.format(statistic["mean"])),
         *_views_lines(report["views"]),
         *_tokens_lines(report["tokens"]),

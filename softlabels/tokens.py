@@ -105,10 +105,10 @@ class TokenSource(LazySource):
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """``input_ids[start:stop]`` (int64) and their next-token labels (``-1`` where none)."""
         arrays = self._open()
-        ids = np.require(np.asarray(arrays["input_ids"][start:stop]).astype(np.int64), requirements=["C", "W"])
+        ids = np.require(self._read_rows("input_ids", arrays["input_ids"], start, stop).astype(np.int64), requirements=["C", "W"])
         if (ids < 0).any():
             raise SoftlabelsError(f"dataset {self.spec}: negative token id in windows {start}..{stop - 1}")
-        optional = [None if arrays.get(name) is None else np.asarray(arrays[name][start:stop]) for name in _OPTIONAL]
+        optional = [None if arrays.get(name) is None else self._read_rows(name, arrays[name], start, stop) for name in _OPTIONAL]
         return ids, next_token_labels(ids, *optional)
 
     def fingerprint(self) -> str:
@@ -119,7 +119,8 @@ class TokenSource(LazySource):
             digest = hashlib.sha256(json.dumps([[name, list(arrays[name].shape), str(arrays[name].dtype)] for name in present]).encode())
             for start in range(0, len(self), _FINGERPRINT_ROWS):
                 for name in present:
-                    digest.update(np.ascontiguousarray(arrays[name][start:start + _FINGERPRINT_ROWS]).tobytes())
+                    rows = self._read_rows(name, arrays[name], start, min(start + _FINGERPRINT_ROWS, len(self)))
+                    digest.update(np.ascontiguousarray(rows).tobytes())
             self._fingerprint = "sha256:" + digest.hexdigest()
         return self._fingerprint
 

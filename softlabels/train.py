@@ -517,6 +517,7 @@ def train_students(
                 torch.manual_seed(_student_seed(config.seed, name))
                 model = build_model(spec.arch, input_shape=source.input_shape, num_classes=num_classes, kwargs=spec.kwargs)
                 check_output_shape(model, sample, num_classes=num_classes, name=f"student '{name}'", items=loader.items)
+                _check_one_row_batches(model, name, loader)
                 trained.append(_Student(name, spec, model.to(device), config, total_steps, device))
             begun = out is None or saved is not None
 
@@ -546,7 +547,7 @@ def train_students(
                     student.forward = torch.nn.parallel.DistributedDataParallel(student.model)
             loader.load_state_dict(position)
             position = loader.state_dict()  # as the loader checked it: integers inside the run
-            uneven = torch.distributed.is_initialized() and loader.uneven
+            ranked = torch.distributed.is_initialized()
             log = TensorBoardLog(tensorboard, names, first_epoch=position["epoch"] + 1) if tensorboard is not None and rank == 0 else None
 
             def checkpoint(epoch: int, batches: int) -> None:
@@ -565,7 +566,8 @@ def train_students(
                     done = loader.state_dict()["batches"]
                     for batch in _epoch_batches(loader, num_workers):
                         _check_label_range(num_classes, batch.labels, "each student (--num-classes, or the cache's or teacher's classes)")
-                        _step(trained, batch, config, device, teacher, loader.masks_unlabeled_items, uneven)
+                        _step(trained, batch, config, device, teacher, loader.masks_unlabeled_items,
+                              _global_rows(loader, done, len(batch.labels)) if ranked else None)
                         done += 1
                         bar.update(1)
                         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
@@ -596,22 +598,20 @@ def train_students(
 
 
 def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: torch.device, teacher: LoadedModel | None,
-          mask_unlabeled: bool, uneven: bool = False) -> None:
+          mask_unlabeled: bool, global_rows: int | None = None) -> None:
     """One optimizer step of every student on ``batch``, each in its own random state.
 
-    ``uneven``: under torchrun, ranks may hold different numbers of a global batch's rows (the
-    slices of an incomplete last batch; rows a dump skipped, which carry no loss, left out). Each
-    rank's mean loss is then weighed by its share of the batch's rows, so that DDP's mean of the
-    ranks' gradients is the gradient of the mean over the whole batch, as in one process; a rank
-    left with no row still joins the step.
+    ``global_rows``: under torchrun, the rows of the global batch when ranks hold unequal shares of
+    it (see :func:`_global_rows`). Each rank's mean loss is then weighed by its share of the batch's
+    rows, so that DDP's mean of the ranks' gradients is the gradient of the mean over the whole batch,
+    as in one process; a rank left with no row still joins the step.
     """
     rows = len(batch.labels)
-    total = distributed.sum_ints(rows)[0] if uneven else rows
-    if not total:  # every row was an input the dump could not read (--skip-bad-files)
+    if global_rows == 0:  # every row was an input the dump could not read (--skip-bad-files)
         return
     if not rows:
         return _join_step(trained, batch, device)
-    share = rows * distributed.world()[1] / total if uneven else 1.0
+    share = rows * distributed.world()[1] / global_rows if global_rows is not None else 1.0
     x = batch.inputs.to(device, non_blocking=True)
     y = batch.labels.to(device, non_blocking=True)
     mask = y != NO_LABEL if mask_unlabeled else None
@@ -630,7 +630,7 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         terms = kd_terms(logits, t, y, temperature=config.temperature, kl=config.kl, mix=mix, mask=mask, tail=config.topk_tail)
         loss = terms.loss(temperature=config.temperature, alpha=config.alpha)
         student.optimizer.zero_grad(set_to_none=True)
-        (loss * share if uneven else loss).backward()
+        (loss * share if global_rows is not None else loss).backward()
         student.optimizer.step()
         student.schedule.step()
         student.rng = _rng_state(device)
@@ -645,6 +645,29 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         student.seconds += elapsed
         student.step_seconds += elapsed
         student.rows += len(batch.labels)
+
+
+def _check_one_row_batches(model: torch.nn.Module, name: str, loader: SoftTargetLoader) -> None:
+    """Refuse, before any step, a student with batch norm that a rank's slice of one row would stop
+    at the end of the first epoch (batch norm cannot train on one row)."""
+    last = loader.batch_rows(loader.batches_per_epoch - 1) if loader.batches_per_epoch else 0
+    ranks = loader.shards if loader.shard is not None else 1  # the processes that split each batch
+    if last // ranks != 1 or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    where = f", 1 of them on a rank of {ranks}" if ranks > 1 else ""
+    raise SoftlabelsError(f"student '{name}' has batch norm, which cannot train on one row: the last batch of every epoch holds "
+                          f"{last} ({loader.num_samples} rows in batches of {loader.batch_size}){where}; choose another --batch-size")
+
+
+def _global_rows(loader: SoftTargetLoader, index: int, rows: int) -> int | None:
+    """The rows of global batch ``index`` (this rank holds ``rows`` of them) where ranks hold unequal
+    shares of it, else ``None``: with rows a dump skipped (left out of a batch) a count over the
+    ranks, one all-reduce per step; otherwise only an incomplete last batch whose rows do not split
+    evenly, whose size the loader knows."""
+    if loader.skips_rows:
+        return distributed.sum_ints(rows)[0]
+    whole = loader.batch_rows(index)
+    return whole if whole % loader.shards else None
 
 
 def _join_step(trained: list[_Student], batch: Batch, device: torch.device) -> None:

@@ -240,3 +240,28 @@ def test_real_subprocess_round_trip(tmp_path, npz_data, linear_teacher):
     assert failed.stderr.strip() == f"error: cache not found: {tmp_path / 'missing.zarr'}"
     debug = subprocess.run(exe + ["--debug", "inspect", str(tmp_path / "missing.zarr")], capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_a_batch_norm_student_that_a_one_row_last_batch_would_stop_is_refused_before_training(tmp_path, npz_data, monkeypatch):
+    from softlabels import SoftTargetLoader, open_data
+    from softlabels.train import _check_one_row_batches
+
+    (tmp_path / "bn.py").write_text("from torch import nn\n"
+                                    "def make(num_classes):\n"
+                                    "    return nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Linear(8, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["train-student", "--data", npz_data, "--student", "bn:make", "--hard-labels-only", "--epochs", "1", "--quiet"]
+    # 300 rows in batches of 23 leave a last batch of one row
+    refused = run(*args, "--batch-size", 23, "--out", tmp_path / "one")
+    assert refused.exit_code == 1 and refused.output.strip() == (
+        "error: student 'make' has batch norm, which cannot train on one row: the last batch of every epoch holds 1 "
+        "(300 rows in batches of 23); choose another --batch-size")
+    assert not (tmp_path / "one").exists()
+    trained = run(*args, "--batch-size", 26, "--out", tmp_path / "two")  # a last batch of 14 rows
+    assert trained.exit_code == 0 and (tmp_path / "two" / "make" / "student.pth").is_file(), trained.output
+    # under torchrun each rank takes a slice of the last batch: 2 rows over 2 ranks leave each a single row
+    import bn
+    source = open_data(str(npz_data))
+    _check_one_row_batches(bn.make(5), "make", SoftTargetLoader(source, None, batch_size=42, shards=2, shard=0))  # 3 rows a rank
+    with pytest.raises(SoftlabelsError, match=r"holds 2 \(300 rows in batches of 298\), 1 of them on a rank of 2"):
+        _check_one_row_batches(bn.make(5), "make", SoftTargetLoader(source, None, batch_size=298, shards=2, shard=1))

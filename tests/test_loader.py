@@ -122,20 +122,39 @@ def test_every_number_of_ranks_trains_on_the_same_global_batches(pair, ranks, dr
     make = lambda **kw: SoftTargetLoader(source, cache, batch_size=60, seed=4, shuffle_chunks=2, drop_last=drop_last, **kw)  # noqa: E731
     reference = collect(make(), 1)
     whole = collect(make(shards=ranks), 1)
-    per_rank = [collect(make(shards=ranks, shard=r), 1) for r in range(ranks)] if 60 % ranks == 0 else []
+    per_rank = [collect(make(shards=ranks, shard=r), 1) for r in range(ranks)]
     # 1000 rows: 16 batches of 60, then the incomplete last one of 40 unless it is dropped
     assert [len(b.labels) for b in reference] == [60] * 16 + ([] if drop_last else [40])
     assert_same_batches(whole, reference)
-    assert make(shards=ranks).uneven == (ranks > 1 and not drop_last)  # the last batch's slices may differ
+    assert [make(shards=ranks).batch_rows(b) for b in range(len(reference))] == [len(b.labels) for b in reference]
     assert all(len(batches) == len(reference) for batches in per_rank)  # every rank takes the same steps
     for r, batches in enumerate(per_rank):
         assert_aligned(batches, x, y)
         for b, part in zip(reference, batches):
             n = len(b.labels)
             np.testing.assert_array_equal(part.indices.numpy(), b.indices.numpy()[r * n // ranks:(r + 1) * n // ranks])
-    if per_rank:  # together the ranks train on every row of every batch, the last one included
-        assert sorted(np.concatenate([i for batches in per_rank for i in indices(batches)]).tolist()) == \
-            sorted(np.concatenate(indices(reference)).tolist())
+    # together the ranks train on every row of every batch, the last one included
+    assert sorted(np.concatenate([i for batches in per_rank for i in indices(batches)]).tolist()) == \
+        sorted(np.concatenate(indices(reference)).tolist())
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_rank_left_no_row_of_the_last_batch_gets_an_empty_batch_it_can_step_on(tmp_path, shuffle):
+    # 1025 rows in batches of 64: the last batch holds 1 row, which rank 1 of 2 takes
+    source = open_data(str(make_npz(tmp_path / "d.npz", n=1025, features=3)))
+    x, y = source.read(0, 1025)
+    cache = write_cache(tmp_path / "c.zarr", source, y)
+    ranks = [collect(SoftTargetLoader(source, cache, batch_size=64, seed=3, shuffle=shuffle, shards=2, shard=r), e)
+             for r in (0, 1) for e in range(3)]
+    for batches in ranks:
+        assert len(batches) == 17
+        assert_aligned(batches, x, y)
+    for e in range(3):
+        zero, one = ranks[e][-1], ranks[3 + e][-1]
+        assert (len(zero.labels), len(one.labels)) == (0, 1)
+        assert tuple(zero.inputs.shape) == (0, 3) and tuple(zero.teacher_logits["logits"].shape) == (0, 2)
+        whole = collect(SoftTargetLoader(source, cache, batch_size=64, seed=3, shuffle=shuffle), e)
+        np.testing.assert_array_equal(one.indices.numpy(), whole[-1].indices.numpy())
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")

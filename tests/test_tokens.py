@@ -208,9 +208,9 @@ def test_a_compact_dump_stores_the_draws_of_a_full_one_and_verifies(tokens, suff
     # the stored draws cannot tell the teacher's top class: inspect says what it counts, and the
     # dump's count from the teacher's logits, which the full dump made from the same logits
     with open_cache(full) as a:
-        assert report["teacher_accuracy_of"] == "the most drawn class"
+        assert report["teacher_accuracy_of"] == "most drawn class"
         assert report["dump_teacher_accuracy"] == a.manifest["teacher_accuracy"] == b.manifest["teacher_accuracy"]
-    assert f"the dump's count from the teacher's logits: {report['dump_teacher_accuracy']:.2%}" in run("inspect", compact).stdout
+    assert f"counting the most drawn class (the dump's own count: {report['dump_teacher_accuracy']:.2%})" in run("inspect", compact).stdout
     # other weights under the recorded checkpoint's name draw other tokens, and verify names the rows
     with torch.no_grad():
         teacher.model.tokens.weight.mul_(3)

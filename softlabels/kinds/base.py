@@ -157,7 +157,7 @@ class TargetKind:
     @property
     def top_class_estimate(self) -> str | None:
         """``None`` where :meth:`top_class` is the teacher's own top class; otherwise what it gives
-        instead (a sampled cache keeps only the classes it drew)."""
+        instead, e.g. "most drawn class" (a sampled cache keeps only the classes it drew)."""
         return None
 
     def top_class(self, targets: dict[str, np.ndarray]) -> np.ndarray:

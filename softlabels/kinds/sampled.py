@@ -167,7 +167,7 @@ class Sampled(SparseKind):
 
     @property
     def top_class_estimate(self) -> str:
-        return "the most drawn class" if self.compact else "the drawn class of the largest logit"
+        return "most drawn class" if self.compact else "drawn class of the largest logit"
 
     def top_class(self, targets: dict[str, np.ndarray]) -> np.ndarray:
         if self.compact:  # the most drawn class: stored first
