@@ -103,6 +103,7 @@ class Batch(NamedTuple):
     teacher_logits: SoftTargets | None  # the cached targets of these rows, whatever their kind
     indices: torch.Tensor  # dataset row of each sample
     mix: Mix | None = None  # partner labels and weights of views mixed with a partner
+    position: int = 0  # which global batch of its epoch this is (0 for the first)
 
 
 class _Window(NamedTuple):
@@ -238,13 +239,14 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         if epoch != self.epoch:
             self.epoch, self._start, self._served = epoch, 0, 0
 
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batches"}``: the epoch and how many of its global batches were served.
+    def state_dict(self, last: Batch | None = None) -> dict[str, int]:
+        """``{"epoch", "batches"}``: the epoch and how many of its global batches were served, or,
+        given ``last``, the position after that batch.
 
-        Under a DataLoader with workers the loader in the main process does not see the batches go
-        by: count them where they arrive and pass the count to :meth:`load_state_dict` instead.
+        Under a DataLoader with workers the loader in this process does not see the batches go by
+        (the workers' copies serve them): pass the last batch used, ``loader.state_dict(batch)``.
         """
-        return {"epoch": self.epoch, "batches": self._served}
+        return {"epoch": self.epoch, "batches": self._served if last is None else last.position + 1}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue epoch ``state["epoch"]`` after its first ``state["batches"]`` global batches."""
@@ -292,13 +294,14 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             if self.shuffle:  # every batch row was copied out of the window (unshuffled batches are views of it)
                 spare.append(window.buffers)
 
+        positions = range(self._start + worker, self.batches_per_epoch, workers)  # as _slices serves them
         with ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="softlabels-read") as pool:
-            for window in self._batches(self.epoch, self._start, worker, workers, read, release):
+            for position, window in zip(positions, self._batches(self.epoch, self._start, worker, workers, read, release)):
                 window, mix = self._view(self._with_inputs(window))
                 window, mix = _usable(window, mix)
                 x, y, i = (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
                            for a in (window.inputs, window.labels, window.indices))
-                yield Batch(x, y, self._soft_targets(window.teacher_logits), i, mix)
+                yield Batch(x, y, self._soft_targets(window.teacher_logits), i, mix, position)
 
     def _view(self, window: _Window) -> tuple[_Window, Mix | None]:
         """The batch as trained on: one recorded view per row replayed (a view cache), or a fresh

@@ -170,6 +170,24 @@ def test_dataloader_workers_serve_the_batches_of_one_process_in_the_same_order(p
     assert_same_batches(collect(sharded, 2, workers=workers), collect(sharded, 2))
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_under_dataloader_workers_the_last_batch_used_gives_the_state_to_resume_from(pair):
+    source, cache, x, y = pair
+    loader = SoftTargetLoader(source, cache, batch_size=100, seed=2, shuffle_chunks=2)
+    loader.set_epoch(3)
+    served = list(DataLoader(loader, batch_size=None, num_workers=2))
+    assert [b.position for b in served] == list(range(10))
+    assert loader.state_dict() == {"epoch": 3, "batches": 0}  # the workers served them, not this copy
+    state = loader.state_dict(served[5])
+    assert state == {"epoch": 3, "batches": 6}
+    resumed = SoftTargetLoader(source, cache, batch_size=100, seed=2, shuffle_chunks=2)
+    resumed.load_state_dict(state)
+    rest = list(DataLoader(resumed, batch_size=None, num_workers=2))
+    assert [b.position for b in rest] == list(range(6, 10))
+    assert_same_batches(rest, served[6:])
+    assert_aligned(rest, x, y)
+
+
 @pytest.mark.parametrize("stop", [0, 1, 6, 9, 10])
 def test_a_resumed_epoch_serves_exactly_the_rest_without_reading_skipped_windows(pair, monkeypatch, stop):
     source, cache, x, y = pair
