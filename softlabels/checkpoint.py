@@ -39,7 +39,7 @@ from .data import Source, check_classes
 from .durable import write_atomically
 from .errors import SoftlabelsError
 from .models import arch_names_code, build_model, count_parameters
-from .tokens import check_tokenizer
+from .tokens import TokenSource, check_tokenizer
 from .trust import check_recorded_spec
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
@@ -68,6 +68,19 @@ class LoadedModel:
         labels or token ids would mean something else to it."""
         check_classes(self.classes, source, f"{role} {self.path}")
         check_tokenizer({"tokenizer": self.tokenizer}, source, f"{role} {self.path}")
+
+    def check_inputs(self, source: Source, role: str = "model") -> None:
+        """Refuse a dataset whose inputs, of another shape than the model was made for, it cannot
+        take (tried on two of them: a model that takes any size, with adaptive pooling, passes)."""
+        shape = tuple(source.input_shape)
+        if self.input_shape is not None and tuple(self.input_shape) != shape and not isinstance(source, TokenSource):
+            x = torch.from_numpy(source.read(0, min(2, len(source)))[0])
+            try:
+                with torch.no_grad():
+                    self.model.eval()(x.to(next(self.model.parameters(), x).device))
+            except Exception as exc:
+                raise SoftlabelsError(f"{role} {self.path} was made for inputs {list(self.input_shape)}, {source.spec} has "
+                                      f"{list(shape)}, which it cannot take ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``teacher`` record."""
@@ -269,6 +282,9 @@ def load_model(
         from .hf import load_hf_teacher
 
         return load_hf_teacher(path, input_shape=input_shape, num_classes=num_classes)
+    if path.is_dir():
+        raise SoftlabelsError(f"checkpoint {path} is a folder without config.json: a Hugging Face model folder needs one "
+                              "beside its weights; other checkpoints are files")
     if not path.is_file():
         raise SoftlabelsError(f"checkpoint is not a file: {path}")
     sha256 = file_sha256(path)

@@ -364,6 +364,7 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
         raise SoftlabelsError("give --data (or --cache)")
     model = _load(model_path, source, arch, arch_kwargs, num_classes, trust_code)
     model.check_data(source)
+    model.check_inputs(source)
     metrics = run_evaluate(model.model, source, teacher_top1=teacher_top1, device=device)
     if teacher_top1 is not None:  # the class each item's agreement is counted against, where not the teacher's own
         metrics["teacher_agreement_of"] = cache.kind.top_class_estimate
@@ -397,7 +398,7 @@ def inspect(path, as_json):
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels verify train.zarr\n  softlabels verify train.zarr --recompute 256 --teacher teacher.pth")
 @click.argument("path")
-@click.option("--recompute", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Rerun the teacher on N random rows and compare.")
+@click.option("--recompute", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Rerun the teacher on the dump's batches holding N random rows (whole batches, as the dump ran them) and compare.")
 @click.option("--teacher", "teacher_path", metavar="CKPT", help="The cache's teacher checkpoint (for --recompute).")
 @_teacher_options
 @click.option("--data", "data_spec", metavar="SPEC", help="The cache's dataset, if not where the manifest says.")

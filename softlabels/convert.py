@@ -61,6 +61,7 @@ def convert_cache(
             records = tuple(dataclasses.replace(r, shape=(keep_views, *r.shape[1:])) if r.name.startswith(VIEW_RECORDS) else r
                             for r in records)  # the views' own parameters; a row's other records stay whole
             manifest["views"] = {**cache.manifest["views"], "count": keep_views}
+            manifest["teacher_accuracy"] = None  # the dump's count covered views that are gone; inspect counts the kept ones
         layout = Layout(new_kind, len(cache), cache.num_classes, cache.layout.dtype, cache.chunk_rows, item_axes, records)
         _convert_chunks(cache, src, dst, layout, manifest, new_kind, old_kind if kind is not None else None, views,
                         keep_views is not None, progress)

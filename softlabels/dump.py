@@ -39,7 +39,7 @@ from .data import DIGEST, DIGEST_BYTES, NO_LABEL, UNUSABLE, Source, default_work
 from .errors import SoftlabelsError
 from .kinds import Dense, TargetKind
 from .tokens import GOLD, TOKEN_AXIS, TokenSource, gold_logprob, gold_record, token_manifest
-from .views import VIEW_AXIS, Views
+from .views import VIEW_AXIS, Views, mix_weights, scored_items
 from .durable import exclusive
 from .store import (CacheWriter, Layout, Record, backend_name, chunk_checksum, default_chunk_rows, directory_bytes,
                     partial_path, remove_path)
@@ -221,7 +221,10 @@ class DumpResult:
     resumed_chunks: int = 0
 
     def summary(self) -> str:
-        accuracy = "n/a (no labels)" if self.teacher_accuracy is None else f"{self.teacher_accuracy:.2%} on {self.labeled} labeled"
+        if self.teacher_accuracy is not None:
+            accuracy = f"{self.teacher_accuracy:.2%} on {self.labeled} labeled"
+        else:
+            accuracy = "n/a (no labels)" if not self.labeled else "n/a (a resumed dump of drawn classes cannot count the chunks it kept)"
         resumed = f" ({self.resumed_chunks} chunks kept from the interrupted dump)" if self.resumed_chunks else ""
         return (
             f"wrote {self.path}: {self.num_samples} samples x {self.num_classes} classes, "
@@ -230,15 +233,16 @@ class DumpResult:
 
 
 class _Accuracy:
-    """Teacher accuracy on labeled rows, counted from the stored logits chunk by chunk."""
+    """Teacher accuracy on the items :func:`~softlabels.views.scored_items` scores (labeled ones; in a
+    mixed view, those whose own label weighs at least half), counted chunk by chunk."""
 
     def __init__(self) -> None:
         self.correct = self.labeled = 0
 
-    def add(self, predicted: np.ndarray, labels: np.ndarray) -> None:
-        has_label = labels >= 0
-        self.correct += int((predicted[has_label] == labels[has_label]).sum())
-        self.labeled += int(has_label.sum())
+    def add(self, predicted: np.ndarray, labels: np.ndarray, records: dict[str, np.ndarray]) -> None:
+        scored = scored_items(labels, records, mix_weights(records))
+        self.correct += int((predicted[scored] == labels[scored]).sum())
+        self.labeled += int(scored.sum())
 
 
 class _ChunkWriter(threading.Thread):
@@ -322,7 +326,7 @@ class _ChunkWriter(threading.Thread):
             arrays, predicted, labels = _concat_parts([self._done[c] for c in run])
             records = {r.name: arrays.pop(r.name) for r in self.writer.layout.records}
             self.writer.write_chunks(first, arrays, labels, records)
-            self.accuracy.add(predicted, labels)
+            self.accuracy.add(predicted, labels, records)
         self._done.clear()
 
 
@@ -483,7 +487,7 @@ def _committed_chunks(writer: CacheWriter, accuracy: _Accuracy, chunks: range, s
         stored = _stored_chunk(writer, int(chunk), recorded[chunk], source)
         if stored is not None:
             kept.add(int(chunk))
-            accuracy.add(writer.layout.kind.top_class(stored[0]), stored[1])
+            accuracy.add(writer.layout.kind.top_class(stored[0]), *stored[1:])
     return kept
 
 
@@ -592,9 +596,13 @@ def dump(
                 distributed.barrier()  # every rank's chunks are written
                 correct, labeled = distributed.sum_ints(accuracy.correct, accuracy.labeled)
                 kept_chunks = distributed.sum_ints(len(kept))[0]
+                # The chunks a resumed dump kept are counted by the class their stored targets give, which
+                # is the teacher's own top class except where the kind keeps only some classes it drew.
+                counted = labeled and not (kept_chunks and writer.layout.kind.top_class_estimate)
+                teacher_accuracy = correct / labeled if counted else None
                 if rank == 0:
                     skipped = _skipped(writer, source) if skip_bad_files else []
-                    writer.finish(teacher_accuracy=correct / labeled if labeled else None, **({"skipped": skipped} if skipped else {}))
+                    writer.finish(teacher_accuracy=teacher_accuracy, **({"skipped": skipped} if skipped else {}))
             except OSError as exc:
                 reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
                 raise SoftlabelsError(
@@ -608,7 +616,7 @@ def dump(
         num_classes=writer.layout.num_classes,
         bytes_on_disk=directory_bytes(out),
         seconds=time.perf_counter() - began,
-        teacher_accuracy=correct / labeled if labeled else None,
+        teacher_accuracy=teacher_accuracy,
         labeled=labeled,
         resumed_chunks=kept_chunks,
     )

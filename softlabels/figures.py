@@ -29,11 +29,11 @@ from tqdm import tqdm
 from .calibration import Calibration
 from .durable import write_atomically
 from .kinds.dense import entropy as item_entropy
-from .report import mix_weights, scored_hits
+from .report import scored_hits
 from .runs import Run, find_teacher
 from .store import Cache
 from .train import TrainConfig
-from .views import VIEW_AXIS
+from .views import VIEW_AXIS, mix_weights
 
 DPI = 100
 HISTOGRAM_BINS = 30
@@ -126,7 +126,7 @@ def cache_figures_data(cache: Cache, *, progress: bool = False) -> dict[str, Any
     spread, disagreeing = _Histogram(spread_edges), 0
     kept_items = nonfinite = 0
     correct, labeled = np.zeros(c, np.int64), np.zeros(c, np.int64)
-    weights = mix_weights(cache)
+    weights = mix_weights(r.name for r in cache.layout.records)
     for index in tqdm(range(cache.num_chunks), desc="cache statistics", unit="chunk", disable=None if progress else True):
         bounds = cache.chunk_bounds(index)
         targets, labels = cache.read(*bounds)

@@ -187,6 +187,8 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             if augment is not None:
                 raise SoftlabelsError(f"{cache.path} replays its own recorded views; --augment does not apply to it")
         if augment is not None:
+            if isinstance(source, TokenSource):  # a shift would show a position its own answer, noise change ids
+                raise SoftlabelsError(f"--augment on {source.spec}: token windows are ids, not values an augmentation may change")
             augment.check_input(source.input_shape, where=f"--augment on {source.spec}")
         self.augment = augment
         self.num_samples = len(source)

@@ -18,6 +18,7 @@ import numpy as np
 from .kinds import KINDS
 from .store import Cache
 from .tokens import GOLD
+from .views import mix_weights, scored_items
 
 
 def _percent(value: Any) -> str:
@@ -77,27 +78,29 @@ def format_table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
 def cache_report(cache: Cache) -> dict[str, Any]:
     """What ``softlabels inspect`` prints: manifest, sizes, teacher accuracy and the kind's statistic
     (dense: entropy in nats at T = 1; top-k: the teacher mass its K classes keep at T = 1; sampled:
-    distinct classes drawn), averaged over items. Chunks never written are left out."""
+    distinct classes drawn), averaged over items. Chunks never written are left out, of the sizes
+    per sample too (an incomplete cache's bytes are those of the chunks written)."""
     kind = cache.kind
     on_disk = cache.nbytes_on_disk()
-    correct = labeled = items = 0
+    correct = labeled = items = rows = 0
     statistic = gold_nats = 0.0
     recorded = cache.check_commit_record()  # an incomplete cache is reported on the chunks it has
     gold = any(r.name == GOLD for r in cache.layout.records)
-    weights = mix_weights(cache)
+    weights = mix_weights(r.name for r in cache.layout.records)
     for index in np.flatnonzero(recorded >= 0):
         bounds = cache.chunk_bounds(int(index))
         targets, labels = cache.read(*bounds)
         records = cache.read_records(*bounds) if gold or weights else {}
         statistic += kind.statistic(targets)
         items += labels.size
+        rows += len(labels)
         if gold:
             gold_nats -= float(records[GOLD][labels >= 0].astype(np.float64).sum())
         scored, right = scored_hits(kind, targets, labels, records, weights)
         correct += int(right.sum())
         labeled += int(scored.sum())
     n = len(cache)
-    dense_float32 = n * math.prod(cache.items) * cache.num_classes * 4
+    dense_float32 = rows * math.prod(cache.items) * cache.num_classes * 4
     mean = statistic / items if items else None
     return {
         "path": str(cache.path),
@@ -109,7 +112,7 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         "dtype": cache.layout.dtype if any(a.dtype == np.dtype(cache.layout.dtype) for a in cache.layout.target_arrays()) else None,
         "chunk_rows": cache.chunk_rows,
         "bytes_on_disk": on_disk,
-        "bytes_per_sample": on_disk / n if n else None,
+        "bytes_per_sample": on_disk / rows if rows else None,
         "compression_vs_dense_float32": dense_float32 / on_disk if on_disk else None,
         "labeled_items": labeled,
         "scored_on": "views whose own label weighs at least half" if weights else "labeled items",
@@ -119,37 +122,29 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         "teacher_accuracy_of": kind.top_class_estimate,
         "dump_teacher_accuracy": cache.manifest.get("teacher_accuracy") if kind.top_class_estimate else None,
         "statistic": {"name": kind.statistic_name, "mean": None if mean is None or math.isnan(mean) else mean},
-        "views": _views_report(cache, on_disk),
-        "tokens": _tokens_report(cache, on_disk, gold_nats / labeled if gold and labeled else None),
+        "views": _views_report(cache, on_disk, rows),
+        "tokens": _tokens_report(cache, on_disk, rows, gold_nats / labeled if gold and labeled else None),
         "manifest": cache.manifest,
     }
 
 
-def mix_weights(cache: Cache) -> list[str]:
-    """The records holding the weight of each view's own sample in a mixed view (mixup, cutmix)."""
-    return [r.name for r in cache.layout.records if r.name.startswith("views/") and r.name.endswith(".lam")
-            and not r.name.startswith("views/partner.")]
-
-
 def scored_hits(kind: Any, targets: dict[str, np.ndarray], labels: np.ndarray, records: dict[str, np.ndarray],
                 weights: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per item, whether the teacher's accuracy is scored on it (labeled, and where a view is mixed
-    with a partner, only where the sample's own label weighs at least half; ``weights``:
-    :func:`mix_weights`), and whether it is scored and the teacher's top class is its label."""
-    scored = labels >= 0
-    for name in weights:
-        scored &= records[name] >= 0.5
+    """Per item, whether the teacher's accuracy is scored on it (:func:`~softlabels.views.scored_items`),
+    and whether it is scored and the teacher's top class is its label."""
+    scored = scored_items(labels, records, weights)
     return scored, scored & (kind.top_class(targets) == labels)
 
 
-def _tokens_report(cache: Cache, on_disk: int, teacher_nats: float | None) -> dict[str, Any] | None:
-    """A token cache's window length, vocabularies, bytes per token and the teacher's own nats per
-    token on the cached text (from its stored log-probability of each actual next token)."""
+def _tokens_report(cache: Cache, on_disk: int, rows: int, teacher_nats: float | None) -> dict[str, Any] | None:
+    """A token cache's window length, vocabularies, bytes per token (``on_disk`` holding ``rows``
+    windows) and the teacher's own nats per token on the cached text (from its stored
+    log-probability of each actual next token)."""
     tokens = cache.manifest.get("tokens")
     if not isinstance(tokens, dict) or not cache.items:
         return None
     tokenizer = tokens.get("tokenizer") if isinstance(tokens.get("tokenizer"), dict) else {}
-    count = len(cache) * cache.items[0]
+    count = rows * cache.items[0]
     return {
         "seq_len": cache.items[0],
         "vocab_size": tokens.get("vocab_size"),
@@ -160,19 +155,20 @@ def _tokens_report(cache: Cache, on_disk: int, teacher_nats: float | None) -> di
     }
 
 
-def _views_report(cache: Cache, on_disk: int) -> dict[str, Any] | None:
-    """A view cache's views as its manifest records them (shown, never imported), with their bytes."""
+def _views_report(cache: Cache, on_disk: int, rows: int) -> dict[str, Any] | None:
+    """A view cache's views as its manifest records them (shown, never imported), with their bytes
+    (``on_disk`` holding ``rows`` samples)."""
     views = cache.manifest.get("views")
     if not isinstance(views, dict) or not cache.items:
         return None
-    count, n = cache.items[0], len(cache)
+    count = cache.items[0]
     record_bytes = sum(np.dtype(r.dtype).itemsize * math.prod(r.shape) for r in cache.layout.records)
     augment = views.get("augment") if isinstance(views.get("augment"), list) else []
     return {
         "count": count,
         "seed": views.get("seed"),
         "augment": [_augment_text(a) for a in augment],
-        "bytes_per_view": on_disk / (n * count) if n else None,
+        "bytes_per_view": on_disk / (rows * count) if rows else None,
         "record_bytes_per_view": record_bytes / count,
     }
 

@@ -31,10 +31,13 @@ from .train import CONFIG, PREDICTIONS, SUMMARY
 METRICS = "metrics.jsonl"
 CHECKPOINT_FILE = "student.pth"
 
-# Fields of a summary row and of a metrics.jsonl record that are numbers or null.
+# Fields of a summary row and of a metrics.jsonl record that are numbers or null, and of those the
+# shares (from 0 to 1) and the counts and sizes (0 or more).
 _SUMMARY_NUMBERS = ("params", "eval_accuracy", "teacher_agreement", "eval_nats", "ece", "seconds")
 _METRICS_NUMBERS = ("train_loss", "train_ce", "train_kl", "lr", "eval_accuracy", "teacher_agreement", "eval_nats", "ece",
                     "seconds")
+_SHARES = ("eval_accuracy", "teacher_agreement", "ece")
+_NOT_NEGATIVE = ("params", "eval_nats", "seconds")
 _PREDICTION_KINDS = {"predicted": "i", "confidence": "f", "labels": "i"}
 
 
@@ -58,13 +61,19 @@ def read_summary(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """The run's name (its directory's) and its ``summary.json`` rows, checked; ``path`` is the run
     directory or the summary file itself."""
     path = Path(path)
-    path = path / SUMMARY if path.is_dir() else path
+    if not path.is_file():
+        if not (path / SUMMARY).is_file():
+            raise SoftlabelsError(f"{path} is not a finished train-student run: it has no {SUMMARY}")
+        path = path / SUMMARY
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SoftlabelsError(f"cannot read summary {path}: {exc}") from exc
-    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
-        raise SoftlabelsError(f"{path} is not a train-student summary (a JSON list of objects)")
+    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise SoftlabelsError(f"{path} is not a train-student summary (a non-empty JSON list of objects)")
+    names = [entry.get("student") for entry in entries]
+    if len(set(map(str, names))) != len(names):
+        raise SoftlabelsError(f"{path}: two entries name one student")
     for i, entry in enumerate(entries):
         where = f"{path}: entry {i}"
         if not plain_name(entry.get("student")):
@@ -151,8 +160,6 @@ def read_run(path: str | Path, *, records: bool = True) -> Run:
     """Everything a run directory holds for a report, checked (see :class:`Run`); without
     ``records``, the summary and the checkpoints' hashes only (no metrics, no predictions)."""
     path = Path(path)
-    if not (path / SUMMARY).is_file():
-        raise SoftlabelsError(f"{path} is not a finished train-student run: it has no {SUMMARY}")
     name, summary = read_summary(path)
     run = Run(name=name, path=path, summary=summary, teacher_sha256=_cache_teacher(path / CONFIG))
     for row in summary:
@@ -190,5 +197,12 @@ def _cache_teacher(config: Path) -> str | None:
 
 def _check_numbers(record: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
     for key in keys:
-        if record.get(key) is not None and not is_number(record[key]):
-            raise SoftlabelsError(f"{where}: '{key}' must be a number or null, got {record[key]!r}")
+        value = record.get(key)
+        if value is None:
+            continue
+        if not is_number(value):
+            raise SoftlabelsError(f"{where}: '{key}' must be a number or null, got {value!r}")
+        if key in _SHARES and not 0 <= value <= 1:
+            raise SoftlabelsError(f"{where}: '{key}' must be a share from 0 to 1, got {value!r}")
+        if key in _NOT_NEGATIVE and value < 0:
+            raise SoftlabelsError(f"{where}: '{key}' must not be negative, got {value!r}")

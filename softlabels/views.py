@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -114,6 +114,23 @@ class Views:
         u = keyed_uniforms(key, torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)), (self.count,), 1)[..., 0]
         # The view of rank `turn` in each sample's keyed order: a partition, not a sort (53-bit keys do not tie).
         return np.argpartition(u.numpy(), turn, axis=-1)[:, turn]
+
+
+def mix_weights(records: Iterable[str]) -> list[str]:
+    """Of the record names ``records``, those holding the weight of each view's own sample in a mixed
+    view (mixup, cutmix)."""
+    return [name for name in records if name.startswith(GROUP) and name.endswith(".lam")
+            and not name.startswith(f"{GROUP}partner.")]
+
+
+def scored_items(labels: np.ndarray, records: dict[str, np.ndarray], weights: list[str]) -> np.ndarray:
+    """Per item, whether the teacher's accuracy is scored on it: labeled, and where a view is mixed
+    with a partner, only where the sample's own label weighs at least half (``weights``:
+    :func:`mix_weights`; ``records`` holds them). The dump, ``inspect`` and the report count alike."""
+    scored = labels >= 0
+    for name in weights:
+        scored &= records[name] >= 0.5
+    return scored
 
 
 class Mix(NamedTuple):

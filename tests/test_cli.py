@@ -265,3 +265,13 @@ def test_a_batch_norm_student_that_a_one_row_last_batch_would_stop_is_refused_be
     _check_one_row_batches(bn.make(5), "make", SoftTargetLoader(source, None, batch_size=42, shards=2, shard=0))  # 3 rows a rank
     with pytest.raises(SoftlabelsError, match=r"holds 2 \(300 rows in batches of 298\), 1 of them on a rank of 2"):
         _check_one_row_batches(bn.make(5), "make", SoftTargetLoader(source, None, batch_size=298, shards=2, shard=1))
+
+
+def test_evaluate_on_inputs_of_another_shape_says_which_shapes(tmp_path, npz_data):
+    assert run("train-student", "--data", npz_data, "--student", "mlp", "--hard-labels-only", "--epochs", "1", "--quiet",
+               "--out", tmp_path / "r").exit_code == 0
+    narrow = make_npz(tmp_path / "narrow.npz", features=10)
+    result = run("evaluate", "--model", tmp_path / "r" / "mlp" / "student.pth", "--data", narrow)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert re.match(rf"error: model .*student.pth was made for inputs \[12\], {re.escape(str(narrow))} has \[10\], which it cannot take",
+                    result.output), result.output

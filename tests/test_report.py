@@ -276,7 +276,7 @@ def test_compare_plot_draws_accuracy_against_parameters(demo, tmp_path):
     assert out.read_bytes() == before
     ok("compare", demo / "scratch", "--plot", out, "--overwrite")
     assert [p["run"] for p in json.loads(out.with_suffix(".json").read_text())["points"]] == ["scratch"] * len(summary(demo / "scratch"))
-    assert_one_line_error(run("compare", tmp_path, "--plot", tmp_path / "other.png"), "cannot read summary")
+    assert_one_line_error(run("compare", tmp_path, "--plot", tmp_path / "other.png"), f"{tmp_path} is not a finished train-student run: it has no summary.json")
 
 
 def test_loss_terms_in_metrics(demo):
@@ -356,3 +356,43 @@ def test_log_axis_ticks_are_plain_text(params):
         fig.canvas.draw()
     labels = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()]
     assert labels and all(re.fullmatch(r"\d+(\.\d+)?[kM]?", label) for label in labels), labels
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eval_accuracy", 1.5, "'eval_accuracy' must be a share from 0 to 1, got 1.5"),
+    ("teacher_agreement", -0.2, "'teacher_agreement' must be a share from 0 to 1, got -0.2"),
+    ("ece", 5.0, "'ece' must be a share from 0 to 1, got 5.0"),
+    ("params", -5, "'params' must not be negative, got -5"),
+    ("student", "dup", "two entries name one student"),
+])
+def test_a_summary_with_impossible_figures_is_refused(demo, tmp_path, field, value, message):
+    import shutil
+
+    run_dir = tmp_path / "edited"
+    shutil.copytree(demo / "scratch", run_dir)
+    rows = summary(run_dir)
+    rows[0][field] = value
+    if field == "student":
+        rows[1]["student"] = value
+    (run_dir / "summary.json").write_text(json.dumps(rows))
+    for command in (["compare", run_dir], ["report", run_dir, "--out", tmp_path / "r"]):
+        result = run(*command)
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    (run_dir / "summary.json").write_text("[]")
+    assert_one_line_error(run("compare", run_dir), r"is not a train-student summary \(a non-empty JSON list of objects\)")
+
+
+def test_inspect_of_an_incomplete_cache_counts_sizes_over_the_rows_written(tmp_path):
+    from softlabels import CacheWriter, Dense, Layout
+
+    path = tmp_path / "half.zarr"
+    logits = np.random.default_rng(0).normal(size=(256, 10)).astype(np.float32)
+    writer = CacheWriter(path, Layout(Dense(), 256, 10, "float32", 64), manifest={"teacher": {}, "dataset": {}})
+    writer.write_chunks(0, {"logits": logits[:128]}, np.zeros(128, np.int64))  # 2 of the 4 chunks
+    writer.close()
+    partial = tmp_path / "half.zarr.partial"  # where a cache is written until it is complete
+    result = run("inspect", partial, "--json")
+    assert result.exit_code == 1, result.output  # incomplete
+    report = json.loads(result.output)
+    assert not report["complete"] and report["bytes_per_sample"] == report["bytes_on_disk"] / 128
+    assert report["compression_vs_dense_float32"] == pytest.approx(128 * 10 * 4 / report["bytes_on_disk"])

@@ -278,3 +278,23 @@ def test_plain_zarr_and_numpy_replay_a_view_as_the_readme_shows(tmp_path, teache
         record = {name: r[i:i + 1, v] for name, r in open_cache(path).read_records(0, len(source)).items()}
         replayed, _ = replay(pipeline, source, torch.from_numpy(x[i:i + 1]), record, np.array([i]))
         np.testing.assert_allclose(view, replayed[0].numpy(), rtol=0, atol=1e-6)
+
+
+def test_the_dump_and_inspect_count_a_mixed_view_cache_s_accuracy_alike(tmp_path, npz_data, linear_teacher):
+    from click.testing import CliRunner
+
+    from softlabels.cli import cli
+
+    out = tmp_path / "mixed.zarr"
+    done = CliRunner().invoke(cli, ["dump", "--teacher", str(linear_teacher), "--arch", "linear", "--data", str(npz_data),
+                                    "--out", str(out), "--views", "4", "--augment", "mixup?alpha=1", "--store-dtype", "float32"])
+    assert done.exit_code == 0, done.output
+    # scored: labeled views whose own sample weighs at least half, recomputed from the stored arrays
+    group = zarr.open_group(str(out), mode="r")
+    labels, lam = group["labels"][:], group["views/mixup.lam"][:]
+    scored = (labels >= 0) & (lam >= 0.5)
+    assert 0 < scored.sum() < labels.size
+    expected = float((group["logits"][:].argmax(-1) == labels)[scored].mean())
+    assert group.attrs["softlabels"]["teacher_accuracy"] == pytest.approx(expected, abs=1e-12)
+    report = json.loads(CliRunner().invoke(cli, ["inspect", str(out), "--json"]).output)
+    assert report["teacher_accuracy"] == pytest.approx(expected, abs=1e-12)
