@@ -307,3 +307,12 @@ def test_a_teacher_whose_output_is_not_batch_positions_vocab_is_refused(tokens):
                "--out", tokens / "x.zarr", "--device", "cpu", "--quiet")
     assert done.returncode == 1 and "expected [batch, token, classes]" in done.stderr, done.stderr
     assert not list(tokens.glob("x.zarr*"))
+
+
+def test_augmenting_token_windows_is_refused(tokens):
+    # a shift would show each position its own answer; noise or scale would change token ids
+    done = run("train-student", "--data", tokens / "tok.npz", "--student", "gpt?layers=1&dim=16&heads=2", "--hard-labels-only",
+               "--augment", "shift?max=4", "--epochs", "1", "--out", tokens / "aug")
+    assert done.returncode == 1 and done.stderr.strip().endswith(
+        "token windows are ids, not values an augmentation may change"), done.stderr
+    assert not (tokens / "aug").exists()
