@@ -215,9 +215,11 @@ def check_classes(recorded: Any, source: Source, where: str) -> None:
     if recorded != source.classes:
         missing = sorted(set(recorded) - set(source.classes))
         extra = sorted(set(source.classes) - set(recorded))
+        def listed(names: list[str]) -> str:  # the first five, and how many in all
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         detail = "; ".join(part for part in (
-            f"the dataset lacks {', '.join(missing[:5])}" if missing else "",
-            f"only the dataset has {', '.join(extra[:5])}" if extra else "",
+            f"the dataset lacks {listed(missing)}" if missing else "",
+            f"only the dataset has {listed(extra)}" if extra else "",
         ) if part) or "the same names in another order"
         raise SoftlabelsError(f"dataset {source.spec} has classes other than {where}'s ({detail}): "
                               "label k must name the same class in both")

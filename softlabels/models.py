@@ -235,8 +235,9 @@ def check_output_shape(
         with torch.no_grad():
             out = model(sample)
     except Exception as exc:
+        hint = "" if sample.is_floating_point() else " (the inputs are token ids: use a language model, e.g. gpt or hf:CONFIG)"
         raise SoftlabelsError(
-            f"{name} cannot take inputs of shape {list(sample.shape[1:])}: {type(exc).__name__}: {exc}"
+            f"{name} cannot take inputs of shape {list(sample.shape[1:])}: {type(exc).__name__}: {exc}{hint}"
         ) from exc
     finally:
         model.train(was_training)

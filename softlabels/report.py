@@ -27,9 +27,11 @@ def _percent(value: Any) -> str:
 
 def _against_dense(ratio: float | None) -> str:
     """``ratio`` (dense float32 bytes over the cache's) as " (2.5x smaller than dense float32)", or
-    larger where it is below 1."""
+    larger where it is below 1, or about the same size within 5%."""
     if not ratio:
         return ""
+    if 0.95 <= ratio < 1.05:
+        return " (about the size of dense float32)"
     return f" ({ratio:.1f}x smaller than dense float32)" if ratio >= 1 else f" ({1 / ratio:.1f}x larger than dense float32)"
 
 

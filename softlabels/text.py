@@ -46,6 +46,8 @@ def read_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
     except ImportError:
         raise SoftlabelsError(f"reading a tokenizer needs the tokenizers package: {INSTALL_HINT}") from None
     path = Path(path)
+    if path.is_dir():
+        raise SoftlabelsError(f"tokenizer {path} is a folder: give its tokenizer file, e.g. {path / 'tokenizer.json'}")
     if not path.is_file():
         raise SoftlabelsError(f"tokenizer file not found: {path}")
     try:

@@ -161,3 +161,13 @@ def test_a_dataset_callable_may_be_named_by_a_file_path(tmp_path, monkeypatch):
     source = open_data("sub/ds.py:make?n=5")
     x, y = source.read(0, 5)
     assert len(source) == 5 and x.shape == (5, 4) and list(y) == [0, 1, 2, 3, 4]
+
+
+def test_a_class_mismatch_says_how_many_names_differ():
+    from softlabels.data import check_classes
+
+    class Renamed:  # a folder whose ten classes were renamed c0..c9
+        spec, classes = "imagefolder:renamed", [f"c{i}" for i in range(10)]
+    with pytest.raises(SoftlabelsError, match=r"\(the dataset lacks 0, 1, 2, 3, 4 and 5 more; only the dataset has c0, c1, c2, c3, c4 "
+                                              r"and 5 more\)"):
+        check_classes([str(i) for i in range(10)], Renamed(), "model m.pth")

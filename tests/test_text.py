@@ -98,6 +98,7 @@ def test_a_single_file_and_another_tokenizer(corpus, tmp_path):
         ("tokenizer=TOK&seq_len=16&seq_len=8", "'seq_len' given twice"),
         ("tokenizer=TOK&seq_len=100000", r"tokens in all, not one window of 100000"),
         ("tokenizer=nowhere.json&seq_len=16", "tokenizer file not found"),
+        ("tokenizer=DIR&seq_len=16", r"is a folder: give its tokenizer file, e.g. .*tokenizer.json"),
         ("tokenizer=BAD&seq_len=16", "is not a tokenizers JSON file"),
     ],
 )
@@ -105,7 +106,7 @@ def test_bad_specs_are_one_line_errors(corpus, query, pattern):
     docs, files, tokenizer_path = corpus
     bad = docs.parent / "bad.json"
     bad.write_text('{"not": "a tokenizer"}')
-    query = query.replace("TOK", str(tokenizer_path)).replace("BAD", str(bad))
+    query = query.replace("TOK", str(tokenizer_path)).replace("BAD", str(bad)).replace("DIR", str(tokenizer_path.parent))
     with pytest.raises(SoftlabelsError, match=pattern) as caught:
         open_data(f"text:{docs}?{query}")
     assert "\n" not in str(caught.value)

@@ -316,3 +316,10 @@ def test_augmenting_token_windows_is_refused(tokens):
     assert done.returncode == 1 and done.stderr.strip().endswith(
         "token windows are ids, not values an augmentation may change"), done.stderr
     assert not (tokens / "aug").exists()
+
+
+def test_a_student_that_cannot_take_token_ids_is_told_to_use_a_language_model(tokens):
+    done = run("train-student", "--data", tokens / "tok.npz", "--student", "mlp", "--hard-labels-only", "--epochs", "1",
+               "--out", tokens / "mlp")
+    assert done.returncode == 1 and "(the inputs are token ids: use a language model, e.g. gpt or hf:CONFIG)" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
