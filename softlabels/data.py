@@ -46,7 +46,7 @@ import torch
 
 from .errors import SoftlabelsError
 from .models import resolve_callable
-from .store import ZarrRows
+from .store import ZarrRows, first_failing_chunk
 from .trust import refuse_unpickling
 
 log = logging.getLogger(__name__)
@@ -260,16 +260,12 @@ class LazySource(Source):
             raise
         except Exception as exc:
             why = " ".join(f"{type(exc).__name__}: {exc}".split())
-            rows = getattr(array, "chunks", None)
-            if rows:
-                rows = int(rows[0])
-                for chunk in range(start // rows, -(-stop // rows)):
-                    lo, hi = chunk * rows, min((chunk + 1) * rows, int(array.shape[0]))
-                    try:
-                        array[lo:hi]
-                    except Exception:
-                        raise SoftlabelsError(f"dataset {self.spec}: array '{name}' chunk {chunk} (rows {lo}-{hi - 1}) "
-                                              f"is damaged ({why})") from None
+            chunks = getattr(array, "chunks", None)
+            bad = first_failing_chunk(array, start, stop, int(chunks[0])) if chunks else None
+            if bad is not None:
+                lo, hi = bad * int(chunks[0]), min((bad + 1) * int(chunks[0]), int(array.shape[0]))
+                raise SoftlabelsError(f"dataset {self.spec}: array '{name}' chunk {bad} (rows {lo}-{hi - 1}) "
+                                      f"is damaged ({why})") from None
             raise SoftlabelsError(f"dataset {self.spec}: array '{name}' rows {start}-{stop - 1} could not be read ({why})") from None
 
 
@@ -309,10 +305,10 @@ class ArraySource(LazySource):
         return int(chunks[0]) if chunks else None
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        xs = self.read_inputs(start, stop)
-        if self._open()[1] is None:
+        xs, y = self.read_inputs(start, stop), self._open()[1]
+        if y is None:
             return xs, np.full(stop - start, NO_LABEL, dtype=np.int64)
-        return xs, self._read_rows("y", self._open()[1], start, stop).astype(np.int64)
+        return xs, self._read_rows("y", y, start, stop).astype(np.int64)
 
     def read_inputs(self, start: int, stop: int) -> np.ndarray:
         # A slice of a memory-mapped npz is read-only; torch wants arrays it may write.

@@ -1010,17 +1010,23 @@ class _Arrays:
             raise self._damaged(name, self._first_bad_chunk(array, start, stop), f"{type(exc).__name__}: {exc}") from exc
 
     def _first_bad_chunk(self, array: Any, start: int, stop: int) -> int:
-        rows = self.layout.chunk_rows
-        for chunk in range(start // rows, -(-stop // rows)):
-            a, b = self.layout.chunk_bounds(chunk)
-            try:
-                array[a:b]
-            except Exception:
-                return chunk
-        return start // rows
+        bad = first_failing_chunk(array, start, stop, self.layout.chunk_rows)
+        return start // self.layout.chunk_rows if bad is None else bad
 
     def _damaged(self, name: str, chunk: int, why: str) -> "DamagedChunk":
         return DamagedChunk(self.path, name, chunk, self.layout.chunk_bounds(chunk), " ".join(why.split()))
+
+
+def first_failing_chunk(array: Any, start: int, stop: int, chunk_rows: int) -> int | None:
+    """The first chunk (of ``chunk_rows`` rows) of rows ``[start, stop)`` of an array read through zarr
+    or h5py whose read fails, e.g. by its checksum; ``None`` if each reads alone. For naming the
+    chunk after a read of the whole range failed."""
+    for chunk in range(start // chunk_rows, -(-stop // chunk_rows)):
+        try:
+            array[chunk * chunk_rows:min((chunk + 1) * chunk_rows, int(array.shape[0]))]
+        except Exception:
+            return chunk
+    return None
 
 
 class DamagedChunk(SoftlabelsError):
