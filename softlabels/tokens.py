@@ -24,6 +24,7 @@ import torch
 
 from .data import NO_LABEL, LazySource, Source
 from .errors import SoftlabelsError
+from .kinds.base import log_partitions
 from .store import Record
 
 TOKEN_AXIS = "token"
@@ -138,9 +139,8 @@ def gold_logprob(logits: torch.Tensor, labels: torch.Tensor, log_partition: torc
     labels = labels.to(logits.device)
     index = labels.clamp(min=0).unsqueeze(-1)
     if log_partition is None:
-        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, index)[..., 0]
-    else:
-        picked = logits.gather(-1, index)[..., 0].float() - log_partition.float()
+        log_partition = log_partitions(logits.float(), (1.0,))[..., 0]
+    picked = logits.gather(-1, index)[..., 0].float() - log_partition.float()
     return torch.where(labels >= 0, picked, torch.zeros_like(picked)).to(torch.float16)
 
 

@@ -1,6 +1,7 @@
 """Target kinds: top-k and sampled caches against dense computations, any item shape, convert."""
 
 import json
+import math
 
 import h5py
 import numpy as np
@@ -168,6 +169,25 @@ def test_a_float16_top_k_cache_keeps_the_teachers_tail_and_its_own_kl_is_zero():
         assert ((1 - kept) - true_rest).abs().max() < 1e-5
     own = kind.kl(z, targets, temperature=1.0, kl="forward")  # the teacher as its own student
     assert own.mean() < 1e-6 and own.max() < 1e-5
+
+
+@pytest.mark.parametrize("temperatures", [DEFAULT_TEMPERATURES, (0.5, 1.0, 3.0, 7.3)])
+def test_the_log_partition_grid_is_logsumexp_at_each_temperature_item_by_item(temperatures):
+    # 600 items of 2000 classes span several blocks of the CPU computation (1 MiB of logits each)
+    torch.manual_seed(0)
+    z = torch.randn(600, 2000) * 4
+    z[0, 5], z[1, :], z[2, 7], z[3, 9] = float("inf"), float("-inf"), float("-inf"), float("nan")
+    kind = TopK(k=3, temperatures=temperatures)
+    grid = kind.grid(z)
+    expected = torch.stack([torch.logsumexp(z / t, -1) for t in temperatures], -1)
+    exact = all(math.log2(t).is_integer() for t in temperatures)  # z / T is then exact
+    torch.testing.assert_close(grid, expected, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6, equal_nan=True)
+    assert torch.isnan(grid[3]).all() and (grid[0] == float("inf")).all() and (grid[1] == float("-inf")).all()
+    # an item's values are the same whatever else is in its batch, and with the largest logit given
+    assert torch.equal(torch.cat([kind.grid(z[i:i + 7]) for i in range(0, 600, 7)]).nan_to_num(), grid.nan_to_num())
+    assert torch.equal(kind.grid(z[4:], z[4:].amax(-1)), grid[4:])
+    assert kind.grid(z.reshape(20, 30, 2000)).shape == (20, 30, len(temperatures))
+    assert kind.grid(torch.empty(0, 3, 2000)).shape == (0, 3, len(temperatures))
 
 
 def test_index_dtype_is_the_smallest_that_holds_c():

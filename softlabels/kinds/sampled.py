@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import SoftlabelsError
-from .base import Option, SparseKind, StoredArray, index_dtype, is_number, positive_int
+from .base import Option, SparseKind, StoredArray, index_dtype, is_number, item_blocks, positive_int
 
 _M32 = 0xFFFFFFFF
 
@@ -148,13 +148,20 @@ class Sampled(SparseKind):
         t = self.proposal_temperature
         # In float64, so that a draw lands in the same class on any device. The cumulative sum of the
         # unnormalised proposal is searched at u times its total: the same distribution as the
-        # normalised CDF at u, two passes over the vocabulary fewer.
-        cdf = z.to(torch.float64, copy=True)  # a copy: what follows works in place
-        if t != 1:  # / 1 would change nothing
-            cdf /= t
-        cdf = cdf.sub_(cdf.amax(-1, keepdim=True)).exp_().cumsum_(-1)
-        u = keyed_uniforms(self.sample_seed, rows, tuple(z.shape[1:-1]), self.samples)
-        draws = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).clamp_(max=classes - 1)
+        # normalised CDF at u, two passes over the vocabulary fewer. A block of items at a time: the
+        # passes then read it from the core's cache (2.4x faster for 16,384 tokens over 2,048 classes).
+        items = z.reshape(-1, classes)
+        u = keyed_uniforms(self.sample_seed, rows, tuple(z.shape[1:-1]), self.samples).reshape(len(items), -1)
+        draws = torch.empty(u.shape, dtype=torch.int64, device=z.device)
+        blocks = item_blocks(items)
+        buffer = torch.empty(blocks[0].stop, classes, dtype=torch.float64, device=z.device)
+        for block in blocks:
+            cdf = buffer[:block.stop - block.start].copy_(items[block])
+            if t != 1:  # / 1 would change nothing
+                cdf /= t
+            cdf.sub_(cdf.amax(-1, keepdim=True)).exp_().cumsum_(-1)
+            draws[block] = torch.searchsorted(cdf, u[block] * cdf[:, -1:], right=True)
+        draws = draws.clamp_(max=classes - 1).reshape(*z.shape[:-1], self.samples)
         ranked, counts = _ranked_counts(draws, classes, self.width(classes))
         drawn = {"sample_indices": ranked, "sample_counts": counts}
         if self.compact:

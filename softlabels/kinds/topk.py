@@ -66,7 +66,7 @@ class TopK(SparseKind):
         mass of the K classes, and ``1 - sum_k p_k`` is its exact tail. Rounded to float16, a logit
         of 30 moves by up to 0.016 and its probability by up to 1.6%: against the log-partition of
         the unrounded logits the tail would come out that much too small, or below zero."""
-        grid = self.grid(z)
+        grid = self.grid(z, values[..., 0])  # the K largest come largest first
         if stored.dtype == values.dtype:
             return grid
         t = torch.tensor(self.temperatures, dtype=z.dtype, device=z.device)[:, None]
