@@ -593,6 +593,8 @@ def open_data(spec: str) -> Source:
     if path.suffix in _STORE_SUFFIXES:
         if not path.exists():
             raise SoftlabelsError(f"data spec {spec}: no such file or directory")
+        if not (path.is_file() or (path.suffix == ".zarr" and path.is_dir())):  # a FIFO would block the reader forever
+            raise SoftlabelsError(f"data spec {spec}: not a regular file{' or a folder' if path.suffix == '.zarr' else ''}")
         canonical = str(path.resolve())
         opener = {".npz": _npz_opener, ".zarr": _zarr_opener}.get(path.suffix, _h5_opener)(path.resolve(), spec)
         if "input_ids" in opener():

@@ -61,10 +61,19 @@ def barrier() -> None:
 
 def sum_ints(*values: int) -> list[int]:
     """Element-wise sums of integers over all ranks."""
+    return [int(v) for v in _sum(values, torch.int64)]
+
+
+def sum_floats(*values: float) -> list[float]:
+    """Element-wise sums of numbers over all ranks, in float64."""
+    return [float(v) for v in _sum(values, torch.float64)]
+
+
+def _sum(values: tuple, dtype: torch.dtype) -> list:
     if not dist.is_initialized():
         return list(values)
     # NCCL reduces device tensors only
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    tensor = torch.tensor(values, dtype=dtype, device=device)
     dist.all_reduce(tensor)
-    return [int(v) for v in tensor]
+    return tensor.tolist()

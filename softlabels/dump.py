@@ -531,6 +531,9 @@ def dump(
     :data:`~softlabels.data.UNUSABLE` (no loss in training) and listed in the manifest's ``skipped``.
     """
     out = Path(out)
+    if not isinstance(teacher, LoadedModel):  # a bare module has no file, checksum or architecture to record
+        raise SoftlabelsError(f"the teacher must be a softlabels.load_model(...) result, got a {type(teacher).__name__}: "
+                              "save the module with softlabels.save_checkpoint and load it")
     if len(source) == 0:
         raise SoftlabelsError(f"dataset {source.spec} is empty")
     if precision not in PRECISIONS:

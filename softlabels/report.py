@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .data import skipped_rows
 from .kinds import KINDS
 from .store import Cache
 from .tokens import GOLD
@@ -117,6 +118,8 @@ def cache_report(cache: Cache) -> dict[str, Any]:
         "bytes_per_sample": on_disk / rows if rows else None,
         "compression_vs_dense_float32": dense_float32 / on_disk if on_disk else None,
         "labeled_items": labeled,
+        # rows whose inputs a dump could not read (--skip-bad-files): stored as zeros, trained on by no loss
+        "skipped_rows": len(skipped_rows(cache.manifest.get("dataset") or {}, cache.manifest.get("skipped"), str(cache.path))),
         "scored_on": "views whose own label weighs at least half" if weights else "labeled items",
         "teacher_accuracy": correct / labeled if labeled else None,
         # where the stored targets cannot tell the teacher's top class: what is counted instead, and
@@ -228,6 +231,8 @@ def format_cache_report(report: dict[str, Any]) -> str:
         + (f", counting the {report['teacher_accuracy_of']} (the dump's own count: {_percent(report['dump_teacher_accuracy'])})"
            if report["teacher_accuracy_of"] else ""),
         f"{statistic['name']:<12} " + ("-" if statistic["mean"] is None else kind_type.statistic_format.format(statistic["mean"])),
+        *([f"skipped      {report['skipped_rows']:,} rows whose inputs could not be read (stored as zeros, no loss; "
+           "listed under 'skipped' in --json)"] if report["skipped_rows"] else []),
         *_views_lines(report["views"]),
         *_tokens_lines(report["tokens"]),
         f"created      {m.get('created')} by softlabels {m.get('softlabels_version')}, torch {m.get('torch_version')}",

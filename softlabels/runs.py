@@ -86,10 +86,17 @@ def read_summary(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
     return path.resolve().parent.name, entries
 
 
+def _readable(path: Path, what: str) -> Path:
+    """``path``, refused where it is there but no regular file: reading a FIFO would block forever."""
+    if path.exists() and not path.is_file():
+        raise SoftlabelsError(f"cannot read {what} {path}: not a regular file")
+    return path
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """A student's ``metrics.jsonl``: one object per epoch, epochs 1, 2, ... in order, every metric
     a number or null."""
-    path = Path(path)
+    path = _readable(Path(path), "metrics")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -113,7 +120,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
     """A student's :data:`~softlabels.train.PREDICTIONS`: ``predicted``, ``confidence`` in [0, 1] and
     ``labels`` (``-1``: none), of one shape, loaded without pickle."""
-    path = Path(path)
+    path = _readable(Path(path), "predictions")
     try:
         with open(path, "rb") as f:
             data = np.load(f, allow_pickle=False)

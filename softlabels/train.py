@@ -610,8 +610,10 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
     if global_rows == 0:  # every row was an input the dump could not read (--skip-bad-files)
         return
     if not rows:
-        return _join_step(trained, batch, device)
-    share = rows * distributed.world()[1] / global_rows if global_rows is not None else 1.0
+        _join_step(trained, batch, device)
+        return _add_step(trained, None, False, 0.0)
+    world = distributed.world()[1]
+    share = rows * world / global_rows if global_rows is not None else 1.0
     x = batch.inputs.to(device, non_blocking=True)
     y = batch.labels.to(device, non_blocking=True)
     mask = y != NO_LABEL if mask_unlabeled else None
@@ -622,6 +624,7 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
     else:
         t = None if config.hard_labels_only else batch.teacher_logits.to(device, non_blocking=True)
     labeled = bool((batch.labels != NO_LABEL).any())
+    losses = []
     for student in trained:
         began = time.perf_counter()
         _set_rng_state(student.rng, device)
@@ -634,17 +637,12 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         student.optimizer.step()
         student.schedule.step()
         student.rng = _rng_state(device)
-        value = float(loss.detach())
-        if not math.isfinite(value):  # every later step and the evaluation would be NaN too
-            raise SoftlabelsError(f"student '{student.name}' diverged: its loss is {value} in epoch {len(student.history) + 1}; "
-                                  "train it again with a lower --lr (and --overwrite)")
-        student.loss_sum += value
-        student.loss_count += 1
-        elapsed = time.perf_counter() - began  # the step itself; the loss terms below are bookkeeping
-        _add_terms(student, terms, labeled)
+        losses.append((float(loss.detach()), terms))
+        elapsed = time.perf_counter() - began  # the step itself; the loss terms are bookkeeping
         student.seconds += elapsed
         student.step_seconds += elapsed
         student.rows += len(batch.labels)
+    _add_step(trained, losses, labeled, share / world)
 
 
 def _check_one_row_batches(model: torch.nn.Module, name: str, loader: SoftTargetLoader) -> None:
@@ -686,16 +684,32 @@ def _join_step(trained: list[_Student], batch: Batch, device: torch.device) -> N
         student.rng = _rng_state(device)
 
 
-def _add_terms(student: _Student, terms: KDTerms, labeled: bool) -> None:
-    """Add a step's hard-label cross-entropy (on a batch with labels) and soft KL at T (with a
-    teacher) to the student's sums, each as the loss computed it."""
-    sums = student.terms
-    if labeled:
-        sums["ce_sum"] += float(terms.hard.detach())
-        sums["ce_count"] += 1
-    if terms.soft is not None:
-        sums["kl_sum"] += float(terms.soft.detach())
-        sums["kl_count"] += 1
+def _add_step(trained: list[_Student], losses: list[tuple[float, KDTerms]] | None, labeled: bool, weight: float) -> None:
+    """Add a step's loss, hard-label cross-entropy (on a batch with labels) and soft KL at T (with a
+    teacher) to each student's sums, each as the loss computed it. Under torchrun they are the whole
+    batch's, as one process records them: each rank's means weighed by ``weight``, its share of the
+    batch's rows, summed over the ranks in one all-reduce (a rank with no row adds nothing). Every
+    rank then holds the same sums, and a diverged student stops every rank."""
+    numbers = []
+    for i in range(len(trained)):
+        loss, terms = losses[i] if losses is not None else (0.0, None)
+        ce = float(terms.hard.detach()) if labeled else 0.0
+        kl = float(terms.soft.detach()) if terms is not None and terms.soft is not None else None
+        numbers += [loss * weight, ce * weight, float(labeled), (kl or 0.0) * weight, float(kl is not None)]
+    numbers = distributed.sum_floats(*numbers)
+    for i, student in enumerate(trained):
+        loss, ce, has_ce, kl, has_kl = numbers[5 * i:5 * i + 5]
+        if not math.isfinite(loss):  # every later step and the evaluation would be NaN too
+            raise SoftlabelsError(f"student '{student.name}' diverged: its loss is {loss} in epoch {len(student.history) + 1}; "
+                                  "train it again with a lower --lr (and --overwrite)")
+        student.loss_sum += loss
+        student.loss_count += 1
+        if has_ce:
+            student.terms["ce_sum"] += ce
+            student.terms["ce_count"] += 1
+        if has_kl:
+            student.terms["kl_sum"] += kl
+            student.terms["kl_count"] += 1
 
 
 def _epoch_batches(loader: SoftTargetLoader, num_workers: int) -> Iterator[Batch]:

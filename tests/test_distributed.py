@@ -1,6 +1,7 @@
 """torchrun with 2 CPU ranks (gloo): the same cache bytes as one process, resumable, and DDP training
 that matches one process serving the same global batches."""
 
+import json
 import os
 import signal
 import subprocess
@@ -106,6 +107,10 @@ def test_ddp_training_matches_one_process_with_the_same_global_batches(tmp_path,
         # reductions across ranks, and bit-identical in one process.
         assert max((ddp[k] - two[k]).abs().max().item() for k in ddp) < 1e-5
         assert all(torch.equal(two[k], four[k]) for k in two)
+        # the recorded losses are the whole batch's, as one process records them, not rank 0's half
+        records = [json.loads((tmp_path / run / name / "metrics.jsonl").read_text().splitlines()[-1]) for run in ("ddp", "single-2")]
+        for key in ("train_loss", "train_kl", "train_ce"):
+            assert records[0][key] == pytest.approx(records[1][key], rel=1e-5), key
 
 
 def test_world_only_asks_and_init_joins(monkeypatch):

@@ -239,6 +239,8 @@ def test_a_corrupt_first_image_is_skipped_like_any_other(tmp_path, size):
     assert result.exit_code == 0, result.output
     with open_cache(tmp_path / "b.zarr") as cache:
         assert cache.labels()[0] == UNUSABLE and (cache.labels()[1:] != UNUSABLE).all()
+    shown = run("inspect", tmp_path / "b.zarr")
+    assert shown.exit_code == 0 and "skipped      1 rows whose inputs could not be read" in shown.output, shown.output
 
 
 def test_a_corrupt_image_stops_the_dump_and_resume_works_once_it_is_fixed_or_removed(tmp_path):

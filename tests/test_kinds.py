@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from softlabels import Dense, Sampled, SoftTargets, TopK, kd_loss, kl_divergence, open_cache
 from softlabels.cli import cli
+from softlabels.errors import SoftlabelsError
 from softlabels.kinds import DEFAULT_TEMPERATURES, KINDS
 from softlabels.kinds.base import argmax, index_dtype
 
@@ -188,6 +189,20 @@ def test_the_log_partition_grid_is_logsumexp_at_each_temperature_item_by_item(te
     assert torch.equal(kind.grid(z[4:], z[4:].amax(-1)), grid[4:])
     assert kind.grid(z.reshape(20, 30, 2000)).shape == (20, 30, len(temperatures))
     assert kind.grid(torch.empty(0, 3, 2000)).shape == (0, 3, len(temperatures))
+
+
+def test_a_grid_naming_a_temperature_twice_is_refused():
+    # the log-partition of a temperature is looked up by its value: a repeated one would read another column
+    with pytest.raises(SoftlabelsError, match=r"temperatures must differ from each other, got \[4.0, 4.0, 8.0\]"):
+        TopK(k=3, temperatures=(4.0, 4.0, 8.0)).validate(num_classes=10, where="cache")
+
+
+def test_dump_refuses_a_bare_module_as_its_teacher(tmp_path, npz_data):
+    from softlabels import dump, open_data
+
+    with pytest.raises(SoftlabelsError, match=r"the teacher must be a softlabels.load_model\(...\) result, got a Linear"):
+        dump(torch.nn.Linear(4, 3), open_data(str(npz_data)), tmp_path / "c.zarr")
+    assert not (tmp_path / "c.zarr").exists() and not (tmp_path / "c.zarr.partial").exists()
 
 
 def test_index_dtype_is_the_smallest_that_holds_c():

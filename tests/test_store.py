@@ -552,6 +552,27 @@ def test_array_metadata_other_than_softlabels_writes_is_refused_on_open(tmp_path
         open_cache(path)
 
 
+@pytest.mark.parametrize("name", ["x.npz", "x.h5", "run/student/metrics.jsonl", "run/student/eval_predictions.npz"])
+def test_a_pipe_in_place_of_a_dataset_or_run_file_is_refused_instead_of_blocking(tmp_path, name):
+    import signal
+
+    from softlabels import open_data
+    from softlabels.runs import read_metrics, read_predictions
+
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    read = {".npz": open_data, ".h5": open_data, ".jsonl": read_metrics}.get(path.suffix, open_data)
+    if path.name == "eval_predictions.npz":
+        read = read_predictions
+    signal.alarm(20)  # a blocked open fails the test instead of hanging it
+    try:
+        with pytest.raises(SoftlabelsError, match="not a regular file"):
+            read(str(path))
+    finally:
+        signal.alarm(0)
+
+
 @pytest.mark.parametrize("name", ["c.zarr/zarr.json", "c.zarr/logits/zarr.json", "c.zarr/chunk_crc32/c/0", "c.h5"])
 def test_a_pipe_in_place_of_a_cache_file_zarr_or_h5py_would_read_is_refused_instead_of_blocking(tmp_path, name):
     import signal

@@ -223,6 +223,8 @@ class SparseKind(TargetKind):
         if (not isinstance(self.temperatures, tuple) or not self.temperatures
                 or not all(is_number(t) and t > 0 for t in self.temperatures)):
             raise SoftlabelsError(f"{where}: temperatures must be a non-empty list of positive numbers, got {self.temperatures!r}")
+        if len(set(self.temperatures)) != len(self.temperatures):  # a log-partition is found by its temperature
+            raise SoftlabelsError(f"{where}: temperatures must differ from each other, got {list(self.temperatures)!r}")
 
     def log_partition_at_one(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if "logsumexp" not in targets or not any(abs(t - 1) < 1e-6 for t in self.temperatures):
