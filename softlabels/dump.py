@@ -644,6 +644,9 @@ def _start(
     """Reopen the interrupted dump, or make a new partial cache; the latter needs the first batch's
     output for the number of classes and items, which is returned so that it is not computed twice."""
     if out.exists() and not overwrite:
+        if resume:
+            raise SoftlabelsError(f"{out} is complete already: there is nothing to resume (`softlabels verify {out}` "
+                                  "checks it; --overwrite dumps it again)")
         raise SoftlabelsError(f"{out} already exists; pass --overwrite to replace it")
     if partial_path(out).exists() and not (resume or overwrite):
         raise SoftlabelsError(

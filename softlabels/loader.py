@@ -59,14 +59,20 @@ def source_for_cache(cache: Cache, spec: str | None = None, *, trust_code: bool 
         source = source_for_cache(open_cache("train.zarr"))
     """
     recorded = cache.manifest.get("dataset") or {}
-    if spec is None:
+    given = spec is not None
+    if not given:
         if recorded.get("spec") is None:
             raise SoftlabelsError(f"{cache.path} does not name its dataset; pass --data")
         spec = check_recorded_spec(
             recorded["spec"], names_code=data_names_code(str(recorded["spec"])),
             where=f"cache {cache.path} (manifest field 'dataset.spec')", option="--data", trust_code=trust_code,
         )
-    source = open_data(spec)
+    try:
+        source = open_data(spec)
+    except SoftlabelsError as exc:
+        if given or "no such file or directory" not in str(exc):
+            raise
+        raise SoftlabelsError(f"{exc} (where cache {cache.path} was dumped from it; if the data moved, pass --data PATH)") from None
     check_tokenizer(cache.manifest.get("tokens"), source, where=f"cache {cache.path}")
     check_classes(cache.classes, source, f"cache {cache.path}")
     source.skip_rows(skipped_rows(recorded, cache.manifest.get("skipped"), f"cache {cache.path}"))
@@ -181,7 +187,7 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         self.shuffle_chunks, self.drop_last = shuffle_chunks, drop_last
         self.shards, self.shard, self.read_threads = shards, shard, read_threads
         self.block_rows = block_rows(source, cache)
-        self.views = None if cache is None else Views.from_manifest(cache.manifest, where=str(cache.path), trust_code=trust_code)
+        self.views = None if cache is None else Views.of_cache(cache, trust_code=trust_code)
         if self.views is not None:
             self.views.check(cache.layout.records, cache.items, source.input_shape, where=str(cache.path))
             if augment is not None:

@@ -79,8 +79,9 @@ def read_summary(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
         if not plain_name(entry.get("student")):
             raise SoftlabelsError(f"{where}: 'student' must be a plain name, got {entry.get('student')!r}")
         _check_numbers(entry, _SUMMARY_NUMBERS, where)
-        if not isinstance(entry.get("params"), int) and entry.get("params") is not None:
-            raise SoftlabelsError(f"{where}: 'params' must be an integer")
+        params = entry.get("params")
+        if params is not None and not (isinstance(params, int) and not isinstance(params, bool) and 0 <= params < 2**53):
+            raise SoftlabelsError(f"{where}: 'params' must be a parameter count (an integer from 0 to 2**53), got {str(params)[:40]}")
         if not isinstance(entry.get("targets", ""), str):
             raise SoftlabelsError(f"{where}: 'targets' must be a string")
     return path.resolve().parent.name, entries
@@ -132,9 +133,11 @@ def read_predictions(path: str | Path) -> dict[str, np.ndarray]:
         raise SoftlabelsError(f"cannot read predictions {path}: {type(exc).__name__}: {exc}") from exc
     for name, kind in _PREDICTION_KINDS.items():
         if name not in arrays or arrays[name].dtype.kind != kind:
-            raise SoftlabelsError(f"{path}: array '{name}' is missing or not of {'integers' if kind == 'i' else 'floats'}")
+            raise SoftlabelsError(f"{path}: array '{name}' is missing or not of {'signed integers' if kind == 'i' else 'floats'}")
     if len({a.shape for a in arrays.values()}) != 1:
         raise SoftlabelsError(f"{path}: arrays 'predicted', 'confidence' and 'labels' differ in shape")
+    if arrays["labels"].size and (arrays["predicted"].min() < 0 or arrays["labels"].min() < -1):
+        raise SoftlabelsError(f"{path}: 'predicted' must hold classes (0 or more) and 'labels' classes or -1 (no label)")
     confidence = arrays["confidence"]
     if confidence.size and not (np.isfinite(confidence).all() and confidence.min() >= 0 and confidence.max() <= 1):
         raise SoftlabelsError(f"{path}: 'confidence' must hold probabilities in [0, 1]")

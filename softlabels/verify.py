@@ -69,7 +69,7 @@ def verify_cache(
         if not cache.manifest.get("complete"):
             report.problems.append("the cache is incomplete: its dump did not finish")
         try:  # what training would refuse; resolving named code only with trust_code
-            Views.from_manifest(cache.manifest, where="the manifest", trust_code=trust_code)
+            Views.of_cache(cache, trust_code=trust_code)
         except SoftlabelsError as exc:
             report.problems.append(str(exc))
         try:
@@ -99,7 +99,7 @@ def verify_cache(
             if teacher is None:
                 raise SoftlabelsError("--recompute needs --teacher")
             source = source or source_for_cache(cache, data_spec, trust_code=trust_code)
-            views = Views.from_manifest(cache.manifest, where=str(cache.path), trust_code=trust_code)
+            views = Views.of_cache(cache, trust_code=trust_code)
             if views is None:
                 _recompute(cache, report, recompute, teacher, source, seed, device)
             else:

@@ -71,6 +71,18 @@ class Views:
                                           where=f"{where}: manifest field 'views'", trust_code=trust_code)
         return cls(settings["count"], pipeline)
 
+    @classmethod
+    def of_cache(cls, cache: Any, *, trust_code: bool = False) -> "Views | None":
+        """The views a cache records (:meth:`from_manifest`), refused where its item axes disagree: a
+        cache with views holds them on its first item axis, ``view``. (A cache without views may name
+        an item axis of its teacher's outputs ``view`` too.)"""
+        views = cls.from_manifest(cache.manifest, where=str(cache.path), trust_code=trust_code)
+        axes = cache.layout.item_axes
+        if views is not None and tuple(axes[:1]) != ((VIEW_AXIS, views.count),):
+            raise SoftlabelsError(f"{cache.path}: the manifest records {views.count} views but the first item axis is "
+                                  f"{tuple(axes[0]) if axes else 'missing'}")
+        return views
+
     def records(self, input_shape: tuple[int, ...]) -> tuple[Record, ...]:
         """The store records of every parameter, ``views/<name>`` of shape ``[V, *tail]``."""
         return tuple(Record(GROUP + name, np.dtype(dtype), (self.count, *tail))

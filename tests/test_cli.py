@@ -100,11 +100,24 @@ def test_existing_cache_is_kept_without_overwrite(tmp_path, npz_data, linear_tea
     before = sorted(p.read_bytes() for p in out.rglob("*") if p.is_file())
     result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out)
     assert_one_line_error(result, "already exists; pass --overwrite")
+    resumed = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out, "--resume")
+    assert_one_line_error(resumed, "is complete already: there is nothing to resume")
     assert sorted(p.read_bytes() for p in out.rglob("*") if p.is_file()) == before
     replaced = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out, "--overwrite")
     assert replaced.exit_code == 0 and f"wrote {out}: 300 samples x 5 classes" in replaced.output
     with open_cache(out) as cache:
         assert len(cache) == 300 and cache.manifest["complete"]
+
+
+def test_moved_data_is_named_with_the_option_that_finds_it(tmp_path, npz_data, linear_teacher):
+    out = tmp_path / "c.zarr"
+    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out).exit_code == 0
+    moved = npz_data.rename(tmp_path / "moved.npz")
+    train = ["train-student", "--cache", out, "--student", "linear", "--epochs", "1", "--quiet"]
+    result = run(*train, "--out", tmp_path / "a")
+    assert_one_line_error(result, rf"data spec {npz_data}: no such file or directory \(where cache {out} was dumped from it; "
+                                  r"if the data moved, pass --data PATH\)")
+    assert run(*train, "--data", moved, "--out", tmp_path / "b").exit_code == 0
 
 
 def test_labels_out_of_range_are_refused(tmp_path, linear_teacher):

@@ -363,6 +363,8 @@ def test_log_axis_ticks_are_plain_text(params):
     ("teacher_agreement", -0.2, "'teacher_agreement' must be a share from 0 to 1, got -0.2"),
     ("ece", 5.0, "'ece' must be a share from 0 to 1, got 5.0"),
     ("params", -5, "'params' must not be negative, got -5"),
+    ("params", 10**400, "'params' must be a number or null, got 1000000"),
+    ("params", 2.5, "'params' must be a parameter count (an integer from 0 to 2**53), got 2.5"),
     ("student", "dup", "two entries name one student"),
 ])
 def test_a_summary_with_impossible_figures_is_refused(demo, tmp_path, field, value, message):
@@ -396,3 +398,16 @@ def test_inspect_of_an_incomplete_cache_counts_sizes_over_the_rows_written(tmp_p
     report = json.loads(result.output)
     assert not report["complete"] and report["bytes_per_sample"] == report["bytes_on_disk"] / 128
     assert report["compression_vs_dense_float32"] == pytest.approx(128 * 10 * 4 / report["bytes_on_disk"])
+
+
+@pytest.mark.parametrize("predicted, labels, dtype", [(-3, 1, np.int64), (2, -7, np.int64), (2, 1, np.uint8)])
+def test_predictions_outside_the_classes_or_unsigned_are_refused(tmp_path, predicted, labels, dtype):
+    from softlabels.errors import SoftlabelsError
+    from softlabels.runs import read_predictions
+
+    path = tmp_path / "eval_predictions.npz"
+    np.savez(path, predicted=np.array([predicted, 0], dtype=dtype), confidence=np.array([0.5, 0.9]),
+             labels=np.array([labels, 0], dtype=dtype))
+    message = "must hold classes" if dtype == np.int64 else "array 'predicted' is missing or not of signed integers"
+    with pytest.raises(SoftlabelsError, match=message):
+        read_predictions(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import torch
 import zarr
 
 import softlabels.train as train_module
-from softlabels import SoftTargetLoader, StudentSpec, TrainConfig, dump, open_cache, open_data, train_students
+from softlabels import SoftTargetLoader, StudentSpec, TrainConfig, dump, open_cache, open_data, source_for_cache, train_students
 from softlabels.augment import Pipeline, parse_augment
 from softlabels.convert import convert_cache
+from softlabels.errors import SoftlabelsError
 from softlabels.store import chunk_checksum
 from softlabels.verify import verify_cache
 from softlabels.views import Views, replay
@@ -177,6 +179,7 @@ def test_verify_replays_views_and_catches_edited_parameters(tmp_path, teacher, v
 @pytest.mark.parametrize("views, message", [
     ({"count": -1}, "manifest field 'views' must be an object with a positive 'count'"),
     ({"augment": [{"name": "os:system"}]}, "os:system"),
+    ({"count": 2}, "the manifest records 2 views but the first item axis is ('view', "),
 ])
 def test_verify_refuses_the_view_settings_training_refuses(tmp_path, view_cache, views, message):
     edited = tmp_path / "edited.zarr"
@@ -187,6 +190,8 @@ def test_verify_refuses_the_view_settings_training_refuses(tmp_path, view_cache,
     group.attrs["softlabels"] = manifest
     report = verify_cache(edited)
     assert not report.ok and any(message in problem for problem in report.problems), report.problems
+    with open_cache(edited) as cache, pytest.raises(SoftlabelsError, match=re.escape(message)):
+        SoftTargetLoader(source_for_cache(cache), cache, batch_size=8)
 
 
 def test_convert_keeps_the_first_views_and_makes_sparse_view_caches(tmp_path, view_cache):

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
@@ -78,8 +79,10 @@ def index_dtype(num_classes: int) -> np.dtype:
 
 
 def is_number(value: Any) -> bool:
-    """A finite int or float (JSON's ``true`` is not a number here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float that a float can hold (JSON's ``true`` is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max  # 10**400 is no float
 
 
 def positive_int(value: Any) -> bool:
