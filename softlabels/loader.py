@@ -189,7 +189,7 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         self.block_rows = block_rows(source, cache)
         self.views = None if cache is None else Views.of_cache(cache, trust_code=trust_code)
         if self.views is not None:
-            self.views.check(cache.layout.records, cache.items, source.input_shape, where=str(cache.path))
+            self.views.check(cache.layout.records, source.input_shape, where=str(cache.path))
             if augment is not None:
                 raise SoftlabelsError(f"{cache.path} replays its own recorded views; --augment does not apply to it")
         if augment is not None:

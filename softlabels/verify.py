@@ -103,7 +103,7 @@ def verify_cache(
             if views is None:
                 _recompute(cache, report, recompute, teacher, source, seed, device)
             else:
-                views.check(cache.layout.records, cache.items, source.input_shape, where=str(cache.path))
+                views.check(cache.layout.records, source.input_shape, where=str(cache.path))
                 _recompute_views(cache, views, report, recompute, teacher, source, seed, device)
     return report
 

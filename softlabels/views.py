@@ -88,10 +88,9 @@ class Views:
         return tuple(Record(GROUP + name, np.dtype(dtype), (self.count, *tail))
                      for name, (dtype, tail) in self.pipeline.record_arrays(input_shape).items())
 
-    def check(self, layout_records: tuple[Record, ...], items: tuple[int, ...], input_shape: tuple[int, ...], where: str) -> None:
-        """Refuse a cache whose arrays are not what these views make from inputs of ``input_shape``."""
-        if items[:1] != (self.count,):
-            raise SoftlabelsError(f"{where}: the manifest records {self.count} views but the first item axis holds {items[:1]}")
+    def check(self, layout_records: tuple[Record, ...], input_shape: tuple[int, ...], where: str) -> None:
+        """Refuse a cache whose records are not what these views make from inputs of ``input_shape``
+        (its view axis is checked by :meth:`of_cache`)."""
         self.pipeline.check_input(input_shape, where=where)
         if tuple(r for r in layout_records if r.name.startswith(GROUP)) != self.records(input_shape):
             raise SoftlabelsError(f"{where}: the stored view records do not match the recorded augmentations")
