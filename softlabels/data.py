@@ -44,7 +44,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
-from .errors import SoftlabelsError
+from .errors import MissingData, SoftlabelsError
 from .models import resolve_callable
 from .store import ZarrRows, first_failing_chunk
 from .trust import refuse_unpickling
@@ -592,7 +592,7 @@ def open_data(spec: str) -> Source:
     path = Path(spec)
     if path.suffix in _STORE_SUFFIXES:
         if not path.exists():
-            raise SoftlabelsError(f"data spec {spec}: no such file or directory")
+            raise MissingData(f"data spec {spec}: no such file or directory")
         if not (path.is_file() or (path.suffix == ".zarr" and path.is_dir())):  # a FIFO would block the reader forever
             raise SoftlabelsError(f"data spec {spec}: not a regular file{' or a folder' if path.suffix == '.zarr' else ''}")
         canonical = str(path.resolve())

@@ -1,4 +1,5 @@
-"""The one exception type that the CLI turns into a one-line ``error: ...`` message."""
+"""The exception type that the CLI turns into a one-line ``error: ...`` message, and its one kind
+that a caller handles apart: data a spec names that is not there."""
 
 
 class SoftlabelsError(Exception):
@@ -7,6 +8,15 @@ class SoftlabelsError(Exception):
     Example::
 
         raise SoftlabelsError("checkpoint not found: teacher.pth")   # the CLI prints: error: checkpoint not found: ...
+    """
+
+
+class MissingData(SoftlabelsError):
+    """A data spec whose file or folder is not there (data that moved since a cache was dumped from it).
+
+    Example::
+
+        raise MissingData("data spec train.npz: no such file or directory")
     """
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .data import UNUSABLE, Source, check_classes, data_names_code, open_data, skipped_rows
-from .errors import SoftlabelsError
+from .errors import MissingData, SoftlabelsError
 from .kinds import SoftTargets
 from .augment import Pipeline
 from .background import Background
@@ -69,8 +69,8 @@ def source_for_cache(cache: Cache, spec: str | None = None, *, trust_code: bool 
         )
     try:
         source = open_data(spec)
-    except SoftlabelsError as exc:
-        if given or "no such file or directory" not in str(exc):
+    except MissingData as exc:
+        if given:
             raise
         raise SoftlabelsError(f"{exc} (where cache {cache.path} was dumped from it; if the data moved, pass --data PATH)") from None
     check_tokenizer(cache.manifest.get("tokens"), source, where=f"cache {cache.path}")

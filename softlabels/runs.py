@@ -79,8 +79,8 @@ def read_summary(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
         if not plain_name(entry.get("student")):
             raise SoftlabelsError(f"{where}: 'student' must be a plain name, got {entry.get('student')!r}")
         _check_numbers(entry, _SUMMARY_NUMBERS, where)
-        params = entry.get("params")
-        if params is not None and not (isinstance(params, int) and not isinstance(params, bool) and 0 <= params < 2**53):
+        params = entry.get("params")  # a number of 0 or more already (_check_numbers)
+        if params is not None and not (isinstance(params, int) and params < 2**53):
             raise SoftlabelsError(f"{where}: 'params' must be a parameter count (an integer from 0 to 2**53), got {str(params)[:40]}")
         if not isinstance(entry.get("targets", ""), str):
             raise SoftlabelsError(f"{where}: 'targets' must be a string")

@@ -26,7 +26,7 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
-from .errors import SoftlabelsError
+from .errors import MissingData, SoftlabelsError
 from .tokens import TokenSource
 
 _PARAMETERS = ("tokenizer", "seq_len")
@@ -105,7 +105,7 @@ def _parse(spec: str) -> tuple[Path, Path, int]:
         raise SoftlabelsError(f"data spec {spec}: seq_len must be at least 2 (a window needs a next token to predict)")
     path = Path(location).expanduser().absolute()
     if not path.exists():
-        raise SoftlabelsError(f"data spec {spec}: no such file or directory: {path}")
+        raise MissingData(f"data spec {spec}: no such file or directory: {path}")
     return path, Path(params["tokenizer"]).expanduser().absolute(), seq_len
 
 
