@@ -286,7 +286,8 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         ahead = max(2, -(-self.shuffle_chunks * self.block_rows // per_batch))
         if self._batch_inputs:  # inputs decoded per batch (images): a window of them could be gigabytes
             ahead = min(ahead, _DECODED_AHEAD)
-        with Background(functools.partial(self._make_batches, worker, workers), ahead, name="softlabels-batches") as batches:
+        make = functools.partial(self._make_batches, worker, workers)
+        with Background(make, ahead, group=ahead // 2, name="softlabels-batches") as batches:
             for batch in batches:
                 self._served += 1
                 yield batch

@@ -225,7 +225,8 @@ class _ZarrBackend:
     def __init__(self, path: Path, mode: str):
         import zarr
 
-        self.root = path
+        self.root, self.read_only = path, mode == "r"
+        self._arrays: dict[str, Any] | None = None
         if mode != "w":
             _check_zarr_files(path)
         try:
@@ -242,12 +243,17 @@ class _ZarrBackend:
         return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=compressors)
 
     def arrays(self) -> dict[str, Any]:
+        if self._arrays is not None:
+            return self._arrays
         # The config is per handle, not stored: every handle that writes must ask for empty chunks too.
         try:
             members = self.group.members(max_depth=None)
         except Exception as exc:  # an array's zarr.json cut short or not JSON
             raise SoftlabelsError(f"{self.root}: its arrays' metadata cannot be read ({' '.join(str(exc).split())})") from None
-        return {name: array.with_config({"write_empty_chunks": True}) for name, array in members if hasattr(array, "with_config")}
+        arrays = {name: array.with_config({"write_empty_chunks": True}) for name, array in members if hasattr(array, "with_config")}
+        if self.read_only:  # listed once: a reader's arrays do not change, and a listing costs a millisecond
+            self._arrays = arrays
+        return arrays
 
     def read_manifest(self) -> Any:
         return self.group.attrs.get(MANIFEST_KEY)
@@ -310,25 +316,43 @@ def _check_zarr_files(root: Path) -> None:
     ``zarr.json``, the commit record's chunks) are not regular files of a sane size: a FIFO there
     blocks the reader forever, a link to a device reads without end. The bulk of the chunk files are
     read directly, each checked as it is opened (:func:`_open_chunk_file`)."""
-    files = [root / "zarr.json"]
     try:
-        folders = [entry for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False)]
+        folders = [entry.path for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False)]
     except OSError as exc:
         raise SoftlabelsError(f"{root} is not a softlabels cache: {exc}") from None
-    files += [Path(folder.path) / "zarr.json" for folder in folders]
-    commit = root / "chunk_crc32" / "c"
-    if commit.is_dir():
-        files += [Path(folder) / name for folder, _, names in os.walk(commit) for name in names]
-    for path in files:
+    for path in [os.path.join(root, "zarr.json"), *(os.path.join(folder, "zarr.json") for folder in folders)]:
         try:
             info = os.stat(path)
         except FileNotFoundError:
             continue  # zarr says what is missing
         except OSError as exc:
             raise SoftlabelsError(f"{root}: cannot read {path}: {exc.strerror}") from None
-        if not stat.S_ISREG(info.st_mode) or (path.name == "zarr.json" and info.st_size > _MAX_METADATA_BYTES):
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_METADATA_BYTES:
             raise SoftlabelsError(f"{root}: {path} is not a metadata or chunk file of a cache "
                                   f"({'too large' if stat.S_ISREG(info.st_mode) else 'not a regular file'})")
+    _check_chunk_files(os.path.join(root, "chunk_crc32", "c"), root)
+
+
+def _check_chunk_files(folder: str, root: Path) -> None:
+    """Refuse anything but regular files and folders under ``folder`` (if it exists). A directory
+    entry says what a file is without a ``stat`` call (one per chunk would cost a large cache's
+    every open); a link is followed."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SoftlabelsError(f"{root}: cannot read {folder}: {exc.strerror}") from None
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            _check_chunk_files(entry.path, root)
+            continue
+        try:
+            regular = entry.is_file()
+        except OSError as exc:
+            raise SoftlabelsError(f"{root}: cannot read {entry.path}: {exc.strerror}") from None
+        if not regular and os.path.exists(entry.path):  # a dangling link is missing: zarr says so
+            raise SoftlabelsError(f"{root}: {entry.path} is not a metadata or chunk file of a cache (not a regular file)")
 
 
 class _ChunkDamaged(Exception):
@@ -957,6 +981,7 @@ class _Arrays:
         self.labels = arrays["labels"]
         self.records = {r.name: arrays[r.name] for r in layout.records}
         self.checksums = arrays["chunk_crc32"]
+        self._ndims = {name: len(shape) for name, (shape, _) in layout.shapes().items()}  # h5py's ndim costs a call per read
         # Version 1 stored no codec checksums and skipped chunks equal to the fill value.
         self.checked = version >= 2
         named = {**self.targets, "labels": self.labels, **self.records}
@@ -1001,7 +1026,7 @@ class _Arrays:
     def _read_range(self, name: str, array: Any, start: int, stop: int) -> np.ndarray:
         if self.checked:
             chunks = range(start // self.layout.chunk_rows, -(-stop // self.layout.chunk_rows))
-            missing = self.backend.missing_chunk(name, chunks, array.ndim)
+            missing = self.backend.missing_chunk(name, chunks, self._ndims[name])
             if missing is not None:
                 raise self._damaged(name, missing, "its chunk file is missing")
         try:

@@ -11,13 +11,16 @@ def running(name):
     return [t for t in threading.enumerate() if t.name == name]
 
 
-def test_items_arrive_in_order_and_the_thread_ends():
-    with Background(lambda: (i * i for i in range(100)), ahead=3, name="bg-order") as items:
+@pytest.mark.parametrize("group", [1, 3, 7])
+def test_items_arrive_in_order_and_the_thread_ends(group):
+    # 100 items: the last list of 3 or 7 is cut short
+    with Background(lambda: (i * i for i in range(100)), ahead=6, group=group, name="bg-order") as items:
         assert list(items) == [i * i for i in range(100)]
     assert running("bg-order") == []
 
 
-def test_the_producer_stays_at_most_ahead_items_in_front():
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_the_producer_stays_at_most_ahead_items_in_front(group):
     made = []
 
     def produce():
@@ -25,14 +28,16 @@ def test_the_producer_stays_at_most_ahead_items_in_front():
             made.append(i)
             yield i
 
-    with Background(produce, ahead=4, name="bg-ahead") as items:
+    with Background(produce, ahead=4, group=group, name="bg-ahead") as items:
         for taken, item in enumerate(items, start=1):
-            # the queue holds at most 4, and the producer may hold one more it is waiting to put
-            assert len(made) <= taken + 4 + 1
+            # the queue holds 4 // group lists, the consumer the rest of the list it takes from, and
+            # the producer the list it is filling or waiting to put
+            assert len(made) <= taken + 4 + 2 * group
     assert made == list(range(50))
 
 
-def test_an_error_in_the_producer_is_raised_in_the_consumer_after_the_items_before_it():
+@pytest.mark.parametrize("group", [1, 4])
+def test_an_error_in_the_producer_is_raised_in_the_consumer_after_the_items_before_it(group):
     def produce():
         yield 1
         yield 2
@@ -40,7 +45,7 @@ def test_an_error_in_the_producer_is_raised_in_the_consumer_after_the_items_befo
 
     got = []
     with pytest.raises(ValueError, match="chunk 7 is damaged"):
-        with Background(produce, ahead=8, name="bg-error") as items:
+        with Background(produce, ahead=8, group=group, name="bg-error") as items:
             for item in items:
                 got.append(item)
     assert got == [1, 2] and running("bg-error") == []
@@ -58,7 +63,7 @@ def test_a_consumer_that_stops_early_stops_the_producer_and_runs_its_clean_up():
         finally:
             cleaned.set()
 
-    with Background(produce, ahead=2, name="bg-stop") as items:
+    with Background(produce, ahead=4, group=2, name="bg-stop") as items:
         for item in items:
             if item == 5:
                 break

@@ -573,6 +573,26 @@ def test_a_pipe_in_place_of_a_dataset_or_run_file_is_refused_instead_of_blocking
         signal.alarm(0)
 
 
+def test_a_link_to_a_pipe_in_the_commit_record_is_refused_and_a_dangling_link_is_a_missing_entry(tmp_path):
+    import signal
+
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    os.mkfifo(tmp_path / "pipe")
+    (path / "chunk_crc32" / "c" / "2").unlink()
+    (path / "chunk_crc32" / "c" / "2").symlink_to(tmp_path / "pipe")
+    signal.alarm(20)  # a blocked open fails the test instead of hanging it
+    try:
+        with pytest.raises(SoftlabelsError, match=r"chunk_crc32/c/2 is not a metadata or chunk file of a cache \(not a regular file\)"):
+            open_cache(path)
+    finally:
+        signal.alarm(0)
+    (path / "chunk_crc32" / "c" / "2").unlink()
+    (path / "chunk_crc32" / "c" / "2").symlink_to(tmp_path / "gone")
+    with pytest.raises(SoftlabelsError, match=r"the commit record has no entry for 1 chunk"):
+        open_cache(path)
+
+
 @pytest.mark.parametrize("name", ["c.zarr/zarr.json", "c.zarr/logits/zarr.json", "c.zarr/chunk_crc32/c/0", "c.h5"])
 def test_a_pipe_in_place_of_a_cache_file_zarr_or_h5py_would_read_is_refused_instead_of_blocking(tmp_path, name):
     import signal
