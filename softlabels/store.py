@@ -51,6 +51,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -571,11 +572,22 @@ def _crc32c_function() -> Callable[[Any], int]:
     return crc32c
 
 
-@functools.cache
-def _zstd() -> Any:
-    from numcodecs import Zstd
+_ZSTD = threading.local()  # a zstandard decompressor holds state: one per thread that reads
 
-    return Zstd()  # decoding needs no level; a codec holds no state between calls
+
+def _zstd_decode(frame: np.ndarray, into: np.ndarray) -> None:
+    """Decode the zstd frame ``frame`` into ``into``, raising unless it fills it exactly. zstandard
+    decodes a chunk of 256 labels in a third of the time numcodecs' codec takes (4.5 against 15
+    microseconds a frame): for a dense cache's Zarr loader, a twelfth of its time."""
+    decompressor = getattr(_ZSTD, "decompressor", None)
+    if decompressor is None:
+        import zstandard
+
+        decompressor = _ZSTD.decompressor = zstandard.ZstdDecompressor()
+    data = decompressor.decompress(frame, max_output_size=len(into))
+    if len(data) != len(into):
+        raise ValueError(f"it decodes to {len(data)} bytes")
+    into[:] = np.frombuffer(data, np.uint8)
 
 
 def _open_chunk_file(path: str, chunk: int) -> io.FileIO:
@@ -739,7 +751,7 @@ class _ZarrZstdChunks(_ZarrRawChunks):
         if declared != len(into):  # zstd then holds the frame to it: decoding checks the size it makes
             raise _ChunkDamaged(chunk, f"its zstd frame declares {declared} bytes, not {len(into)}")
         try:
-            _zstd().decode(stored, out=into)
+            _zstd_decode(stored, into)
         except Exception as exc:  # a frame that passed its checksum yet does not decode to a chunk
             raise _ChunkDamaged(chunk, f"its zstd frame does not decode to {len(into)} bytes: {exc}") from None
         return None
@@ -751,7 +763,7 @@ def _zstd_content_size(frame: np.ndarray) -> int | None:
 
     Example::
 
-        _zstd_content_size(np.frombuffer(_zstd().encode(np.zeros(8, np.int64)), np.uint8))   # 64
+        _zstd_content_size(np.frombuffer(numcodecs.Zstd().encode(np.zeros(8, np.int64)), np.uint8))   # 64
     """
     head = bytes(frame[:18])
     if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":

@@ -375,6 +375,20 @@ def test_a_zstd_chunk_of_the_wrong_size_with_a_valid_crc32c_fails_when_read(tmp_
             cache.read_ranges([(16, 32)], reuse)
 
 
+def test_a_zstd_frame_cut_short_with_a_valid_crc32c_and_header_fails_when_read_and_the_rest_reads_as_written(tmp_path):
+    from numcodecs import Zstd
+
+    path = tmp_path / "c.zarr"
+    labels = np.random.default_rng(0).integers(0, 5, 64)
+    write_cache(path, np.ones((64, 5), dtype=np.float32), labels, chunk_rows=16)
+    frame = bytes(Zstd(level=1).encode(np.ascontiguousarray(labels[16:32], "<i8")))[:-6]  # declares 128 bytes, holds fewer
+    (path / "labels" / "c" / "1").write_bytes(frame + google_crc32c.value(frame).to_bytes(4, "little"))
+    with open_cache(path) as cache:
+        with pytest.raises(SoftlabelsError, match=r"array 'labels' chunk 1 \(rows 16-31\) is damaged \(its zstd frame does not decode to 128 bytes"):
+            cache.read(16, 32)
+        np.testing.assert_array_equal(cache.read_ranges([(48, 64), (0, 16)])[1], np.concatenate([labels[48:], labels[:16]]))
+
+
 @pytest.mark.parametrize("chunk_file", ["logits/c/1/0", "labels/c/1"], ids=["raw logits", "zstd labels"])
 def test_a_pipe_in_place_of_a_chunk_file_fails_when_read_instead_of_blocking(tmp_path, chunk_file):
     import signal
