@@ -294,7 +294,7 @@ def main() -> None:
     parser.add_argument("--kind", choices=("dense", "topk"), default="dense")
     parser.add_argument("--k", type=int, default=16, help="K of --kind topk")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--row-group", type=int, default=1024, help="Parquet rows per row group")
     parser.add_argument("--parquet-compression", default="snappy", help="pyarrow's default, as datasets writes")
     parser.add_argument("--parquet-dictionary", choices=("on", "off"), default="on", help="on: pyarrow's default")

@@ -1102,9 +1102,10 @@ class Cache(_Chunked):
             self.manifest, self.layout = validate_manifest(self._backend.read_manifest(), self._backend.arrays(), path)
             if not self.manifest.get("complete") and not allow_incomplete:
                 raise SoftlabelsError(f"{path} is incomplete (its dump did not finish); resume or rerun the dump")
+            # The commit record is read when asked for (checksums()), not here: a reader of the rows
+            # checks each chunk as it reads it, and the record is a small file per chunk in Zarr,
+            # which every open (and every DataLoader worker's) would read.
             self._arrays = _Arrays(path, self._backend, self.layout, self.manifest["format_version"])
-            if not allow_incomplete:
-                self.check_commit_record()
         except BaseException:
             self._backend.close()
             raise
@@ -1173,21 +1174,17 @@ class Cache(_Chunked):
         return np.asarray(self._arrays.labels[:])
 
     def checksums(self) -> np.ndarray:
-        """Each chunk's CRC-32 as the dump recorded it (the commit record), ``-1`` where none was."""
+        """Each chunk's CRC-32 as the dump recorded it (the commit record), ``-1`` where none was.
+        A complete cache lacking an entry is refused: a record chunk deleted from a Zarr cache reads
+        as "never written", and a reader going by the record would leave its rows out unseen."""
         try:
-            return self._arrays.commit_record(torn_unwritten=False)
+            recorded = self._arrays.commit_record(torn_unwritten=False)
         except _ChunkDamaged as exc:
             raise SoftlabelsError(f"{self.path}: array 'chunk_crc32' (the commit record) is damaged: its entry for "
                                   f"chunk {exc.chunk} ({exc})") from None
         except Exception as exc:  # its store checksum (zarr's crc32c, HDF5's fletcher32) failed
             raise SoftlabelsError(f"{self.path}: array 'chunk_crc32' (the commit record) is damaged: "
                                   f"{' '.join(f'{type(exc).__name__}: {exc}'.split())}") from None
-
-    def check_commit_record(self) -> np.ndarray:
-        """The commit record (:meth:`checksums`), refused where a complete cache lacks a chunk's entry:
-        a record chunk deleted from a Zarr cache reads as "never written", and its rows would be left
-        out unseen. Returns the record."""
-        recorded = self.checksums()
         missing = np.flatnonzero(recorded < 0)
         if self.manifest["complete"] and len(missing):
             chunk = int(missing[0])

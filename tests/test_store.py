@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from softlabels import CacheWriter, Dense, Layout, SoftlabelsError, TopK, open_cache
 from softlabels.store import Record, chunk_checksum, default_chunk_rows
 from softlabels.report import cache_report
+from softlabels.verify import verify_cache
 
 from .conftest import flip_hdf5_byte
 
@@ -353,11 +354,15 @@ def test_a_complete_cache_missing_a_commit_record_chunk_is_refused_not_read_shor
     recorded = zarr.open_group(str(path), mode="r")["chunk_crc32"][:]
     missing = int(np.flatnonzero(recorded < 0)[0])
     expected = rf"array 'chunk_crc32' chunk {missing} \(rows {16 * missing}-{16 * missing + 15}\) is damaged \(the cache is complete"
-    with pytest.raises(SoftlabelsError, match=expected):
-        open_cache(path)
+    with open_cache(path) as cache, pytest.raises(SoftlabelsError, match=expected):
+        cache.checksums()
     with open_cache(path, allow_incomplete=True) as cache:  # as inspect and verify open it
         with pytest.raises(SoftlabelsError, match=expected):
             cache_report(cache)
+    assert f"chunk_crc32' chunk {missing}" in verify_cache(path).problems[0]
+    # the rows themselves are read and checked chunk by chunk, the record aside
+    with open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.read(0, 64)[1], np.arange(64) % 5)
 
 
 def test_a_zstd_chunk_of_the_wrong_size_with_a_valid_crc32c_fails_when_read(tmp_path):
@@ -604,7 +609,7 @@ def test_a_link_to_a_pipe_in_the_commit_record_is_refused_and_a_dangling_link_is
     (path / "chunk_crc32" / "c" / "2").unlink()
     (path / "chunk_crc32" / "c" / "2").symlink_to(tmp_path / "gone")
     with pytest.raises(SoftlabelsError, match=r"the commit record has no entry for 1 chunk"):
-        open_cache(path)
+        open_cache(path).checksums()
 
 
 @pytest.mark.parametrize("name", ["c.zarr/zarr.json", "c.zarr/logits/zarr.json", "c.zarr/chunk_crc32/c/0", "c.h5"])
