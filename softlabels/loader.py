@@ -284,10 +284,13 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         # end of the epoch, or garbage collection after a break) stops them.
         per_batch = self.batch_size // self.shards if self.shard is not None else self.batch_size
         ahead = max(2, -(-self.shuffle_chunks * self.block_rows // per_batch))
+        # Handed over half of them at a time (see Background), except batches whose inputs are decoded
+        # for them: the decoding then outweighs a hand-over, and each batch held ahead is large.
+        group = ahead // 2
         if self._batch_inputs:  # inputs decoded per batch (images): a window of them could be gigabytes
-            ahead = min(ahead, _DECODED_AHEAD)
+            ahead, group = min(ahead, _DECODED_AHEAD), 1
         make = functools.partial(self._make_batches, worker, workers)
-        with Background(make, ahead, group=ahead // 2, name="softlabels-batches") as batches:
+        with Background(make, ahead, group=group, name="softlabels-batches") as batches:
             for batch in batches:
                 self._served += 1
                 yield batch
