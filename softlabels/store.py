@@ -643,6 +643,7 @@ class _ZarrRawChunks(_RawChunks):
         super().__init__(np.dtype(array.dtype), chunk_shape, tuple(array.shape))
         self.root, self.name, self.fill = root, name, array.fill_value
         self.crc, self.fill_missing = crc, fill_missing
+        self._folders: set[str] = set()  # made by write already: a mkdir that finds one costs a syscall per chunk
 
     def _file(self, chunk: int) -> str:
         return _zarr_chunk_file(self.root, self.name, chunk, len(self.shape))
@@ -666,7 +667,10 @@ class _ZarrRawChunks(_RawChunks):
                 part = np.concatenate([part, np.full((rows - len(part), *part.shape[1:]), self.fill, self.dtype)])
             data = self.encode(part.reshape(-1).view(np.uint8))
             path = self._file((start + at) // rows)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            folder = os.path.dirname(path)
+            if folder not in self._folders:
+                os.makedirs(folder, exist_ok=True)
+                self._folders.add(folder)
             # Through a temporary file, as zarr does: another rank reading the chunk sees it whole or not at all.
             temporary = f"{path}.{os.getpid()}.partial"
             with open(temporary, "wb") as f:
