@@ -25,13 +25,14 @@ _POLL_SECONDS = 0.1  # how often a producer blocked on a full queue looks for a 
 
 class Background:
     """Iterates the generator ``make()`` in a thread named ``name``, about ``ahead`` items ahead of the
-    consumer, handing them over in lists of ``group`` (``ahead // group`` lists queued, at least one)."""
+    consumer, handing them over in lists of ``group``: the lists queued (``ahead // group - 1``, at
+    least one), the list being filled and the rest of the one being consumed."""
 
     _END = object()
 
     def __init__(self, make: Callable[[], Generator[Any, None, None]], ahead: int, *, group: int = 1, name: str = "background"):
         self._group = max(1, group)
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead // self._group))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead // self._group - 1))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(make,), name=name, daemon=True)
 

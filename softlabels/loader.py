@@ -284,9 +284,9 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         # end of the epoch, or garbage collection after a break) stops them.
         per_batch = self.batch_size // self.shards if self.shard is not None else self.batch_size
         ahead = max(2, -(-self.shuffle_chunks * self.block_rows // per_batch))
-        # Handed over half of them at a time (see Background), except batches whose inputs are decoded
-        # for them: the decoding then outweighs a hand-over, and each batch held ahead is large.
-        group = ahead // 2
+        # Handed over a quarter of them at a time (see Background), except batches whose inputs are
+        # decoded for them: the decoding then outweighs a hand-over, and each batch held ahead is large.
+        group = ahead // 4
         if self._batch_inputs:  # inputs decoded per batch (images): a window of them could be gigabytes
             ahead, group = min(ahead, _DECODED_AHEAD), 1
         make = functools.partial(self._make_batches, worker, workers)

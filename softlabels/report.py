@@ -87,7 +87,7 @@ def cache_report(cache: Cache) -> dict[str, Any]:
     on_disk = cache.nbytes_on_disk()
     correct = labeled = items = rows = 0
     statistic = gold_nats = 0.0
-    recorded = cache.checksums()  # an incomplete cache is reported on the chunks it has
+    recorded = cache.check_commit_record()  # an incomplete cache is reported on the chunks it has
     gold = any(r.name == GOLD for r in cache.layout.records)
     weights = mix_weights(r.name for r in cache.layout.records)
     for index in np.flatnonzero(recorded >= 0):

@@ -61,8 +61,9 @@ def write_report(runs: list[str | Path], caches: list[str | Path], out: str | Pa
         raise SoftlabelsError("give at least one run directory or --cache")
     _check_out(out, overwrite)
     read = read_runs(runs)
-    for path in caches:
-        open_cache(path).close()  # an incomplete or damaged cache is refused before any work
+    for path in caches:  # an incomplete cache, or a complete one with commit record damage, is refused before any work
+        with open_cache(path) as cache:
+            cache.check_commit_record()
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

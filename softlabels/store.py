@@ -584,7 +584,7 @@ def _zstd_decode(frame: np.ndarray, into: np.ndarray) -> None:
         import zstandard
 
         decompressor = _ZSTD.decompressor = zstandard.ZstdDecompressor()
-    data = decompressor.decompress(frame, max_output_size=len(into))
+    data = decompressor.decompress(frame, max_output_size=len(into), allow_extra_data=False)  # zarr refuses bytes after it too
     if len(data) != len(into):
         raise ValueError(f"it decodes to {len(data)} bytes")
     into[:] = np.frombuffer(data, np.uint8)
@@ -723,7 +723,7 @@ class _ZarrRawChunks(_RawChunks):
 class _ZarrZstdChunks(_ZarrRawChunks):
     """A Zarr v3 array whose codecs are ``bytes``, ``zstd`` then ``crc32c`` (labels and class indices;
     or no checksum, a dataset's): each chunk file is a zstd frame followed by its CRC-32C, checked
-    before the frame is decoded straight into place. zarr-python would spend about a millisecond per
+    before the frame is decoded and copied into place. zarr-python would spend about a millisecond per
     call on the same small chunks."""
 
     def __init__(self, root: str | Path, name: str, array: Any, chunk_shape: tuple[int, ...], *, crc: bool = True,
@@ -1178,17 +1178,21 @@ class Cache(_Chunked):
         return np.asarray(self._arrays.labels[:])
 
     def checksums(self) -> np.ndarray:
-        """Each chunk's CRC-32 as the dump recorded it (the commit record), ``-1`` where none was.
-        A complete cache lacking an entry is refused: a record chunk deleted from a Zarr cache reads
-        as "never written", and a reader going by the record would leave its rows out unseen."""
+        """Each chunk's CRC-32 as the dump recorded it (the commit record), ``-1`` where none was."""
         try:
-            recorded = self._arrays.commit_record(torn_unwritten=False)
+            return self._arrays.commit_record(torn_unwritten=False)
         except _ChunkDamaged as exc:
             raise SoftlabelsError(f"{self.path}: array 'chunk_crc32' (the commit record) is damaged: its entry for "
                                   f"chunk {exc.chunk} ({exc})") from None
         except Exception as exc:  # its store checksum (zarr's crc32c, HDF5's fletcher32) failed
             raise SoftlabelsError(f"{self.path}: array 'chunk_crc32' (the commit record) is damaged: "
                                   f"{' '.join(f'{type(exc).__name__}: {exc}'.split())}") from None
+
+    def check_commit_record(self) -> np.ndarray:
+        """The commit record (:meth:`checksums`), refused where a complete cache lacks a chunk's entry:
+        a record chunk deleted from a Zarr cache reads as "never written", and a reader going by the
+        record would leave its rows out unseen. Returns the record."""
+        recorded = self.checksums()
         missing = np.flatnonzero(recorded < 0)
         if self.manifest["complete"] and len(missing):
             chunk = int(missing[0])

@@ -19,21 +19,21 @@ def test_items_arrive_in_order_and_the_thread_ends(group):
     assert running("bg-order") == []
 
 
-@pytest.mark.parametrize("group", [1, 2, 4])
-def test_the_producer_stays_at_most_ahead_items_in_front(group):
+@pytest.mark.parametrize("ahead, group", [(4, 1), (8, 2), (16, 4)])
+def test_the_producer_stays_about_ahead_items_in_front(ahead, group):
     made = []
 
     def produce():
-        for i in range(50):
+        for i in range(100):
             made.append(i)
             yield i
 
-    with Background(produce, ahead=4, group=group, name="bg-ahead") as items:
+    with Background(produce, ahead=ahead, group=group, name="bg-ahead") as items:
         for taken, item in enumerate(items, start=1):
-            # the queue holds 4 // group lists, the consumer the rest of the list it takes from, and
-            # the producer the list it is filling or waiting to put
-            assert len(made) <= taken + 4 + 2 * group
-    assert made == list(range(50))
+            # the queued lists (ahead // group - 1 of them), the one the producer fills or waits to
+            # put, and the rest of the one the consumer takes from
+            assert len(made) <= taken + ahead + group - 1
+    assert made == list(range(100))
 
 
 @pytest.mark.parametrize("group", [1, 4])

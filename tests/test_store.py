@@ -355,14 +355,20 @@ def test_a_complete_cache_missing_a_commit_record_chunk_is_refused_not_read_shor
     missing = int(np.flatnonzero(recorded < 0)[0])
     expected = rf"array 'chunk_crc32' chunk {missing} \(rows {16 * missing}-{16 * missing + 15}\) is damaged \(the cache is complete"
     with open_cache(path) as cache, pytest.raises(SoftlabelsError, match=expected):
-        cache.checksums()
+        cache.check_commit_record()
     with open_cache(path, allow_incomplete=True) as cache:  # as inspect and verify open it
         with pytest.raises(SoftlabelsError, match=expected):
             cache_report(cache)
-    assert f"chunk_crc32' chunk {missing}" in verify_cache(path).problems[0]
     # the rows themselves are read and checked chunk by chunk, the record aside
     with open_cache(path) as cache:
         np.testing.assert_array_equal(cache.read(0, 64)[1], np.arange(64) % 5)
+    # verify names the missing entry and still compares every other chunk with its record: a chunk
+    # file copied over another passes its own crc32c
+    other, source = [c for c in range(4) if c != missing][:2]
+    (path / "labels" / "c" / str(other)).write_bytes((path / "labels" / "c" / str(source)).read_bytes())
+    problems = verify_cache(path).problems
+    assert any(p.startswith(f"chunk {missing} ") and "never written" in p for p in problems), problems
+    assert any(p.startswith(f"chunk {other} ") and "checksum mismatch" in p for p in problems), problems
 
 
 def test_a_zstd_chunk_of_the_wrong_size_with_a_valid_crc32c_fails_when_read(tmp_path):
@@ -392,6 +398,22 @@ def test_a_zstd_frame_cut_short_with_a_valid_crc32c_and_header_fails_when_read_a
         with pytest.raises(SoftlabelsError, match=r"array 'labels' chunk 1 \(rows 16-31\) is damaged \(its zstd frame does not decode to 128 bytes"):
             cache.read(16, 32)
         np.testing.assert_array_equal(cache.read_ranges([(48, 64), (0, 16)])[1], np.concatenate([labels[48:], labels[:16]]))
+
+
+@pytest.mark.parametrize("after", [b"second frame", b"\x00garbage"], ids=["a second frame", "garbage"])
+def test_a_zstd_frame_followed_by_more_bytes_with_a_valid_crc32c_fails_when_read_as_plain_zarr_fails(tmp_path, after):
+    from numcodecs import Zstd
+
+    path = tmp_path / "c.zarr"
+    labels = np.arange(64, dtype=np.int64) % 5
+    write_cache(path, np.ones((64, 5), dtype=np.float32), labels, chunk_rows=16)
+    frame = bytes(Zstd(level=1).encode(np.ascontiguousarray(labels[16:32], "<i8")))
+    stored = frame + (frame if after == b"second frame" else after)
+    (path / "labels" / "c" / "1").write_bytes(stored + google_crc32c.value(stored).to_bytes(4, "little"))
+    with open_cache(path) as cache, pytest.raises(SoftlabelsError, match=r"array 'labels' chunk 1 \(rows 16-31\) is damaged \(its zstd frame does not decode to 128 bytes"):
+        cache.read(16, 32)
+    with pytest.raises(Exception):
+        zarr.open_group(str(path), mode="r")["labels"][16:32]
 
 
 @pytest.mark.parametrize("chunk_file", ["logits/c/1/0", "labels/c/1"], ids=["raw logits", "zstd labels"])
@@ -609,7 +631,7 @@ def test_a_link_to_a_pipe_in_the_commit_record_is_refused_and_a_dangling_link_is
     (path / "chunk_crc32" / "c" / "2").unlink()
     (path / "chunk_crc32" / "c" / "2").symlink_to(tmp_path / "gone")
     with pytest.raises(SoftlabelsError, match=r"the commit record has no entry for 1 chunk"):
-        open_cache(path).checksums()
+        open_cache(path).check_commit_record()
 
 
 @pytest.mark.parametrize("name", ["c.zarr/zarr.json", "c.zarr/logits/zarr.json", "c.zarr/chunk_crc32/c/0", "c.h5"])
