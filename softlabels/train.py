@@ -810,7 +810,7 @@ def _options(config: TrainConfig, shards: int, names: list[str], students: list[
                     "dataset.fingerprint": (manifest.get("dataset") or {}).get("fingerprint"),
                     "kind": json.dumps(cache.kind.settings(), sort_keys=True),
                     "layout": json.dumps([cache.layout.dtype, cache.chunk_rows, cache.layout.item_axes]),
-                    "chunk checksums": hashlib.sha256(np.ascontiguousarray(cache.checksums(), "<i8").tobytes()).hexdigest()}
+                    "chunk checksums": hashlib.sha256(np.ascontiguousarray(cache.check_commit_record(), "<i8").tobytes()).hexdigest()}
     return {
         # shards as trained: a run resumes with the number of ranks it began with (each rank's random
         # state is its own), or in one process with --shards set to it
