@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The dump's image path measured in one run of at most 8 minutes (scripts/bench_gpu.py), figures to $OUT.
 #
-# With a CUDA GPU: a ResNet-50 teacher and a ResNet-18 student (torchvision), 20,000 synthetic JPEGs at
+# With a CUDA GPU: first the CUDA tests (tests/test_cuda.py and the augmentations' device replay), whose
+# log goes to $OUT/tests.txt; then a ResNet-50 teacher and a ResNet-18 student (torchvision), 20,000 synthetic JPEGs at
 # 224 x 224, under bf16 autocast and then fp16, channels_last. Without one: the same script on the CPU
 # with small CNNs and 2,000 small JPEGs, so that it ends in minutes on a 2-core machine.
 #
@@ -22,11 +23,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 workers=$(( $(nproc) > 3 ? $(nproc) - 2 : $(nproc) ))
 if python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   mkdir -p "$out" && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || true
+  failed=0
+  timeout 150 python3 -m pytest -q tests/test_cuda.py tests/test_augment.py::test_cuda_replays_what_the_cpu_does 2>&1 \
+    | tee "$out/tests.txt" || failed=$?
   for precision in bf16 fp16; do
-    timeout 220 python3 scripts/bench_gpu.py --device cuda --teacher torchvision:resnet50 --student torchvision:resnet18 \
+    timeout 170 python3 scripts/bench_gpu.py --device cuda --teacher torchvision:resnet50 --student torchvision:resnet18 \
       --images 20000 --size 224 --precision "$precision" --channels-last --workers "$workers" --batch-size 256 \
-      --out "$out/$precision"
+      --out "$out/$precision" || failed=$?
   done
+  exit "$failed"  # every step runs: a failed one keeps the figures of the others
 else
   timeout 470 python3 scripts/bench_gpu.py --device cpu --teacher cnn2d --teacher-kwargs '{"channels": 32}' \
     --student cnn2d --student-kwargs '{"channels": 8}' --images 2000 --height 96 --width 128 --size 64 \

@@ -57,7 +57,10 @@ PREFIX = "imagefolder:"
 SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # What pillow may open: every other plugin is refused, so no image can start Ghostscript (EPS) or similar.
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
-_HASH_THREADS = 4  # hashlib releases the GIL, so files hash in parallel
+# File reads and hashlib release the GIL, so files hash in parallel. Not more threads: on a 16-core
+# GPU host, 20 threads took 6.4 s over a 1.1 GB folder where 4 took 3.3-3.8 s (pillow's header parse
+# holds the GIL).
+_HASH_THREADS = 4
 
 
 @dataclass(frozen=True)

@@ -322,6 +322,19 @@ def _save_every_rng() -> Callable[[], None]:
     return give_back
 
 
+def _repeatable_kernels() -> Callable[[], None]:
+    """Have cuDNN use deterministic kernels, chosen without benchmarking, and return what sets the
+    caller's choice back. Its default convolution backward passes may sum in another order from run
+    to run: on an H200, two runs of one seed gave a cnn1d student different last bits without this.
+    """
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+    def give_back() -> None:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+    return give_back
+
+
 def _set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None:
@@ -507,6 +520,7 @@ def train_students(
             num_workers = default_workers(source)
 
         give_back_rng = _save_every_rng()  # each student seeds the generators; the caller gets its own back
+        give_back_kernels = _repeatable_kernels()  # same seed, same weights, on a GPU too
         try:
             sample = torch.from_numpy(source.read(0, min(2, len(source)))[0])
             if teacher is not None:  # it runs on every batch: one that cannot take the data is refused before any step
@@ -584,6 +598,7 @@ def train_students(
                 if log is not None:
                     log.close()
         finally:
+            give_back_kernels()
             give_back_rng()
 
         summary = [_summary_row(student, config, teacher is not None) for student in trained]

@@ -296,13 +296,16 @@ def test_resume_without_a_checkpoint_starts_the_run(setup):
     assert (setup / "fresh" / "mlp" / "student.pth").exists()
 
 
-def test_train_students_gives_the_caller_its_random_state_back(setup):
+def test_train_students_gives_the_caller_its_random_state_and_cudnn_choices_back(setup, monkeypatch):
     torch.manual_seed(123)
     before = torch.get_rng_state()
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # training picks deterministic kernels, unbenchmarked
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     config = TrainConfig(epochs=1, batch_size=64, device="cpu")
     train_students([StudentSpec("zoo:Sleepy"), StudentSpec("mlp")], source=open_data("data.npz"), cache=open_cache("c.zarr"),
                    config=config, progress=False)
     assert torch.equal(torch.get_rng_state(), before)
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
 
 
 def test_workers_do_not_change_what_is_trained(setup):
