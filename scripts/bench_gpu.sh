@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The dump's image path measured in one run of at most 8 minutes (scripts/bench_gpu.py), figures to $OUT.
 #
-# With a CUDA GPU: first the CUDA tests (tests/test_cuda.py and the augmentations' device replay), whose
-# log goes to $OUT/tests.txt; then a ResNet-50 teacher and a ResNet-18 student (torchvision), 20,000 synthetic JPEGs at
-# 224 x 224, under bf16 autocast and then fp16, channels_last. Without one: the same script on the CPU
+# With a CUDA GPU: first the CUDA tests (tests/test_cuda.py and the augmentations' device replay, log
+# in $OUT/tests.txt), then a ResNet-50 teacher and a ResNet-18 student (torchvision), 20,000 synthetic
+# JPEGs at 224 x 224, under bf16 autocast and then fp16, channels_last. Without one: the same script on the CPU
 # with small CNNs and 2,000 small JPEGs, so that it ends in minutes on a 2-core machine.
 #
 # It runs with the python3 on PATH from this checkout's sources (PYTHONPATH), so it needs torch,
 # torchvision and the core dependencies there. On a machine whose python3 lacks some (the device
-# machine lacks zarr, numcodecs, donfig, crc32c, google-crc32c and mnist1d), put their wheels in ./.whl:
-# they are installed into /tmp/site first.
+# machine lacks zarr, numcodecs, donfig, google-crc32c, awscrt, isal, zstandard and mnist1d), put
+# their wheels for its Python in ./.whl: they are installed into /tmp/site first.
 #
 #   OUT=/tmp/bench_gpu/out bash scripts/bench_gpu.sh
 set -euo pipefail
