@@ -19,7 +19,7 @@ The goal is a dump at 95% of the slower of decode and forward. Figures go to ``$
 with a ResNet-50 teacher, or on the CPU with small models.
 
     python scripts/bench_gpu.py --device cuda --teacher torchvision:resnet50 --student torchvision:resnet18 \\
-        --images 20000 --size 224 --precision bf16 --channels-last --workers 14 --batch-size 256
+        --images 20000 --size 224 --precision bf16 --channels-last --batch-size 256
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from image_folder import make_image_folder  # noqa: E402
 import softlabels  # noqa: E402
 from softlabels import StudentSpec, TrainConfig, build_model, open_cache, open_data, train_students  # noqa: E402
 from softlabels.checkpoint import LoadedModel  # noqa: E402
+from softlabels.data import default_workers  # noqa: E402
 from softlabels.dump import TeacherForward, iter_batches, resolve_device  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default: softlabels' own for the device).")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -101,6 +102,8 @@ def main() -> None:
                                      height=args.height, width=args.width)
     made = time.perf_counter() - began
     spec = f"imagefolder:{args.workdir / 'images'}?size={args.size}&resize={args.size * 8 // 7}"
+    if args.workers is None:
+        args.workers = default_workers(open_data(spec), device)
     shape = (3, args.size, args.size)
     torch.manual_seed(0)
     model = build_model(args.teacher, input_shape=shape, num_classes=args.classes, kwargs=args.teacher_kwargs)

@@ -540,8 +540,6 @@ def dump(
         raise SoftlabelsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
     if skip_bad_files:
         source.skip_bad_files()
-    if num_workers is None:
-        num_workers = default_workers(source)
     if views is not None:
         if item_axes or isinstance(source, TokenSource):
             raise SoftlabelsError("a dump with views has the one item axis 'view', and no token windows")
@@ -556,6 +554,8 @@ def dump(
     dev = resolve_device(device)
     if dev.type == "cuda" and size > 1:
         dev = torch.device("cuda", torch.cuda.current_device())
+    if num_workers is None:
+        num_workers = default_workers(source, dev)
     began = time.perf_counter()
     if views is None:
         def logits_of(batches: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:

@@ -517,7 +517,7 @@ def train_students(
             eval_source = None
         num_workers = config.num_workers
         if num_workers is None:  # a dataset read item by item is read in worker processes, off the training loop
-            num_workers = default_workers(source)
+            num_workers = default_workers(source, device)
 
         give_back_rng = _save_every_rng()  # each student seeds the generators; the caller gets its own back
         give_back_kernels = _repeatable_kernels()  # same seed, same weights, on a GPU too

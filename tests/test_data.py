@@ -1,13 +1,16 @@
 """Data specs: every form reads the same rows, fingerprints follow content, bad specs are refused."""
 
+import os
 import textwrap
 
 import h5py
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from softlabels import SoftlabelsError, open_data
+from softlabels.data import Source, default_workers
 from softlabels.store import ZarrRows
 from .conftest import flip_hdf5_byte
 
@@ -171,3 +174,15 @@ def test_a_class_mismatch_says_how_many_names_differ():
     with pytest.raises(SoftlabelsError, match=r"\(the dataset lacks 0, 1, 2, 3, 4 and 5 more; only the dataset has c0, c1, c2, c3, c4 "
                                               r"and 5 more\)"):
         check_classes([str(i) for i in range(10)], Renamed(), "model m.pth")
+
+
+@pytest.mark.parametrize("cores, on_cpu, on_gpu", [(2, 1, 1), (4, 3, 3), (8, 4, 4), (16, 4, 12), (64, 4, 60)])
+def test_items_are_read_by_a_few_workers_beside_a_cpu_model_and_by_all_cores_but_four_beside_a_gpu_one(
+        tmp_path, arrays, monkeypatch, cores, on_cpu, on_gpu):
+    class Items(Source):
+        reads_items = True
+    np.savez(tmp_path / "d.npz", x=arrays[0], y=arrays[1])
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_workers(Items(), torch.device("cpu")) == on_cpu
+    assert default_workers(Items(), torch.device("cuda")) == on_gpu
+    assert default_workers(open_data(str(tmp_path / "d.npz")), torch.device("cuda")) == 0  # arrays are copied, not decoded
