@@ -73,7 +73,7 @@ def default_workers(source: "Source", device: torch.device) -> int:
     """
     if not source.reads_items:
         return 0
-    cores = os.cpu_count() or 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2  # those it may run on
     few = max(1, min(4, cores - 1))
     return max(few, cores - 4) if device.type == "cuda" else few
 

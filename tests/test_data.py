@@ -182,7 +182,7 @@ def test_items_are_read_by_a_few_workers_beside_a_cpu_model_and_by_all_cores_but
     class Items(Source):
         reads_items = True
     np.savez(tmp_path / "d.npz", x=arrays[0], y=arrays[1])
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert default_workers(Items(), torch.device("cpu")) == on_cpu
     assert default_workers(Items(), torch.device("cuda")) == on_gpu
     assert default_workers(open_data(str(tmp_path / "d.npz")), torch.device("cuda")) == 0  # arrays are copied, not decoded
