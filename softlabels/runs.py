@@ -197,7 +197,7 @@ def find_teacher(runs: list[Run]) -> tuple[Run, dict[str, Any]] | None:
 def _cache_teacher(config: Path) -> str | None:
     """``cache_identity["teacher.sha256"]`` of a run's ``config.json``, if it has one."""
     try:
-        options = json.loads(config.read_text(encoding="utf-8"))
+        options = json.loads(_readable(config, "run options").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None  # the options only name the teacher; a run without them just has none
     identity = options.get("cache_identity") if isinstance(options, dict) else None

@@ -3,6 +3,7 @@ scalars: every number a figure shows is checked against the files it came from, 
 
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -249,7 +250,16 @@ def test_bad_input_is_one_line_error_and_writes_nothing(demo, tmp_path):
     shutil.copytree(demo / "scratch", damaged)
     (damaged / "mlp" / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": "__import__(\'os\')"}\n')
     assert_one_line_error(run("report", damaged, "--out", tmp_path / "r"), r"metrics.jsonl, line 1: 'train_loss' must be a number")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "empty-run", "incomplete.zarr", "notes"]
+    # run options that are a pipe (reading would block forever) or an endless device
+    piped = tmp_path / "piped"
+    shutil.copytree(demo / "distilled", piped)
+    (piped / "config.json").unlink()
+    os.mkfifo(piped / "config.json")
+    assert_one_line_error(run("report", piped, "--out", tmp_path / "r"), "cannot read run options .*config.json: not a regular file")
+    (piped / "config.json").unlink()
+    (piped / "config.json").symlink_to("/dev/zero")
+    assert_one_line_error(run("report", piped, "--out", tmp_path / "r"), "cannot read run options .*config.json: not a regular file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "empty-run", "incomplete.zarr", "notes", "piped"]
 
 
 def test_overwrite_replaces_a_report(demo, tmp_path):
