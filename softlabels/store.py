@@ -228,12 +228,16 @@ class _ZarrBackend:
 
         self.root, self.read_only = path, mode == "r"
         self._arrays: dict[str, Any] | None = None
-        if mode != "w":
-            _check_zarr_files(path)
+        self._commit_files = _check_zarr_files(path) if mode != "w" else 0
         try:
             self.group = zarr.open_group(str(path), mode=mode)
         except Exception as exc:
             raise SoftlabelsError(f"{path} is not a softlabels cache: cannot open it as a Zarr group ({exc})") from exc
+
+    def commit_entries_held(self) -> int:
+        """At most how many commit-record entries the cache holds: its chunk files, counted at the
+        open, times the entries a file holds (one, as softlabels writes them)."""
+        return self._commit_files * self.arrays()["chunk_crc32"].chunks[0]
 
     def create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype, fill: Any, compress: bool) -> Any:
         from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -312,11 +316,12 @@ class _ZarrBackend:
 _MAX_METADATA_BYTES = 64 << 20
 
 
-def _check_zarr_files(root: Path) -> None:
+def _check_zarr_files(root: Path) -> int:
     """Refuse a Zarr cache whose files that zarr-python itself reads (the group's and arrays'
     ``zarr.json``, the commit record's chunks) are not regular files of a sane size: a FIFO there
     blocks the reader forever, a link to a device reads without end. The bulk of the chunk files are
-    read directly, each checked as it is opened (:func:`_open_chunk_file`)."""
+    read directly, each checked as it is opened (:func:`_open_chunk_file`). Returns the number of
+    the commit record's chunk files."""
     try:
         folders = [entry.path for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False)]
     except OSError as exc:
@@ -331,22 +336,23 @@ def _check_zarr_files(root: Path) -> None:
         if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_METADATA_BYTES:
             raise SoftlabelsError(f"{root}: {path} is not a metadata or chunk file of a cache "
                                   f"({'too large' if stat.S_ISREG(info.st_mode) else 'not a regular file'})")
-    _check_chunk_files(os.path.join(root, "chunk_crc32", "c"), root)
+    return _check_chunk_files(os.path.join(root, "chunk_crc32", "c"), root)
 
 
-def _check_chunk_files(folder: str, root: Path) -> None:
-    """Refuse anything but regular files and folders under ``folder`` (if it exists). A directory
-    entry says what a file is without a ``stat`` call (one per chunk would cost a large cache's
-    every open); a link is followed."""
+def _check_chunk_files(folder: str, root: Path) -> int:
+    """Refuse anything but regular files and folders under ``folder`` (if it exists); return how
+    many files it holds. A directory entry says what a file is without a ``stat`` call (one per
+    chunk would cost a large cache's every open); a link is followed."""
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
-        return
+        return 0
     except OSError as exc:
         raise SoftlabelsError(f"{root}: cannot read {folder}: {exc.strerror}") from None
+    files = 0
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            _check_chunk_files(entry.path, root)
+            files += _check_chunk_files(entry.path, root)
             continue
         try:
             regular = entry.is_file()
@@ -354,6 +360,8 @@ def _check_chunk_files(folder: str, root: Path) -> None:
             raise SoftlabelsError(f"{root}: cannot read {entry.path}: {exc.strerror}") from None
         if not regular and os.path.exists(entry.path):  # a dangling link is missing: zarr says so
             raise SoftlabelsError(f"{root}: {entry.path} is not a metadata or chunk file of a cache (not a regular file)")
+        files += regular
+    return files
 
 
 class _ChunkDamaged(Exception):
@@ -372,6 +380,11 @@ class _H5Backend:
             self.file = h5py.File(path, mode)
         except Exception as exc:
             raise SoftlabelsError(f"{path} is not a softlabels cache: cannot open it as HDF5 ({exc})") from exc
+        self.path = path
+
+    def commit_entries_held(self) -> int:
+        """At most how many commit-record entries the file holds: 8 bytes each, stored raw."""
+        return os.path.getsize(self.path) // 8
 
     def create_array(self, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype, fill: Any, compress: bool) -> Any:
         # gzip is the filter every HDF5 reader has; LZF (h5py's own) is faster but needs h5py to read.
@@ -979,10 +992,14 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tupl
         if str(arrays[name].dtype) != str(np.dtype(dtype)):  # compared as names: a compound type has no dtype string
             raise SoftlabelsError(f"{path}: array '{name}' is {arrays[name].dtype} but the manifest implies {dtype}")
         refuse_unpickling(arrays[name], f"{path}: array '{name}'")
-        if name != "chunk_crc32" and tuple(arrays[name].chunks or ()) != (layout.chunk_rows, *shape[1:]):
-            # readers index chunks by chunk_rows and take whole items per chunk
+        chunks = tuple(arrays[name].chunks or ())
+        if name == "chunk_crc32":
+            if chunks and not (len(chunks) == 1 and 1 <= chunks[0] <= _CHECKSUMS_PER_CHUNK):  # each chunk is read whole
+                raise SoftlabelsError(f"{path}: array 'chunk_crc32' (the commit record) is chunked {list(chunks)}, "
+                                      f"not in chunks of 1 to {_CHECKSUMS_PER_CHUNK} entries")
+        elif chunks != (layout.chunk_rows, *shape[1:]):  # readers index chunks by chunk_rows and take whole items per chunk
             raise SoftlabelsError(
-                f"{path}: array '{name}' is chunked {list(arrays[name].chunks or [])}, not [{layout.chunk_rows}, *{list(shape[1:])}]"
+                f"{path}: array '{name}' is chunked {list(chunks)}, not [{layout.chunk_rows}, *{list(shape[1:])}]"
             )
     return manifest, layout
 
@@ -1108,8 +1125,14 @@ class Cache(_Chunked):
                 raise SoftlabelsError(f"{path} is incomplete (its dump did not finish); resume or rerun the dump")
             # The commit record is read when asked for (checksums()), not here: a reader of the rows
             # checks each chunk as it reads it, and the record is a small file per chunk in Zarr,
-            # which every open (and every DataLoader worker's) would read.
+            # which every open (and every DataLoader worker's) would read. Its entries are counted.
+            held, chunks = self._backend.commit_entries_held(), self.layout.num_chunks
+            if self.manifest["complete"] and 2 * held < chunks:  # before the read checksums are read whole
+                raise SoftlabelsError(f"{path}: the cache is complete but its store holds {held:,} commit-record "
+                                      f"entries at most, for {chunks:,} chunks")
             self._arrays = _Arrays(path, self._backend, self.layout, self.manifest["format_version"])
+            if self.manifest["complete"] and held < chunks and not allow_incomplete:
+                self.check_commit_record()  # names the first chunk without an entry
         except BaseException:
             self._backend.close()
             raise

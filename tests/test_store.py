@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import zlib
 
 import google_crc32c  # zarr's own CRC-32C: a second implementation, not the one softlabels uses
@@ -354,13 +355,12 @@ def test_a_complete_cache_missing_a_commit_record_chunk_is_refused_not_read_shor
     recorded = zarr.open_group(str(path), mode="r")["chunk_crc32"][:]
     missing = int(np.flatnonzero(recorded < 0)[0])
     expected = rf"array 'chunk_crc32' chunk {missing} \(rows {16 * missing}-{16 * missing + 15}\) is damaged \(the cache is complete"
-    with open_cache(path) as cache, pytest.raises(SoftlabelsError, match=expected):
-        cache.check_commit_record()
+    with pytest.raises(SoftlabelsError, match=expected):  # a reader's open counts the record's files
+        open_cache(path)
     with open_cache(path, allow_incomplete=True) as cache:  # as inspect and verify open it
         with pytest.raises(SoftlabelsError, match=expected):
             cache_report(cache)
-    # the rows themselves are read and checked chunk by chunk, the record aside
-    with open_cache(path) as cache:
+        # the rows themselves are read and checked chunk by chunk, the record aside
         np.testing.assert_array_equal(cache.read(0, 64)[1], np.arange(64) % 5)
     # verify names the missing entry and still compares every other chunk with its record: a chunk
     # file copied over another passes its own crc32c
@@ -650,3 +650,52 @@ def test_a_pipe_in_place_of_a_cache_file_zarr_or_h5py_would_read_is_refused_inst
             open_cache(tmp_path / name.split("/")[0]).checksums()
     finally:
         signal.alarm(0)
+
+
+def declare_rows(small, huge, rows):
+    """A copy of the cache at ``small`` whose manifest and arrays declare ``rows`` rows: a few KB
+    on disk that describe terabytes."""
+    if small.suffix == ".zarr":
+        shutil.copytree(small, huge)
+        group = json.loads((huge / "zarr.json").read_text())
+        manifest = group["attributes"]["softlabels"]
+        manifest["num_samples"] = manifest["dataset"]["num_samples"] = rows
+        (huge / "zarr.json").write_text(json.dumps(group))
+        for meta in huge.glob("*/zarr.json"):
+            array = json.loads(meta.read_text())
+            array["shape"][0] = -(-rows // manifest["chunk_rows"]) if meta.parent.name == "chunk_crc32" else rows
+            meta.write_text(json.dumps(array))
+        return
+    with h5py.File(small, "r") as source, h5py.File(huge, "w") as out:
+        manifest = json.loads(source.attrs["softlabels"])
+        manifest["num_samples"] = manifest["dataset"]["num_samples"] = rows
+        out.attrs["softlabels"] = json.dumps(manifest)
+        for name, array in source.items():
+            first = -(-rows // manifest["chunk_rows"]) if name.startswith("chunk_crc32") else rows
+            out.create_dataset(name, shape=(first, *array.shape[1:]), dtype=array.dtype, chunks=array.chunks,
+                               fletcher32=array.fletcher32, compression=array.compression, fillvalue=array.fillvalue)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_small_cache_declaring_billions_of_rows_is_refused_before_its_checksums_are_read(tmp_path, suffix):
+    small, huge = tmp_path / f"small{suffix}", tmp_path / f"huge{suffix}"
+    write_cache(small, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    declare_rows(small, huge, 2**36)
+    # every reader would otherwise read the commit record and the read checksums whole: 32 GiB and more
+    message = r"the cache is complete but its store holds [\d,]+ commit-record entries at most, for 4,294,967,296 chunks"
+    for allow_incomplete in (False, True):
+        with pytest.raises(SoftlabelsError, match=message):
+            open_cache(huge, allow_incomplete=allow_incomplete)
+    with pytest.raises(SoftlabelsError, match=message):
+        verify_cache(huge)
+
+
+def test_a_commit_record_chunked_otherwise_than_its_writers_chunk_it_is_refused(tmp_path):
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    meta = path / "chunk_crc32" / "zarr.json"
+    array = json.loads(meta.read_text())
+    array["chunk_grid"]["configuration"]["chunk_shape"] = [2**28]  # one chunk read whole: 2 GiB of entries
+    meta.write_text(json.dumps(array))
+    with pytest.raises(SoftlabelsError, match=r"array 'chunk_crc32' \(the commit record\) is chunked \[268435456\], not in chunks of 1 to 4096"):
+        open_cache(path)
