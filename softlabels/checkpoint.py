@@ -172,7 +172,14 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, described
 
 
-def _read_pickle(path: Path, trust_code: bool) -> Any:
+def read_torch_file(path: Path, trust_code: bool = False) -> Any:
+    """What ``torch.save`` wrote to ``path``, loaded weights-only (unless ``trust_code``) after every
+    zip member's CRC-32 is checked; refusals and damage are one-line errors.
+
+    Example::
+
+        saved = read_torch_file(Path("runs/kd/checkpoint.pt"))
+    """
     members = _zip_members(path)
     if members is not None and any(n.endswith("/constants.pkl") or "/code/" in n for n in members):  # TorchScript
         if not trust_code:
@@ -292,7 +299,7 @@ def load_model(
     if path.suffix == ".safetensors":
         state_dict, described = _read_safetensors(path)
     else:
-        obj = _read_pickle(path, trust_code)
+        obj = read_torch_file(path, trust_code)
         if isinstance(obj, nn.Module):  # only reachable with trust_code
             obj.eval()
             name = arch or f"pickled:{type(obj).__name__}"

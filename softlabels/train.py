@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .augment import Pipeline
-from .checkpoint import LoadedModel, load_model, save_checkpoint
+from .checkpoint import LoadedModel, load_model, read_torch_file, save_checkpoint
 from .models import HF_PREFIX
 from .data import NO_LABEL, Source, check_classes, default_workers, open_data
 from .dump import iter_logits, resolve_device
@@ -919,10 +919,7 @@ def _begin_run(run: Path, options: dict[str, Any]) -> None:
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SoftlabelsError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    saved = read_torch_file(path)  # a flipped byte in a tensor fails its zip CRC-32 instead of loading
     if (not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT
             or not all(isinstance(saved.get(key), dict) for key in ("options", "students", "position"))
             or not isinstance(saved["options"].get("config"), dict) or not isinstance(saved["options"].get("student"), list)):

@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 
 from softlabels import SoftlabelsError, build_model, load_model, save_checkpoint
 
+from .conftest import flip_tensor_bit
+
 
 def test_self_describing_round_trip(tmp_path):
     torch.manual_seed(0)
@@ -145,19 +147,10 @@ def test_missing_truncated_or_corrupt_checkpoint(tmp_path, linear_teacher, conte
 
 def test_a_flipped_byte_in_a_tensor_is_refused_by_the_zip_crc(tmp_path):
     """torch.load would load the damaged weights without a word; the zip's CRC-32 catches them."""
-    import zipfile
-
     model = build_model("mlp", input_shape=(4,), num_classes=3, kwargs={"width": 8})
     path = tmp_path / "m.pth"
     save_checkpoint(path, model, arch="mlp", arch_kwargs={"width": 8}, input_shape=(4,), num_classes=3)
-    with zipfile.ZipFile(path) as archive:
-        member = next(info for info in archive.infolist() if "/data/" in info.filename and info.file_size >= 16)
-    with open(path, "rb") as f:
-        f.seek(member.header_offset + 26)
-        name_length, extra_length = (int.from_bytes(f.read(2), "little") for _ in range(2))
-    data = bytearray(path.read_bytes())
-    data[member.header_offset + 30 + name_length + extra_length + 5] ^= 0x40  # a bit of a weight
-    path.write_bytes(bytes(data))
+    flip_tensor_bit(path)
     assert torch.load(path, weights_only=True)["state_dict"]  # what torch alone would accept
     with pytest.raises(SoftlabelsError, match=r"its member .*/data/\S+ fails its CRC-32 \(the file is damaged\)"):
         load_model(path)

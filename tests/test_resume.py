@@ -3,11 +3,13 @@ changes, no silent overwrite, and the caller's random state left as it was."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from softlabels import StudentSpec, TrainConfig, open_cache, open_data, train_st
 from softlabels import train as train_module
 from softlabels.durable import exclusive
 from softlabels.cli import cli
+
+from .conftest import flip_tensor_bit
 
 ZOO = textwrap.dedent("""
     import os
@@ -205,6 +209,14 @@ def test_resume_on_other_targets_is_refused(setup):
     assert run("train-student", "--cache", "t5.zarr", *common, "--out", "k").exit_code == 0
     result = run("train-student", "--cache", "t3.zarr", *common, "--out", "k", "--resume")
     assert result.output.strip() == "error: cannot resume k: --cache t3.zarr is not the cache the run started from t5.zarr (its kind differs)"
+
+
+def test_a_flipped_bit_in_a_checkpoints_tensor_is_refused_by_the_zip_crc(setup):
+    assert run(*train_args("r")).exit_code == 0
+    flip_tensor_bit(Path("r/checkpoint.pt"))
+    result = run(*train_args("r"), "--resume")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert re.search(r"^error: cannot read checkpoint r/checkpoint.pt: its member \S+/data/\S+ fails its CRC-32", result.output)
 
 
 @pytest.mark.parametrize("damage", ["not a dict", "states missing", "bad weights", "bad random state", "bad history",
