@@ -79,7 +79,10 @@ def source_for_cache(cache: Cache, spec: str | None = None, *, trust_code: bool 
     if len(source) != len(cache):
         raise SoftlabelsError(f"dataset {source.spec} has {len(source)} samples but cache {cache.path} has {len(cache)}")
     expected = recorded.get("fingerprint")
-    if expected and source.fingerprint() != expected:
+    if not isinstance(expected, str) or not expected:  # no check at all would pair the targets with any data
+        raise SoftlabelsError(f"cache {cache.path} records no dataset fingerprint (manifest field 'dataset.fingerprint'), "
+                              "so no data can be checked against it")
+    if source.fingerprint() != expected:
         raise SoftlabelsError(
             f"dataset {source.spec} does not match cache {cache.path}: fingerprint {source.fingerprint()[:19]} "
             f"differs from the recorded {expected[:19]} (the data changed or is another dataset)"

@@ -1,6 +1,7 @@
 """End to end on MNIST-1D: dump, compare with the teacher's own forward pass, distill, repeat exactly."""
 
 import json
+import shutil
 import textwrap
 
 import h5py
@@ -103,6 +104,17 @@ def test_dataset_with_another_fingerprint_is_refused(tmp_path, caches):
     )
     assert result.exit_code == 1
     assert result.output.startswith("error: dataset mnist1d://transfer?n=3000&seed=8 does not match cache")
+    # a manifest whose fingerprint was removed or emptied does not turn the check off
+    for fingerprint in (None, ""):
+        copy = tmp_path / f"copy{fingerprint is None}.zarr"
+        shutil.copytree(caches / "transfer.zarr", copy)
+        group = zarr.open_group(str(copy), mode="r+")
+        manifest = group.attrs["softlabels"]
+        group.attrs["softlabels"] = {**manifest, "dataset": {**manifest["dataset"], "fingerprint": fingerprint}}
+        result = CliRunner().invoke(cli, ["train-student", "--cache", str(copy), "--student", "mlp", "--out", str(tmp_path / "r")])
+        assert result.exit_code == 1
+        assert result.output == (f"error: cache {copy} records no dataset fingerprint (manifest field 'dataset.fingerprint'), "
+                                 "so no data can be checked against it\n")
 
 
 def test_unseen_teacher_and_student_as_module_callables(tmp_path, monkeypatch):
