@@ -36,6 +36,10 @@ def convert_cache(
     kind in the current format; ``keep_views`` keeps the first views of a view cache, their records
     with them. Return the new cache's size on disk in bytes."""
     dst = Path(dst)
+    source, target = Path(src).resolve(), dst.resolve()
+    if target == source or source in target.parents:  # --overwrite would replace the cache being read
+        raise SoftlabelsError(f"{dst} is {'the source cache' if target == source else 'inside the source cache'} {src}: "
+                              "write the converted cache to another path")
     with open_cache(src) as cache, exclusive(dst, "convert"):
         old_kind = cache.kind
         if kind is not None and old_kind.full_logits(cache.read(0, min(1, len(cache)))[0]) is None:

@@ -352,3 +352,12 @@ def test_convert_refuses_chunk_files_moved_since_the_dump(cache_and_teacher, tmp
     assert result.exit_code == 1 and result.output.strip() == (
         f"error: {cache}: chunk 1 does not match its commit record; run softlabels verify {cache}")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == []  # nor its partial cache
+
+
+def test_convert_refuses_to_write_over_or_into_its_source(cache_and_teacher):
+    cache = cache_and_teacher[0]
+    before = sorted((p.relative_to(cache), p.read_bytes()) for p in cache.rglob("*") if p.is_file())
+    for dst, where in ((cache, "the source cache"), (Path(f"{cache}/"), "the source cache"), (cache / "x.zarr", "inside the source cache")):
+        assert user_error("convert", cache, dst, "--top-k", 2, "--overwrite") == (
+            f"error: {dst} is {where} {cache}: write the converted cache to another path\n")
+    assert sorted((p.relative_to(cache), p.read_bytes()) for p in cache.rglob("*") if p.is_file()) == before
