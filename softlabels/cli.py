@@ -139,6 +139,13 @@ class _Temperatures(click.ParamType):
         return grid
 
 
+def _given(ctx: Any, param: Any, value: Any) -> Any:
+    """Refuse an empty path: it would mean the current directory."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("must not be empty")
+    return value
+
+
 _OPTION_VALUES = {"count": POSITIVE, "temperature": click.FloatRange(min=0, min_open=True),
                   "seed": click.IntRange(0, 2**63 - 1), "temperatures": _Temperatures()}
 # every kind's options, once each, in the order of KINDS; those kinds share (--temperatures) last
@@ -217,7 +224,7 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @cli.command(epilog="Example:\n\n\b\n  softlabels dump --teacher runs/teacher/teacher/student.pth \\\n      --data 'mnist1d://transfer?n=40000&seed=1' --out transfer.zarr\n  softlabels dump --teacher weights.safetensors --arch mymodels:make_teacher \\\n      --data images.h5 --out images.zarr --device cuda --precision bf16\n  softlabels dump --teacher teacher.pth --data mnist1d://train --out views.zarr --views 16 \\\n      --augment 'shift?max=6' --augment 'noise?std=0.15' --augment 'mixup?alpha=1'\n  softlabels dump --teacher teacher.pth --data 'imagefolder:photos/train?size=224&resize=256' \\\n      --out photos.zarr --views 8 --augment 'crop?size=224,224' --augment flip --skip-bad-files")
 @click.option("--teacher", "teacher_path", required=True, metavar="CKPT", help="Teacher checkpoint (.pth, .pt, .safetensors) or a Hugging Face model folder.")
 @click.option("--data", "data_spec", required=True, metavar="SPEC", help="Dataset: mnist1d://train, data.npz, data.zarr, data.h5, 'imagefolder:DIR?size=S', module:callable.")
-@click.option("--out", required=True, metavar="PATH", help="Cache to write: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
+@click.option("--out", required=True, metavar="PATH", callback=_given, help="Cache to write: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
 @_teacher_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True, help="Autocast dtype for the teacher.")
@@ -278,7 +285,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--data", "data_spec", metavar="SPEC", help="Training inputs (default: the cache's dataset; must match its fingerprint).")
 @click.option("--student", "students", multiple=True, required=True, metavar="[NAME=]ARCH[?k=v]", help="Repeat to train several students from one pass over the cache.")
 @click.option("--student-kwargs", metavar="JSON", help="Keyword arguments given to every student.")
-@click.option("--out", required=True, metavar="DIR", help="Output directory.")
+@click.option("--out", required=True, metavar="DIR", callback=_given, help="Output directory.")
 @click.option("--eval-data", metavar="SPEC", help="Data to evaluate on after each epoch.")
 @click.option("--eval-cache", metavar="PATH", help="Teacher logits for --eval-data (for teacher agreement).")
 @click.option("--eval-teacher", metavar="CKPT", help="Teacher checkpoint to run once on --eval-data (for teacher agreement).")
@@ -304,7 +311,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (the options must be the same).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @TRUST_CODE
-@click.option("--tensorboard", metavar="DIR", help="Also write per-epoch scalars of every student (losses, accuracy, agreement, "
+@click.option("--tensorboard", metavar="DIR", callback=_given, help="Also write per-epoch scalars of every student (losses, accuracy, agreement, "
               "learning rate, rows/s) to DIR/NAME for TensorBoard (needs pip install 'softlabels[tensorboard]').")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_student(cache_path, data_spec, students, student_kwargs, out, eval_data, eval_cache, eval_teacher, epochs, batch_size, lr, weight_decay, temperature, alpha, kl, topk_tail, seed, hard_labels_only, online_teacher, augment_specs, augment_seed, num_classes, shards, device, num_workers, checkpoint_every, resume, overwrite, trust_code, tensorboard, quiet):
@@ -428,7 +435,7 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels convert train.zarr train-top10.zarr --top-k 10\n  softlabels convert train.zarr train-s12.h5 --sample 12 --sample-seed 1\n  softlabels convert views64.zarr views16-top5.zarr --keep-views 16 --top-k 5\n  softlabels convert old-v1.zarr new.zarr --upgrade")
 @click.argument("src")
-@click.argument("dst")
+@click.argument("dst", callback=_given)
 @_kind_options
 @click.option("--keep-views", type=POSITIVE, metavar="V", help="Keep the first V views of each sample of a view cache.")
 @click.option("--upgrade", is_flag=True, help="Rewrite SRC in the current format version, same kind.")
@@ -449,7 +456,7 @@ def convert(src, dst, keep_views, upgrade, overwrite, quiet, **kind_options):
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels compare runs/scratch runs/distilled\n  softlabels compare runs/teacher runs/scratch runs/distilled --plot accuracy.png")
 @click.argument("summaries", nargs=-1, required=True, metavar="RUN_DIR_OR_SUMMARY...")
-@click.option("--plot", metavar="FILE.png", help="Also draw evaluation accuracy against parameters (the teacher as a line) to "
+@click.option("--plot", metavar="FILE.png", callback=_given, help="Also draw evaluation accuracy against parameters (the teacher as a line) to "
               "FILE.png, its numbers to FILE.json.")
 @click.option("--overwrite", is_flag=True, help="Replace FILE.png and FILE.json if they exist.")
 def compare(summaries, plot, overwrite):
@@ -471,7 +478,7 @@ def compare(summaries, plot, overwrite):
 @cli.command(epilog="Example:\n\n\b\n  softlabels report runs/demo/teacher runs/demo/scratch runs/demo/distilled \\\n      --cache runs/demo/transfer.zarr --cache runs/demo/test.zarr --out runs/demo/report")
 @click.argument("runs", nargs=-1, metavar="RUN_DIR...")
 @click.option("--cache", "caches", multiple=True, metavar="PATH", help="A cache to describe (repeat for several).")
-@click.option("--out", required=True, metavar="DIR", help="Folder to write: index.html, the figures (PNG) and their numbers (JSON).")
+@click.option("--out", required=True, metavar="DIR", callback=_given, help="Folder to write: index.html, the figures (PNG) and their numbers (JSON).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def report(runs, caches, out, overwrite, quiet):

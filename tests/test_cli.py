@@ -142,6 +142,21 @@ def test_invalid_option_values_are_usage_errors(tmp_path, args):
     assert "Traceback" not in result.output and f"Invalid value for '{args[0]}'" in result.output
 
 
+@pytest.mark.parametrize("args, name", [
+    (["dump", "--teacher", "t.pth", "--data", "x.npz", "--out", " "], "--out"),
+    (["train-student", "--data", "x.npz", "--hard-labels-only", "--student", "mlp", "--out", ""], "--out"),
+    (["train-student", "--data", "x.npz", "--hard-labels-only", "--student", "mlp", "--out", "r", "--tensorboard", ""], "--tensorboard"),
+    (["convert", "c.zarr", "", "--top-k", "2"], "DST"),
+    (["report", "r", "--out", ""], "--out"),
+    (["compare", "r", "--plot", ""], "--plot"),
+])
+def test_an_empty_output_path_is_refused_not_taken_for_the_current_directory(tmp_path, monkeypatch, args, name):
+    monkeypatch.chdir(tmp_path)
+    result = run(*args)
+    assert result.exit_code == 2 and f"Invalid value for '{name}': must not be empty" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, pattern", [
     (["--temperature", "nan"], "temperature must be > 0, got nan"),
     (["--lr", "nan"], "learning rate must be > 0 and weight decay >= 0, got nan"),
