@@ -120,10 +120,15 @@ def test_moved_data_is_named_with_the_option_that_finds_it(tmp_path, npz_data, l
     assert run(*train, "--data", moved, "--out", tmp_path / "b").exit_code == 0
 
 
-def test_labels_out_of_range_are_refused(tmp_path, linear_teacher):
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_labels_out_of_range_are_refused_and_leave_no_partial_cache_to_block_the_next_dump(tmp_path, linear_teacher, suffix):
     data = make_npz(tmp_path / "d.npz", classes=9)
-    result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", data, "--out", tmp_path / "c.zarr")
+    out = tmp_path / f"c{suffix}"
+    result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", data, "--out", out)
     assert_one_line_error(result, r"label \d+ at sample \d+ is out of range for a teacher with 5 classes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "linear_teacher.pth"]  # nothing was committed
+    fixed = make_npz(tmp_path / "fixed.npz", classes=5)
+    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", fixed, "--out", out).exit_code == 0
 
 
 def test_dataset_without_x(tmp_path, linear_teacher):
