@@ -58,11 +58,7 @@ class _Group(click.Group):
         except Exception as exc:
             if ctx.meta.get("softlabels.debug"):
                 raise
-            if isinstance(exc, SoftlabelsError):
-                message = user_message(exc)
-            else:
-                message = f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
-            click.echo(f"error: {' '.join(message.split())}", err=True)
+            click.echo(f"error: {' '.join(user_message(exc).split())}", err=True)
             ctx.exit(1)
 
 

@@ -1,5 +1,5 @@
-"""The exception type that the CLI turns into a one-line ``error: ...`` message, and its one kind
-that a caller handles apart: data a spec names that is not there."""
+"""The exception type that the CLI turns into a one-line ``error: ...`` message, its one kind that
+a caller handles apart (data a spec names that is not there), and that message."""
 
 
 class SoftlabelsError(Exception):
@@ -20,17 +20,22 @@ class MissingData(SoftlabelsError):
     """
 
 
-def user_message(exc: SoftlabelsError) -> str:
-    """The message of ``exc``, also when a DataLoader worker raised it: PyTorch re-raises a worker's
-    exception as ``SoftlabelsError("Caught SoftlabelsError in DataLoader worker process 0. Original
-    Traceback ...")``, whose last line is the original ``softlabels.errors.SoftlabelsError: message``.
+def user_message(exc: Exception) -> str:
+    """What the CLI prints for ``exc``: a :class:`SoftlabelsError`'s message, or another exception's
+    type and message with a pointer to ``--debug``. A DataLoader worker's exception is re-raised by
+    PyTorch as ``Type("Caught Type in DataLoader worker process 0. Original Traceback ...")``, whose
+    last line is the original ``module.Type: message``: that line is what counts.
 
     Example::
 
         user_message(SoftlabelsError("cannot decode cat/1.jpg"))   # 'cannot decode cat/1.jpg'
     """
     text = str(exc)
-    marker = f"{SoftlabelsError.__module__}.{SoftlabelsError.__name__}: "
-    if text.startswith(f"Caught {SoftlabelsError.__name__} in DataLoader worker") and marker in text:
-        return text.rsplit(marker, 1)[1].strip()
-    return text
+    if text.startswith(f"Caught {type(exc).__name__} in DataLoader worker process"):
+        marker = f"{SoftlabelsError.__module__}.{SoftlabelsError.__name__}: "
+        if isinstance(exc, SoftlabelsError) and marker in text:
+            return text.rsplit(marker, 1)[1].strip()
+        return f"{text.strip().splitlines()[-1]} (in a DataLoader worker; rerun with --num-workers 0 --debug for the traceback)"
+    if isinstance(exc, SoftlabelsError):
+        return text
+    return f"{type(exc).__name__}: {text} (rerun with --debug for the traceback)"

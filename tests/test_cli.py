@@ -308,3 +308,20 @@ def test_evaluate_on_inputs_of_another_shape_says_which_shapes(tmp_path, npz_dat
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert re.match(rf"error: model .*student.pth was made for inputs \[12\], {re.escape(str(narrow))} has \[10\], which it cannot take",
                     result.output), result.output
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_told_by_its_own_last_line(tmp_path, monkeypatch, linear_teacher):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "items.py").write_text(
+        "import numpy as np\nimport torch\n"
+        "class Items:\n"
+        "    def __len__(self):\n        return 40\n"
+        "    def __getitem__(self, i):\n"
+        "        if i == 30 and torch.utils.data.get_worker_info() is not None:  # past the fingerprint's reads\n"
+        "            raise ValueError('item 30 is broken')\n"
+        "        return np.zeros(12, np.float32), 0\n"
+        "def make():\n    return Items()\n")
+    result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", "items.py:make", "--out", "c.zarr",
+                 "--num-workers", 1, "--batch-size", 8)
+    assert result.exit_code == 1 and result.output == (
+        "error: ValueError: item 30 is broken (in a DataLoader worker; rerun with --num-workers 0 --debug for the traceback)\n")
