@@ -223,8 +223,9 @@ def format_cache_report(report: dict[str, Any]) -> str:
         f"cache        {report['path']} ({'complete' if report['complete'] else 'INCOMPLETE'})",
         f"format       {m['format']} v{m['format_version']}, kind {kind}",
         f"targets      {shape}, {report['dtype'] or 'no logits stored'}, {report['chunk_rows']} samples per chunk",
-        f"on disk      {report['bytes_on_disk'] / 2**20:.2f} MiB, {report['bytes_per_sample']:.1f} bytes per sample"
-        f"{_against_dense(report['compression_vs_dense_float32'])}",
+        f"on disk      {report['bytes_on_disk'] / 2**20:.2f} MiB"
+        + (f", {report['bytes_per_sample']:.1f} bytes per sample" if report["bytes_per_sample"] is not None else ", no sample written yet")
+        + _against_dense(report["compression_vs_dense_float32"]),
         f"teacher      {teacher.get('arch')} from {teacher.get('file')} ({_count(teacher.get('params'))} params, sha256 {str(teacher.get('sha256'))[:12]}...)",
         f"dataset      {dataset.get('spec')} ({_count(dataset.get('num_samples'))} samples, {str(dataset.get('fingerprint', ''))[:20]}...)",
         f"accuracy     {_percent(report['teacher_accuracy'])} on {report['labeled_items']:,} {report['scored_on']}"

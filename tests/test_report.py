@@ -421,3 +421,12 @@ def test_predictions_outside_the_classes_or_unsigned_are_refused(tmp_path, predi
     message = "must hold classes" if dtype == np.int64 else "array 'predicted' is missing or not of signed integers"
     with pytest.raises(SoftlabelsError, match=message):
         read_predictions(path)
+
+
+def test_inspect_of_a_cache_with_no_chunk_written_yet_says_so(tmp_path):
+    from softlabels import CacheWriter, Dense, Layout
+
+    CacheWriter(tmp_path / "empty.zarr", Layout(Dense(), 256, 10, "float32", 64), manifest={"teacher": {}, "dataset": {}}).close()
+    result = run("inspect", tmp_path / "empty.zarr.partial")
+    assert result.exit_code == 1 and "Traceback" not in result.output and "error" not in result.output, result.output
+    assert "(INCOMPLETE)" in result.output and re.search(r"on disk      [\d.]+ MiB, no sample written yet\n", result.output)
