@@ -447,9 +447,14 @@ class _H5Backend:
 
     def raw_reader(self, name: str, array: Any) -> "_H5RawChunks | None":
         """A direct reader of an uncompressed target array whose chunks the read-checksum table
-        covers; ``None`` (h5py with fletcher32, or version 1) otherwise."""
+        covers; ``None`` (h5py with fletcher32, or version 1) otherwise. An array of rows without
+        fletcher32 is refused: h5py would read it unchecked. (The commit record needs none: its
+        entries are checksums, which damage makes disagree with the chunks they describe.)"""
         import h5py
 
+        if name != "chunk_crc32" and not array.fletcher32:
+            raise SoftlabelsError(f"{self.file.filename}: array '{name}' is stored without HDF5's fletcher32 checksum, "
+                                  "which every chunk of a cache's rows carries")
         table = self.file.get(_READ_CHECKSUMS)
         if table is None or array.chunks is None:
             return None

@@ -539,6 +539,15 @@ def test_an_hdf5_array_stored_through_other_filters_reads_through_h5py(tmp_path)
         np.testing.assert_array_equal(cache.read(0, 64)[0]["logits"], logits)
 
 
+@pytest.mark.parametrize("name", ["logits", "labels"])
+def test_an_hdf5_array_of_rows_without_fletcher32_is_refused_not_read_unchecked(tmp_path, name):
+    path = tmp_path / "c.h5"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    _rewrite_hdf5(path, name)  # no checksum: a changed byte would be read as data
+    with pytest.raises(SoftlabelsError, match=rf"c.h5: array '{name}' is stored without HDF5's fletcher32 checksum"):
+        open_cache(path)
+
+
 @pytest.mark.parametrize("damage, message", [
     ("rows", r"array 'chunk_crc32c' is uint32 \[3, 1\], not uint32 \[chunks, 1\]"),
     ("names", r"array 'chunk_crc32c': its attribute 'arrays' is not a list of distinct array names"),
