@@ -294,7 +294,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--kl", type=click.Choice(KL_DIRECTIONS), default="forward", show_default=True)
 @click.option("--topk-tail", type=click.Choice(TAILS), default="exact", show_default=True,
               help="A top-k cache's tail: exact (matched as one bucket), renormalize (dropped, as other tools do) or gold (given to the label).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--hard-labels-only", is_flag=True, help="Ignore soft targets: the scratch baseline (needs no cache).")
 @click.option("--online-teacher", metavar="CKPT", help="Run this teacher on every batch instead of reading a cache (with --augment: online function matching).")
 @AUGMENT
@@ -405,7 +405,7 @@ def inspect(path, as_json):
 @click.option("--teacher", "teacher_path", metavar="CKPT", help="The cache's teacher checkpoint (for --recompute).")
 @_teacher_options
 @click.option("--data", "data_spec", metavar="SPEC", help="The cache's dataset, if not where the manifest says.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed choosing the rows to recompute.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed choosing the rows to recompute.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_code, data_spec, seed, device):
     """Check a cache's manifest, completeness and per-chunk checksums (exit 0 only if all is well)."""

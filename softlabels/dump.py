@@ -61,9 +61,12 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SoftlabelsError(f"device {name} requested but no CUDA GPU is available")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise SoftlabelsError(f"unknown device {name!r}") from exc
+    if device.type not in ("cpu", "cuda"):  # meta holds no values; others would fail deep in a model
+        raise SoftlabelsError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 class _Blocks(torch.utils.data.Dataset):

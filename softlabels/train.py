@@ -657,7 +657,7 @@ def _step(trained: list[_Student], batch: Batch, config: TrainConfig, device: to
         student.seconds += elapsed
         student.step_seconds += elapsed
         student.rows += len(batch.labels)
-    _add_step(trained, losses, labeled, share / world)
+    _add_step(trained, losses, labeled, share / world, batch)
 
 
 def _check_one_row_batches(model: torch.nn.Module, name: str, loader: SoftTargetLoader) -> None:
@@ -699,7 +699,21 @@ def _join_step(trained: list[_Student], batch: Batch, device: torch.device) -> N
         student.rng = _rng_state(device)
 
 
-def _add_step(trained: list[_Student], losses: list[tuple[float, KDTerms]] | None, labeled: bool, weight: float) -> None:
+def _nonfinite(batch: Batch) -> str | None:
+    """What in ``batch`` is NaN or Inf, naming the first dataset row that holds it; ``None`` if
+    nothing is (a loss that is not finite is then the training's own)."""
+    named = {"inputs": batch.inputs, "mix weights": batch.mix.lam if batch.mix is not None else None,
+             **{f"cached '{name}'": value for name, value in (batch.teacher_logits.arrays if batch.teacher_logits is not None else {}).items()}}
+    for what, value in named.items():
+        if value is not None and value.is_floating_point() and len(value):
+            bad = torch.nonzero(~torch.isfinite(value.reshape(len(value), -1)).all(1))
+            if len(bad):
+                return f"the {what} of dataset row {int(batch.indices[int(bad[0, 0])])} hold NaN or Inf"
+    return None
+
+
+def _add_step(trained: list[_Student], losses: list[tuple[float, KDTerms]] | None, labeled: bool, weight: float,
+              batch: Batch | None = None) -> None:
     """Add a step's loss, hard-label cross-entropy (on a batch with labels) and soft KL at T (with a
     teacher) to each student's sums, each as the loss computed it. Under torchrun they are the whole
     batch's, as one process records them: each rank's means weighed by ``weight``, its share of the
@@ -715,6 +729,9 @@ def _add_step(trained: list[_Student], losses: list[tuple[float, KDTerms]] | Non
     for i, student in enumerate(trained):
         loss, ce, has_ce, kl, has_kl = numbers[5 * i:5 * i + 5]
         if not math.isfinite(loss):  # every later step and the evaluation would be NaN too
+            cause = _nonfinite(batch) if batch is not None else None
+            if cause is not None:
+                raise SoftlabelsError(f"student '{student.name}' has a loss of {loss} in epoch {len(student.history) + 1}: {cause}")
             raise SoftlabelsError(f"student '{student.name}' diverged: its loss is {loss} in epoch {len(student.history) + 1}; "
                                   "train it again with a lower --lr (and --overwrite)")
         student.loss_sum += loss
