@@ -79,10 +79,14 @@ def exclusive(path: Path, command: str) -> Iterator[None]:
 
     ``flock`` locks die with their process, so a killed command never leaves the path locked. The
     lock file is removed on release; a waiter that locked a file removed meanwhile notices by its
-    inode and refuses rather than share the path.
+    inode and refuses rather than share the path. The folder of ``PATH`` is made if it is missing.
     """
     lock = Path(str(path) + ".lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)  # the folder the output goes to
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a file where a folder should be, no permission, a read-only disk
+        raise SoftlabelsError(f"cannot write {path}: {exc.strerror} ({exc.filename})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

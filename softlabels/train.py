@@ -440,6 +440,9 @@ def train_students(
     config.validate()
     if not students:
         raise SoftlabelsError("no student to train: give at least one --student")
+    for folder, what in ((out_dir, "--out"), (tensorboard, "--tensorboard")):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise SoftlabelsError(f"{what} {folder} is a file, not a folder")
     if tensorboard is not None:
         summary_writer_class()  # a missing extra is refused before the run directory is touched
     if teacher is not None and (cache is not None or config.hard_labels_only):
@@ -508,7 +511,6 @@ def train_students(
     out = run if rank == 0 else None  # rank 0 evaluates and writes
     with contextlib.ExitStack() as held:
         if out is not None:  # one process at a time writes a run
-            out.parent.mkdir(parents=True, exist_ok=True)
             held.enter_context(exclusive(out, "train-student"))
             for folder in (out, *(out / name for name in names)):
                 remove_temporaries(folder)

@@ -349,3 +349,20 @@ def test_an_error_raised_in_a_dataloader_worker_is_told_by_its_own_last_line(tmp
                  "--num-workers", 1, "--batch-size", 8)
     assert result.exit_code == 1 and result.output == (
         "error: ValueError: item 30 is broken (in a DataLoader worker; rerun with --num-workers 0 --debug for the traceback)\n")
+
+
+def test_an_output_folder_is_made_where_missing_and_a_file_in_its_way_is_a_one_line_error(tmp_path, monkeypatch, npz_data, linear_teacher):
+    monkeypatch.chdir(tmp_path)
+    dump = ["dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--quiet", "--out"]
+    assert run(*dump, "new/sub/c.zarr").exit_code == 0 and open_cache("new/sub/c.zarr").num_classes == 5
+    Path("file").write_text("keep me")
+    train = ["train-student", "--data", npz_data, "--hard-labels-only", "--student", "mlp", "--epochs", 1, "--quiet"]
+    for args, message in (
+        ([*dump, "file/c.zarr"], "cannot write file/c.zarr: File exists (file)"),
+        (["convert", "new/sub/c.zarr", "file/t.zarr", "--top-k", 2], "cannot write file/t.zarr: File exists (file)"),
+        ([*train, "--out", "file"], "--out file is a file, not a folder"),
+        ([*train, "--out", "file/run"], "cannot write file/run: File exists (file)"),
+        ([*train, "--out", "run", "--tensorboard", "file"], "--tensorboard file is a file, not a folder"),
+    ):
+        assert_one_line_error(run(*args), re.escape(message))
+    assert Path("file").read_text() == "keep me" and not Path("run").exists()
