@@ -525,6 +525,8 @@ def train_students(
         give_back_kernels = _repeatable_kernels()  # same seed, same weights, on a GPU too
         try:
             sample = torch.from_numpy(source.read(0, min(2, len(source)))[0])
+            if loader_cache is not None:  # its first chunk, checked, before students sized by its classes are built
+                loader_cache.read(0, min(1, len(loader_cache)))
             if teacher is not None:  # it runs on every batch: one that cannot take the data is refused before any step
                 check_output_shape(teacher.model, sample.to(device), num_classes=num_classes, name=f"teacher {teacher.path}",
                                    items=loader.items)

@@ -361,3 +361,18 @@ def test_convert_refuses_to_write_over_or_into_its_source(cache_and_teacher):
         assert user_error("convert", cache, dst, "--top-k", 2, "--overwrite") == (
             f"error: {dst} is {where} {cache}: write the converted cache to another path\n")
     assert sorted((p.relative_to(cache), p.read_bytes()) for p in cache.rglob("*") if p.is_file()) == before
+
+
+def test_a_damaged_first_chunk_is_refused_before_any_student_is_built(cache_and_teacher, tmp_path, monkeypatch):
+    out = cache_and_teacher[0]
+    (out / "logits" / "c" / "0" / "0").unlink()  # a cache that may declare any number of classes
+    (tmp_path / "built.py").write_text(
+        "import pathlib, torch\n"
+        "def make(input_shape, num_classes):\n"
+        "    pathlib.Path('BUILT').write_text(str(num_classes))\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(tmp_path)
+    message = user_error("train-student", "--cache", out, "--student", "built:make", "--epochs", 1, "--out", tmp_path / "r")
+    assert "array 'logits' chunk 0 (rows 0-49) is damaged (its chunk file is missing)" in message
+    assert not (tmp_path / "BUILT").exists()
