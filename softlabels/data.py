@@ -78,6 +78,16 @@ def default_workers(source: "Source", device: torch.device) -> int:
     return max(few, cores - 4) if device.type == "cuda" else few
 
 
+def _checked_labels(spec: str, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``labels`` (of dataset rows ``rows``), refused where one is below -1: a label is a class
+    index, or -1 for none (-2 marks a row that could not be read, which only softlabels sets)."""
+    bad = np.flatnonzero(labels < NO_LABEL)
+    if len(bad):
+        raise SoftlabelsError(f"dataset {spec}: label {int(labels[bad[0]])} of row {int(rows[bad[0]])} is below -1 "
+                              "(labels are class indices, or -1 for none)")
+    return labels
+
+
 def data_dir() -> Path:
     """Where generated built-in datasets are kept (``$SOFTLABELS_DATA`` or ``~/.cache/softlabels``)."""
     return Path(os.environ.get("SOFTLABELS_DATA", Path.home() / ".cache" / "softlabels"))
@@ -317,7 +327,7 @@ class ArraySource(LazySource):
         xs, y = self.read_inputs(start, stop), self._open()[1]
         if y is None:
             return xs, np.full(stop - start, NO_LABEL, dtype=np.int64)
-        return xs, self._read_rows("y", y, start, stop).astype(np.int64)
+        return xs, _checked_labels(self.spec, self._read_rows("y", y, start, stop).astype(np.int64), np.arange(start, stop))
 
     def read_inputs(self, start: int, stop: int) -> np.ndarray:
         # A slice of a memory-mapped npz is read-only; torch wants arrays it may write.
@@ -333,7 +343,7 @@ class ArraySource(LazySource):
             return super().take(ids)  # zarr and h5py: one read per run of rows
         ids = self._rows(ids)  # arrays in memory or memory-mapped: one gather
         xs = _as_input_array(x[ids])
-        return xs, np.full(len(ids), NO_LABEL, dtype=np.int64) if y is None else y[ids].astype(np.int64)
+        return xs, np.full(len(ids), NO_LABEL, dtype=np.int64) if y is None else _checked_labels(self.spec, y[ids].astype(np.int64), ids)
 
     def fingerprint(self) -> str:
         """sha256 of the shapes, dtypes and every byte of ``x`` and ``y``, read in large blocks."""
@@ -376,7 +386,7 @@ class DatasetSource(Source):
         else:
             x, y = item, NO_LABEL
         x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        return x, int(y)
+        return x, int(_checked_labels(self.spec, np.array([int(y)]), np.array([i]))[0])
 
     def __len__(self) -> int:
         return len(self.dataset)

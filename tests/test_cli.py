@@ -366,3 +366,17 @@ def test_an_output_folder_is_made_where_missing_and_a_file_in_its_way_is_a_one_l
     ):
         assert_one_line_error(run(*args), re.escape(message))
     assert Path("file").read_text() == "keep me" and not Path("run").exists()
+
+
+@pytest.mark.parametrize("label", [-2, -5])
+def test_a_label_below_minus_one_is_refused_alike_by_every_command(tmp_path, linear_teacher, label):
+    x = np.zeros((30, 12), np.float32)
+    y = np.zeros(30, np.int64)
+    y[7] = label  # -2 marks a row softlabels could not read: data may not claim it
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    message = re.escape(f"dataset {tmp_path / 'd.npz'}: label {label} of row 7 is below -1 (labels are class indices, or -1 for none)")
+    teacher = ["--arch", "linear"]
+    for args in (["dump", "--teacher", linear_teacher, *teacher, "--data", tmp_path / "d.npz", "--out", tmp_path / "c.zarr"],
+                 ["train-student", "--data", tmp_path / "d.npz", "--hard-labels-only", "--student", "mlp", "--out", tmp_path / "r"],
+                 ["evaluate", "--model", linear_teacher, *teacher, "--data", tmp_path / "d.npz"]):
+        assert_one_line_error(run(*args), message)
