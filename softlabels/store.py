@@ -1009,6 +1009,17 @@ def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tupl
     return manifest, layout
 
 
+def _impossible_label(labels: np.ndarray, num_classes: int) -> tuple[str, int, str] | None:
+    """A stored label no dump writes: a class past the cache's, or below -2 (-1: none, -2: a row that
+    could not be read)."""
+    if not labels.size or (int(labels.min()) >= -2 and int(labels.max()) < num_classes):
+        return None
+    per_row = labels.reshape(len(labels), -1)
+    bad = (per_row < -2) | (per_row >= num_classes)
+    row = int(np.flatnonzero(bad.any(1))[0])
+    return "labels", row, f"label {int(per_row[row][bad[row]][0])}, outside -2..{num_classes - 1}"
+
+
 class _Arrays:
     """The arrays of an open cache (or partial cache), read with the store's checksums checked."""
 
@@ -1040,6 +1051,13 @@ class _Arrays:
         """Targets and labels of the rows of ``ranges``, one after another; a damaged chunk raises, naming it."""
         out = {name: self._read(name, array, ranges, reuse) for name, array in {**self.targets, "labels": self.labels}.items()}
         labels = out.pop("labels")
+        found = self.layout.kind.impossible(out, self.layout.num_classes) or _impossible_label(labels, self.layout.num_classes)
+        if found is not None:
+            name, row, what = found
+            for start, stop in ranges:  # the row's place in the read, to the chunk that holds it
+                if row < stop - start:
+                    raise self._damaged(name, (start + row) // self.layout.chunk_rows, f"it holds {what}")
+                row -= stop - start
         return out, labels
 
     def read_records(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -1369,6 +1387,9 @@ class CacheWriter(_Chunked):
                 raise ValueError(f"array '{name}' of chunks {first}..{first + count - 1} needs shape "
                                  f"{[stop - start, *shapes[name][0][1:]]}, got {list(values.shape)}")
         labels = labels.astype(np.int64, copy=False)
+        found = self.layout.kind.impossible(targets, self.layout.num_classes) or _impossible_label(labels, self.layout.num_classes)
+        if found is not None:  # what every reader would refuse
+            raise ValueError(f"array '{found[0]}' of chunks {first}..{first + count - 1} holds {found[2]} at row {start + found[1]}")
         for name, array in {**self._arrays.targets, **self._arrays.records}.items():
             self._write(name, array, start, {**targets, **records}[name])
         self._write("labels", self._arrays.labels, start, labels)

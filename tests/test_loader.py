@@ -33,7 +33,7 @@ def write_cache(path, source, y):
 @pytest.fixture
 def pair(tmp_path):
     """A 1000-row npz dataset and its cache."""
-    source = open_data(str(make_npz(tmp_path / "d.npz", n=1000, features=3)))
+    source = open_data(str(make_npz(tmp_path / "d.npz", n=1000, features=3, classes=2)))
     x, y = source.read(0, 1000)
     return source, write_cache(tmp_path / "c.zarr", source, y), x, y
 
@@ -141,7 +141,7 @@ def test_every_number_of_ranks_trains_on_the_same_global_batches(pair, ranks, dr
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_a_rank_left_no_row_of_the_last_batch_gets_an_empty_batch_it_can_step_on(tmp_path, shuffle):
     # 1025 rows in batches of 64: the last batch holds 1 row, which rank 1 of 2 takes
-    source = open_data(str(make_npz(tmp_path / "d.npz", n=1025, features=3)))
+    source = open_data(str(make_npz(tmp_path / "d.npz", n=1025, features=3, classes=2)))
     x, y = source.read(0, 1025)
     cache = write_cache(tmp_path / "c.zarr", source, y)
     ranks = [collect(SoftTargetLoader(source, cache, batch_size=64, seed=3, shuffle=shuffle, shards=2, shard=r), e)

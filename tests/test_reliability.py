@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from softlabels import SoftlabelsError, dump, load_model, open_cache, open_data
 from softlabels.cli import cli
-from softlabels.store import CacheWriter
+from softlabels.store import CacheWriter, chunk_checksum
 
 from .conftest import committed, dump_args, flip_hdf5_byte, make_npz, run_dump
 
@@ -266,7 +266,6 @@ def test_verify_recompute_catches_logits_rewritten_with_valid_checksums(cache_an
     logits = group["logits"][:]
     logits[:, 0] += 3.0
     group["logits"][:] = logits
-    from softlabels.store import chunk_checksum
     labels = group["labels"][:]
     group["chunk_crc32"][:] = [chunk_checksum({"logits": logits[s:s + 50]}, labels[s:s + 50]) for s in range(0, 300, 50)]
     assert verify(out).exit_code == 0  # the bytes match their checksums...
@@ -376,3 +375,27 @@ def test_a_damaged_first_chunk_is_refused_before_any_student_is_built(cache_and_
     message = user_error("train-student", "--cache", out, "--student", "built:make", "--epochs", 1, "--out", tmp_path / "r")
     assert "array 'logits' chunk 0 (rows 0-49) is damaged (its chunk file is missing)" in message
     assert not (tmp_path / "BUILT").exists()
+
+
+@pytest.mark.parametrize("kind, array, what", [
+    (["--top-k", "3"], "topk_indices", "class index 5, beyond the 5 classes"),
+    (["--sample", "4"], "sample_counts", "counts adding up to 5, not 4 draws"),
+    ([], "labels", "label -7, outside -2..4"),
+])
+def test_values_no_dump_writes_are_refused_though_their_checksums_match(tmp_path, npz_data, linear_teacher, kind, array, what):
+    out = tmp_path / "c.zarr"
+    assert CliRunner().invoke(cli, ["dump", "--teacher", str(linear_teacher), "--arch", "linear", "--data", str(npz_data),
+                                    "--out", str(out), "--chunk-rows", "50", "--quiet", *kind]).exit_code == 0
+    with open_cache(out) as cache:
+        names = [a.name for a in cache.layout.target_arrays()]
+    group = zarr.open_group(str(out), mode="r+")
+    values = group[array][:]
+    at = (7, 0)[:values.ndim]
+    values[at] = {"topk_indices": 5, "sample_counts": values[at] + 1, "labels": -7}[array]
+    group[array][:] = values  # with its crc32c, and the commit record rewritten to match
+    group["chunk_crc32"][:] = [chunk_checksum({n: group[n][s:s + 50] for n in names}, group["labels"][s:s + 50]) for s in range(0, 300, 50)]
+    expected = f"array '{array}' chunk 0 (rows 0-49) is damaged (it holds {what})"
+    assert expected in user_error("train-student", "--cache", out, "--student", "mlp", "--epochs", 1, "--out", tmp_path / "r")
+    assert expected in user_error("evaluate", "--model", linear_teacher, "--arch", "linear", "--cache", out)
+    result = verify(out)
+    assert result.exit_code == 1 and "it holds" in result.output, result.output

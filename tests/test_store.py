@@ -214,8 +214,8 @@ def test_finish_refuses_missing_chunks(tmp_path):
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_a_partial_caches_commit_record_reads_as_zarr_and_h5py_read_it(tmp_path, suffix):
     path = tmp_path / f"c{suffix}"
-    writer = CacheWriter(path, Layout(Dense(), 40, 3, "float16", 8), manifest=MANIFEST)
-    logits = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
+    writer = CacheWriter(path, Layout(Dense(), 40, 4, "float16", 8), manifest=MANIFEST)
+    logits = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
     for chunk in (1, 3):
         writer.write_chunks(chunk, {"logits": logits[chunk * 8:chunk * 8 + 8]}, np.full(8, chunk, dtype=np.int64))
     recorded = writer.recorded_checksums()

@@ -178,6 +178,12 @@ class TargetKind:
         """The stored teacher logits and their classes (``None``: every class, in order)."""
         raise NotImplementedError
 
+    def impossible(self, targets: dict[str, np.ndarray], num_classes: int) -> tuple[str, int, str] | None:
+        """The first stored value no writer of this kind stores, as ``(array, row, what it holds)``,
+        or ``None``. Checksums pass bytes rewritten with such values, which would index outside the
+        classes (a device-side assert on a GPU) or weigh the targets silently wrong."""
+        return None
+
     def full_logits(self, targets: dict[str, np.ndarray]) -> np.ndarray | None:
         """Every logit of the teacher, where the kind keeps them all (what another kind is built from)."""
         values, classes = self.logits_at(targets)
@@ -203,6 +209,16 @@ class TargetKind:
 
     statistic_name: ClassVar[str] = ""
     statistic_format: ClassVar[str] = ""
+
+
+def class_beyond(targets: dict[str, np.ndarray], name: str, num_classes: int) -> tuple[str, int, str] | None:
+    """:meth:`TargetKind.impossible` for an array of class indices: one at or past ``num_classes``."""
+    indices = targets[name]
+    if not indices.size or int(indices.max()) < num_classes:  # one pass; the row is looked for only then
+        return None
+    per_row = indices.reshape(len(indices), -1)
+    row = int(np.flatnonzero((per_row >= num_classes).any(1))[0])
+    return name, row, f"class index {int(per_row[row].max())}, beyond the {num_classes} classes"
 
 
 @dataclass(frozen=True)

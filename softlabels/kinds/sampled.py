@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import SoftlabelsError
-from .base import Option, SparseKind, StoredArray, index_dtype, is_number, item_blocks, positive_int
+from .base import Option, SparseKind, StoredArray, class_beyond, index_dtype, is_number, item_blocks, positive_int
 
 _M32 = 0xFFFFFFFF
 
@@ -141,6 +141,17 @@ class Sampled(SparseKind):
             return drawn
         return [StoredArray("sample_logits", np.dtype(store_dtype), width), *drawn,
                 StoredArray("logsumexp", np.dtype(np.float32), len(self.temperatures))]
+
+    def impossible(self, targets: dict[str, np.ndarray], num_classes: int) -> tuple[str, int, str] | None:
+        found = class_beyond(targets, "sample_indices", num_classes)
+        if found is not None:
+            return found
+        draws = targets["sample_counts"].sum(-1, dtype=np.int64).reshape(len(targets["sample_counts"]), -1)
+        off = np.flatnonzero((draws != self.samples).any(1))  # each item's counts add up to its draws
+        if not len(off):
+            return None
+        row = int(off[0])
+        return "sample_counts", row, f"counts adding up to {int(draws[row][draws[row] != self.samples][0])}, not {self.samples} draws"
 
     def build(self, logits: torch.Tensor, *, rows: torch.Tensor, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         z = logits.float()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import SoftlabelsError
-from .base import Option, SparseKind, StoredArray, index_dtype, positive_int
+from .base import Option, SparseKind, StoredArray, class_beyond, index_dtype, positive_int
 
 TAILS = ("exact", "renormalize", "gold")
 
@@ -54,6 +54,9 @@ class TopK(SparseKind):
             StoredArray("topk_indices", index_dtype(num_classes), self.k),
             StoredArray("logsumexp", np.dtype(np.float32), len(self.temperatures)),
         ]
+
+    def impossible(self, targets: dict[str, np.ndarray], num_classes: int) -> tuple[str, int, str] | None:
+        return class_beyond(targets, "topk_indices", num_classes)
 
     def build(self, logits: torch.Tensor, *, rows: torch.Tensor, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         z = logits.float()
