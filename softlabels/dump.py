@@ -541,6 +541,8 @@ def dump(
         raise SoftlabelsError(f"dataset {source.spec} is empty")
     if precision not in PRECISIONS:
         raise SoftlabelsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision}")
+    if resume and overwrite:  # continue the partial cache, or discard it: as train-student has it
+        raise SoftlabelsError("give --resume or --overwrite, not both")
     if skip_bad_files:
         source.skip_bad_files()
     if views is not None:

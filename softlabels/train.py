@@ -253,6 +253,10 @@ def eval_inputs(
     return source, None
 
 
+# Classes counted from the labels alone are believed up to this many (and up to twice the samples).
+_INFERRED_CLASSES = 1 << 16
+
+
 def class_count(source: Source, cache: Cache | None, num_classes: int | None = None) -> int:
     """The number of classes: the cache's, else ``num_classes``, else the dataset's largest label + 1.
 
@@ -268,9 +272,13 @@ def class_count(source: Source, cache: Cache | None, num_classes: int | None = N
         return num_classes
     if isinstance(source, TokenSource):
         return source.vocab_size()
-    largest = int(source.labels().max(initial=NO_LABEL))
+    labels = source.labels()
+    largest = int(labels.max(initial=NO_LABEL))
     if largest == NO_LABEL:
         raise SoftlabelsError(f"dataset {source.spec} has no labels to count the classes from: pass --num-classes")
+    if largest >= max(_INFERRED_CLASSES, 2 * len(labels)):  # one stray label would size every student's output
+        raise SoftlabelsError(f"dataset {source.spec}: its largest label {largest} would make {largest + 1:,} classes "
+                              f"for {len(labels):,} samples: pass --num-classes if that is right")
     return largest + 1
 
 

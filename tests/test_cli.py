@@ -85,6 +85,7 @@ def test_sampling_options_that_would_be_ignored_are_usage_errors(tmp_path, npz_d
         (["--arch", "mlp"], "does not fit architecture 'mlp'"),
         (["--arch", "linear", "--device", "meta"], "device 'meta' is not supported: use auto, cpu, cuda or cuda:N"),
         (["--arch", "linear", "--device", "gpu0"], "unknown device 'gpu0'"),
+        (["--arch", "linear", "--resume", "--overwrite"], "give --resume or --overwrite, not both"),
     ],
 )
 def test_dump_errors_are_one_line(tmp_path, npz_data, linear_teacher, args, pattern):
@@ -144,7 +145,7 @@ def test_dataset_without_x(tmp_path, linear_teacher):
 @pytest.mark.parametrize(
     "args",
     [["--batch-size", "-4"], ["--temperature", "0"], ["--alpha", "1.5"], ["--kl", "sideways"], ["--epochs", "0"],
-     ["--seed", "-1"]],
+     ["--seed", "-1"], ["--num-workers", str(10**30)]],
 )
 def test_invalid_option_values_are_usage_errors(tmp_path, args):
     result = run("train-student", "--data", "x.npz", "--hard-labels-only", "--student", "mlp", "--out", tmp_path, *args)
@@ -380,3 +381,13 @@ def test_a_label_below_minus_one_is_refused_alike_by_every_command(tmp_path, lin
                  ["train-student", "--data", tmp_path / "d.npz", "--hard-labels-only", "--student", "mlp", "--out", tmp_path / "r"],
                  ["evaluate", "--model", linear_teacher, *teacher, "--data", tmp_path / "d.npz"]):
         assert_one_line_error(run(*args), message)
+
+
+def test_one_stray_label_does_not_size_every_students_output(tmp_path):
+    y = np.zeros(200, np.int64)
+    y[3] = 10**7
+    np.savez(tmp_path / "d.npz", x=np.zeros((200, 12), np.float32), y=y)
+    result = run("train-student", "--data", tmp_path / "d.npz", "--hard-labels-only", "--student", "mlp", "--out", tmp_path / "r")
+    assert_one_line_error(result, re.escape(f"dataset {tmp_path / 'd.npz'}: its largest label 10000000 would make 10,000,001 "
+                                            "classes for 200 samples: pass --num-classes if that is right"))
+    assert not (tmp_path / "r").exists()
