@@ -43,6 +43,10 @@ def replay_versions() -> dict[str, str]:
     return {"numpy": np.__version__, "torch": torch.__version__}
 
 
+# Views per sample a cache may hold: each is a forward pass of the teacher and a row of targets.
+MAX_VIEWS = 1 << 16
+
+
 @dataclass(frozen=True)
 class Views:
     """``count`` views per sample, made by ``pipeline``."""
@@ -51,8 +55,8 @@ class Views:
     pipeline: Pipeline
 
     def __post_init__(self) -> None:
-        if not positive_int(self.count):
-            raise SoftlabelsError(f"--views must be a positive number of views per sample, got {self.count!r}")
+        if not positive_int(self.count) or self.count > MAX_VIEWS:
+            raise SoftlabelsError(f"--views must be a number of views per sample from 1 to {MAX_VIEWS:,}, got {self.count!r}")
 
     # -- the manifest and the records --------------------------------------------------------------
 

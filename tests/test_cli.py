@@ -86,6 +86,8 @@ def test_sampling_options_that_would_be_ignored_are_usage_errors(tmp_path, npz_d
         (["--arch", "linear", "--device", "meta"], "device 'meta' is not supported: use auto, cpu, cuda or cuda:N"),
         (["--arch", "linear", "--device", "gpu0"], "unknown device 'gpu0'"),
         (["--arch", "linear", "--resume", "--overwrite"], "give --resume or --overwrite, not both"),
+        (["--arch", "linear", "--views", str(10**30), "--augment", "noise?std=0.1"],
+         "--views must be a number of views per sample from 1 to 65,536, got 1000000000000000000000000000000"),
     ],
 )
 def test_dump_errors_are_one_line(tmp_path, npz_data, linear_teacher, args, pattern):

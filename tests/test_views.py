@@ -219,7 +219,7 @@ def test_inspect_shows_the_views(view_cache):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--views", "0", "--augment", "shift?max=3"], "--views must be a positive number"),
+    (["--views", "0", "--augment", "shift?max=3"], "--views must be a number of views per sample from 1 to 65,536"),
     (["--views", "2", "--augment", "blur"], "unknown augmentation"),
     (["--views", "2", "--augment", "shift?maxx=3"], "maxx"),
     (["--views", "2", "--augment", "crop?size=8,8"], "crop"),
