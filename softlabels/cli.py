@@ -130,9 +130,24 @@ class _Temperatures(click.ParamType):
             grid = [float(t) for t in value.split(",") if t.strip()]
         except ValueError:
             self.fail(f"'{value}' is not a comma-separated list of numbers", param, ctx)
-        if not grid or min(grid) <= 0:
-            self.fail("temperatures must be positive", param, ctx)
+        if not grid or not all(math.isfinite(t) and t > 0 for t in grid):
+            self.fail(f"'{value}' is not a comma-separated list of positive numbers", param, ctx)
         return grid
+
+
+class _Positive(click.ParamType):
+    """A positive finite number (click's FloatRange lets nan and inf through)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"'{value}' is not a number", param, ctx)
+        if not (math.isfinite(number) and number > 0):
+            self.fail(f"must be a positive number, got {value}", param, ctx)
+        return number
 
 
 def _given(ctx: Any, param: Any, value: Any) -> Any:
@@ -142,7 +157,7 @@ def _given(ctx: Any, param: Any, value: Any) -> Any:
     return value
 
 
-_OPTION_VALUES = {"count": POSITIVE, "temperature": click.FloatRange(min=0, min_open=True),
+_OPTION_VALUES = {"count": POSITIVE, "temperature": _Positive(),
                   "seed": click.IntRange(0, 2**63 - 1), "temperatures": _Temperatures()}
 # every kind's options, once each, in the order of KINDS; those kinds share (--temperatures) last
 _KIND_OPTIONS = sorted({o.flag: o for kind in KINDS.values() for o in kind.options}.values(),

@@ -65,6 +65,9 @@ def test_dump_cli_writes_a_cache_and_summary(tmp_path, npz_data, linear_teacher)
     (["--compact"], "--compact applies to --sample"),
     (["--compact", "--top-k", "3"], "--compact applies to --sample"),
     (["--top-k", "3", "--sample", "2"], "give --top-k or --sample, not both"),
+    (["--top-k", "3", "--temperatures", "nan"], "Invalid value for '--temperatures': 'nan' is not a comma-separated list of positive numbers"),
+    (["--top-k", "3", "--temperatures", ""], "Invalid value for '--temperatures': '' is not a comma-separated list of positive numbers"),
+    (["--sample", "3", "--proposal-temperature", "nan"], "Invalid value for '--proposal-temperature': must be a positive number, got nan"),
 ])
 def test_sampling_options_that_would_be_ignored_are_usage_errors(tmp_path, npz_data, linear_teacher, args, message):
     result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", tmp_path / "c.zarr", *args)
