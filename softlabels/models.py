@@ -36,6 +36,15 @@ def _flat_features(input_shape: tuple[int, ...]) -> int:
     return math.prod(input_shape)
 
 
+def _check_sizes(arch: str, **sizes: Any) -> None:
+    """Refuse sizes no layer can have: torch builds a zero-wide layer with a warning, and a string
+    or a fraction fails deep inside it."""
+    for name, value in sizes.items():
+        least = 0 if name == "depth" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise SoftlabelsError(f"{arch}: {name} must be an integer of at least {least}, got {value!r}")
+
+
 def linear(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Logistic regression on the flattened input."""
     return nn.Sequential(nn.Flatten(), nn.Linear(_flat_features(input_shape), num_classes))
@@ -43,6 +52,7 @@ def linear(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, width: int = 100, depth: int = 2) -> nn.Module:
     """``depth`` hidden layers of ``width`` ReLU units on the flattened input."""
+    _check_sizes("mlp", width=width, depth=depth)
     layers: list[nn.Module] = [nn.Flatten()]
     features = _flat_features(input_shape)
     for _ in range(depth):
@@ -76,6 +86,7 @@ def cnn1d(
     """A 1-D CNN for ``[L]`` or ``[C, L]`` inputs: ``depth`` stride-2 convolutions, then a linear head."""
     if len(input_shape) not in (1, 2):
         raise SoftlabelsError(f"cnn1d needs inputs of shape [L] or [C, L], got {list(input_shape)}")
+    _check_sizes("cnn1d", channels=channels, depth=depth, kernel_size=kernel_size)
     layers: list[nn.Module] = []
     in_channels = 1
     if len(input_shape) == 1:
@@ -93,6 +104,7 @@ def cnn2d(input_shape: tuple[int, ...], num_classes: int, channels: int = 32, de
     """A small 2-D CNN for ``[H, W]`` or ``[C, H, W]`` inputs: ``depth`` conv-ReLU-maxpool blocks."""
     if len(input_shape) not in (2, 3):
         raise SoftlabelsError(f"cnn2d needs inputs of shape [H, W] or [C, H, W], got {list(input_shape)}")
+    _check_sizes("cnn2d", channels=channels, depth=depth)
     layers: list[nn.Module] = []
     in_channels = 1
     if len(input_shape) == 2:

@@ -179,6 +179,8 @@ def test_an_empty_output_path_is_refused_not_taken_for_the_current_directory(tmp
     (["--student", "../x=linear"], "student name '../x' names no directory of its own in the run"),
     (["--student", "a=linear", "--student", "a=mlp"], "two students are named 'a': give each its own name"),
     (["--student", "summary.json=mlp"], "student name 'summary.json' is the name of a file of the run itself"),
+    (["--student", "mlp?width=0"], "mlp: width must be an integer of at least 1, got 0"),
+    (["--student", "cnn1d?kernel_size=abc"], "cnn1d: kernel_size must be an integer of at least 1, got 'abc'"),
 ])
 def test_bad_training_options_are_one_line_errors_that_write_nothing(tmp_path, npz_data, args, pattern):
     result = run("train-student", "--data", npz_data, "--hard-labels-only", "--student", "linear", "--out", tmp_path / "r", *args)
