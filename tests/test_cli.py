@@ -398,3 +398,20 @@ def test_one_stray_label_does_not_size_every_students_output(tmp_path):
     assert_one_line_error(result, re.escape(f"dataset {tmp_path / 'd.npz'}: its largest label 10000000 would make 10,000,001 "
                                             "classes for 200 samples: pass --num-classes if that is right"))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_damaged_chunk_met_in_a_dataloader_worker_is_told_in_its_own_words(tmp_path, monkeypatch, linear_teacher):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "items.py").write_text("import numpy as np\ndef make():\n    return [(np.full(12, i, np.float32), i % 5) for i in range(64)]\n")
+    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", "items.py:make", "--out", "c.zarr",
+               "--chunk-rows", 16, "--quiet").exit_code == 0
+    chunk = tmp_path / "c.zarr" / "logits" / "c" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    # DamagedChunk cannot be rebuilt from a message: PyTorch re-raises it from the worker as a RuntimeError
+    result = run("train-student", "--cache", "c.zarr", "--data", "items.py:make", "--student", "mlp", "--epochs", 1,
+                 "--num-workers", 1, "--out", "r")
+    assert result.exit_code == 1 and result.output == (
+        "error: c.zarr: array 'logits' chunk 2 (rows 32-47) is damaged (its crc32c does not match its bytes); "
+        "run softlabels verify for a full report\n"), result.output
