@@ -37,9 +37,9 @@ def convert_cache(
     with them. Return the new cache's size on disk in bytes."""
     dst = Path(dst)
     source, target = Path(src).resolve(), dst.resolve()
-    if target == source or source in target.parents:  # --overwrite would replace the cache being read
-        raise SoftlabelsError(f"{dst} is {'the source cache' if target == source else 'inside the source cache'} {src}: "
-                              "write the converted cache to another path")
+    if target == source or source in target.parents or target in source.parents:  # --overwrite would replace what is read
+        where = "the source cache" if target == source else "inside the source cache" if source in target.parents else "around the source cache"
+        raise SoftlabelsError(f"{dst} is {where} {src}: write the converted cache to another path")
     with open_cache(src) as cache, exclusive(dst, "convert"):
         old_kind = cache.kind
         if kind is not None and old_kind.full_logits(cache.read(0, min(1, len(cache)))[0]) is None:

@@ -65,15 +65,17 @@ _STORE_SUFFIXES = (".npz", ".zarr", ".h5", ".hdf5")
 
 def default_workers(source: "Source", device: torch.device) -> int:
     """DataLoader worker processes for reading ``source`` when the user names none: none for array
-    stores; for a dataset read item by item (decoding images, calling a user's Dataset), a few where
-    the model runs on the CPU, whose cores it needs, and all cores but four where it runs on a GPU:
-    the main thread, the pinned-memory thread and the writer or loader thread each keep one busy.
+    stores; for a dataset read item by item (decoding images, calling a user's Dataset), up to 4
+    where the model runs on the CPU, whose cores it needs, and all cores but four (at least as many)
+    where it runs on a GPU: the main thread, the pinned-memory thread and the writer or loader thread
+    each keep one busy. Under torchrun the ranks of a machine share its cores.
     On a 16-core H200 host, a ResNet-50 dump of JPEGs ran at 1,414, 1,702 and 1,643 images/s with
     10, 12 and 14 workers (BENCHMARKS.md), each worker decoding about 160 images/s.
     """
     if not source.reads_items:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2  # those it may run on
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's ranks on this machine share them
     few = max(1, min(4, cores - 1))
     return max(few, cores - 4) if device.type == "cuda" else few
 

@@ -617,7 +617,7 @@ def dump(
                     f"cannot write {writer.partial}: {reason}; the chunks written so far are kept: "
                     "fix the cause and rerun with --resume"
                 ) from exc
-            except SoftlabelsError:  # bad input (a label out of range, a file that does not decode)
+            except Exception:  # bad input (a label out of range, a file that does not decode, a Dataset that raises)
                 if size == 1 and not kept and not (writer.recorded_checksums() >= 0).any():
                     # nothing committed to resume: a partial left behind would only block the next dump
                     writer.close()

@@ -86,7 +86,7 @@ class TrainConfig:
     device: str = "auto"
     shards: int | None = None  # split each batch as this many ranks would; None: the number of ranks
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: at the end of each epoch only
-    num_workers: int | None = None  # DataLoader workers; None: some for a module:callable dataset, else none
+    num_workers: int | None = None  # DataLoader workers; None: softlabels.data.default_workers
     augment: Pipeline | None = None  # a fresh augmented view of every sample in every epoch (not for view caches)
     topk_tail: str = "exact"  # a top-k cache's tail: exact, renormalize or gold (softlabels.kinds.topk.TAILS)
 

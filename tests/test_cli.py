@@ -357,6 +357,7 @@ def test_an_error_raised_in_a_dataloader_worker_is_told_by_its_own_last_line(tmp
                  "--num-workers", 1, "--batch-size", 8)
     assert result.exit_code == 1 and result.output == (
         "error: ValueError: item 30 is broken (in a DataLoader worker; rerun with --num-workers 0 --debug for the traceback)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items.py", "linear_teacher.pth"]  # no partial: nothing was committed
 
 
 def test_an_output_folder_is_made_where_missing_and_a_file_in_its_way_is_a_one_line_error(tmp_path, monkeypatch, npz_data, linear_teacher):

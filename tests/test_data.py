@@ -186,3 +186,5 @@ def test_items_are_read_by_a_few_workers_beside_a_cpu_model_and_by_all_cores_but
     assert default_workers(Items(), torch.device("cpu")) == on_cpu
     assert default_workers(Items(), torch.device("cuda")) == on_gpu
     assert default_workers(open_data(str(tmp_path / "d.npz")), torch.device("cuda")) == 0  # arrays are copied, not decoded
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks on this machine share its cores
+    assert default_workers(Items(), torch.device("cuda")) == max(min(4, cores // 4 - 1), cores // 4 - 4, 1)

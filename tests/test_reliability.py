@@ -360,6 +360,13 @@ def test_convert_refuses_to_write_over_or_into_its_source(cache_and_teacher):
         assert user_error("convert", cache, dst, "--top-k", 2, "--overwrite") == (
             f"error: {dst} is {where} {cache}: write the converted cache to another path\n")
     assert sorted((p.relative_to(cache), p.read_bytes()) for p in cache.rglob("*") if p.is_file()) == before
+    outer = cache.parent / "outer.zarr"  # a destination around the source
+    inner = outer / "c.zarr"
+    outer.mkdir()
+    cache.rename(inner)
+    assert user_error("convert", inner, outer, "--top-k", 2, "--overwrite") == (
+        f"error: {outer} is around the source cache {inner}: write the converted cache to another path\n")
+    assert inner.is_dir()
 
 
 def test_a_damaged_first_chunk_is_refused_before_any_student_is_built(cache_and_teacher, tmp_path, monkeypatch):
