@@ -312,6 +312,10 @@ class _ZarrBackend:
         pass
 
 
+# Chunks up to which the commit record (8 bytes a chunk) is read whole whatever the store holds; past
+# them the store must be able to hold what the manifest declares.
+_CHUNKS_READ_WHOLE = 1 << 20
+
 # A cache's metadata files are small JSON documents; anything larger is no metadata of ours.
 _MAX_METADATA_BYTES = 64 << 20
 
@@ -1150,9 +1154,14 @@ class Cache(_Chunked):
             # checks each chunk as it reads it, and the record is a small file per chunk in Zarr,
             # which every open (and every DataLoader worker's) would read. Its entries are counted.
             held, chunks = self._backend.commit_entries_held(), self.layout.num_chunks
-            if self.manifest["complete"] and 2 * held < chunks:  # before the read checksums are read whole
-                raise SoftlabelsError(f"{path}: the cache is complete but its store holds {held:,} commit-record "
-                                      f"entries at most, for {chunks:,} chunks")
+            if chunks > _CHUNKS_READ_WHOLE:  # the commit record and the read checksums are read whole: not for any size declared
+                if self.manifest["complete"] and 2 * held < chunks:
+                    raise SoftlabelsError(f"{path}: the cache is complete but its store holds {held:,} commit-record "
+                                          f"entries at most, for {chunks:,} chunks")
+                room = shutil.disk_usage(path.parent).total
+                if self.layout.num_samples * self.layout.row_bytes > room:
+                    raise SoftlabelsError(f"{path}: the cache declares {self.layout.num_samples:,} samples of "
+                                          f"{self.layout.row_bytes:,} bytes, more than its filesystem holds ({room:,} bytes)")
             self._arrays = _Arrays(path, self._backend, self.layout, self.manifest["format_version"])
             if self.manifest["complete"] and held < chunks and not allow_incomplete:
                 self.check_commit_record()  # names the first chunk without an entry

@@ -712,15 +712,17 @@ def _join_step(trained: list[_Student], batch: Batch, device: torch.device) -> N
 
 
 def _nonfinite(batch: Batch) -> str | None:
-    """What in ``batch`` is NaN or Inf, naming the first dataset row that holds it; ``None`` if
-    nothing is (a loss that is not finite is then the training's own)."""
-    named = {"inputs": batch.inputs, "mix weights": batch.mix.lam if batch.mix is not None else None,
-             **{f"cached '{name}'": value for name, value in (batch.teacher_logits.arrays if batch.teacher_logits is not None else {}).items()}}
-    for what, value in named.items():
+    """What in ``batch`` a loss that is not finite comes from, naming the first dataset row that
+    holds it: inputs or mix weights that are NaN or Inf, cached targets that are NaN (a cache dumped
+    with --allow-nonfinite may hold -inf). ``None`` if none: the loss is then the training's own."""
+    named = {"inputs": (batch.inputs, "NaN or Inf"), "mix weights": (batch.mix.lam if batch.mix is not None else None, "NaN or Inf"),
+             **{f"cached '{name}'": (value, "NaN") for name, value in (batch.teacher_logits.arrays if batch.teacher_logits is not None else {}).items()}}
+    for what, (value, which) in named.items():
         if value is not None and value.is_floating_point() and len(value):
-            bad = torch.nonzero(~torch.isfinite(value.reshape(len(value), -1)).all(1))
+            rows = value.reshape(len(value), -1)
+            bad = torch.nonzero((~torch.isfinite(rows) if which == "NaN or Inf" else torch.isnan(rows)).any(1))
             if len(bad):
-                return f"the {what} of dataset row {int(batch.indices[int(bad[0, 0])])} hold NaN or Inf"
+                return f"the {what} of dataset row {int(batch.indices[int(bad[0, 0])])} hold {which}"
     return None
 
 
@@ -741,7 +743,8 @@ def _add_step(trained: list[_Student], losses: list[tuple[float, KDTerms]] | Non
     for i, student in enumerate(trained):
         loss, ce, has_ce, kl, has_kl = numbers[5 * i:5 * i + 5]
         if not math.isfinite(loss):  # every later step and the evaluation would be NaN too
-            cause = _nonfinite(batch) if batch is not None else None
+            # (one rank's batch says nothing of the others' under torchrun, where every rank stops here)
+            cause = _nonfinite(batch) if batch is not None and distributed.world()[1] == 1 else None
             if cause is not None:
                 raise SoftlabelsError(f"student '{student.name}' has a loss of {loss} in epoch {len(student.history) + 1}: {cause}")
             raise SoftlabelsError(f"student '{student.name}' diverged: its loss is {loss} in epoch {len(student.history) + 1}; "

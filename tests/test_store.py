@@ -661,7 +661,7 @@ def test_a_pipe_in_place_of_a_cache_file_zarr_or_h5py_would_read_is_refused_inst
         signal.alarm(0)
 
 
-def declare_rows(small, huge, rows):
+def declare_rows(small, huge, rows, complete=True):
     """A copy of the cache at ``small`` whose manifest and arrays declare ``rows`` rows: a few KB
     on disk that describe terabytes."""
     if small.suffix == ".zarr":
@@ -669,6 +669,7 @@ def declare_rows(small, huge, rows):
         group = json.loads((huge / "zarr.json").read_text())
         manifest = group["attributes"]["softlabels"]
         manifest["num_samples"] = manifest["dataset"]["num_samples"] = rows
+        manifest["complete"] = complete
         (huge / "zarr.json").write_text(json.dumps(group))
         for meta in huge.glob("*/zarr.json"):
             array = json.loads(meta.read_text())
@@ -678,6 +679,7 @@ def declare_rows(small, huge, rows):
     with h5py.File(small, "r") as source, h5py.File(huge, "w") as out:
         manifest = json.loads(source.attrs["softlabels"])
         manifest["num_samples"] = manifest["dataset"]["num_samples"] = rows
+        manifest["complete"] = complete
         out.attrs["softlabels"] = json.dumps(manifest)
         for name, array in source.items():
             first = -(-rows // manifest["chunk_rows"]) if name.startswith("chunk_crc32") else rows
@@ -697,6 +699,24 @@ def test_a_small_cache_declaring_billions_of_rows_is_refused_before_its_checksum
             open_cache(huge, allow_incomplete=allow_incomplete)
     with pytest.raises(SoftlabelsError, match=message):
         verify_cache(huge)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_a_small_partial_cache_declaring_more_than_its_filesystem_holds_is_refused(tmp_path, suffix):
+    small, huge = tmp_path / f"small{suffix}", tmp_path / f"huge{suffix}"
+    write_cache(small, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    declare_rows(small, huge, 2**50, complete=False)  # a partial cache holds few entries by right: its size is the bound
+    with pytest.raises(SoftlabelsError, match=r"the cache declares 1,125,899,906,842,624 samples of 10 bytes, more than its filesystem holds"):
+        open_cache(huge, allow_incomplete=True)
+
+
+def test_verify_reports_each_lost_commit_record_entry_of_a_small_cache(tmp_path):
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.ones((96, 5), dtype=np.float32), np.zeros(96, dtype=np.int64), chunk_rows=16)
+    for chunk in range(4):  # most of the record
+        (path / "chunk_crc32" / "c" / str(chunk)).unlink()
+    problems = verify_cache(path).problems
+    assert [p.split(" (")[0] for p in problems if "never written" in p] == [f"chunk {c}" for c in range(4)], problems
 
 
 def test_a_commit_record_chunked_otherwise_than_its_writers_chunk_it_is_refused(tmp_path):
