@@ -267,7 +267,7 @@ def test_an_existing_run_is_not_overwritten_without_overwrite(setup):
     (setup / "r" / "notes.txt").write_text("mine")
     # a replacement that cannot start (a student that cannot be built) leaves the run as it was
     broken = run("train-student", "--cache", "c.zarr", "--student", "mlp?width=-3", *COMMON, "--out", "r", "--overwrite")
-    assert broken.exit_code == 1 and "cannot build architecture 'mlp'" in broken.output
+    assert broken.exit_code == 1 and "mlp: width must be an integer of at least 1, got -3" in broken.output
     assert (setup / "r" / "summary.json").exists() and all(torch.equal(before[k], weights(setup / "r", "mlp")[k]) for k in before)
     replaced = run("train-student", "--cache", "c.zarr", "--student", "mlp?width=16", *COMMON, "--out", "r", "--overwrite", "--lr", "0.01")
     assert replaced.exit_code == 0 and "wrote r/summary.json" in replaced.output
