@@ -618,8 +618,8 @@ def dump(
                     "fix the cause and rerun with --resume"
                 ) from exc
             except Exception:  # bad input (a label out of range, a file that does not decode, a Dataset that raises)
-                if size == 1 and not kept and not (writer.recorded_checksums() >= 0).any():
-                    # nothing committed to resume: a partial left behind would only block the next dump
+                if size == 1 and not kept and _nothing_committed(writer):
+                    # nothing to resume: a partial left behind would only block the next dump
                     writer.close()
                     remove_path(writer.partial)
                 raise
@@ -634,6 +634,14 @@ def dump(
         labeled=labeled,
         resumed_chunks=kept_chunks,
     )
+
+
+def _nothing_committed(writer: CacheWriter) -> bool:
+    """Whether no chunk of the partial cache is committed (a record that cannot be read counts as some)."""
+    try:
+        return not (writer.recorded_checksums() >= 0).any()
+    except Exception:
+        return False
 
 
 def _with_digests(logits_of: Any, digests: np.ndarray, batches: list[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
