@@ -425,6 +425,8 @@ def inspect(path, as_json):
 def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_code, data_spec, seed, device):
     """Check a cache's manifest, completeness and per-chunk checksums (exit 0 only if all is well)."""
     teacher = None
+    if not recompute and (teacher_path or data_spec):
+        raise click.UsageError("--teacher and --data serve --recompute N: give it too, or leave them out")
     if recompute:
         if not teacher_path:
             raise SoftlabelsError("--recompute needs --teacher")

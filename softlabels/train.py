@@ -196,6 +196,10 @@ def _evaluate(model: torch.nn.Module, source: Source, *, teacher_top1: np.ndarra
     for start, out, y in iter_logits(model, source, batch_size=_EVAL_BATCH, device=resolve_device(device)):
         _check_label_range(out.shape[-1], y, f"the model evaluated on {source.spec}")
         if not torch.isfinite(out).all():
+            inputs = source.read(start, start + len(out))[0]  # what the outputs came from, read again on this error only
+            if np.issubdtype(inputs.dtype, np.floating) and not np.isfinite(inputs).all():
+                row = start + int(np.flatnonzero(~np.isfinite(inputs.reshape(len(inputs), -1)).all(1))[0])
+                raise SoftlabelsError(f"the inputs of {source.spec} hold NaN or Inf (sample {row})")
             raise SoftlabelsError(f"the model evaluated on {source.spec} outputs NaN or Inf (from sample {start}): its weights may be damaged")
         if teacher_top1 is not None and tuple(teacher_top1.shape[1:]) != tuple(out.shape[1:-1]):
             raise SoftlabelsError(f"the teacher's classes are {list(teacher_top1.shape[1:])} per sample (a cache of recorded views?), "

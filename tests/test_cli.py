@@ -219,6 +219,11 @@ def test_evaluating_a_model_with_nan_weights_or_against_a_view_cache_is_a_one_li
         broken[1].weight.fill_(float("nan"))
     save_checkpoint(tmp_path / "nan.pth", broken, arch="linear", arch_kwargs={}, input_shape=(12,), num_classes=5)
     assert_one_line_error(run("evaluate", "--model", tmp_path / "nan.pth", "--data", npz_data), "outputs NaN or Inf")
+    x = np.load(npz_data)["x"]
+    x[130, 2] = np.nan  # NaN inputs, not damaged weights
+    np.savez(tmp_path / "nan_inputs.npz", x=x, y=np.load(npz_data)["y"])
+    assert_one_line_error(run("evaluate", "--model", linear_teacher, "--arch", "linear", "--data", tmp_path / "nan_inputs.npz"),
+                          re.escape(f"the inputs of {tmp_path / 'nan_inputs.npz'} hold NaN or Inf (sample 130)"))
     views = tmp_path / "views.zarr"
     assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", views, "--views", "2",
                "--augment", "noise?std=0.1", "--quiet").exit_code == 0
@@ -416,3 +421,11 @@ def test_a_damaged_chunk_met_in_a_dataloader_worker_is_told_in_its_own_words(tmp
     assert result.exit_code == 1 and result.output == (
         "error: c.zarr: array 'logits' chunk 2 (rows 32-47) is damaged (its crc32c does not match its bytes); "
         "run softlabels verify for a full report\n"), result.output
+
+
+def test_verify_takes_a_teacher_or_data_only_with_recompute(tmp_path, npz_data, linear_teacher):
+    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", tmp_path / "c.zarr",
+               "--quiet").exit_code == 0
+    for extra in (["--teacher", linear_teacher], ["--data", npz_data]):
+        result = run("verify", tmp_path / "c.zarr", *extra)
+        assert result.exit_code == 2 and "--teacher and --data serve --recompute N" in result.output, result.output
