@@ -1158,10 +1158,11 @@ class Cache(_Chunked):
                 if self.manifest["complete"] and 2 * held < chunks:
                     raise SoftlabelsError(f"{path}: the cache is complete but its store holds {held:,} commit-record "
                                           f"entries at most, for {chunks:,} chunks")
-                room = shutil.disk_usage(path.parent).total  # a partial cache holds few entries by right
-                if not self.manifest["complete"] and self.layout.num_samples * self.layout.row_bytes > room:
-                    raise SoftlabelsError(f"{path}: the cache declares {self.layout.num_samples:,} samples of "
-                                          f"{self.layout.row_bytes:,} bytes, more than its filesystem holds ({room:,} bytes)")
+                elif not self.manifest["complete"]:  # a partial cache holds few entries by right: its size is the bound
+                    room = shutil.disk_usage(path.parent).total
+                    if self.layout.num_samples * self.layout.row_bytes > room:
+                        raise SoftlabelsError(f"{path}: the cache declares {self.layout.num_samples:,} samples of "
+                                              f"{self.layout.row_bytes:,} bytes, more than its filesystem holds ({room:,} bytes)")
             self._arrays = _Arrays(path, self._backend, self.layout, self.manifest["format_version"])
             if self.manifest["complete"] and held < chunks and not allow_incomplete:
                 self.check_commit_record()  # names the first chunk without an entry
