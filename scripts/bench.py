@@ -363,7 +363,7 @@ def bench_students(root: Path, rows: int) -> None:
     source = softlabels.source_for_cache(cache)
     reads = []
     original = Cache.read_ranges  # the loader's one read path
-    Cache.read_ranges = lambda self, ranges, reuse=None: reads.extend(b - a for a, b in ranges) or original(self, ranges, reuse)
+    Cache.read_ranges = lambda self, ranges, reuse=None, order=None: reads.extend(b - a for a, b in ranges) or original(self, ranges, reuse, order)
     config = TrainConfig(epochs=1, batch_size=1024, device="cpu")
     students = [StudentSpec("linear", name=f"linear-{i}") for i in range(4)]
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple
 
@@ -122,7 +123,6 @@ class _Window(NamedTuple):
     indices: np.ndarray
     records: dict[str, np.ndarray] | None = None  # a view cache's records of these rows, until replayed
     mix: dict[str, np.ndarray] | None = None  # the fields of the replayed views' Mix
-    buffers: dict[str, np.ndarray] | None = None  # the memory the cached arrays were read into, to read the next window into
 
 
 _Plan = list[tuple[list[int], np.ndarray | None]]  # per window: its blocks, and the permutation of its rows
@@ -300,18 +300,14 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
 
     def _make_batches(self, worker: int, workers: int) -> Iterator[Batch]:
         """The batches of this epoch that this process serves, read, gathered and viewed."""
-        spare: list[dict[str, np.ndarray]] = []  # buffers of windows no batch needs any more
+        memory = _Reusable()
 
-        def read(group: list[int]) -> _Window:
-            return self._read_window(pool, group, spare.pop() if spare else {})
-
-        def release(window: _Window) -> None:
-            if self.shuffle:  # every batch row was copied out of the window (unshuffled batches are views of it)
-                spare.append(window.buffers)
+        def read(group: list[int], perm: np.ndarray | None) -> _Window:
+            return self._read_window(pool, group, perm, memory.take())
 
         positions = range(self._start + worker, self.batches_per_epoch, workers)  # as _slices serves them
         with ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="softlabels-read") as pool:
-            for position, window in zip(positions, self._batches(self.epoch, self._start, worker, workers, read, release)):
+            for position, window in zip(positions, self._batches(self.epoch, self._start, worker, workers, read)):
                 window, mix = self._view(self._with_inputs(window))
                 window, mix = _usable(window, mix)
                 x, y, i = (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
@@ -381,15 +377,14 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             slices.append((lo, hi))
         return slices
 
-    def _batches(self, epoch: int, start: int, worker: int, workers: int, read: Callable[..., _Window],
-                 release: Callable[[_Window], None] | None = None) -> Iterator[_Window]:
-        """The batches this process serves, each gathered from the one or two windows it spans.
+    def _batches(self, epoch: int, start: int, worker: int, workers: int,
+                 read: Callable[[list[int], np.ndarray | None], _Window]) -> Iterator[_Window]:
+        """The batches this process serves, each a slice of the one or two windows it spans.
 
         Only the windows these batches draw from are read, in order, each when the first batch that
-        needs it is made: reading a window and gathering its batches in one thread keeps its bytes in
-        that core's cache. A window is kept as read (its blocks concatenated) and a batch gathers its
-        rows through the window's permutation, so no permuted copy of the whole window is ever made.
-        ``release`` is given each window as soon as no batch needs more of it, before the next is read.
+        needs it is made. ``read(blocks, perm)`` gives a window's rows already in the order of its
+        permutation (a row's bytes are put at their place as its chunk is read), so a batch is a
+        view of its window's rows, not a copy. A window is let go as soon as no batch needs more of it.
         """
         plan = self._plan(epoch)
         sizes = np.array([self._rows(group) for group, _ in plan], dtype=np.int64)
@@ -401,27 +396,20 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         for (lo, hi), (a, b) in zip(slices, spans):
             if lo >= hi:  # a rank's empty slice of a small last batch: no rows, the window's fields
                 w = min(a, len(plan) - 1)
-                window = loaded.get(w) or read(plan[w][0])
-                yield _take(window, slice(0, 0))
-                if w not in loaded and release is not None:
-                    release(window)
+                yield _take(loaded.get(w) or read(*plan[w]), slice(0, 0))
                 continue
             parts = []
             for w in range(a, b):
                 if w not in loaded:
-                    loaded[w] = read(plan[w][0])
-                rows = slice(max(lo, begins[w]) - begins[w], min(hi, ends[w]) - begins[w])
-                perm = plan[w][1]
-                parts.append(_take(loaded[w], rows if perm is None else perm[rows]))
+                    loaded[w] = read(*plan[w])
+                parts.append(_take(loaded[w], slice(max(lo, begins[w]) - begins[w], min(hi, ends[w]) - begins[w])))
                 if ends[w] <= hi:  # no later batch reaches back into it: the next window may take its memory
-                    window = loaded.pop(w)
-                    if release is not None:
-                        release(window)
+                    del loaded[w]
             yield _concat(parts)
 
-    def _window_indices(self, group: list[int]) -> _Window:
+    def _window_indices(self, group: list[int], perm: np.ndarray | None) -> _Window:
         indices = np.concatenate([np.arange(*chunk_bounds(c, self.block_rows, self.num_samples)) for c in group])
-        return _Window(None, None, None, indices)
+        return _Window(None, None, None, indices if perm is None else indices[perm])
 
     def _read_block(self, block: int, inputs: bool = True) -> _Window:
         """A block's inputs (or labels without a cache) and records; :meth:`_read_window` reads the targets."""
@@ -433,20 +421,25 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         records = self.cache.read_records(start, stop) if self.views is not None else None
         return _Window(x, y, None, np.arange(start, stop), records)
 
-    def _read_window(self, pool: ThreadPoolExecutor, group: list[int], buffers: dict[str, np.ndarray]) -> _Window:
-        """The window's blocks: inputs and records read on the pool's threads (zarr and h5py release
-        the GIL while they read and decode; inputs in memory are copied here) and joined, while this
-        thread reads the targets and labels in one call that puts each chunk straight at its place in
-        the window (into ``buffers``, see :meth:`Cache.read_ranges`). A source read item by item gives
-        its inputs per batch instead (:meth:`_with_inputs`)."""
+    def _read_window(self, pool: ThreadPoolExecutor, group: list[int], perm: np.ndarray | None,
+                     buffers: dict[str, np.ndarray]) -> _Window:
+        """The window's blocks, their rows in the order ``perm`` (as read without it): inputs and
+        records read on the pool's threads (zarr and h5py release the GIL while they read and
+        decode; inputs in memory are copied here) and joined, while this thread reads the targets and
+        labels in one call that puts each row straight at its place in the window (into ``buffers``,
+        see :meth:`Cache.read_ranges`). A source read item by item gives its inputs per batch instead
+        (:meth:`_with_inputs`)."""
         read = functools.partial(self._read_block, inputs=not self._batch_inputs)
         # Inputs in memory (or memory-mapped) are copied in this thread once the targets are read: on the
         # pool, whose threads took the interpreter lock from this one between its reads and checks, the
         # hand-offs cost more than the copies.
         blocks = map(read, group) if self.source.in_memory else pool.map(read, group)  # the pool's submitted now
         if self.cache is not None:
-            t, y = self.cache.read_ranges([chunk_bounds(b, self.block_rows, self.num_samples) for b in group], buffers)
-        window = _concat(list(blocks))._replace(buffers=buffers)
+            order = None if perm is None else _inverse(perm)
+            t, y = self.cache.read_ranges([chunk_bounds(b, self.block_rows, self.num_samples) for b in group], buffers, order)
+        window = _concat(list(blocks))
+        if perm is not None:
+            window = _take(window, perm)
         if self.cache is not None:
             window = window._replace(teacher_logits=t, labels=y)
         if self.views is None:
@@ -469,6 +462,38 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         return window._replace(inputs=x.numpy(), records=None, mix=None if mix is None else {k: t.numpy() for k, t in mix._asdict().items()})
 
 
+class _Reusable:
+    """The memory windows are read into, each set taken again once nothing refers to it: batches
+    are views of their window, and a window's memory read into anew costs a page fault per 4 KiB.
+    Whether anything refers to a buffer is told by its reference count, which every view of it and
+    every tensor made from one holds."""
+
+    def __init__(self) -> None:
+        self._sets: list[dict[str, np.ndarray]] = []
+
+    def take(self) -> dict[str, np.ndarray]:
+        """A set of buffers no batch refers to any more (empty when new), for :meth:`Cache.read_ranges`."""
+        for buffers in self._sets:
+            if all(_references(buffers, name) == _UNREFERENCED for name in buffers):
+                return buffers
+        self._sets.append({})
+        return self._sets[-1]
+
+
+def _references(buffers: dict[str, np.ndarray], name: str) -> int:
+    return sys.getrefcount(buffers[name])
+
+
+_UNREFERENCED = _references({"": np.empty(0)}, "")  # what it counts for a buffer that only its dict holds
+
+
+def _inverse(perm: np.ndarray) -> np.ndarray:
+    """Where each row goes: ``_inverse(perm)[perm[i]] == i``."""
+    order = np.empty_like(perm)
+    order[perm] = np.arange(len(perm))
+    return order
+
+
 def _usable(window: _Window, mix: Mix | None) -> tuple[_Window, Mix | None]:
     """The batch without its rows labelled :data:`~softlabels.data.UNUSABLE` (inputs a dump could not
     read and skipped): they carry no loss at all."""
@@ -486,7 +511,7 @@ def _take(window: _Window, rows: np.ndarray | slice) -> _Window:
 
     def take(a):
         return {k: pick(v) for k, v in a.items()} if isinstance(a, dict) else pick(a)
-    return _Window(*(None if a is None else take(a) for a in window._replace(buffers=None)))
+    return _Window(*(None if a is None else take(a) for a in window))
 
 
 def _concat(parts: list[_Window]) -> _Window:
@@ -498,4 +523,4 @@ def _concat(parts: list[_Window]) -> _Window:
         if isinstance(p[0], dict):
             return {k: np.concatenate([a[k] for a in p]) for k in p[0]}
         return np.concatenate(p)
-    return _Window(*(None if p[0] is None else concat(p) for p in zip(*(part._replace(buffers=None) for part in parts))))
+    return _Window(*(None if p[0] is None else concat(p) for p in zip(*parts)))

@@ -516,33 +516,46 @@ class _RawChunks:
         # a single range is read from its first chunk's start; a whole chunk's trailer lands after its values
         return (sum(stop - start for start, stop in ranges) + ranges[0][0] % rows) * (self.chunk_bytes // rows) + self.trailer
 
-    def read(self, ranges: list[tuple[int, int]], buffer: np.ndarray | None = None) -> np.ndarray:
+    def read(self, ranges: list[tuple[int, int]], buffer: np.ndarray | None = None, order: np.ndarray | None = None) -> np.ndarray:
         """The rows of ``ranges`` one after another, each chunk read straight to its place and checked
         while its bytes are still in this core's cache: a window of shuffled blocks needs no join.
         Ranges start at a chunk boundary, except a single range. The rows are read into ``buffer``
-        (uint8, at least :meth:`nbytes` long) when given: a new one costs a page fault per 4 KiB."""
+        (uint8, at least :meth:`nbytes` long) when given: a new one costs a page fault per 4 KiB.
+
+        Given ``order``, a permutation of the rows read, row ``i`` of the reading lands at row
+        ``order[i]`` of the result: each chunk is read and checked in a small buffer that stays in the
+        core's cache, and its rows are put at their places from there. A shuffled window read so needs
+        no gather of its batches' rows later, which would read each byte from memory once more."""
         rows = self.chunk_shape[0]
         if len(ranges) == 1 and ranges[0][0] % rows:  # from its chunk's start, the leading rows cut off
+            if order is not None:
+                raise ValueError("rows are put in another order only when read from chunk boundaries")
             start, stop = ranges[0]
             return self.read([(start - start % rows, stop)], buffer)[start % rows:]
         row_bytes = self.chunk_bytes // rows
         total = sum(stop - start for start, stop in ranges) * row_bytes
         need = self.nbytes(ranges)
         buffer = np.empty(need, np.uint8) if buffer is None else buffer[:need]
+        out = buffer[:total].view(self.dtype).reshape(-1, *self.chunk_shape[1:])
+        scratch = None
         at = 0
         for start, stop in ranges:
             if start % rows:
                 raise ValueError(f"range {start}..{stop} does not start at a chunk boundary")
             for chunk in range(start // rows, -(-stop // rows)):
                 taken = (min(stop, (chunk + 1) * rows) - chunk * rows) * row_bytes
-                if taken == self.chunk_bytes:
+                if taken == self.chunk_bytes and order is None:
                     _check(chunk, self.read_chunk(chunk, buffer[at:at + taken + self.trailer]))
-                else:  # a chunk read in part: its padding or cut rows must not land on the next chunk's
-                    scratch = np.empty(self.chunk_bytes + self.trailer, np.uint8)
+                else:  # a chunk read in part (its padding or cut rows must not land on the next chunk's), or placed row by row
+                    scratch = np.empty(self.chunk_bytes + self.trailer, np.uint8) if scratch is None else scratch
                     _check(chunk, self.read_chunk(chunk, scratch))
-                    buffer[at:at + taken] = scratch[:taken]
+                    if order is None:
+                        buffer[at:at + taken] = scratch[:taken]
+                    else:
+                        places = order[at // row_bytes:(at + taken) // row_bytes]
+                        out[places] = scratch[:taken].view(self.dtype).reshape(-1, *self.chunk_shape[1:])
                 at += taken
-        return buffer[:total].view(self.dtype).reshape(-1, *self.chunk_shape[1:])
+        return out
 
     def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[int, int] | None:
         """Read chunk ``chunk``'s stored bytes into ``into`` (its values, then :attr:`trailer` bytes);
@@ -1051,13 +1064,17 @@ class _Arrays:
             return self._commit.read_written(torn_unwritten)
         return np.asarray(self.checksums[:])
 
-    def read(self, ranges: list[tuple[int, int]], reuse: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Targets and labels of the rows of ``ranges``, one after another; a damaged chunk raises, naming it."""
-        out = {name: self._read(name, array, ranges, reuse) for name, array in {**self.targets, "labels": self.labels}.items()}
+    def read(self, ranges: list[tuple[int, int]], reuse: dict[str, np.ndarray] | None = None,
+             order: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Targets and labels of the rows of ``ranges``, one after another (row ``i`` at ``order[i]``
+        when given); a damaged chunk raises, naming it."""
+        out = {name: self._read(name, array, ranges, reuse, order) for name, array in {**self.targets, "labels": self.labels}.items()}
         labels = out.pop("labels")
         found = self.layout.kind.impossible(out, self.layout.num_classes) or _impossible_label(labels, self.layout.num_classes)
         if found is not None:
             name, row, what = found
+            if order is not None:  # the row as read
+                row = int(np.flatnonzero(order == row)[0])
             for start, stop in ranges:  # the row's place in the read, to the chunk that holds it
                 if row < stop - start:
                     raise self._damaged(name, (start + row) // self.layout.chunk_rows, f"it holds {what}")
@@ -1068,7 +1085,8 @@ class _Arrays:
         """The records of rows ``[start, stop)``, checked as :meth:`read` checks."""
         return {name: self._read(name, array, [(start, stop)]) for name, array in self.records.items()}
 
-    def _read(self, name: str, array: Any, ranges: list[tuple[int, int]], reuse: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def _read(self, name: str, array: Any, ranges: list[tuple[int, int]], reuse: dict[str, np.ndarray] | None = None,
+              order: np.ndarray | None = None) -> np.ndarray:
         raw = self._raw.get(name)
         if raw is not None:  # the bulk of the bytes: read directly, crc32c checked
             buffer = None
@@ -1077,11 +1095,16 @@ class _Arrays:
                 if buffer is None or len(buffer) < need:
                     buffer = reuse[name] = np.empty(need, np.uint8)
             try:
-                return raw.read(ranges, buffer)
+                return raw.read(ranges, buffer, order)
             except _ChunkDamaged as exc:
                 raise self._damaged(name, exc.chunk, str(exc)) from None
         parts = [self._read_range(name, array, start, stop) for start, stop in ranges]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if order is None:
+            return rows
+        placed = np.empty_like(rows)
+        placed[order] = rows
+        return placed
 
     def _read_range(self, name: str, array: Any, start: int, stop: int) -> np.ndarray:
         if self.checked:
@@ -1191,8 +1214,8 @@ class Cache(_Chunked):
         rows ``start:stop``, every chunk's store checksum checked; aligned ranges read whole chunks."""
         return self._arrays.read([(start, stop)])
 
-    def read_ranges(self, ranges: list[tuple[int, int]], reuse: dict[str, np.ndarray] | None = None
-                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def read_ranges(self, ranges: list[tuple[int, int]], reuse: dict[str, np.ndarray] | None = None,
+                    order: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """As :meth:`read`, for the rows of several ranges one after another, each starting at a
         chunk boundary; an uncompressed array is read straight into one buffer, with no join.
 
@@ -1200,11 +1223,14 @@ class Cache(_Chunked):
         with the same dict read into the same memory (new memory costs a page fault per 4 KiB): the
         arrays an earlier call returned are then overwritten, so pass it only once they are unused.
 
+        Given ``order``, a permutation of the rows read, the row read ``i``-th is returned at row
+        ``order[i]``, placed there as its chunk is read (a shuffled window, with no gather after).
+
         Example::
 
             targets, labels = cache.read_ranges([(512, 768), (0, 256)])   # rows 512..767, then 0..255
         """
-        return self._arrays.read(ranges, reuse)
+        return self._arrays.read(ranges, reuse, order)
 
     def read_records(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """The records (``[rows, *shape]`` each, e.g. a view cache's augmentation parameters) of rows

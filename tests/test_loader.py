@@ -93,7 +93,7 @@ def test_reads_whole_chunks_only(pair, monkeypatch):
     source, cache, _, _ = pair
     reads = []
     original = type(cache).read_ranges
-    monkeypatch.setattr(type(cache), "read_ranges", lambda self, ranges, reuse=None: reads.extend(ranges) or original(self, ranges, reuse))
+    monkeypatch.setattr(type(cache), "read_ranges", lambda self, ranges, reuse=None, order=None: reads.extend(ranges) or original(self, ranges, reuse, order))
     collect(SoftTargetLoader(source, cache, batch_size=32, seed=0), 0)
     assert sorted(reads) == [cache.chunk_bounds(i) for i in range(cache.num_chunks)]
 
@@ -201,7 +201,7 @@ def test_a_resumed_epoch_serves_exactly_the_rest_without_reading_skipped_windows
             assert first.state_dict() == {"epoch": 3, "batches": stop}
     reads = []
     original = type(cache).read_ranges
-    monkeypatch.setattr(type(cache), "read_ranges", lambda self, ranges, reuse=None: reads.extend(ranges) or original(self, ranges, reuse))
+    monkeypatch.setattr(type(cache), "read_ranges", lambda self, ranges, reuse=None, order=None: reads.extend(ranges) or original(self, ranges, reuse, order))
     resumed = make()
     resumed.load_state_dict({"epoch": 3, "batches": stop})
     resumed.set_epoch(3)  # the trainer's loop calls it again: the resumed position stays
@@ -238,14 +238,19 @@ def test_batches_kept_after_their_window_are_not_overwritten_when_its_memory_is_
     assert_aligned(batches, x, y)  # checked only once every window has been read
 
 
-def test_a_shuffled_epoch_reads_every_window_into_the_memory_of_the_first(pair, monkeypatch):
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_a_window_is_read_into_memory_its_batches_let_go_and_never_into_memory_a_batch_holds(pair, monkeypatch, shuffle):
     source, cache, x, y = pair
     read = SoftTargetLoader._read_window
     fresh = []
     monkeypatch.setattr(SoftTargetLoader, "_read_window",
-                        lambda self, pool, group, buffers: fresh.append(not buffers) or read(self, pool, group, buffers))
-    batches = collect(SoftTargetLoader(source, cache, batch_size=48, seed=3, shuffle_chunks=2), 0)  # 48 spans windows
-    assert len(fresh) == 8 and fresh.count(True) == 1  # a window is let go before the next one is read
+                        lambda self, pool, group, perm, buffers: fresh.append(not buffers) or read(self, pool, group, perm, buffers))
+    loader = SoftTargetLoader(source, cache, batch_size=48, seed=3, shuffle=shuffle, shuffle_chunks=2)  # 48 spans windows
+    windows = -(-1000 // (2 * cache.chunk_rows)) if shuffle else -(-1000 // cache.chunk_rows)
+    for batch in loader:  # each batch dropped once used: later windows take the memory of earlier ones
+        assert_aligned([batch], x, y)
+    assert len(fresh) == windows and fresh.count(True) < windows // 2
+    batches = collect(loader, 1)  # every batch held: no window's memory is read into again while a batch refers to it
     assert_aligned(batches, x, y)
 
 

@@ -9,11 +9,12 @@ import google_crc32c  # zarr's own CRC-32C: a second implementation, not the one
 import h5py
 import numpy as np
 import pytest
+import torch
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from softlabels import CacheWriter, Dense, Layout, SoftlabelsError, TopK, open_cache
+from softlabels import CacheWriter, Dense, Layout, Sampled, SoftlabelsError, TopK, open_cache
 from softlabels.store import Record, chunk_checksum, default_chunk_rows
 from softlabels.report import cache_report
 from softlabels.verify import verify_cache
@@ -464,6 +465,71 @@ def test_direct_chunk_reads_return_what_zarr_returns(tmp_path, compress):
         rows = np.r_[64:77, 0:32, 48:64]
         np.testing.assert_array_equal(targets["logits"], group["logits"][:][rows])
         np.testing.assert_array_equal(got, group["labels"][:][rows])
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "zstd"])
+@pytest.mark.parametrize("kind", [Dense(), TopK(k=3), Sampled(samples=4)], ids=["dense", "topk", "sampled"])
+@pytest.mark.parametrize("items", [(), (("view", 2),), (("token", 5),)], ids=["rows", "views", "tokens"])
+def test_rows_read_into_a_given_order_are_the_rows_plain_zarr_and_h5py_read_in_that_order(tmp_path, suffix, compress, kind, items):
+    rng = np.random.default_rng(7)
+    n, c = 70, 9
+    logits = torch.from_numpy(rng.normal(size=(n, *(size for _, size in items), c)).astype(np.float32))
+    targets = {name: a.numpy() for name, a in kind.build(logits, rows=torch.arange(n), store_dtype=torch.float16).items()}
+    labels = rng.integers(-1, c, size=(n, *(size for _, size in items)))
+    path = tmp_path / f"c{suffix}"
+    layout = Layout(kind, n, c, "float16", 16, items)
+    with CacheWriter(path, layout, manifest=MANIFEST, compress_logits=compress) as writer:
+        for index in range(writer.num_chunks):
+            start, stop = writer.chunk_bounds(index)
+            writer.write_chunks(index, {name: a[start:stop] for name, a in targets.items()}, labels[start:stop])
+        writer.finish()
+    ranges = [(48, 64), (0, 16), (64, 70), (16, 48)]  # the short last chunk inside, as in a shuffled window
+    rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+    perm = rng.permutation(len(rows))
+    order = np.empty_like(perm)
+    order[perm] = np.arange(len(perm))  # the row read i-th goes to order[i]: the result is rows[perm]
+    plain = zarr.open_group(str(path), mode="r") if suffix == ".zarr" else h5py.File(path, "r")
+    with open_cache(path) as cache:
+        got, got_labels = cache.read_ranges(ranges, {}, order)
+        for name in targets:
+            np.testing.assert_array_equal(got[name], np.asarray(plain[name][:])[rows[perm]])
+        np.testing.assert_array_equal(got_labels, np.asarray(plain["labels"][:])[rows[perm]])
+    if suffix == ".h5":
+        plain.close()
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_rows_put_in_another_order_are_checked_and_a_damaged_chunk_is_named(tmp_path, suffix):
+    path = tmp_path / f"c{suffix}"
+    logits = np.random.default_rng(0).normal(size=(150, 50)).astype(np.float32)
+    write_cache(path, logits, np.arange(150, dtype=np.int64) % 50, chunk_rows=16, dtype="float32")
+    ranges = [(128, 144), (16, 48), (144, 150), (96, 112), (0, 16)]
+    order = np.random.default_rng(1).permutation(86)
+    if suffix == ".zarr":
+        _flip_a_byte(path / "logits/c/6/0")
+    else:
+        flip_hdf5_byte(path, "logits", chunk=6, offset=100)
+    with open_cache(path) as cache:
+        with pytest.raises(SoftlabelsError, match=r"array 'logits' chunk 6 \(rows 96-111\) is damaged \(its crc32c"):
+            cache.read_ranges(ranges, {}, order)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_an_impossible_value_read_into_another_order_names_the_chunk_that_holds_it(tmp_path, suffix):
+    path = tmp_path / f"c{suffix}"
+    logits, labels = np.zeros((64, 4), np.float32), np.zeros(64, np.int64)
+    write_cache(path, logits, labels, chunk_rows=16, dtype="float32")
+    if suffix == ".zarr":  # label 9 of 4 classes in row 37 (chunk 2), its CRC-32C made to match
+        group = zarr.open_group(str(path), mode="r+")
+        group["labels"][37] = 9
+    else:
+        with h5py.File(path, "r+") as f:
+            f["labels"][37] = 9
+    order = np.arange(64)[::-1].copy()  # row 37 of the reading lands at row 26 of the result
+    with open_cache(path) as cache:
+        with pytest.raises(SoftlabelsError, match=r"array 'labels' chunk 2 \(rows 32-47\) is damaged"):
+            cache.read_ranges([(0, 64)], {}, order)
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
