@@ -1,11 +1,11 @@
 """An iterator run in a background thread, a bounded number of items ahead of its consumer.
 
-The loader makes its batches this way (read, checked, gathered) so that the thread that trains
-spends no time on them. An exception in the background is raised in the consumer, after the items
-made before it; leaving the ``with`` block, whether the items ran out or the consumer stopped early,
-stops and joins the thread. Items cross between the threads ``group`` at a time: each crossing
-wakes the other thread and hands over the interpreter lock, which cost the loader a fifth of its
-time at one batch of 256 rows per crossing.
+The loader makes its batches this way (read, checked, cut from their windows) so that the thread
+that trains spends no time on them. An exception in the background is raised in the consumer, after
+the items made before it; leaving the ``with`` block, whether the items ran out or the consumer
+stopped early, stops and joins the thread. Items cross between the threads ``group`` at a time:
+each crossing wakes the other thread and hands over the interpreter lock, which cost the loader a
+fifth of its time at one batch of 256 rows per crossing.
 
 Example::
 

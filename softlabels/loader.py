@@ -5,7 +5,7 @@ are permuted, consecutive groups of ``shuffle_chunks`` blocks form a window, the
 are permuted, and the resulting row order is cut into batches. Ranks take slices of each global
 batch and DataLoader workers take every W-th batch, so neither changes what is trained on. Every
 read is a whole chunk of the cache and the matching slice of the inputs. Batches are read, checked
-and gathered in a background thread, about a window ahead of the thread that trains.
+and cut from their window in a background thread, about a window ahead of the thread that trains.
 
 On a view cache (:mod:`softlabels.views`) each row of a batch takes one of its recorded views, chosen
 by ``(seed, epoch, sample)``: the view's targets, and its inputs replayed from the stored parameters.
@@ -299,7 +299,7 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
                 yield batch
 
     def _make_batches(self, worker: int, workers: int) -> Iterator[Batch]:
-        """The batches of this epoch that this process serves, read, gathered and viewed."""
+        """The batches of this epoch that this process serves, read, cut from their windows and viewed."""
         memory = _Reusable()
 
         def read(group: list[int], perm: np.ndarray | None) -> _Window:
@@ -435,7 +435,9 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         # hand-offs cost more than the copies.
         blocks = map(read, group) if self.source.in_memory else pool.map(read, group)  # the pool's submitted now
         if self.cache is not None:
-            order = None if perm is None else _inverse(perm)
+            # A view cache's rows are put in order as one view of each is picked (_one_view): placing
+            # every view of a row first would move V times the bytes trained on.
+            order = None if perm is None or self.views is not None else _inverse(perm)
             t, y = self.cache.read_ranges([chunk_bounds(b, self.block_rows, self.num_samples) for b in group], buffers, order)
         window = _concat(list(blocks))
         if perm is not None:
@@ -444,14 +446,16 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
             window = window._replace(teacher_logits=t, labels=y)
         if self.views is None:
             return window
-        window = self._one_view(window)
+        window = self._one_view(window, perm)
         return window if self._batch_inputs else self._replayed(window)
 
-    def _one_view(self, window: _Window) -> _Window:
+    def _one_view(self, window: _Window, perm: np.ndarray | None) -> _Window:
         """The window with one recorded view per row, chosen by ``(seed, epoch, sample)``: its targets,
-        label and record (chosen once a window, so a batch gathers only the view it trains on)."""
+        label and record (chosen once a window, so a batch gathers only the view it trains on). The
+        window's cached targets and labels are as read, its other fields in the order ``perm``."""
         rows, view = np.arange(len(window.indices)), self.views.view_of(self.seed, self.epoch, window.indices)
-        return window._replace(labels=window.labels[rows, view], teacher_logits={n: a[rows, view] for n, a in window.teacher_logits.items()},
+        read = rows if perm is None else perm
+        return window._replace(labels=window.labels[read, view], teacher_logits={n: a[read, view] for n, a in window.teacher_logits.items()},
                                records={n: a[rows, view] for n, a in window.records.items()})
 
     def _replayed(self, window: _Window) -> _Window:
