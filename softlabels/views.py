@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple
 
 import numpy as np
@@ -49,10 +49,11 @@ MAX_VIEWS = 1 << 16
 
 @dataclass(frozen=True)
 class Views:
-    """``count`` views per sample, made by ``pipeline``."""
+    """``count`` views per sample, made by ``pipeline``; ``where`` names the cache that records them."""
 
     count: int
     pipeline: Pipeline
+    where: str = field(default="views", compare=False)
 
     def __post_init__(self) -> None:
         if not positive_int(self.count) or self.count > MAX_VIEWS:
@@ -73,7 +74,7 @@ class Views:
             raise SoftlabelsError(f"{where}: manifest field 'views' must be an object with a positive 'count'")
         pipeline = Pipeline.from_settings({k: v for k, v in settings.items() if k in ("seed", "augment")},
                                           where=f"{where}: manifest field 'views'", trust_code=trust_code)
-        return cls(settings["count"], pipeline)
+        return cls(settings["count"], pipeline, where)
 
     @classmethod
     def of_cache(cls, cache: Any, *, trust_code: bool = False) -> "Views | None":
@@ -116,7 +117,15 @@ class Views:
     # -- replaying one view per sample (training, verify) ------------------------------------------
 
     def apply(self, source: Source, x: torch.Tensor | None, record: dict[str, np.ndarray], ids: np.ndarray) -> tuple[torch.Tensor, Mix | None]:
-        """Replay one view per row: see :func:`replay`."""
+        """Replay one view per row: see :func:`replay`. A stored parameter holding a value its
+        augmentation never draws (a lam of 7, a partner past the dataset) is refused first."""
+        plain = {name.removeprefix(GROUP): value for name, value in record.items()}
+        bad = self.pipeline.undrawable(plain, source.input_shape, len(source))
+        if bad is not None:
+            name, row, drawn = bad
+            value = np.asarray(plain[name])[row]
+            raise SoftlabelsError(f"{self.where}: stored view parameter '{GROUP}{name}' of sample {int(ids[row])} is "
+                                  f"{value.tolist()}, but {drawn}")
         return replay(self.pipeline, source, x, record, ids)
 
     def view_of(self, seed: int, epoch: int, samples: np.ndarray) -> np.ndarray:

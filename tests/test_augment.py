@@ -292,6 +292,32 @@ def test_mixup_lam_follows_beta():
     assert ((lam < 0.1) | (lam > 0.9)).mean() > 0.6
 
 
+# a value of each parameter that its augmentation never draws (a noise seed may be any 64-bit integer)
+UNDRAWABLE = {
+    "shift?max=6": {"offset": 7},
+    "scale?max=0.25": {"factor": 1.2501},
+    "crop?size=8,10&scale=0.35,1&ratio=0.75,1.3333": {"box": [0.5, 0, 0.6, 1]},
+    "flip": {"flip": 2},
+    "mixup?alpha=1": {"partner": N, "lam": 7},
+    "cutmix?alpha=1": {"partner": -1, "box": [0.6, 0, 0.5, 1], "lam": 0.5},
+}
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_stored_parameters_are_checked_against_what_their_augmentation_draws(spec):
+    aug, shape = parse_augment(spec), SPECS[spec]
+    pipeline = Pipeline((aug,), seed=0)
+    record = pipeline.draw(np.arange(500), np.zeros(500, int), N, shape)
+    assert pipeline.undrawable(record, shape, N) is None
+    assert aug.drawable({k.partition(".")[2]: v for k, v in record.items()}, shape, N).keys() == aug.params(shape).keys()
+    for param, value in UNDRAWABLE.get(spec, {}).items():
+        edited = {k: v.copy() for k, v in record.items()}
+        edited[f"{aug.name}.{param}"][3] = value
+        assert pipeline.undrawable(edited, shape, N)[:2] == (f"{aug.name}.{param}", 3)
+        edited[f"{aug.name}.{param}"][3] = np.nan if edited[f"{aug.name}.{param}"].dtype.kind == "f" else value
+        assert pipeline.undrawable(edited, shape, N)[:2] == (f"{aug.name}.{param}", 3)
+
+
 # -- pipelines -----------------------------------------------------------------------------------------
 
 def test_a_mixing_pipeline_records_and_replays_the_partners_views():

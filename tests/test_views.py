@@ -176,6 +176,36 @@ def test_verify_replays_views_and_catches_edited_parameters(tmp_path, teacher, v
     assert any("cached logits differ from the teacher's" in p for p in report.problems)
 
 
+def with_checksums(path):
+    """Rewrite ``path``'s commit record to match its arrays, as an editor who knows the format would."""
+    with open_cache(path) as cache:
+        sums = [chunk_checksum(*cache.read(*cache.chunk_bounds(c)), cache.read_records(*cache.chunk_bounds(c)))
+                for c in range(cache.num_chunks)]
+    zarr.open_group(str(path), mode="r+")["chunk_crc32"][:] = sums
+
+
+@pytest.mark.parametrize("name, value, drawn", [
+    ("views/mixup.lam", 7, "is 7.0, but mixup draws weights from 0 to 1"),
+    ("views/shift.offset", 1000, "is 1000, but shift draws integers from -6 to 6"),
+    ("views/partner.shift.offset", -1000, "is -1000, but shift draws integers from -6 to 6"),
+    ("views/scale.factor", -3, "is -3.0, but scale draws numbers from 0.75 to 1.25"),
+    ("views/mixup.partner", 10**9, "is 1000000000, but mixup draws sample indices 0 to 99"),
+])
+def test_train_student_refuses_a_stored_view_parameter_its_augmentation_never_draws(tmp_path, view_cache, name, value, drawn):
+    edited = tmp_path / "edited.zarr"
+    shutil.copytree(view_cache, edited)
+    array = zarr.open_group(str(edited), mode="r+")[name]
+    values = array[:]
+    values[7] = value  # every view of sample 7, so whichever the epoch trains on
+    array[:] = values
+    with_checksums(edited)
+    assert verify_cache(edited).ok  # the checksums cannot tell
+    done = subprocess.run([sys.executable, "-m", "softlabels", "train-student", "--cache", str(edited), "--student", "linear",
+                           "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr == f"error: {edited}: stored view parameter '{name}' of sample 7 {drawn}\n"
+
+
 @pytest.mark.parametrize("views, message", [
     ({"count": -1}, "manifest field 'views' must be an object with a positive 'count'"),
     ({"augment": [{"name": "os:system"}]}, "os:system"),

@@ -169,6 +169,12 @@ class Augmentation:
         """With ``crops_source``: the views of rows ``ids`` made from ``source``'s decoded images."""
         raise NotImplementedError
 
+    def drawable(self, params: dict[str, np.ndarray], shape: tuple[int, ...], num_samples: int) -> dict[str, tuple[np.ndarray, str]]:
+        """Per stored parameter of views ``[B, *tail]`` (from a cache, so anyone's): whether each view
+        holds a value :meth:`draw` can make (``[B]`` bool) and those values in words. A parameter not
+        listed is not checked (a user's augmentation lists none)."""
+        return {}
+
 
 def record_call(augmentation: Augmentation, call: dict[str, Any]) -> Augmentation:
     """Mark ``augmentation`` as built by the user's callable, ``call`` being its manifest entry
@@ -191,6 +197,10 @@ class Mixer(Augmentation):
 
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...], num_samples: int) -> dict[str, Any]:
         return {"partner": np.int64(rng.integers(num_samples))}
+
+    def drawable(self, params: dict[str, np.ndarray], shape: tuple[int, ...], num_samples: int) -> dict[str, tuple[np.ndarray, str]]:
+        partner = params["partner"]
+        return {"partner": ((partner >= 0) & (partner < num_samples), f"sample indices 0 to {num_samples - 1}")}
 
     def apply(self, x: torch.Tensor, params: Params, partner: torch.Tensor) -> torch.Tensor:
         """``x`` mixed with ``partner``, the partner's augmented inputs ``[B, *shape]``."""
@@ -321,6 +331,19 @@ class Pipeline:
             return None
         partners = record[f"{self.mixer.name}.partner"]
         return np.asarray(partners.cpu() if isinstance(partners, torch.Tensor) else partners, dtype=np.int64)
+
+    def undrawable(self, record: dict[str, Any], shape: tuple[int, ...], num_samples: int) -> tuple[str, int, str] | None:
+        """The first parameter of ``record`` (one view per row, ``[B, *tail]``, for inputs of ``shape``
+        from a dataset of ``num_samples``) holding a value its augmentation never draws: its name, the
+        row, and what the augmentation draws; ``None`` when every value is one it draws."""
+        for prefix, aug, seen, _ in self._layout(shape):
+            params = {p: np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v)
+                      for p, v in self._params(record, prefix, aug).items()}
+            for p, (ok, words) in aug.drawable(params, seen, num_samples).items():
+                bad = np.flatnonzero(~np.asarray(ok))
+                if len(bad):
+                    return f"{prefix}{aug.name}.{p}", int(bad[0]), f"{aug.name} draws {words}"
+        return None
 
     # -- replaying ---------------------------------------------------------------------------------
 

@@ -98,6 +98,12 @@ class Crop(Augmentation):
             top, left = (height - h) // 2, (width - w) // 2
         return {"box": np.array([top / height, left / width, h / height, w / width], dtype=np.float32)}
 
+    def drawable(self, params: dict[str, np.ndarray], shape: tuple[int, ...], num_samples: int) -> dict[str, tuple[np.ndarray, str]]:
+        top, left, h, w = np.asarray(params["box"], np.float64).reshape(-1, 4).T
+        # each fraction rounded to float32: a box that ends at the edge may pass it by a rounding
+        inside = (top >= 0) & (left >= 0) & (h > 0) & (w > 0) & (top + h <= 1 + 2**-22) & (left + w <= 1 + 2**-22)
+        return {"box": (inside, "boxes (top, left, height, width) of nonzero size inside the image, as fractions")}
+
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         return resample_box(x, torch.as_tensor(params["box"], device=x.device), self.size).to(x.dtype)
 
@@ -162,6 +168,9 @@ class Flip(Augmentation):
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...], num_samples: int) -> dict[str, Any]:
         return {"flip": np.uint8(rng.random() < 0.5)}
 
+    def drawable(self, params: dict[str, np.ndarray], shape: tuple[int, ...], num_samples: int) -> dict[str, tuple[np.ndarray, str]]:
+        return {"flip": (params["flip"] <= 1, "0 or 1")}
+
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         return torch.where(per_sample(params["flip"], x).bool(), x.flip(-1), x)
 
@@ -216,9 +225,23 @@ class CutMix(Mixer):
         half = math.sqrt(1 - lam0) / 2
         box = np.clip([cy - half, cx - half, cy + half, cx + half], 0, 1).astype(np.float32)
         height, width = shape[-2:]
-        count = int(pasted(torch.from_numpy(box[None]), height, width).sum())
-        return {**drawn, "box": box, "lam": np.float32(1 - count / (height * width))}
+        return {**drawn, "box": box, "lam": _own_share(box[None], height, width)[0]}
+
+    def drawable(self, params: dict[str, np.ndarray], shape: tuple[int, ...], num_samples: int) -> dict[str, tuple[np.ndarray, str]]:
+        box = np.asarray(params["box"], np.float32).reshape(-1, 4)
+        y0, x0, y1, x1 = box.T
+        inside = (y0 >= 0) & (x0 >= 0) & (y0 <= y1) & (x0 <= x1) & (y1 <= 1) & (x1 <= 1)
+        own = _own_share(np.where(inside[:, None], box, 0), *shape[-2:])  # a box outside holds no pixel
+        return {**super().drawable(params, shape, num_samples),
+                "box": (inside, "boxes (y0, x0, y1, x1) with 0 <= y0 <= y1 <= 1 and 0 <= x0 <= x1 <= 1"),
+                "lam": (params["lam"] == own, "the share of the sample's own pixels outside its box")}
 
     def apply(self, x: torch.Tensor, params: Params, partner: torch.Tensor) -> torch.Tensor:
         mask = pasted(torch.as_tensor(params["box"], device=x.device), *x.shape[-2:])
         return torch.where(mask[:, None], partner, x)
+
+
+def _own_share(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``[B]`` float32: the share of pixels left outside each box ``[B, 4]`` (:func:`pasted`), CutMix's ``lam``."""
+    count = pasted(torch.from_numpy(np.ascontiguousarray(boxes, np.float32)), height, width).sum((1, 2)).numpy()
+    return (1 - count / (height * width)).astype(np.float32)

@@ -42,6 +42,10 @@ class MixUp(Mixer):
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...], num_samples: int) -> dict[str, Any]:
         return {**super().draw(rng, shape, num_samples), "lam": np.float32(rng.beta(self.alpha, self.alpha))}
 
+    def drawable(self, params: dict[str, np.ndarray], shape: tuple[int, ...], num_samples: int) -> dict[str, tuple[np.ndarray, str]]:
+        lam = params["lam"]
+        return {**super().drawable(params, shape, num_samples), "lam": ((lam >= 0) & (lam <= 1), "weights from 0 to 1")}
+
     def apply(self, x: torch.Tensor, params: Params, partner: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         lam = per_sample(params["lam"], x, torch.float32).to(dtype)

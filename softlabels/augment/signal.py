@@ -50,6 +50,10 @@ class Shift(Augmentation):
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...], num_samples: int) -> dict[str, Any]:
         return {"offset": np.int32(rng.integers(-self.max, self.max, endpoint=True))}
 
+    def drawable(self, params: dict[str, np.ndarray], shape: tuple[int, ...], num_samples: int) -> dict[str, tuple[np.ndarray, str]]:
+        offset = params["offset"]
+        return {"offset": ((offset >= -self.max) & (offset <= self.max), f"integers from {-self.max} to {self.max}")}
+
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         length = x.shape[-1]
         offset = per_sample(params["offset"], x, torch.int64)
@@ -81,6 +85,11 @@ class Scale(Augmentation):
 
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...], num_samples: int) -> dict[str, Any]:
         return {"factor": np.float32(1 + rng.uniform(-self.max, self.max))}
+
+    def drawable(self, params: dict[str, np.ndarray], shape: tuple[int, ...], num_samples: int) -> dict[str, tuple[np.ndarray, str]]:
+        low, high = np.float32(1 - self.max), np.float32(1 + self.max)  # float32 rounding keeps a draw within these
+        factor = params["factor"]
+        return {"factor": ((factor >= low) & (factor <= high), f"numbers from {low:g} to {high:g}")}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         dtype = compute_dtype(x)
@@ -151,6 +160,9 @@ class Noise(Augmentation):
 
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...], num_samples: int) -> dict[str, Any]:
         return {"seed": rng.integers(2**64, dtype=np.uint64)}
+
+    def drawable(self, params: dict[str, np.ndarray], shape: tuple[int, ...], num_samples: int) -> dict[str, tuple[np.ndarray, str]]:
+        return {"seed": (np.ones(len(params["seed"]), bool), "any 64-bit integer")}
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         seeds = params["seed"]
