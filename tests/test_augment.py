@@ -384,6 +384,8 @@ def test_pipelines_refuse_bad_seeds_and_inputs():
     assert "shift works on signals [L] or [C, L], not inputs of shape [3, 8, 8]" in \
         error_of(lambda: Pipeline((Shift(max=1),)).check_input((3, 8, 8), where="data"))
     assert "cutmix works on images" in error_of(lambda: Pipeline((CutMix(),)).check_input(SIGNAL, where="data"))
+    assert "flip works on images [C, H, W], not inputs of shape [40]" in \
+        error_of(lambda: Pipeline((Flip(),)).check_input((40,), where="data"))
 
 
 @pytest.mark.parametrize("spec, expected", [

@@ -253,6 +253,7 @@ def test_inspect_shows_the_views(view_cache):
     (["--views", "2", "--augment", "blur"], "unknown augmentation"),
     (["--views", "2", "--augment", "shift?maxx=3"], "maxx"),
     (["--views", "2", "--augment", "crop?size=8,8"], "crop"),
+    (["--views", "2", "--augment", "flip"], "flip works on images [C, H, W], not inputs of shape [40]"),
     (["--views", "2"], "--views V and --augment SPEC go together"),
 ])
 def test_bad_view_options_fail_in_one_line_and_write_nothing(tmp_path, teacher_path, args, message):
