@@ -535,6 +535,10 @@ def _mnist1d_arrays(split: str, n: int | None, seed: int | None) -> tuple[np.nda
         return archive["x"], (archive["y"] if "y" in archive.files else None)
 
 
+# Samples a transfer set may hold: 160 MB of inputs, some minutes to generate (the demo's 40,000 take 30 s).
+MNIST1D_MAX_SAMPLES = 1_000_000
+
+
 def _mnist1d_source(spec: str) -> Source:
     rest = spec[len("mnist1d://"):]
     split, _, query = rest.partition("?")
@@ -551,8 +555,9 @@ def _mnist1d_source(spec: str) -> Source:
             n, seed = int(params.get("n", 40000)), int(params.get("seed", 1))
         except ValueError:
             raise SoftlabelsError(f"data spec {spec}: n and seed must be integers") from None
-        if n <= 0 or n % 10:
-            raise SoftlabelsError(f"data spec {spec}: n must be a positive multiple of 10 (one share per class)")
+        if not 0 < n <= MNIST1D_MAX_SAMPLES or n % 10:
+            raise SoftlabelsError(f"data spec {spec}: n must be a positive multiple of 10 (one share per class) "
+                                  f"up to {MNIST1D_MAX_SAMPLES:,}")
         if seed == 42:
             raise SoftlabelsError(f"data spec {spec}: seed 42 generates the standard train/test split; choose another")
         x, y = _mnist1d_arrays(split, n, seed)

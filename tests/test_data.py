@@ -1,6 +1,8 @@
 """Data specs: every form reads the same rows, fingerprints follow content, bad specs are refused."""
 
 import os
+import subprocess
+import sys
 import textwrap
 
 import h5py
@@ -155,6 +157,17 @@ def test_mnist1d_transfer_is_unlabeled_and_differs_from_train():
 def test_bad_specs_are_refused(spec, message):
     with pytest.raises(SoftlabelsError, match=message):
         open_data(spec)
+
+
+@pytest.mark.parametrize("n", ["1000010", "1000000000000"])
+def test_a_transfer_set_past_a_million_samples_is_refused_at_once_not_generated(tmp_path, n):
+    spec = f"mnist1d://transfer?n={n}&seed=3"
+    done = subprocess.run([sys.executable, "-m", "softlabels", "train-student", "--data", spec, "--hard-labels-only",
+                           "--student", "linear", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SOFTLABELS_DATA": str(tmp_path / "data")})
+    assert done.returncode == 1
+    assert done.stderr == f"error: data spec {spec}: n must be a positive multiple of 10 (one share per class) up to 1,000,000\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_dataset_callable_may_be_named_by_a_file_path(tmp_path, monkeypatch):
