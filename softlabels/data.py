@@ -558,6 +558,8 @@ def _mnist1d_source(spec: str) -> Source:
         if not 0 < n <= MNIST1D_MAX_SAMPLES or n % 10:
             raise SoftlabelsError(f"data spec {spec}: n must be a positive multiple of 10 (one share per class) "
                                   f"up to {MNIST1D_MAX_SAMPLES:,}")
+        if not 0 <= seed < 2**32:  # what mnist1d's numpy seeding takes
+            raise SoftlabelsError(f"data spec {spec}: seed must be an integer from 0 to 2**32 - 1")
         if seed == 42:
             raise SoftlabelsError(f"data spec {spec}: seed 42 generates the standard train/test split; choose another")
         x, y = _mnist1d_arrays(split, n, seed)

@@ -146,6 +146,8 @@ def test_mnist1d_transfer_is_unlabeled_and_differs_from_train():
     [
         ("mnist1d://transfer?n=15", "multiple of 10"),
         ("mnist1d://transfer?n=100&seed=42", "seed 42"),
+        ("mnist1d://transfer?n=100&seed=-5", r"seed must be an integer from 0 to 2\*\*32 - 1"),
+        ("mnist1d://transfer?n=100&seed=4294967296", r"seed must be an integer from 0 to 2\*\*32 - 1"),
         ("mnist1d://transfer?size=10", "unknown parameter"),
         ("mnist1d://train?n=3", "takes no parameters"),
         ("s3://bucket/data.zarr", "unknown scheme"),
