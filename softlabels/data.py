@@ -588,11 +588,19 @@ def data_names_code(spec: str) -> bool:
 
 
 def open_data(spec: str) -> Source:
-    """Open the dataset named by ``spec`` (see the module docstring for the syntax).
+    """Open the dataset named by ``spec`` (see the module docstring for the syntax); one without
+    samples is refused, since every command would have nothing to do.
 
     ``spec`` is the user's: a ``module:callable`` is imported and called. A spec read from a file
     goes through :func:`softlabels.trust.check_recorded_spec` with :func:`data_names_code` first.
     """
+    source = _open_source(spec)
+    if len(source) == 0:
+        raise SoftlabelsError(f"dataset {source.spec} is empty")
+    return source
+
+
+def _open_source(spec: str) -> Source:
     if not isinstance(spec, str) or not spec.strip():
         raise SoftlabelsError("empty data spec")
     spec = spec.strip()

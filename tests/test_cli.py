@@ -291,6 +291,20 @@ def test_inspect_json_and_evaluate(tmp_path, npz_data, linear_teacher):
     assert metrics["accuracy"] == pytest.approx(report["teacher_accuracy"])
 
 
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--model", "{teacher}", "--arch", "linear", "--data", "{empty}"],
+    ["dump", "--teacher", "{teacher}", "--arch", "linear", "--data", "{empty}", "--out", "{out}/c.zarr"],
+    ["train-student", "--data", "{empty}", "--hard-labels-only", "--student", "linear", "--out", "{out}/run"],
+    ["train-student", "--data", "{data}", "--hard-labels-only", "--student", "linear", "--eval-data", "{empty}", "--out", "{out}/run"],
+])
+def test_data_without_rows_is_refused_in_one_line(tmp_path, npz_data, linear_teacher, command):
+    empty = make_npz(tmp_path / "empty.npz", n=0)
+    (tmp_path / "out").mkdir()
+    result = run(*[a.format(teacher=linear_teacher, empty=empty, data=npz_data, out=tmp_path / "out") for a in command])
+    assert_one_line_error(result, f"^error: dataset {re.escape(str(empty))} is empty$")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_inspect_refuses_what_is_not_a_cache(tmp_path):
     (tmp_path / "notes.zarr").mkdir()
     assert_one_line_error(run("inspect", tmp_path / "notes.zarr"), "not a softlabels cache")
