@@ -90,6 +90,17 @@ def _checked_labels(spec: str, labels: np.ndarray, rows: np.ndarray) -> np.ndarr
     return labels
 
 
+def _item_label(spec: str, label: Any, row: int) -> int:
+    """A Dataset item's label as an int, refused unless it is an integer (a Python or numpy integer,
+    or a 0-d integer tensor): ``int()`` would take the class of a ``1.5`` to be 1, or parse ``"3"``."""
+    if isinstance(label, (torch.Tensor, np.ndarray, np.generic)) and label.ndim == 0:
+        label = label.item()
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise SoftlabelsError(f"dataset {spec}: the label of item {row} is {label!r}, not an integer "
+                              "(labels are class indices, or -1 for none)")
+    return int(_checked_labels(spec, np.array([label]), np.array([row]))[0])
+
+
 def data_dir() -> Path:
     """Where generated built-in datasets are kept (``$SOFTLABELS_DATA`` or ``~/.cache/softlabels``)."""
     return Path(os.environ.get("SOFTLABELS_DATA", Path.home() / ".cache" / "softlabels"))
@@ -388,7 +399,7 @@ class DatasetSource(Source):
         else:
             x, y = item, NO_LABEL
         x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        return x, int(_checked_labels(self.spec, np.array([int(y)]), np.array([i]))[0])
+        return x, _item_label(self.spec, y, i)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -181,6 +181,37 @@ def test_a_dataset_callable_may_be_named_by_a_file_path(tmp_path, monkeypatch):
     assert len(source) == 5 and x.shape == (5, 4) and list(y) == [0, 1, 2, 3, 4]
 
 
+LABELLED_ITEMS = """
+import numpy as np
+import torch
+LABELS = {"float": 1.5, "whole_float": 2.0, "text": "3", "bool": True, "float_tensor": torch.tensor(1.5),
+          "int": 2, "numpy_int": np.int64(2), "int_tensor": torch.tensor(2)}
+def make(label):
+    return [(np.full(4, i, np.float32), LABELS[label] if i == 3 else i % 3) for i in range(8)]
+"""
+
+
+@pytest.mark.parametrize("label, shown", [("float", "1.5"), ("whole_float", "2.0"), ("text", "'3'"), ("bool", "True"),
+                                          ("float_tensor", "1.5")])
+def test_a_dataset_label_that_is_no_integer_is_refused_in_one_line(tmp_path, monkeypatch, label, shown):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "items.py").write_text(LABELLED_ITEMS)
+    spec = f"items.py:make?label={label}"
+    done = subprocess.run([sys.executable, "-m", "softlabels", "train-student", "--data", spec, "--hard-labels-only",
+                           "--student", "linear", "--num-workers", "0", "--out", "run"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr == (f"error: dataset {spec}: the label of item 3 is {shown}, not an integer "
+                           "(labels are class indices, or -1 for none)\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("label", ["int", "numpy_int", "int_tensor"])
+def test_a_dataset_label_may_be_any_integer_type(tmp_path, monkeypatch, label):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "items.py").write_text(LABELLED_ITEMS)
+    assert open_data(f"items.py:make?label={label}").read(0, 8)[1].tolist() == [0, 1, 2, 2, 1, 2, 0, 1]
+
+
 def test_a_class_mismatch_says_how_many_names_differ():
     from softlabels.data import check_classes
 
