@@ -415,8 +415,12 @@ class _H5Backend:
             return raw
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, RecursionError):  # nested beyond what a manifest is: no manifest of ours
-            return raw
+        except json.JSONDecodeError as exc:
+            raise SoftlabelsError(f"{self.path}: its '{MANIFEST_KEY}' manifest is damaged: not valid JSON "
+                                  f"({exc.msg} at character {exc.pos})") from None
+        except RecursionError:
+            raise SoftlabelsError(f"{self.path}: its '{MANIFEST_KEY}' manifest is damaged: nested deeper than "
+                                  "JSON that Python reads") from None
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
@@ -963,8 +967,10 @@ def _check_descriptions(manifest: dict[str, Any], path: Path) -> None:
 
 def validate_manifest(manifest: Any, arrays: dict[str, Any], path: Path) -> tuple[dict[str, Any], Layout]:
     """Check a manifest against this reader and the arrays it describes; return it and its layout."""
-    if not isinstance(manifest, dict):
+    if manifest is None:
         raise SoftlabelsError(f"{path} is not a softlabels cache: no '{MANIFEST_KEY}' manifest")
+    if not isinstance(manifest, dict):
+        raise SoftlabelsError(f"{path}: its '{MANIFEST_KEY}' manifest is invalid ({type(manifest).__name__}, not a JSON object)")
     if manifest.get("format") != FORMAT:
         raise SoftlabelsError(f"{path} is not a softlabels cache: manifest format is {manifest.get('format')!r}")
     version = manifest.get("format_version")

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 import zlib
 
 import google_crc32c  # zarr's own CRC-32C: a second implementation, not the one softlabels uses
@@ -288,6 +290,24 @@ def test_manifest_descriptions_of_the_wrong_type_are_refused_on_open(tmp_path, s
     group.attrs["softlabels"] = {**manifest, section: {**manifest.get(section, {}), **update}}
     with pytest.raises(SoftlabelsError, match=message):
         open_cache(path)
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ('{"format": "softlabels-cache", ', "its 'softlabels' manifest is damaged: not valid JSON (Expecting property name "
+                                       "enclosed in double quotes at character 31)"),
+    ("[" * 100_000 + "]" * 100_000, "its 'softlabels' manifest is damaged: nested deeper than JSON that Python reads"),
+    ("[1, 2]", "its 'softlabels' manifest is invalid (list, not a JSON object)"),
+])
+def test_an_hdf5_manifest_that_is_not_a_json_object_is_reported_damaged_not_missing(tmp_path, manifest, message):
+    path = tmp_path / "c.h5"
+    write_cache(path, np.zeros((10, 2), dtype=np.float32), np.zeros(10, dtype=np.int64), chunk_rows=4)
+    with h5py.File(path, "r+") as f:
+        f.attrs["softlabels"] = manifest
+    before = path.read_bytes()
+    for command in (["inspect", str(path)], ["verify", str(path)]):
+        done = subprocess.run([sys.executable, "-m", "softlabels", *command], capture_output=True, text=True)
+        assert done.returncode == 1 and done.stderr == f"error: {path}: {message}\n"
+    assert path.read_bytes() == before
 
 
 def test_not_a_cache_is_refused(tmp_path):
