@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .errors import SoftlabelsError
 from .kinds import TargetKind
 from .durable import exclusive
-from .store import Cache, CacheWriter, Layout, chunk_checksum, directory_bytes, open_cache, partial_path, remove_path
+from .store import Cache, CacheWriter, Layout, backend_name, chunk_checksum, directory_bytes, open_cache, partial_path, remove_path
 from .views import GROUP as VIEW_RECORDS
 
 # Fields the writer sets itself from the layout; everything else (teacher, dataset, ...) carries over.
@@ -36,6 +36,7 @@ def convert_cache(
     kind in the current format; ``keep_views`` keeps the first views of a view cache, their records
     with them. Return the new cache's size on disk in bytes."""
     dst = Path(dst)
+    backend_name(dst)  # a path of another suffix is refused before anything is read, made or replaced
     source, target = Path(src).resolve(), dst.resolve()
     if target == source or source in target.parents or target in source.parents:  # --overwrite would replace what is read
         where = "the source cache" if target == source else "inside the source cache" if source in target.parents else "around the source cache"

@@ -534,6 +534,7 @@ def dump(
     :data:`~softlabels.data.UNUSABLE` (no loss in training) and listed in the manifest's ``skipped``.
     """
     out = Path(out)
+    backend_name(out)  # a path of another suffix is refused before anything is run, made or replaced
     if not isinstance(teacher, LoadedModel):  # a bare module has no file, checksum or architecture to record
         raise SoftlabelsError(f"the teacher must be a softlabels.load_model(...) result, got a {type(teacher).__name__}: "
                               "save the module with softlabels.save_checkpoint and load it")

@@ -103,6 +103,25 @@ def test_dump_errors_are_one_line(tmp_path, npz_data, linear_teacher, args, patt
     assert not (tmp_path / "c.zarr").exists()
 
 
+@pytest.mark.parametrize("out", ["kept", "kept.txt", "new/sub/c.txt"])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("command", ["dump", "convert"])
+def test_an_output_without_a_cache_suffix_is_refused_first_and_nothing_is_touched(tmp_path, npz_data, linear_teacher,
+                                                                                  command, overwrite, out):
+    cache = tmp_path / "cache" / "c.zarr"
+    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", cache).exit_code == 0
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes").write_text("mine")
+    (tmp_path / "kept.txt").write_text("mine too")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    args = {"dump": ["dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out"],
+            "convert": ["convert", cache, "--top-k", "2"]}[command]
+    result = run(*args, tmp_path / out, *overwrite)
+    assert_one_line_error(result, f"^error: cache path {re.escape(str(tmp_path / out))} must end in .zarr, .h5 or .hdf5$")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "kept" / "notes").read_text() == "mine" and (tmp_path / "kept.txt").read_text() == "mine too"
+
+
 def test_existing_cache_is_kept_without_overwrite(tmp_path, npz_data, linear_teacher):
     out = tmp_path / "c.zarr"
     first = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out)
