@@ -44,12 +44,35 @@ TRUST_CODE = click.option(
 )
 
 
+class _UsageLine(click.UsageError):
+    """A usage error (an unknown option, a missing argument, a bad value) told in one ``error: ...``
+    line, exit code 2, instead of click's usage, hint and message on four."""
+
+    def __init__(self, exc: click.UsageError):
+        super().__init__(" ".join(exc.format_message().split()), exc.ctx)
+
+    def show(self, file: Any = None) -> None:
+        command = self.ctx.command_path if self.ctx is not None else "softlabels"
+        click.echo(f"error: {self.message} (see {command} --help)", file=file, err=True)
+
+
 class _Group(click.Group):
-    """Turns a user error into one ``error: ...`` line and exit code 1 (a traceback only with --debug)."""
+    """Turns a user error into one ``error: ...`` line and exit code 1 (a traceback only with --debug),
+    and a usage error into one line and exit code 2."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:  # the group's own options and arguments
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:  # no command given: the help, as click prints it
+            raise
+        except click.UsageError as exc:
+            raise _UsageLine(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # the command's name, options and arguments
+            raise _UsageLine(exc) from None
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:

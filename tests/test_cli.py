@@ -40,6 +40,31 @@ def test_every_command_has_help_ending_in_an_example_and_is_in_the_readme(comman
         assert "_" not in option, f"{option} should use dashes"
 
 
+@pytest.mark.parametrize("args, line", [
+    (["dump", "--bogus"], "No such option '--bogus'. Did you mean '--out'? (see softlabels dump --help)"),
+    (["dump"], "Missing option '--teacher'. (see softlabels dump --help)"),
+    (["inspect"], "Missing argument 'PATH'. (see softlabels inspect --help)"),
+    (["frobnicate"], "No such command 'frobnicate'. (see softlabels --help)"),
+    (["--nope", "inspect", "c.zarr"], "No such option '--nope'. (see softlabels --help)"),
+    (["train-student", "--batch-size", "-4", "--student", "mlp", "--out", "r"],
+     "Invalid value for '--batch-size': -4 is not in the range x>=1. (see softlabels train-student --help)"),
+    (["convert", "a.zarr", "b.zarr"], "give --top-k K, --sample S, --keep-views V or --upgrade (see softlabels convert --help)"),
+])
+def test_usage_errors_are_one_line_with_exit_code_2(tmp_path, args, line):
+    done = subprocess.run([sys.executable, "-m", "softlabels", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == "" and done.stderr == f"error: {line}\n"
+
+
+def test_help_is_still_shown_in_full(tmp_path):
+    top = subprocess.run([sys.executable, "-m", "softlabels", "--help"], capture_output=True, text=True)
+    assert top.returncode == 0 and top.stdout.startswith("Usage: softlabels [OPTIONS] COMMAND [ARGS]...")
+    assert all(f"  {command} " in top.stdout for command in cli.commands) and "--debug" in top.stdout
+    bare = subprocess.run([sys.executable, "-m", "softlabels"], capture_output=True, text=True)
+    assert bare.stdout + bare.stderr == top.stdout  # no command: the help
+    dump = subprocess.run([sys.executable, "-m", "softlabels", "dump", "-h"], capture_output=True, text=True)
+    assert dump.returncode == 0 and dump.stdout.startswith("Usage: softlabels dump [OPTIONS]") and "--overwrite" in dump.stdout
+
+
 def assert_one_line_error(result, pattern):
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
