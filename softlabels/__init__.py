@@ -11,19 +11,49 @@ The public API, in the order data flows through it::
         loss = softlabels.kd_loss(model(batch.inputs), batch.teacher_logits, batch.labels, temperature=4.0)
 """
 
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
-from .allocator import keep_freed_memory  # noqa: E402
-from .checkpoint import load_model, save_checkpoint  # noqa: E402
-from .data import open_data  # noqa: E402
-from .dump import dump, iter_logits  # noqa: E402
-from .errors import SoftlabelsError  # noqa: E402
-from .kinds import Dense, Sampled, SoftTargets, TargetKind, TopK  # noqa: E402
-from .loader import Batch, SoftTargetLoader, source_for_cache  # noqa: E402
-from .losses import KDTerms, kd_loss, kd_terms, kl_divergence  # noqa: E402
-from .models import build_model  # noqa: E402
-from .store import Cache, CacheWriter, Layout, open_cache  # noqa: E402
-from .train import StudentSpec, TrainConfig, evaluate, train_students  # noqa: E402
+# Each public name and the module that defines it, imported on first use: the command (see
+# __main__.py) starts without torch, so a Ctrl-C while torch imports is its to tell in one line.
+_PUBLIC = {
+    "keep_freed_memory": "allocator",
+    "load_model": "checkpoint", "save_checkpoint": "checkpoint",
+    "open_data": "data",
+    "dump": "dump", "iter_logits": "dump",
+    "SoftlabelsError": "errors",
+    "Dense": "kinds", "Sampled": "kinds", "SoftTargets": "kinds", "TargetKind": "kinds", "TopK": "kinds",
+    "Batch": "loader", "SoftTargetLoader": "loader", "source_for_cache": "loader",
+    "KDTerms": "losses", "kd_loss": "losses", "kd_terms": "losses", "kl_divergence": "losses",
+    "build_model": "models",
+    "Cache": "store", "CacheWriter": "store", "Layout": "store", "open_cache": "store",
+    "StudentSpec": "train", "TrainConfig": "train", "evaluate": "train", "train_students": "train",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: object) -> None:
+        # Importing the submodule softlabels.dump sets the package's 'dump' to it: the name stays the function's.
+        if not (name in _PUBLIC and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "Batch",

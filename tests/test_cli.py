@@ -2,8 +2,10 @@
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,45 @@ def test_help_is_still_shown_in_full(tmp_path):
     assert bare.stdout + bare.stderr == top.stdout  # no command: the help
     dump = subprocess.run([sys.executable, "-m", "softlabels", "dump", "-h"], capture_output=True, text=True)
     assert dump.returncode == 0 and dump.stdout.startswith("Usage: softlabels dump [OPTIONS]") and "--overwrite" in dump.stdout
+
+
+def console_script() -> list[str]:
+    """What the installed ``softlabels`` command runs: the entry point pyproject.toml names, called as pip's script calls it."""
+    import tomllib
+
+    target = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["scripts"]["softlabels"]
+    module, function = target.split(":")
+    return ["-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
+
+
+def interrupted_while_importing(args: list[str]) -> subprocess.CompletedProcess | None:
+    """Run ``python ARGS --help`` and send it SIGINT while it imports torch (seen in its memory
+    maps), or ``None`` if it finished first."""
+    child = subprocess.Popen([sys.executable, *args, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{child.pid}/maps")
+    deadline = time.monotonic() + 30
+    try:
+        while child.poll() is None and time.monotonic() < deadline:
+            if "libtorch" in maps.read_text():
+                child.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.002)
+    except FileNotFoundError:  # it ended between the poll and the read
+        pass
+    out, err = child.communicate(timeout=60)
+    return None if child.returncode == 0 and out.startswith("Usage:") else subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the command import torch")
+@pytest.mark.parametrize("entry", ["python -m softlabels", "console script"])
+def test_ctrl_c_while_the_command_imports_its_libraries_ends_it_in_one_line(entry):
+    args = ["-m", "softlabels"] if entry == "python -m softlabels" else console_script()
+    for attempt in range(5):  # the signal lands within torch's import unless the command finished first
+        done = interrupted_while_importing(args)
+        if done is not None:
+            assert (done.returncode, done.stdout, done.stderr) == (130, "", "error: interrupted\n")
+            return
+    pytest.fail("the command finished before it could be interrupted five times out of five")
 
 
 def assert_one_line_error(result, pattern):
