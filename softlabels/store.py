@@ -271,13 +271,17 @@ class _ZarrBackend:
         return _zarr_chunk_file(self.root, name, chunk, ndim)
 
     def sync(self, chunks: range | None, arrays: dict[str, int] | None = None) -> None:
-        """fsync the files of ``chunks`` of ``arrays`` (name -> ndim), or with ``chunks=None`` every
-        file and directory of the cache (commit records and array metadata included). Every chunk is
-        stored (write_empty_chunks), so a missing file is an error, not a chunk to skip."""
+        """fsync the files of ``chunks`` of ``arrays`` (name -> ndim). With ``chunks=None``, every
+        directory of the cache and every file but the chunk files of ``arrays``, which were synced
+        as they were written (the commit record's chunk files and the arrays' metadata are synced
+        here): a cache of a million chunks is not synced twice over. Every chunk is stored
+        (write_empty_chunks), so a missing file is an error, not a chunk to skip."""
         if chunks is None:
+            synced = {os.path.join(self.root, name, "c") for name in arrays or {}}
             for folder, _, files in os.walk(self.root, topdown=False):
-                for name in files:
-                    fsync_file(Path(folder) / name)
+                if not any(folder == top or folder.startswith(top + os.sep) for top in synced):
+                    for name in files:
+                        fsync_file(Path(folder) / name)
                 fsync_directory(Path(folder))
             return
         for chunk in chunks:
@@ -1458,7 +1462,7 @@ class CacheWriter(_Chunked):
         written = self.recorded_checksums()
         if (written < 0).any():
             raise RuntimeError(f"chunk {int(np.flatnonzero(written < 0)[0])} was never written")
-        self._backend.sync(None)  # everything the cache holds is on disk before its manifest says complete
+        self._backend.sync(None, self._ndims)  # everything the cache holds is on disk before its manifest says complete
         self.manifest.update(manifest_updates, complete=True)
         self._backend.write_manifest(self.manifest)
         self._backend.close()

@@ -73,6 +73,22 @@ def test_round_trip_preserves_every_row(tmp_path_factory, n, c, chunk_rows, dtyp
     assert not path.with_name(path.name + ".partial").exists()
 
 
+def test_every_file_of_a_zarr_cache_is_synced_before_it_is_complete_and_its_chunk_files_once(tmp_path, monkeypatch):
+    import softlabels.durable
+    import softlabels.store
+
+    synced = []
+    for module in (softlabels.store, softlabels.durable):
+        real = module.fsync_file
+        monkeypatch.setattr(module, "fsync_file", lambda path, real=real: synced.append(os.path.relpath(path, tmp_path)) or real(path))
+    write_cache(tmp_path / "c.zarr", np.ones((40, 3), np.float32), np.zeros(40, np.int64), chunk_rows=8)
+    files = {os.path.relpath(os.path.join(folder, name), tmp_path) for folder, _, names in os.walk(tmp_path / "c.zarr") for name in names}
+    as_written = {f.replace("c.zarr", "c.zarr.partial", 1) for f in files}
+    assert as_written <= set(synced)  # each file, before the cache was moved into place
+    chunk_files = [f for f in as_written if f.split(os.sep)[1] in ("logits", "labels") and os.sep + "c" + os.sep in f]
+    assert len(chunk_files) == 10 and all(synced.count(f) == 1 for f in chunk_files)
+
+
 def test_plain_zarr_reads_a_row_and_the_manifest(tmp_path):
     logits = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
     labels = np.arange(50) % 4
