@@ -732,11 +732,12 @@ class _ZarrRawChunks(_RawChunks):
         before it reached the disk), which is then no commit; without ``torn_unwritten`` such a chunk
         raises instead (a reader's view: a finished cache's record tears only by damage). One small
         read per chunk file: zarr-python takes about 0.3 ms per chunk, which for a dump's commit
-        record was most of its fixed cost."""
+        record was most of its fixed cost. The files there are found by listing the chunk folder
+        once, not by asking after every chunk the array declares (seconds for millions of them)."""
         rows = self.chunk_shape[0]
         out = np.full(num_chunks(self.shape[0], rows) * rows, self.fill, self.dtype)
         raw = out.view(np.uint8).reshape(-1, self.chunk_bytes)
-        for chunk in range(len(raw)):
+        for chunk in self._chunks_present(len(raw)):
             if os.path.exists(self._file(chunk)):
                 try:
                     _check(chunk, self.read_chunk(chunk, raw[chunk]))
@@ -745,6 +746,15 @@ class _ZarrRawChunks(_RawChunks):
                         raise
                     out[chunk * rows:(chunk + 1) * rows] = self.fill
         return out[:self.shape[0]]
+
+    def _chunks_present(self, count: int) -> list[int]:
+        """The chunks, of the first ``count``, that have a file or folder in the chunk folder, in order
+        (a name zarr would not write for a chunk, such as ``07``, is no chunk)."""
+        try:
+            names = os.listdir(os.path.join(self.root, self.name, "c"))
+        except FileNotFoundError:
+            return []
+        return sorted(int(name) for name in names if name.isdecimal() and name == str(int(name)) and int(name) < count)
 
     def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[int, int] | None:
         trailer = 4 if self.crc else 0

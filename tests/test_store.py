@@ -89,6 +89,27 @@ def test_every_file_of_a_zarr_cache_is_synced_before_it_is_complete_and_its_chun
     assert len(chunk_files) == 10 and all(synced.count(f) == 1 for f in chunk_files)
 
 
+def test_a_partial_zarr_commit_record_is_read_from_the_files_there_not_by_asking_after_every_declared_chunk(tmp_path, monkeypatch):
+    import softlabels.store
+
+    layout = Layout(Dense(), 4096 * 4, 3, "float16", 4)  # 4096 chunks declared
+    writer = CacheWriter(tmp_path / "c.zarr", layout, manifest=MANIFEST)
+    for chunk in (5, 4095):
+        writer.write_chunks(chunk, {"logits": np.full((4, 3), chunk, np.float16)}, np.zeros(4, np.int64))
+    writer.close()
+    folder = tmp_path / "c.zarr.partial" / "chunk_crc32" / "c"
+    (folder / "07").write_bytes((folder / "5").read_bytes())  # no name zarr writes: no chunk
+    (folder / "4096").write_bytes((folder / "5").read_bytes())  # past the declared chunks
+    asked = []
+    real = os.path.exists
+    monkeypatch.setattr(softlabels.store.os.path, "exists", lambda path: asked.append(path) or real(path))
+    with open_cache(tmp_path / "c.zarr.partial", allow_incomplete=True) as cache:
+        record = cache.checksums()
+    assert len(asked) < 10
+    assert np.flatnonzero(record >= 0).tolist() == [5, 4095]
+    assert record[5] == chunk_checksum({"logits": np.full((4, 3), 5, np.float16)}, np.zeros(4, np.int64))
+
+
 def test_plain_zarr_reads_a_row_and_the_manifest(tmp_path):
     logits = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
     labels = np.arange(50) % 4
