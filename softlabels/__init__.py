@@ -12,6 +12,7 @@ The public API, in the order data flows through it::
 """
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -36,6 +37,8 @@ _PUBLIC = {
 
 def __getattr__(name: str) -> object:
     if name not in _PUBLIC:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: softlabels.distributed.init()
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     globals()[name] = value

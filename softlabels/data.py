@@ -92,9 +92,10 @@ def _checked_labels(spec: str, labels: np.ndarray, rows: np.ndarray) -> np.ndarr
 
 def _item_label(spec: str, label: Any, row: int) -> int:
     """A Dataset item's label as an int, refused unless it is an integer (a Python or numpy integer,
-    or a 0-d integer tensor): ``int()`` would take the class of a ``1.5`` to be 1, or parse ``"3"``."""
-    if isinstance(label, (torch.Tensor, np.ndarray, np.generic)) and label.ndim == 0:
-        label = label.item()
+    or an integer tensor or array of one element): ``int()`` would take the class of a ``1.5`` to
+    be 1, or parse ``"3"``."""
+    if isinstance(label, (torch.Tensor, np.ndarray, np.generic)) and (label.numel() if isinstance(label, torch.Tensor) else label.size) == 1:
+        label = label.reshape(()).item()
     if isinstance(label, bool) or not isinstance(label, int):
         raise SoftlabelsError(f"dataset {spec}: the label of item {row} is {label!r}, not an integer "
                               "(labels are class indices, or -1 for none)")

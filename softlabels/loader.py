@@ -303,7 +303,10 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
         memory = _Reusable()
 
         def read(group: list[int], perm: np.ndarray | None) -> _Window:
-            return self._read_window(pool, group, perm, memory.take())
+            buffers = memory.take()
+            window = self._read_window(pool, group, perm, buffers)
+            memory.give(buffers)
+            return window
 
         positions = range(self._start + worker, self.batches_per_epoch, workers)  # as _slices serves them
         with ThreadPoolExecutor(max_workers=self.read_threads, thread_name_prefix="softlabels-read") as pool:
@@ -467,28 +470,39 @@ class SoftTargetLoader(torch.utils.data.IterableDataset):
 
 
 class _Reusable:
-    """The memory windows are read into, each set taken again once nothing refers to it: batches
-    are views of their window, and a window's memory read into anew costs a page fault per 4 KiB.
-    Whether anything refers to a buffer is told by its reference count, which every view of it and
-    every tensor made from one holds."""
+    """The memory windows are read into, each array's buffer taken again once nothing refers to it:
+    batches are views of their window, and a window's memory read into anew costs a page fault per
+    4 KiB. Whether anything refers to a buffer is told by its reference count, which every view of
+    it and every tensor made from one holds. Only the ``keep`` buffers of each array used last are
+    kept: a buffer that batches a caller keeps still refer to is then let go with them."""
 
-    def __init__(self) -> None:
-        self._sets: list[dict[str, np.ndarray]] = []
+    def __init__(self, keep: int = 4) -> None:
+        self._kept: dict[str, list[np.ndarray]] = {}
+        self._keep = keep
 
     def take(self) -> dict[str, np.ndarray]:
-        """A set of buffers no batch refers to any more (empty when new), for :meth:`Cache.read_ranges`."""
-        for buffers in self._sets:
-            if all(_references(buffers, name) == _UNREFERENCED for name in buffers):
-                return buffers
-        self._sets.append({})
-        return self._sets[-1]
+        """Buffers by array name that nothing refers to any more, for :meth:`Cache.read_ranges` to read
+        into (it adds any it lacks); give them back with :meth:`give` once read into."""
+        buffers = {}
+        for name, kept in self._kept.items():
+            free = next((i for i in range(len(kept)) if _references(kept, i) == _UNREFERENCED), None)
+            if free is not None:
+                buffers[name] = kept.pop(free)
+        return buffers
+
+    def give(self, buffers: dict[str, np.ndarray]) -> None:
+        """Keep ``buffers`` (just read into) for later windows, the oldest let go past ``keep``."""
+        for name, buffer in buffers.items():
+            kept = self._kept.setdefault(name, [])
+            kept.append(buffer)
+            del kept[:-self._keep]
 
 
-def _references(buffers: dict[str, np.ndarray], name: str) -> int:
-    return sys.getrefcount(buffers[name])
+def _references(buffers: list[np.ndarray], i: int) -> int:
+    return sys.getrefcount(buffers[i])
 
 
-_UNREFERENCED = _references({"": np.empty(0)}, "")  # what it counts for a buffer that only its dict holds
+_UNREFERENCED = _references([np.empty(0)], 0)  # what it counts for a buffer that only its list holds
 
 
 def _inverse(perm: np.ndarray) -> np.ndarray:

@@ -148,6 +148,11 @@ def _recompute_views(cache: Cache, views: Views, report: VerifyReport, count: in
             recorded = cache.manifest["views"].get("versions")
             report.problems.append(f"{where[i]}: stored parameter '{name}' is {records[name][i].tolist()}, but the augment "
                                    f"seed draws {values[i].tolist()} (edited, or drawn with other library versions: {recorded})")
+    # A view holding a parameter value its augmentation never draws differs from its draw (reported
+    # above) and cannot be replayed: the others are.
+    keep = views.replayable(source, records)
+    samples, chosen, where = samples[keep], chosen[keep], [w for w, kept in zip(where, keep) if kept]
+    targets, records = ({n: a[keep] for n, a in arrays.items()} for arrays in (targets, records))
     dev = resolve_device(device)
     forward = TeacherForward(teacher.model, dev, precision)
     differing = []

@@ -120,13 +120,21 @@ class Views:
         """Replay one view per row: see :func:`replay`. A stored parameter holding a value its
         augmentation never draws (a lam of 7, a partner past the dataset) is refused first."""
         plain = {name.removeprefix(GROUP): value for name, value in record.items()}
-        bad = self.pipeline.undrawable(plain, source.input_shape, len(source))
-        if bad is not None:
-            name, row, drawn = bad
+        for name, bad, drawn in self.pipeline.undrawn(plain, source.input_shape, len(source)):
+            row = int(np.flatnonzero(bad)[0])
             value = np.asarray(plain[name])[row]
             raise SoftlabelsError(f"{self.where}: stored view parameter '{GROUP}{name}' of sample {int(ids[row])} is "
                                   f"{value.tolist()}, but {drawn}")
         return replay(self.pipeline, source, x, record, ids)
+
+    def replayable(self, source: Source, record: dict[str, np.ndarray]) -> np.ndarray:
+        """``[B]`` bool: the rows of ``record`` whose every stored parameter holds a value its
+        augmentation draws, which :meth:`apply` replays."""
+        plain = {name.removeprefix(GROUP): value for name, value in record.items()}
+        rows = np.ones(len(next(iter(record.values()))) if record else 0, bool)
+        for _, bad, _ in self.pipeline.undrawn(plain, source.input_shape, len(source)):
+            rows &= ~bad
+        return rows
 
     def view_of(self, seed: int, epoch: int, samples: np.ndarray) -> np.ndarray:
         """Which view each of ``samples`` trains on in ``epoch``: in epochs ``cV .. cV + V - 1`` every

@@ -308,14 +308,16 @@ def test_stored_parameters_are_checked_against_what_their_augmentation_draws(spe
     aug, shape = parse_augment(spec), SPECS[spec]
     pipeline = Pipeline((aug,), seed=0)
     record = pipeline.draw(np.arange(500), np.zeros(500, int), N, shape)
-    assert pipeline.undrawable(record, shape, N) is None
+    assert list(pipeline.undrawn(record, shape, N)) == []
     assert aug.drawable({k.partition(".")[2]: v for k, v in record.items()}, shape, N).keys() == aug.params(shape).keys()
     for param, value in UNDRAWABLE.get(spec, {}).items():
         edited = {k: v.copy() for k, v in record.items()}
         edited[f"{aug.name}.{param}"][3] = value
-        assert pipeline.undrawable(edited, shape, N)[:2] == (f"{aug.name}.{param}", 3)
+        name, bad, _ = next(pipeline.undrawn(edited, shape, N))
+        assert (name, np.flatnonzero(bad).tolist()) == (f"{aug.name}.{param}", [3])
         edited[f"{aug.name}.{param}"][3] = np.nan if edited[f"{aug.name}.{param}"].dtype.kind == "f" else value
-        assert pipeline.undrawable(edited, shape, N)[:2] == (f"{aug.name}.{param}", 3)
+        name, bad, _ = next(pipeline.undrawn(edited, shape, N))
+        assert (name, np.flatnonzero(bad).tolist()) == (f"{aug.name}.{param}", [3])
 
 
 # -- pipelines -----------------------------------------------------------------------------------------
@@ -376,6 +378,15 @@ def test_pipelines_refuse_bad_orders(augs, expected):
     assert expected in error_of(lambda: Pipeline(augs))
 
 
+@pytest.mark.parametrize("shape", [(40,), (28, 28), (3, 8, 8)])
+def test_flip_mirrors_the_last_axis_of_inputs_of_any_shape(shape):
+    pipeline = Pipeline((Flip(),))
+    pipeline.check_input(shape, where="data")  # a signal, a grey image, an image: view caches of each exist
+    x = torch.arange(2 * math.prod(shape), dtype=torch.float32).reshape(2, *shape)
+    out = Flip().apply(x, {"flip": np.array([1, 0], np.uint8)})
+    assert torch.equal(out[0], x[0].flip(-1)) and torch.equal(out[1], x[1])
+
+
 def test_pipelines_refuse_bad_seeds_and_inputs():
     assert "seed must be an integer in [0, 2**63), got -1" in error_of(lambda: Pipeline((), seed=-1))
     crop = Pipeline((parse_augment("crop?size=8,8"),))
@@ -384,8 +395,6 @@ def test_pipelines_refuse_bad_seeds_and_inputs():
     assert "shift works on signals [L] or [C, L], not inputs of shape [3, 8, 8]" in \
         error_of(lambda: Pipeline((Shift(max=1),)).check_input((3, 8, 8), where="data"))
     assert "cutmix works on images" in error_of(lambda: Pipeline((CutMix(),)).check_input(SIGNAL, where="data"))
-    assert "flip works on images [C, H, W], not inputs of shape [40]" in \
-        error_of(lambda: Pipeline((Flip(),)).check_input((40,), where="data"))
 
 
 @pytest.mark.parametrize("spec, expected", [

@@ -528,3 +528,13 @@ def test_verify_takes_a_teacher_or_data_only_with_recompute(tmp_path, npz_data, 
     for extra in (["--teacher", linear_teacher], ["--data", npz_data]):
         result = run("verify", tmp_path / "c.zarr", *extra)
         assert result.exit_code == 2 and "--teacher and --data serve --recompute N" in result.output, result.output
+
+
+def test_the_package_gives_its_public_names_and_its_submodules_on_first_use():
+    code = ("import softlabels, types; "
+            "assert isinstance(softlabels.distributed, types.ModuleType) and callable(softlabels.distributed.init); "
+            "assert callable(softlabels.dump) and callable(softlabels.open_cache); "
+            "import softlabels.dump; assert callable(softlabels.dump); "
+            "print(hasattr(softlabels, 'no_such_name'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -185,14 +185,15 @@ LABELLED_ITEMS = """
 import numpy as np
 import torch
 LABELS = {"float": 1.5, "whole_float": 2.0, "text": "3", "bool": True, "float_tensor": torch.tensor(1.5),
-          "int": 2, "numpy_int": np.int64(2), "int_tensor": torch.tensor(2)}
+          "float_in_a_tensor": torch.tensor([1.5]), "int": 2, "numpy_int": np.int64(2), "int_tensor": torch.tensor(2),
+          "int_in_a_tensor": torch.tensor([2]), "int_in_an_array": np.array([2])}
 def make(label):
     return [(np.full(4, i, np.float32), LABELS[label] if i == 3 else i % 3) for i in range(8)]
 """
 
 
 @pytest.mark.parametrize("label, shown", [("float", "1.5"), ("whole_float", "2.0"), ("text", "'3'"), ("bool", "True"),
-                                          ("float_tensor", "1.5")])
+                                          ("float_tensor", "1.5"), ("float_in_a_tensor", "1.5")])
 def test_a_dataset_label_that_is_no_integer_is_refused_in_one_line(tmp_path, monkeypatch, label, shown):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "items.py").write_text(LABELLED_ITEMS)
@@ -205,7 +206,7 @@ def test_a_dataset_label_that_is_no_integer_is_refused_in_one_line(tmp_path, mon
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("label", ["int", "numpy_int", "int_tensor"])
+@pytest.mark.parametrize("label", ["int", "numpy_int", "int_tensor", "int_in_a_tensor", "int_in_an_array"])
 def test_a_dataset_label_may_be_any_integer_type(tmp_path, monkeypatch, label):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "items.py").write_text(LABELLED_ITEMS)

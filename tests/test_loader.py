@@ -254,6 +254,31 @@ def test_a_window_is_read_into_memory_its_batches_let_go_and_never_into_memory_a
     assert_aligned(batches, x, y)
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_labels_kept_from_every_batch_keep_no_window_of_logits_alive_during_the_epoch(tmp_path, shuffle):
+    import tracemalloc
+
+    n, classes = 16384, 250  # 16 MB of float32 logits, 128 KB of labels
+    source = open_data(str(make_npz(tmp_path / "d.npz", n=n, features=1, classes=2)))
+    logits = np.random.default_rng(0).normal(size=(n, classes)).astype(np.float32)
+    _, y = source.read(0, n)
+    with CacheWriter(tmp_path / "c.zarr", Layout(Dense(), n, classes, "float32", 64),
+                     manifest={"dataset": {"spec": source.spec, "fingerprint": source.fingerprint()}}) as w:
+        for i in range(w.num_chunks):
+            a, b = w.chunk_bounds(i)
+            w.write_chunks(i, {"logits": logits[a:b]}, y[a:b])
+        w.finish()
+    loader = SoftTargetLoader(source, open_cache(tmp_path / "c.zarr"), batch_size=128, seed=0, shuffle=shuffle)  # Zarr labels are read into window memory too
+    tracemalloc.start()
+    try:
+        kept = [batch.labels for batch in loader]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sum(len(k) for k in kept) == n
+    assert peak < logits.nbytes / 4  # a few windows of logits at most during the epoch, not one per batch kept
+
+
 def test_read_ranges_reads_into_the_buffers_it_is_given_and_grows_them(pair):
     _, cache, _, _ = pair
     reuse = {}

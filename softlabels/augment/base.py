@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import typing
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -332,18 +332,17 @@ class Pipeline:
         partners = record[f"{self.mixer.name}.partner"]
         return np.asarray(partners.cpu() if isinstance(partners, torch.Tensor) else partners, dtype=np.int64)
 
-    def undrawable(self, record: dict[str, Any], shape: tuple[int, ...], num_samples: int) -> tuple[str, int, str] | None:
-        """The first parameter of ``record`` (one view per row, ``[B, *tail]``, for inputs of ``shape``
-        from a dataset of ``num_samples``) holding a value its augmentation never draws: its name, the
-        row, and what the augmentation draws; ``None`` when every value is one it draws."""
+    def undrawn(self, record: dict[str, Any], shape: tuple[int, ...], num_samples: int) -> Iterator[tuple[str, np.ndarray, str]]:
+        """Each parameter of ``record`` (one view per row, ``[B, *tail]``, for inputs of ``shape`` from
+        a dataset of ``num_samples``) holding values its augmentation never draws: its name, which rows
+        hold one (``[B]`` bool), and what the augmentation draws."""
         for prefix, aug, seen, _ in self._layout(shape):
             params = {p: np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v)
                       for p, v in self._params(record, prefix, aug).items()}
             for p, (ok, words) in aug.drawable(params, seen, num_samples).items():
-                bad = np.flatnonzero(~np.asarray(ok))
-                if len(bad):
-                    return f"{prefix}{aug.name}.{p}", int(bad[0]), f"{aug.name} draws {words}"
-        return None
+                bad = ~np.asarray(ok)
+                if bad.any():
+                    yield f"{prefix}{aug.name}.{p}", bad, f"{aug.name} draws {words}"
 
     # -- replaying ---------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Augmentations of images, ``[C, H, W]`` per sample.
+"""Augmentations of images, ``[C, H, W]`` per sample (flip takes any shape: it flips the last axis).
 
 Boxes are stored as fractions of the image's height and width, so replay needs no integer rounding.
 
@@ -147,7 +147,7 @@ def _resample(x: torch.Tensor, dim: int, start: torch.Tensor, length: torch.Tens
 
 @dataclass(frozen=True)
 class Flip(Augmentation):
-    """Mirror the width axis (the last) with probability 1/2.
+    """Mirror the last axis with probability 1/2.
 
     ``flip`` uint8 ``= uint8(rng.random() < 0.5)``; ``out = x[..., ::-1]`` where ``flip`` is 1.
 
@@ -159,7 +159,8 @@ class Flip(Augmentation):
     name: ClassVar[str] = "flip"
 
     def check_input(self, shape: tuple[int, ...], *, where: str) -> None:
-        _check_image(self, shape, where)
+        if not shape:
+            raise SoftlabelsError(f"{where}: flip needs inputs with at least one axis, not scalars")
 
     def params(self, shape: tuple[int, ...]) -> Declared:
         return {"flip": (np.dtype(np.uint8), ())}
