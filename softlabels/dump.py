@@ -338,8 +338,26 @@ def _concat_parts(parts: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarra
     a batch that fills its chunk, or a run of one chunk, is not copied)."""
     if len(parts) == 1:
         return parts[0]
-    targets = {name: np.concatenate([part[0][name] for part in parts]) for name in parts[0][0]}
-    return targets, np.concatenate([part[1] for part in parts]), np.concatenate([part[2] for part in parts])
+    targets = {name: _joined([part[0][name] for part in parts]) for name in parts[0][0]}
+    return targets, _joined([part[1] for part in parts]), _joined([part[2] for part in parts])
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """``arrays`` one after another: a view when they are consecutive rows of one array (the chunks
+    one batch filled: 16 chunks of a token batch are 67 MB a copy would move again), else a copy."""
+    base = arrays[0].base
+    if isinstance(base, np.ndarray) and base.flags.c_contiguous and base.ndim:
+        step, origin = base.strides[0], base.__array_interface__["data"][0]
+        first = (arrays[0].__array_interface__["data"][0] - origin) // step if step else 0
+        end = first
+        for a in arrays:
+            if (a.base is not base or a.dtype != base.dtype or a.shape[1:] != base.shape[1:] or not a.flags.c_contiguous
+                    or a.__array_interface__["data"][0] != origin + end * step):
+                break
+            end += len(a)
+        else:
+            return base[first:end]
+    return np.concatenate(arrays)
 
 
 def _consecutive_runs(indices: list[int]) -> Iterator[tuple[int, list[int]]]:

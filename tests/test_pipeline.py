@@ -175,3 +175,15 @@ def test_reading_one_batch_of_logits_leaves_grad_mode_alone(teacher):
 
     next(iter_logits(teacher.model, open_data("mnist1d://test"), batch_size=8))
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_chunks_one_batch_filled_are_written_from_the_batch_without_a_copy():
+    from softlabels.dump import _joined
+
+    batch = torch.arange(40, dtype=torch.float16).reshape(10, 4).numpy()  # a batch as the writer gets it
+    other = np.arange(8, dtype=np.float16).reshape(2, 4)
+    cases = [[batch[2:4], batch[4:5], batch[5:9]], [batch[2:4], batch[5:9]], [batch[8:10], other], [batch[:, :2], batch[:, 2:]],
+             [batch[4:6], batch[2:4]], [batch[0:0], batch[0:3]]]
+    for arrays in cases:
+        np.testing.assert_array_equal(_joined(arrays), np.concatenate(arrays))
+    assert np.shares_memory(_joined(cases[0]), batch) and not np.shares_memory(_joined(cases[1]), batch)
