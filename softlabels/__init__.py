@@ -37,7 +37,7 @@ _PUBLIC = {
 
 def __getattr__(name: str) -> object:
     if name not in _PUBLIC:
-        if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: softlabels.distributed.init()
+        if name.isidentifier() and importlib.util.find_spec(f"{__name__}.{name}") is not None:  # softlabels.distributed.init()
             return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
