@@ -150,7 +150,7 @@ def _recompute_views(cache: Cache, views: Views, report: VerifyReport, count: in
                                    f"seed draws {values[i].tolist()} (edited, or drawn with other library versions: {recorded})")
     # A view holding a parameter value its augmentation never draws differs from its draw (reported
     # above) and cannot be replayed: the others are.
-    keep = views.replayable(source, records)
+    keep = views.replayable(source, records, samples)
     samples, chosen, where = samples[keep], chosen[keep], [w for w, kept in zip(where, keep) if kept]
     targets, records = ({n: a[keep] for n, a in arrays.items()} for arrays in (targets, records))
     dev = resolve_device(device)

@@ -119,22 +119,25 @@ class Views:
     def apply(self, source: Source, x: torch.Tensor | None, record: dict[str, np.ndarray], ids: np.ndarray) -> tuple[torch.Tensor, Mix | None]:
         """Replay one view per row: see :func:`replay`. A stored parameter holding a value its
         augmentation never draws (a lam of 7, a partner past the dataset) is refused first."""
-        plain = {name.removeprefix(GROUP): value for name, value in record.items()}
-        for name, bad, drawn in self.pipeline.undrawn(plain, source.input_shape, len(source)):
+        for name, bad, drawn in self._undrawn(source, record):
             row = int(np.flatnonzero(bad)[0])
-            value = np.asarray(plain[name])[row]
+            value = np.asarray(record[GROUP + name])[row]
             raise SoftlabelsError(f"{self.where}: stored view parameter '{GROUP}{name}' of sample {int(ids[row])} is "
                                   f"{value.tolist()}, but {drawn}")
         return replay(self.pipeline, source, x, record, ids)
 
-    def replayable(self, source: Source, record: dict[str, np.ndarray]) -> np.ndarray:
-        """``[B]`` bool: the rows of ``record`` whose every stored parameter holds a value its
-        augmentation draws, which :meth:`apply` replays."""
-        plain = {name.removeprefix(GROUP): value for name, value in record.items()}
-        rows = np.ones(len(next(iter(record.values()))) if record else 0, bool)
-        for _, bad, _ in self.pipeline.undrawn(plain, source.input_shape, len(source)):
+    def replayable(self, source: Source, record: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+        """``[B]`` bool: the rows (samples ``ids``) of ``record`` whose every stored parameter holds a
+        value its augmentation draws, which :meth:`apply` replays."""
+        rows = np.ones(len(ids), bool)
+        for _, bad, _ in self._undrawn(source, record):
             rows &= ~bad
         return rows
+
+    def _undrawn(self, source: Source, record: dict[str, np.ndarray]) -> Iterable[tuple[str, np.ndarray, str]]:
+        """:meth:`Pipeline.undrawn` of a record as the cache names its fields (under ``views/``)."""
+        return self.pipeline.undrawn({name.removeprefix(GROUP): value for name, value in record.items()},
+                                     source.input_shape, len(source))
 
     def view_of(self, seed: int, epoch: int, samples: np.ndarray) -> np.ndarray:
         """Which view each of ``samples`` trains on in ``epoch``: in epochs ``cV .. cV + V - 1`` every
