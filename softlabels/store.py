@@ -325,26 +325,46 @@ _MAX_METADATA_BYTES = 64 << 20
 
 
 def _check_zarr_files(root: Path) -> int:
-    """Refuse a Zarr cache whose files that zarr-python itself reads (the group's and arrays'
-    ``zarr.json``, the commit record's chunks) are not regular files of a sane size: a FIFO there
-    blocks the reader forever, a link to a device reads without end. The bulk of the chunk files are
-    read directly, each checked as it is opened (:func:`_open_chunk_file`). Returns the number of
-    the commit record's chunk files."""
-    try:
-        folders = [entry.path for entry in os.scandir(root) if entry.is_dir(follow_symlinks=False)]
-    except OSError as exc:
-        raise SoftlabelsError(f"{root} is not a softlabels cache: {exc}") from None
-    for path in [os.path.join(root, "zarr.json"), *(os.path.join(folder, "zarr.json") for folder in folders)]:
+    """Refuse a Zarr cache whose files that zarr-python itself reads (the ``zarr.json`` of the group
+    and of every group and array below it, the commit record's chunks) are not regular files of a
+    sane size: a FIFO there blocks the reader forever, a link to a device reads without end. A link
+    to a folder is refused too: zarr would follow it out of the cache. The bulk of the chunk files
+    are read directly, each checked as it is opened (:func:`_open_chunk_file`). Returns the number
+    of the commit record's chunk files."""
+    folders = [str(root)]
+    while folders:  # zarr's own walk of the hierarchy, without its reads: every folder but an array's chunks
+        folder = folders.pop()
+        metadata = os.path.join(folder, "zarr.json")
         try:
-            info = os.stat(path)
+            info = os.stat(metadata)
         except FileNotFoundError:
-            continue  # zarr says what is missing
+            info = None  # zarr says what is missing
         except OSError as exc:
-            raise SoftlabelsError(f"{root}: cannot read {path}: {exc.strerror}") from None
-        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_METADATA_BYTES:
-            raise SoftlabelsError(f"{root}: {path} is not a metadata or chunk file of a cache "
+            raise SoftlabelsError(f"{root}: cannot read {metadata}: {exc.strerror}") from None
+        if info is not None and (not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_METADATA_BYTES):
+            raise SoftlabelsError(f"{root}: {metadata} is not a metadata or chunk file of a cache "
                                   f"({'too large' if stat.S_ISREG(info.st_mode) else 'not a regular file'})")
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            raise SoftlabelsError(f"{root}: cannot read {folder}: {exc.strerror}") from None
+        array = info is not None and folder != str(root) and _is_zarr_array(metadata)
+        for entry in entries:
+            if entry.is_symlink() and os.path.isdir(entry.path):
+                raise SoftlabelsError(f"{root}: {entry.path} is a link to a folder, which no cache holds")
+            if entry.is_dir(follow_symlinks=False) and not (array and entry.name == "c"):
+                folders.append(entry.path)
     return _check_chunk_files(os.path.join(root, "chunk_crc32", "c"), root)
+
+
+def _is_zarr_array(metadata: str) -> bool:
+    """Whether the (checked, regular) ``zarr.json`` at ``metadata`` describes an array, whose ``c``
+    folder holds its chunks rather than members; what cannot be parsed is left to zarr to refuse."""
+    try:
+        with open(metadata, "rb") as f:
+            return json.load(f).get("node_type") == "array"
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return False
 
 
 def _check_chunk_files(folder: str, root: Path) -> int:
@@ -389,6 +409,30 @@ class _H5Backend:
         except Exception as exc:
             raise SoftlabelsError(f"{path} is not a softlabels cache: cannot open it as HDF5 ({exc})") from exc
         self.path = path
+        if mode != "w":
+            try:
+                self._check_storage()
+            except BaseException:
+                self.file.close()
+                raise
+
+    def _check_storage(self) -> None:
+        """Refuse what would make h5py read outside this file: a link (external, which opens another
+        file, or soft), a dataset stored in external files or made of other files' (virtual). A FIFO
+        named by any of them would block the reader forever, and someone else's file would be read
+        as a record."""
+        import h5py
+
+        def refused(name: str, link: Any) -> str | None:  # a value stops the visit: raising inside it is not safe
+            if not isinstance(link, h5py.HardLink):
+                return f"'{name}' is a {type(link).__name__}, which no cache holds"
+            node = self.file.get(name)
+            if isinstance(node, h5py.Dataset) and (node.is_virtual or node.external):
+                return f"array '{name}' is stored {'virtual' if node.is_virtual else 'in external files'}, which no cache is"
+            return None
+        found = self.file.visititems_links(refused)
+        if found is not None:
+            raise SoftlabelsError(f"{self.path}: {found}")
 
     def commit_entries_held(self) -> int:
         """At most how many commit-record entries the file holds: 8 bytes each, stored raw."""
@@ -435,7 +479,13 @@ class _H5Backend:
         os.fsync(self.file.id.get_vfd_handle())
 
     def missing_chunk(self, name: str, chunks: range, ndim: int) -> int | None:
-        return None  # an HDF5 file cannot lose one chunk silently: a damaged one fails its read
+        """The first of ``chunks`` of array ``name`` the file does not store: h5py would read its
+        fill values, which no checksum of a stored chunk covers."""
+        array = self.file[name]
+        for chunk in chunks:
+            if array.id.get_chunk_info_by_coord((chunk * array.chunks[0], *[0] * (ndim - 1))).byte_offset is None:
+                return chunk
+        return None
 
     def create_read_checksums(self, layout: "Layout") -> None:
         """A table of the CRC-32C of each target array's and record's rows per chunk. h5py checks

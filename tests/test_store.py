@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from softlabels import CacheWriter, Dense, Layout, Sampled, SoftlabelsError, TopK, open_cache
-from softlabels.store import Record, chunk_checksum, default_chunk_rows
+from softlabels.store import DamagedChunk, Record, chunk_checksum, default_chunk_rows
 from softlabels.report import cache_report
 from softlabels.verify import verify_cache
 
@@ -836,3 +836,97 @@ def test_a_commit_record_chunked_otherwise_than_its_writers_chunk_it_is_refused(
     meta.write_text(json.dumps(array))
     with pytest.raises(SoftlabelsError, match=r"array 'chunk_crc32' \(the commit record\) is chunked \[268435456\], not in chunks of 1 to 4096"):
         open_cache(path)
+
+
+def write_record_cache(path):
+    """A cache with a record under a group (``views/offset``), as a view cache stores its parameters."""
+    layout = Layout(Dense(), 64, 5, "float16", 16, records=(Record("views/offset", np.dtype(np.int32), (1,)),))
+    with CacheWriter(path, layout, manifest=MANIFEST) as writer:
+        for chunk in range(4):
+            writer.write_chunks(chunk, {"logits": np.ones((16, 5), np.float16)}, np.zeros(16, np.int64),
+                                {"views/offset": np.full((16, 1), chunk, np.int32)})
+        writer.finish()
+
+
+@pytest.mark.parametrize("damage", ["pipe", "device"])
+def test_a_pipe_or_device_as_a_nested_arrays_metadata_is_refused_instead_of_blocking(tmp_path, damage):
+    import signal
+
+    path = tmp_path / "c.zarr"
+    write_record_cache(path)
+    assert open_cache(path).read_records(0, 64)["views/offset"][17, 0] == 1
+    meta = path / "views" / "offset" / "zarr.json"
+    meta.unlink()
+    if damage == "pipe":
+        os.mkfifo(meta)
+    else:
+        meta.symlink_to("/dev/zero")
+    signal.alarm(20)  # a blocked open fails the test instead of hanging it
+    try:
+        with pytest.raises(SoftlabelsError, match=r"views/offset/zarr.json is not a metadata or chunk file of a cache \(not a regular file\)"):
+            open_cache(path)
+    finally:
+        signal.alarm(0)
+
+
+def test_a_link_to_a_folder_inside_a_zarr_cache_is_refused(tmp_path):
+    path = tmp_path / "c.zarr"
+    write_record_cache(path)
+    shutil.move(path / "views", tmp_path / "elsewhere")
+    (path / "views").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SoftlabelsError, match=r"c.zarr/views is a link to a folder, which no cache holds"):
+        open_cache(path)
+
+
+@pytest.mark.parametrize("how", ["external link", "soft link", "external storage", "virtual"])
+def test_an_hdf5_cache_reaching_outside_its_own_chunks_is_refused(tmp_path, how):
+    import signal
+
+    path = tmp_path / "c.h5"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    os.mkfifo(tmp_path / "pipe")
+    with h5py.File(path, "r+") as f:
+        record = f["chunk_crc32"][:]
+        del f["chunk_crc32"]
+        if how == "external link":
+            f["chunk_crc32"] = h5py.ExternalLink(str(tmp_path / "pipe"), "/x")
+        elif how == "soft link":
+            f.create_dataset("elsewhere", data=record, chunks=(4,))
+            f["chunk_crc32"] = h5py.SoftLink("/elsewhere")
+        elif how == "external storage":
+            f.create_dataset("chunk_crc32", shape=record.shape, dtype=record.dtype,
+                             external=[(str(tmp_path / "pipe"), 0, h5py.h5f.UNLIMITED)])
+        else:
+            with h5py.File(tmp_path / "other.h5", "w") as other:
+                other.create_dataset("x", data=record)
+            layout = h5py.VirtualLayout(shape=record.shape, dtype=record.dtype)
+            layout[:] = h5py.VirtualSource(str(tmp_path / "other.h5"), "x", shape=record.shape)
+            f.create_virtual_dataset("chunk_crc32", layout)
+    expected = {"external link": r"'chunk_crc32' is a ExternalLink, which no cache holds",
+                "soft link": r"'chunk_crc32' is a SoftLink, which no cache holds",
+                "external storage": r"array 'chunk_crc32' is stored in external files, which no cache is",
+                "virtual": r"array 'chunk_crc32' is stored virtual, which no cache is"}[how]
+    signal.alarm(20)  # a blocked read fails the test instead of hanging it
+    try:
+        with pytest.raises(SoftlabelsError, match=expected):
+            open_cache(path).checksums()
+    finally:
+        signal.alarm(0)
+
+
+def test_an_hdf5_chunk_the_file_does_not_store_is_damage_not_fill_values(tmp_path):
+    """Labels (compressed, read through h5py) whose chunks were never stored would read as -1,
+    'unlabeled', with every checksum of the chunks that are stored passing."""
+    path = tmp_path / "c.h5"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    with h5py.File(path, "r+") as f:
+        old = f["labels"]
+        settings = dict(shape=old.shape, dtype=old.dtype, chunks=old.chunks, compression=old.compression,
+                        fletcher32=old.fletcher32, fillvalue=old.fillvalue)
+        kept = old[:16]
+        del f["labels"]
+        f.create_dataset("labels", **settings)[:16] = kept  # chunk 0 stored again, 1..3 never
+    with open_cache(path) as cache:
+        assert (cache.read(0, 16)[1] == 0).all()
+        with pytest.raises(DamagedChunk, match=r"array 'labels'.*chunk 1 \(rows 16-31\).*missing"):
+            cache.read(0, 64)
