@@ -30,6 +30,7 @@ from .figures import accuracy_vs_params_data, save_figure
 from .report_html import write_report
 from .runs import read_runs, read_summary, run_names
 from .store import open_cache
+from .tokens import TokenSource
 from .kinds import STORE_DTYPES
 from .kinds.topk import TAILS
 from .train import StudentSpec, TrainConfig, eval_inputs, evaluate as run_evaluate, train_students
@@ -321,7 +322,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @click.option("--student-kwargs", metavar="JSON", help="Keyword arguments given to every student.")
 @click.option("--out", required=True, metavar="DIR", callback=_given, help="Output directory.")
 @click.option("--eval-data", metavar="SPEC", help="Data to evaluate on after each epoch.")
-@click.option("--eval-cache", metavar="PATH", help="Teacher logits for --eval-data (for teacher agreement).")
+@click.option("--eval-cache", metavar="PATH", help="Teacher logits for --eval-data (for teacher agreement); without --eval-data, the data it was dumped from is evaluated.")
 @click.option("--eval-teacher", metavar="CKPT", help="Teacher checkpoint to run once on --eval-data (for teacher agreement).")
 @click.option("--epochs", type=POSITIVE, default=20, show_default=True)
 @click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
@@ -339,7 +340,7 @@ def dump(teacher_path, data_spec, out, arch, arch_kwargs, num_classes, trust_cod
 @AUGMENT_SEED
 @click.option("--num-classes", type=POSITIVE, help="Classes when there is no cache (default: largest label + 1).")
 @click.option("--shards", type=POSITIVE, help="Train in one process on the batches N torchrun ranks train on, to resume or compare an N-rank run (the global batches are the same for any N).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--num-workers", type=click.IntRange(0, 1024), help="DataLoader worker processes reading batches (default: 0; for images and module:callable datasets up to 4, or with a GPU all cores but 4, at least as many).")
 @click.option("--checkpoint-every", type=POSITIVE, metavar="STEPS", help="Also write DIR/checkpoint.pt every STEPS steps (default: after each epoch only).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (the options must be the same).")
@@ -389,7 +390,7 @@ def train_student(cache_path, data_spec, students, student_kwargs, out, eval_dat
 @click.option("--data", "data_spec", metavar="SPEC", help="Evaluation data (default: the --cache's dataset).")
 @click.option("--cache", "cache_path", metavar="PATH", help="Teacher logits on the same data, for teacher agreement.")
 @_teacher_options
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, trust_code, device, as_json):
     """Print a model's accuracy on a dataset (and its agreement with a cached teacher).
@@ -416,7 +417,8 @@ def evaluate(model_path, data_spec, cache_path, arch, arch_kwargs, num_classes, 
         accuracy = "-" if metrics["accuracy"] is None else f"{metrics['accuracy']:.2%}"
         line = f"{model_path} on {source.spec}: accuracy {accuracy}"
         if metrics["nats"] is not None:
-            line += f", {metrics['nats']:.4f} nats per item (perplexity {math.exp(min(metrics['nats'], 700)):.4g}), ECE {metrics['ece']:.2%}"
+            per = "token (perplexity {:.4g})".format(math.exp(min(metrics["nats"], 700))) if isinstance(source, TokenSource) else "sample"
+            line += f", {metrics['nats']:.4f} nats per {per}, ECE {metrics['ece']:.2%}"
         if metrics["teacher_agreement"] is not None:
             line += f", agreement with teacher {metrics['teacher_agreement']:.2%}"
             if metrics.get("teacher_agreement_of"):
@@ -452,7 +454,7 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
         raise click.UsageError("--teacher and --data serve --recompute N: give it too, or leave them out")
     if recompute:
         if not teacher_path:
-            raise SoftlabelsError("--recompute needs --teacher")
+            raise click.UsageError("--recompute needs --teacher")
         with open_cache(path, allow_incomplete=True) as cache:
             source = source_for_cache(cache, data_spec, trust_code=trust_code)
         teacher = _load(teacher_path, source, arch, arch_kwargs, num_classes, trust_code)
@@ -512,7 +514,7 @@ def compare(summaries, plot, overwrite):
 
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels report runs/demo/teacher runs/demo/scratch runs/demo/distilled \\\n      --cache runs/demo/transfer.zarr --cache runs/demo/test.zarr --out runs/demo/report")
-@click.argument("runs", nargs=-1, metavar="RUN_DIR...")
+@click.argument("runs", nargs=-1, metavar="[RUN_DIR]...")
 @click.option("--cache", "caches", multiple=True, metavar="PATH", help="A cache to describe (repeat for several).")
 @click.option("--out", required=True, metavar="DIR", callback=_given, help="Folder to write: index.html, the figures (PNG) and their numbers (JSON).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")

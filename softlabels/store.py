@@ -52,6 +52,7 @@ import re
 import shutil
 import stat
 import threading
+import warnings
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,7 +253,9 @@ class _ZarrBackend:
             return self._arrays
         # The config is per handle, not stored: every handle that writes must ask for empty chunks too.
         try:
-            members = self.group.members(max_depth=None)
+            with warnings.catch_warnings():  # a folder that is no array (a user's notes beside them) is not ours to warn of
+                warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component of a Zarr hierarchy")
+                members = self.group.members(max_depth=None)
         except Exception as exc:  # an array's zarr.json cut short or not JSON
             raise SoftlabelsError(f"{self.root}: its arrays' metadata cannot be read ({' '.join(str(exc).split())})") from None
         arrays = {name: array.with_config({"write_empty_chunks": True}) for name, array in members if hasattr(array, "with_config")}

@@ -374,6 +374,8 @@ def test_inspect_json_and_evaluate(tmp_path, npz_data, linear_teacher):
     # The teacher agrees with its own cached logits, and its accuracy is the one the cache recorded.
     assert metrics["teacher_agreement"] == 1.0
     assert metrics["accuracy"] == pytest.approx(report["teacher_accuracy"])
+    line = run("evaluate", "--model", linear_teacher, "--arch", "linear", "--cache", out).output
+    assert f"accuracy {metrics['accuracy']:.2%}, {metrics['nats']:.4f} nats per sample, ECE" in line, line
 
 
 @pytest.mark.parametrize("command", [
@@ -528,6 +530,8 @@ def test_verify_takes_a_teacher_or_data_only_with_recompute(tmp_path, npz_data, 
     for extra in (["--teacher", linear_teacher], ["--data", npz_data]):
         result = run("verify", tmp_path / "c.zarr", *extra)
         assert result.exit_code == 2 and "--teacher and --data serve --recompute N" in result.output, result.output
+    result = run("verify", tmp_path / "c.zarr", "--recompute", "5")
+    assert result.exit_code == 2 and result.output.startswith("error: --recompute needs --teacher (see ") and "verify --help)" in result.output, result.output
 
 
 def test_the_package_gives_its_public_names_and_its_submodules_on_first_use():

@@ -930,3 +930,14 @@ def test_an_hdf5_chunk_the_file_does_not_store_is_damage_not_fill_values(tmp_pat
         assert (cache.read(0, 16)[1] == 0).all()
         with pytest.raises(DamagedChunk, match=r"array 'labels'.*chunk 1 \(rows 16-31\).*missing"):
             cache.read(0, 64)
+
+
+def test_a_folder_that_is_no_array_inside_a_zarr_cache_reads_without_a_warning(tmp_path):
+    import warnings
+
+    path = tmp_path / "c.zarr"
+    write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
+    (path / "notes").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_cache(path).read(0, 64)[0]["logits"].shape == (64, 5)

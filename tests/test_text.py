@@ -147,7 +147,7 @@ def test_a_model_trained_on_one_tokenizers_ids_refuses_data_from_another(corpus,
     model = tmp_path / "run" / "gpt" / "student.pth"
     assert load_model(model).tokenizer == open_data(ours).tokenizer
     evaluated = run("evaluate", "--model", model, "--data", ours)
-    assert evaluated.exit_code == 0 and ": accuracy " in evaluated.output and " nats per item" in evaluated.output, evaluated.output
+    assert evaluated.exit_code == 0 and ": accuracy " in evaluated.output and " nats per token (perplexity " in evaluated.output, evaluated.output
     for args in (["evaluate", "--model", model, "--data", theirs],
                  ["dump", "--teacher", model, "--data", theirs, "--out", tmp_path / "c.zarr", "--quiet"],
                  ["train-student", "--data", theirs, "--hard-labels-only", "--student", "linear", "--eval-data", theirs,
