@@ -27,9 +27,10 @@ import hashlib
 import json
 import pickle
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -43,6 +44,13 @@ from .tokens import TokenSource, check_tokenizer
 from .trust import check_recorded_spec
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParallel and torch.compile
+
+# The most bytes of input and activations that the one-sample forward pass sizing a built-in model's
+# head (models._with_head) may hold. The models softlabels trains need a few MB (a 3x224x224 image
+# through cnn2d: under 20 MB), while an input_shape read from a checkpoint can ask for any amount, and
+# the real pass takes many times its activations' size besides (a cnn1d whose activations sum to 2.5
+# GiB reached 17.7 GB).
+_PROBE_BYTES = 1 << 30
 
 
 @dataclass
@@ -248,20 +256,51 @@ def _check_fit_before_building(arch: str, arch_kwargs: dict[str, Any], input_sha
     """Refuse arguments that do not build the checkpoint's model before any memory is taken for it:
     a checkpoint's ``arch_kwargs`` (it may come from anyone) could ask for millions of layers or
     rows. A layer holds at least one tensor, so a depth beyond their count cannot fit; wide layers
-    are built on the meta device, which allocates nothing, and compared with the state dict."""
+    are built on the meta device, which allocates nothing, and compared with the state dict. There
+    the forward pass that sizes a head measures what the real one would hold for ``input_shape``."""
     for key in ("depth", "layers"):
         value = arch_kwargs.get(key)
         if isinstance(value, int) and value > len(state_dict):
             raise SoftlabelsError(f"{path} does not fit architecture '{arch}': {key}={value}, "
                                   f"but the checkpoint holds {len(state_dict)} tensors")
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _probe_bytes_at_most(_PROBE_BYTES, path, input_shape):
             probe = build_model(arch, input_shape=input_shape, num_classes=num_classes, kwargs=arch_kwargs)
     except SoftlabelsError:
         raise
     except Exception:  # an architecture that cannot be built on the meta device is checked once built
         return
     _load_state(probe, state_dict, path, arch, check_only=True)
+
+
+@contextmanager
+def _probe_bytes_at_most(limit: int, path: Path, input_shape: Any) -> Iterator[None]:
+    """Refuse, within, any forward pass whose layers read and write more than ``limit`` bytes of
+    tensors in all, each storage counted once (a view is no memory of its own): a bound of what a
+    pass without gradients holds. On the meta device the pass itself allocates nothing, so the
+    refusal comes before any memory is taken."""
+    seen: dict[int, Any] = {}  # storages held, so that no id is reused by a later one
+    total = 0
+
+    def count(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        nonlocal total
+        if next(module.children(), None) is not None:  # a container's tensors are its layers'
+            return
+        for tensor in (*inputs, *(output if isinstance(output, (tuple, list)) else (output,))):
+            storage = tensor.untyped_storage() if isinstance(tensor, torch.Tensor) else None
+            if storage is not None and id(storage) not in seen:
+                seen[id(storage)] = storage
+                total += storage.nbytes()
+        if total > limit:
+            raise SoftlabelsError(f"checkpoint {path}: its input_shape {list(input_shape)} asks for over {total / 2**30:.1f} GiB "
+                                  f"of activations for one sample when the model is built (more than the {limit / 2**30:g} GiB "
+                                  "allowed): the file is damaged or not made for inputs like these")
+
+    handle = nn.modules.module.register_module_forward_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def load_model(

@@ -169,3 +169,27 @@ def test_arguments_that_do_not_build_the_checkpoints_model_are_refused_before_it
     torch.save(saved, tmp_path / "huge.pth")
     with pytest.raises(SoftlabelsError, match=message):
         load_model(tmp_path / "huge.pth")
+
+
+def test_an_input_shape_whose_activations_would_take_gigabytes_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """A 16 KB cnn1d checkpoint recording inputs of 2**27 values: building it runs one sample through
+    its layers to size the head, which took 17.7 GB. Refused on the meta device, nothing allocated."""
+    import softlabels.checkpoint as checkpoint
+
+    kwargs = {"channels": 1, "depth": 26, "kernel_size": 1}
+    with torch.device("meta"):
+        shapes = {k: t.shape for k, t in build_model("cnn1d", input_shape=(2**27,), num_classes=10, kwargs=kwargs).state_dict().items()}
+    torch.save({"arch": "cnn1d", "arch_kwargs": kwargs, "input_shape": [2**27], "num_classes": 10,
+                "state_dict": {k: torch.zeros(shape) for k, shape in shapes.items()}}, tmp_path / "wide.pth")
+
+    def on_meta_only(*args, **kw):  # a real build is what this must never reach
+        assert torch.empty(0).is_meta, "the model was built on a real device"
+        return build_model(*args, **kw)
+    monkeypatch.setattr(checkpoint, "build_model", on_meta_only)
+    with pytest.raises(SoftlabelsError, match=r"wide.pth: its input_shape \[134217728\] asks for over 1.5 GiB of activations "
+                                              r"for one sample when the model is built \(more than the 1 GiB allowed\)"):
+        load_model(tmp_path / "wide.pth")
+    monkeypatch.undo()
+    model = build_model("cnn1d", input_shape=(2**16,), num_classes=10, kwargs=kwargs)  # 0.7 MB: loads as before
+    save_checkpoint(tmp_path / "fine.pth", model, arch="cnn1d", arch_kwargs=kwargs, input_shape=(2**16,), num_classes=10)
+    assert load_model(tmp_path / "fine.pth").input_shape == (2**16,)
