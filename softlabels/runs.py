@@ -109,13 +109,19 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as exc:
             raise SoftlabelsError(f"{where} is not JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
-        if not isinstance(record, dict):
-            raise SoftlabelsError(f"{where} is not a JSON object")
-        if record.get("epoch") != number or isinstance(record.get("epoch"), bool):
-            raise SoftlabelsError(f"{where}: 'epoch' must be {number}, got {record.get('epoch')!r}")
-        _check_numbers(record, _METRICS_NUMBERS, where)
+        check_metrics_record(record, number, where)
         records.append(record)
     return records
+
+
+def check_metrics_record(record: Any, epoch: int, where: str) -> None:
+    """Refuse what is not the metrics record of ``epoch`` (:func:`read_metrics`'s lines, and the
+    history a ``train-student`` checkpoint holds to write them from)."""
+    if not isinstance(record, dict):
+        raise SoftlabelsError(f"{where} is not a JSON object")
+    if record.get("epoch") != epoch or isinstance(record.get("epoch"), bool):
+        raise SoftlabelsError(f"{where}: 'epoch' must be {epoch}, got {record.get('epoch')!r}")
+    _check_numbers(record, _METRICS_NUMBERS, where)
 
 
 def read_predictions(path: str | Path) -> dict[str, np.ndarray]:

@@ -358,6 +358,50 @@ def _like(value: Any, model: torch.Tensor) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == model.dtype and value.shape == model.shape
 
 
+def _same_structure(saved: Any, fresh: Any) -> bool:
+    """Whether ``saved`` is built like ``fresh`` (the state of an optimizer or schedule as this run
+    makes it): dicts of the same keys, lists and tuples of the same length, tensors of the same
+    dtype and shape, finite numbers where numbers are, and otherwise values of the same type. torch
+    loads such state without checking it, and fails (or trains silently wrong) steps later."""
+    if isinstance(fresh, dict):
+        return isinstance(saved, dict) and saved.keys() == fresh.keys() and all(_same_structure(saved[k], v) for k, v in fresh.items())
+    if isinstance(fresh, (list, tuple)):
+        return type(saved) is type(fresh) and len(saved) == len(fresh) and all(map(_same_structure, saved, fresh))
+    if isinstance(fresh, torch.Tensor):
+        return _like(saved, fresh)
+    if is_number(fresh):  # an int learning rate given to the optimizer is a float once scheduled
+        return is_number(saved)
+    return type(saved) is type(fresh)
+
+
+# What AdamW keeps per parameter once it has stepped: a step count (a scalar) and two moments of the
+# parameter's dtype and shape.
+_ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
+
+
+def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse optimizer state that is not what ``optimizer`` (not yet stepped) saves once it has:
+    the same groups of the same parameters, hyperparameters of the same types, and for each
+    parameter nothing or :data:`_ADAMW_STATE` for its shape."""
+    fresh = optimizer.state_dict()  # its state is empty: no step yet
+    if not (isinstance(saved, dict) and saved.keys() == fresh.keys() and _same_structure(saved["param_groups"], fresh["param_groups"])
+            and [g["params"] for g in saved["param_groups"]] == [g["params"] for g in fresh["param_groups"]]):
+        raise ValueError("its optimizer's parameter groups are not this optimizer's")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not isinstance(saved["state"], dict):
+        raise ValueError("its optimizer's state is not a dict")
+    for index, values in saved["state"].items():
+        if not (type(index) is int and 0 <= index < len(params) and isinstance(values, dict) and values.keys() == _ADAMW_STATE
+                and _like(values["exp_avg"], params[index]) and _like(values["exp_avg_sq"], params[index])
+                and isinstance(values["step"], torch.Tensor) and values["step"].ndim == 0 and values["step"].is_floating_point()
+                and bool(torch.isfinite(values["step"])) and values["step"] >= 0):
+            raise ValueError(f"its optimizer's state of parameter {index!r} is not AdamW's for that parameter")
+
+
+# The evaluation metrics a student holds, and their names in its history records and the summary.
+_METRIC_FIELDS = {"accuracy": "eval_accuracy", "teacher_agreement": "teacher_agreement", "nats": "eval_nats", "ece": "ece"}
+
+
 class _Student:
     def __init__(self, name: str, spec: StudentSpec, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
         self.name, self.spec, self.model = name, spec, model
@@ -389,24 +433,43 @@ class _Student:
         }
 
     def load(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (:meth:`state`), each part checked first: a ValueError, KeyError or
-        TypeError means the checkpoint does not hold what this student saved."""
+        """Continue from ``state`` (:meth:`state`), each part checked first: the optimizer and
+        schedule against this student's own, fresh ones, the history as ``report`` reads it back from
+        metrics.jsonl, and the metrics against its last epoch's. A ValueError, KeyError or TypeError
+        means the checkpoint does not hold what this student saved."""
+        from .runs import check_metrics_record  # here: runs imports this module
+
         rng, ours = state["rng"], self.rng
         if not (isinstance(rng, dict) and _like(rng.get("cpu"), ours["cpu"])
                 and (rng.get("cuda") is None if ours["cuda"] is None else _like(rng.get("cuda"), ours["cuda"]))):
             raise ValueError("its random state is not one this device's generators take")
         numbers = (state["seconds"], state["loss_sum"], state["loss_count"])
-        if not (all(is_number(v) for v in numbers) and isinstance(state["loss_count"], int) and isinstance(state["metrics"], dict)
-                and isinstance(state["history"], list) and all(isinstance(h, dict) for h in state["history"])):
-            raise ValueError("its counters, metrics or history are not of their types")
+        terms = state.get("terms", {})  # absent from checkpoints written before the terms were kept: from zero
+        if not (all(is_number(v) for v in numbers) and state["seconds"] >= 0 and isinstance(state["loss_count"], int)
+                and isinstance(terms, dict)
+                and all(is_number(terms.get(key, 0)) and (isinstance(terms.get(key, 0), int) or isinstance(value, float))
+                        for key, value in self.terms.items())  # sums are numbers, counts integers
+                and isinstance(state["history"], list)):
+            raise ValueError("its counters, loss terms or history are not of their types")
+        history = state["history"]
+        for epoch, record in enumerate(history, 1):
+            try:
+                check_metrics_record(record, epoch, f"student '{self.name}', epoch {epoch} of its history")
+            except SoftlabelsError as exc:
+                raise ValueError(str(exc)) from None
+        metrics = {key: (history[-1] if history else {}).get(field) for key, field in _METRIC_FIELDS.items()}
+        if not (isinstance(state["metrics"], dict) and state["metrics"] == metrics):
+            raise ValueError(f"the metrics of student '{self.name}' are not those of its last epoch")
+        _check_optimizer_state(state["optimizer"], self.optimizer)
+        if not _same_structure(state["schedule"], self.schedule.state_dict()):
+            raise ValueError("its learning-rate schedule's state is not one of this schedule")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.rng = rng
         self.seconds, self.loss_sum, self.loss_count = numbers
-        terms = state.get("terms", {})  # absent from checkpoints written before the terms were kept: from zero
         self.terms = {key: type(value)(terms.get(key, 0)) for key, value in self.terms.items()}
-        self.metrics, self.history = state["metrics"], state["history"]
+        self.metrics, self.history = metrics, history
 
 
 def train_students(
@@ -564,9 +627,8 @@ def train_students(
                     for student in trained:
                         student.load(saved["students"][student.name])
                     position = saved["position"]
-                    finished = position["epoch"]
-                    if not (isinstance(finished, int) and all([h.get("epoch") for h in student.history] == list(range(1, finished + 1))
-                                                              for student in trained)):
+                    finished = position["epoch"]  # each student's history holds epochs 1, 2, ... (_Student.load)
+                    if not (isinstance(finished, int) and all(len(student.history) == finished for student in trained)):
                         raise ValueError(f"its students' epochs do not end at its position, epoch {finished!r}")
                 except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # the options matched, the states do not
                     raise SoftlabelsError(f"cannot resume {run}: {CHECKPOINT} is damaged ({type(exc).__name__}: {exc})") from exc
@@ -786,10 +848,7 @@ def _end_epoch(student: _Student, epoch: int, eval_source: Source | None, eval_t
         "train_ce": terms["ce_sum"] / terms["ce_count"] if terms["ce_count"] else None,
         "train_kl": terms["kl_sum"] / terms["kl_count"] if terms["kl_count"] else None,
         "lr": student.schedule.get_last_lr()[0],
-        "eval_accuracy": student.metrics["accuracy"],
-        "teacher_agreement": student.metrics["teacher_agreement"],
-        "eval_nats": student.metrics["nats"],
-        "ece": student.metrics["ece"],
+        **{name: student.metrics[key] for key, name in _METRIC_FIELDS.items()},
         "seconds": round(student.seconds, 3),
     })
     rows_per_second = student.rows / student.step_seconds if student.step_seconds > 0 else None
@@ -814,10 +873,7 @@ def _summary_row(student: _Student, config: TrainConfig, online: bool) -> dict[s
         "arch": student.spec.arch,
         "params": count_parameters(student.model),
         "targets": _targets_description(config, online),
-        "eval_accuracy": student.metrics["accuracy"],
-        "teacher_agreement": student.metrics["teacher_agreement"],
-        "eval_nats": student.metrics["nats"],
-        "ece": student.metrics["ece"],
+        **{name: student.metrics[key] for key, name in _METRIC_FIELDS.items()},
         "seconds": round(student.seconds, 3),
     }
 

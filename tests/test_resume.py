@@ -219,10 +219,30 @@ def test_a_flipped_bit_in_a_checkpoints_tensor_is_refused_by_the_zip_crc(setup):
     assert re.search(r"^error: cannot read checkpoint r/checkpoint.pt: its member \S+/data/\S+ fails its CRC-32", result.output)
 
 
+DAMAGED_STATES = {  # what a stranger's checkpoint may hold, each applied to the state of student mlp
+    "optimizer state of another shape": lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)),
+    "optimizer state missing a moment": lambda s: s["optimizer"]["state"][0].pop("exp_avg_sq"),
+    "negative optimizer step": lambda s: s["optimizer"]["state"][1].update(step=torch.tensor(-5.0)),
+    "learning rate of a string": lambda s: s["optimizer"]["param_groups"][0].update(lr="x"),
+    "one beta": lambda s: s["optimizer"]["param_groups"][0].update(betas=(5.0,)),
+    "infinite weight decay": lambda s: s["optimizer"]["param_groups"][0].update(weight_decay=float("inf")),
+    "schedule of a string": lambda s: s["schedule"].update(last_epoch="x"),
+    "metrics of other names": lambda s: s.update(metrics={"a": 1}),
+    "metrics not the last epoch's": lambda s: s["metrics"].update(accuracy=0.5),
+    "history of a string loss": lambda s: s["history"][0].update(train_loss="x"),
+    "history of an accuracy of 2": lambda s: s["history"][-1].update(eval_accuracy=2.0),
+    "loss terms of a list": lambda s: s.update(terms=[1]),
+    "seconds below zero": lambda s: s.update(seconds=-5.0),
+}
+
+
 @pytest.mark.parametrize("damage", ["not a dict", "states missing", "bad weights", "bad random state", "bad history",
-                                    "position before its history", "history of strings"])
+                                    "position before its history", "history of strings", *DAMAGED_STATES])
 def test_a_damaged_checkpoint_is_refused_in_one_line(setup, damage):
+    """Before anything of the run is written: what the checkpoint holds would otherwise fail steps
+    later in a traceback, or write metrics.jsonl and summary.json that report refuses."""
     assert run(*train_args("r")).exit_code == 0
+    written = {path: path.read_bytes() for path in Path("r").rglob("*") if path.is_file()}
     saved = torch.load("r/checkpoint.pt", weights_only=True)
     if damage == "not a dict":
         saved = [saved]
@@ -236,14 +256,18 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(setup, damage):
         saved["students"]["mlp"]["history"] = "none"
     elif damage == "position before its history":  # it would train an epoch again and write it twice
         saved["position"]["epoch"] -= 1
+    elif damage in DAMAGED_STATES:
+        DAMAGED_STATES[damage](saved["students"]["mlp"])
     else:
         for record in saved["students"]["mlp"]["history"]:
             record["epoch"] = str(record["epoch"])
     torch.save(saved, "r/checkpoint.pt")
+    written[Path("r/checkpoint.pt")] = Path("r/checkpoint.pt").read_bytes()
     result = run(*train_args("r"), "--resume")
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     expected = "is not a train-student checkpoint" if damage == "not a dict" else "checkpoint.pt is damaged"
     assert result.output.startswith("error: ") and expected in result.output, result.output
+    assert {path: path.read_bytes() for path in Path("r").rglob("*") if path.is_file()} == written
 
 
 def test_resume_with_other_students_is_refused_before_their_code_is_imported(setup):
