@@ -21,7 +21,7 @@ from .errors import SoftlabelsError
 from .kinds import TargetKind
 from .durable import exclusive
 from .store import Cache, CacheWriter, Layout, backend_name, chunk_checksum, directory_bytes, open_cache, partial_path, remove_path
-from .views import GROUP as VIEW_RECORDS
+from .views import GROUP as VIEW_RECORDS, Views
 
 # Fields the writer sets itself from the layout; everything else (teacher, dataset, ...) carries over.
 _LAYOUT_FIELDS = {"format", "format_version", "num_samples", "num_classes", "dtype", "chunk_rows", "item_axes",
@@ -42,6 +42,7 @@ def convert_cache(
         where = "the source cache" if target == source else "inside the source cache" if source in target.parents else "around the source cache"
         raise SoftlabelsError(f"{dst} is {where} {src}: write the converted cache to another path")
     with open_cache(src) as cache, exclusive(dst, "convert"):
+        count = Views.count_of(cache)  # the manifest's views are carried over (or cut): refused as training refuses them
         old_kind = cache.kind
         if kind is not None and old_kind.full_logits(cache.read(0, min(1, len(cache)))[0]) is None:
             raise SoftlabelsError(f"{src} is a {old_kind.name} cache; only a cache of full logits (dense) converts to another kind")
@@ -56,7 +57,6 @@ def convert_cache(
         item_axes, records = cache.layout.item_axes, cache.layout.records
         views = slice(None)
         if keep_views is not None:
-            count = (cache.manifest.get("views") or {}).get("count")
             if count is None:
                 raise SoftlabelsError(f"--keep-views: {src} is not a view cache")
             if not 1 <= keep_views <= count:

@@ -67,26 +67,32 @@ class Views:
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], *, where: str, trust_code: bool = False) -> "Views | None":
         """The views a cache's manifest records, checked; ``None`` for a cache without views."""
-        settings = manifest.get("views")
-        if settings is None:
+        count = _recorded_count(manifest, where)
+        if count is None:
             return None
-        if not isinstance(settings, dict) or not positive_int(settings.get("count")):
-            raise SoftlabelsError(f"{where}: manifest field 'views' must be an object with a positive 'count'")
-        pipeline = Pipeline.from_settings({k: v for k, v in settings.items() if k in ("seed", "augment")},
+        pipeline = Pipeline.from_settings({k: v for k, v in manifest["views"].items() if k in ("seed", "augment")},
                                           where=f"{where}: manifest field 'views'", trust_code=trust_code)
-        return cls(settings["count"], pipeline, where)
+        return cls(count, pipeline, where)
+
+    @classmethod
+    def count_of(cls, cache: Any) -> int | None:
+        """The number of views a cache records (``None``: it has none), refused where its item axes
+        disagree: a cache with views holds them on its first item axis, ``view``. (A cache without
+        views may name an item axis of its teacher's outputs ``view`` too.) The augmentations are
+        not built, so that a reader that keeps the views without replaying them (``convert``) needs
+        no code they may name."""
+        count = _recorded_count(cache.manifest, str(cache.path))
+        axes = cache.layout.item_axes
+        if count is not None and tuple(axes[:1]) != ((VIEW_AXIS, count),):
+            raise SoftlabelsError(f"{cache.path}: the manifest records {count} views but the first item axis is "
+                                  f"{tuple(axes[0]) if axes else 'missing'}")
+        return count
 
     @classmethod
     def of_cache(cls, cache: Any, *, trust_code: bool = False) -> "Views | None":
-        """The views a cache records (:meth:`from_manifest`), refused where its item axes disagree: a
-        cache with views holds them on its first item axis, ``view``. (A cache without views may name
-        an item axis of its teacher's outputs ``view`` too.)"""
-        views = cls.from_manifest(cache.manifest, where=str(cache.path), trust_code=trust_code)
-        axes = cache.layout.item_axes
-        if views is not None and tuple(axes[:1]) != ((VIEW_AXIS, views.count),):
-            raise SoftlabelsError(f"{cache.path}: the manifest records {views.count} views but the first item axis is "
-                                  f"{tuple(axes[0]) if axes else 'missing'}")
-        return views
+        """The views a cache records (:meth:`from_manifest`), their count checked by :meth:`count_of`."""
+        cls.count_of(cache)
+        return cls.from_manifest(cache.manifest, where=str(cache.path), trust_code=trust_code)
 
     def records(self, input_shape: tuple[int, ...]) -> tuple[Record, ...]:
         """The store records of every parameter, ``views/<name>`` of shape ``[V, *tail]``."""
@@ -149,6 +155,16 @@ class Views:
         u = keyed_uniforms(key, torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)), (self.count,), 1)[..., 0]
         # The view of rank `turn` in each sample's keyed order: a partition, not a sort (53-bit keys do not tie).
         return np.argpartition(u.numpy(), turn, axis=-1)[:, turn]
+
+
+def _recorded_count(manifest: dict[str, Any], where: str) -> int | None:
+    """The manifest field ``views``'s ``count``, checked; ``None`` for a cache without views."""
+    settings = manifest.get("views")
+    if settings is None:
+        return None
+    if not isinstance(settings, dict) or not positive_int(settings.get("count")):
+        raise SoftlabelsError(f"{where}: manifest field 'views' must be an object with a positive 'count'")
+    return settings["count"]
 
 
 def mix_weights(records: Iterable[str]) -> list[str]:

@@ -239,6 +239,26 @@ def test_verify_refuses_the_view_settings_training_refuses(tmp_path, view_cache,
         SoftTargetLoader(source_for_cache(cache), cache, batch_size=8)
 
 
+@pytest.mark.parametrize("views, keep, message", [
+    ([1], 1, "manifest field 'views' must be an object with a positive 'count'"),
+    ({"count": "2"}, 1, "manifest field 'views' must be an object with a positive 'count'"),
+    ({"count": 10**6}, 100, "the manifest records 1000000 views but the first item axis is ('view', 3)"),
+    ([1], None, "manifest field 'views' must be an object with a positive 'count'"),  # carried over as it is
+    ({"count": 2}, None, "the manifest records 2 views but the first item axis is ('view', 3)"),
+])
+def test_convert_refuses_the_view_count_training_refuses_and_writes_nothing(tmp_path, view_cache, views, keep, message):
+    edited = tmp_path / "edited.zarr"
+    shutil.copytree(view_cache, edited)
+    group = zarr.open_group(str(edited), mode="r+")
+    manifest = dict(group.attrs["softlabels"])
+    manifest["views"] = {**manifest["views"], **views} if isinstance(views, dict) else views
+    group.attrs["softlabels"] = manifest
+    from softlabels import TopK
+    with pytest.raises(SoftlabelsError, match=re.escape(f"{edited}: {message}")):
+        convert_cache(edited, tmp_path / "out.zarr", keep_views=keep, kind=None if keep else TopK(k=3), progress=False)
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_convert_keeps_the_first_views_and_makes_sparse_view_caches(tmp_path, view_cache):
     kept = tmp_path / "kept.h5"
     convert_cache(view_cache, kept, keep_views=2, progress=False)
