@@ -779,14 +779,18 @@ def _join_step(trained: list[_Student], batch: Batch, device: torch.device) -> N
 
 def _nonfinite(batch: Batch) -> str | None:
     """What in ``batch`` a loss that is not finite comes from, naming the first dataset row that
-    holds it: inputs or mix weights that are NaN or Inf, cached targets that are NaN (a cache dumped
-    with --allow-nonfinite may hold -inf). ``None`` if none: the loss is then the training's own."""
-    named = {"inputs": (batch.inputs, "NaN or Inf"), "mix weights": (batch.mix.lam if batch.mix is not None else None, "NaN or Inf"),
-             **{f"cached '{name}'": (value, "NaN") for name, value in (batch.teacher_logits.arrays if batch.teacher_logits is not None else {}).items()}}
-    for what, (value, which) in named.items():
+    holds it: inputs or mix weights that are NaN or Inf, cached targets that are NaN or +Inf (the
+    dump stops at them unless --allow-nonfinite; -inf is how a teacher rules a class out, and trains).
+    ``None`` if none: the loss is then the training's own."""
+    anything = ("NaN or Inf", lambda v: ~torch.isfinite(v))
+    cached = ("NaN or +Inf, which training cannot use: the cache was dumped with --allow-nonfinite, or is damaged",
+              lambda v: torch.isnan(v) | torch.isposinf(v))
+    targets = batch.teacher_logits.arrays if batch.teacher_logits is not None else {}
+    named = {"inputs": (batch.inputs, *anything), "mix weights": (batch.mix.lam if batch.mix is not None else None, *anything),
+             **{f"cached '{name}'": (value, *cached) for name, value in targets.items()}}
+    for what, (value, which, unusable) in named.items():
         if value is not None and value.is_floating_point() and len(value):
-            rows = value.reshape(len(value), -1)
-            bad = torch.nonzero((~torch.isfinite(rows) if which == "NaN or Inf" else torch.isnan(rows)).any(1))
+            bad = torch.nonzero(unusable(value.reshape(len(value), -1)).any(1))
             if len(bad):
                 return f"the {what} of dataset row {int(batch.indices[int(bad[0, 0])])} hold {which}"
     return None

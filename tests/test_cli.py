@@ -335,17 +335,19 @@ def test_a_diverging_student_stops_the_run_in_one_line(tmp_path, npz_data):
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
-def test_a_loss_made_nan_by_the_cache_or_the_inputs_names_them_not_the_learning_rate(tmp_path, npz_data, linear_teacher):
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_loss_made_nan_by_the_cache_or_the_inputs_names_them_not_the_learning_rate(tmp_path, npz_data, linear_teacher, value):
     cache = tmp_path / "c.zarr"
     assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", cache, "--quiet").exit_code == 0
     group = zarr.open_group(str(cache), mode="r+")
     logits = group["logits"][:]
-    logits[17, 2] = np.nan  # rewritten with valid checksums: verify passes what the dump would have refused
+    logits[17, 2] = value  # rewritten with valid checksums: verify passes what the dump would have refused
     group["logits"][:] = logits
     assert group["chunk_crc32"].shape == (1,)
     group["chunk_crc32"][:] = [chunk_checksum({"logits": logits}, group["labels"][:])]
     result = run("train-student", "--cache", cache, "--student", "mlp", "--epochs", 1, "--batch-size", 300, "--out", tmp_path / "r")
-    assert_one_line_error(result, r"student 'mlp' has a loss of nan in epoch 1: the cached 'logits' of dataset row 17 hold NaN$")
+    assert_one_line_error(result, r"student 'mlp' has a loss of (nan|inf) in epoch 1: the cached 'logits' of dataset row 17 hold "
+                                  r"NaN or \+Inf, which training cannot use: the cache was dumped with --allow-nonfinite, or is damaged$")
     x = np.load(npz_data)["x"]
     x[40, 3] = np.inf
     np.savez(tmp_path / "inf.npz", x=x, y=np.load(npz_data)["y"])
