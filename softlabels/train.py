@@ -384,8 +384,12 @@ def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None
     the same groups of the same parameters, hyperparameters of the same types, and for each
     parameter nothing or :data:`_ADAMW_STATE` for its shape."""
     fresh = optimizer.state_dict()  # its state is empty: no step yet
-    if not (isinstance(saved, dict) and saved.keys() == fresh.keys() and _same_structure(saved["param_groups"], fresh["param_groups"])
-            and [g["params"] for g in saved["param_groups"]] == [g["params"] for g in fresh["param_groups"]]):
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    # A group's settings are compared where both have them: another torch version may add a setting
+    # (its optimizer gives the default to a group saved without it) or drop one.
+    if not (isinstance(saved, dict) and saved.keys() == fresh.keys() and isinstance(groups, list) and len(groups) == len(fresh["param_groups"])
+            and all(isinstance(g, dict) and {"params", "lr"} <= g.keys() and g["params"] == f["params"]
+                    and all(_same_structure(g[k], f[k]) for k in g.keys() & f.keys()) for g, f in zip(groups, fresh["param_groups"]))):
         raise ValueError("its optimizer's parameter groups are not this optimizer's")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not isinstance(saved["state"], dict):

@@ -270,6 +270,19 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(setup, damage):
     assert {path: path.read_bytes() for path in Path("r").rglob("*") if path.is_file()} == written
 
 
+def test_optimizer_settings_another_torch_version_adds_or_drops_do_not_stop_a_resume(setup):
+    """A group saved without a setting this torch has gets its default; one this torch lacks is ignored."""
+    assert run(*train_args("r", "--epochs", "1")).exit_code == 0
+    saved = torch.load("r/checkpoint.pt", weights_only=True)
+    for student in saved["students"].values():
+        for group in student["optimizer"]["param_groups"]:
+            del group["amsgrad"]
+            group["a_later_setting"] = 1.0
+    torch.save(saved, "r/checkpoint.pt")
+    result = run(*train_args("r", "--epochs", "1"), "--resume")
+    assert result.exit_code == 0, result.output
+
+
 def test_resume_with_other_students_is_refused_before_their_code_is_imported(setup):
     assert run(*train_args("r")).exit_code == 0
     os.remove("CANARY")
