@@ -54,6 +54,7 @@ import stat
 import threading
 import warnings
 import dataclasses
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -511,21 +512,21 @@ class _H5Backend:
         ]
 
     def raw_reader(self, name: str, array: Any) -> "_H5RawChunks | None":
-        """A direct reader of an uncompressed target array whose chunks the read-checksum table
-        covers; ``None`` (h5py with fletcher32, or version 1) otherwise. An array of rows without
-        fletcher32 is refused: h5py would read it unchecked. (The commit record needs none: its
-        entries are checksums, which damage makes disagree with the chunks they describe.)"""
-        import h5py
-
+        """A direct reader of a compressed array (:class:`_H5FilteredChunks`), or of an uncompressed
+        target array whose chunks the read-checksum table covers; ``None`` (h5py with fletcher32, or
+        version 1) otherwise. An array of rows without fletcher32 is refused: h5py would read it
+        unchecked. (The commit record needs none: its entries are checksums, which damage makes
+        disagree with the chunks they describe.)"""
         if name != "chunk_crc32" and not array.fletcher32:
             raise SoftlabelsError(f"{self.file.filename}: array '{name}' is stored without HDF5's fletcher32 checksum, "
                                   "which every chunk of a cache's rows carries")
+        codec, fletcher = self._filters(name, array)
+        if codec is not None:
+            return _H5FilteredChunks(array, codec, fletcher, fd=self.file.id.get_vfd_handle() if self.file.mode == "r" else None)
         table = self.file.get(_READ_CHECKSUMS)
-        if table is None or array.chunks is None:
+        if not fletcher or table is None or array.chunks is None:
             return None
-        plist = array.id.get_create_plist()
-        if [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] != [h5py.h5z.FILTER_FLETCHER32]:
-            return None  # stored through other filters too (compression, shuffle, ...): h5py undoes them
+        self._filters(_READ_CHECKSUMS, table)  # read through h5py below
         names = self._read_checksum_names(table)
         if name not in names:
             return None
@@ -538,6 +539,24 @@ class _H5Backend:
         except OSError as exc:  # its fletcher32 failed
             raise SoftlabelsError(f"{self.file.filename}: array '{_READ_CHECKSUMS}' is damaged ({exc})") from None
         return _H5RawChunks(array, values, names.index(name), fd=self.file.id.get_vfd_handle())
+
+    def _filters(self, name: str, array: Any) -> tuple[int | None, bool]:
+        """``array``'s compression filter (gzip or LZF, or ``None``) and whether fletcher32 follows
+        it: the pipelines softlabels writes. Any other is refused: h5py's filters grow their output
+        for as long as a stream goes on (a 1 MB gzip chunk made 1 GiB), and the commit record and
+        read-checksum table, read through h5py, must not be compressed at all."""
+        import h5py
+
+        plist = array.id.get_create_plist()
+        filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+        fletcher = filters[-1:] == [h5py.h5z.FILTER_FLETCHER32]
+        codec = filters[:-1] if fletcher else filters
+        codecs = [[]] if name in ("chunk_crc32", _READ_CHECKSUMS) else [[], [h5py.h5z.FILTER_DEFLATE], [h5py.h5z.FILTER_LZF]]
+        if codec not in codecs:
+            raise SoftlabelsError(f"{self.file.filename}: array '{name}' is stored through HDF5 filters {filters}, not the "
+                                  f"pipelines softlabels writes ({'none' if len(codecs) == 1 else 'gzip (1) or LZF (32000)'}, "
+                                  "then fletcher32 (3))")
+        return (codec[0] if codec else None), fletcher
 
     def _read_checksum_names(self, table: Any) -> list[str]:
         """The arrays the read-checksum table covers, one column each, checked against its shape."""
@@ -847,7 +866,7 @@ class _ZarrZstdChunks(_ZarrRawChunks):
         try:
             with _open_chunk_file(self._file(chunk), chunk) as f:
                 # zstd's worst case is a little over the data it holds; a longer file is no chunk of ours
-                stored = np.frombuffer(f.read(len(into) + len(into) // 64 + 1024), np.uint8)
+                stored = np.frombuffer(f.read(_most_compressed(len(into))), np.uint8)
                 if f.read(1):
                     raise _ChunkDamaged(chunk, "its chunk file is longer than any zstd frame of the chunk")
         except FileNotFoundError:
@@ -988,6 +1007,172 @@ class _H5RawChunks(_RawChunks):
             self.array.id.chunk_iter(note)
             self._index = index
         return self._index
+
+
+
+class _H5FilteredChunks(_H5RawChunks):
+    """An HDF5 dataset whose chunks go through the compression softlabels writes (gzip for floats,
+    LZF for integers), then fletcher32 (version 2; version 1 stored none). Each chunk's stored bytes
+    are read as they are, their fletcher32 checked, and decoded here into exactly the chunk's bytes:
+    h5py's filters grow their output for as long as a stream goes on, so a 1 MB gzip chunk of a
+    shared cache made 1 GiB. A chunk its compression would not shrink is stored as it is, which its
+    filter mask says (compression is an optional filter); fletcher32 is never skipped."""
+
+    trailer = 0
+
+    def __init__(self, array: Any, codec: int, fletcher: bool, fd: int | None = None):
+        import h5py
+
+        super().__init__(array, None, -1, fd)  # no read-checksum table: fletcher32 checks the stored bytes
+        self.codec = "gzip" if codec == h5py.h5z.FILTER_DEFLATE else "LZF"
+        self.decode = _inflate if codec == h5py.h5z.FILTER_DEFLATE else _lzf_decode
+        self.fletcher = fletcher
+
+    def read_chunk(self, chunk: int, into: np.ndarray) -> None:
+        most = _most_compressed(len(into)) + 4 * self.fletcher  # what compressing a chunk can make
+        try:
+            if self.fd is None:
+                mask, data = self.array.id.read_direct_chunk((chunk * self.chunk_shape[0], *([0] * (len(self.chunk_shape) - 1))))
+                size = len(data)
+            else:
+                where, size, mask = (int(v) for v in self._chunk_index()[chunk])
+                if where < 0:
+                    raise _ChunkDamaged(chunk, "the file does not have it")
+                data = os.pread(self.fd, size, where) if size <= most else b""
+                if len(data) != size and size <= most:
+                    raise _ChunkDamaged(chunk, "the file ends inside it")
+        except _ChunkDamaged:
+            raise
+        except Exception as exc:  # e.g. a chunk the file does not have
+            raise _ChunkDamaged(chunk, f"unreadable: {exc}") from None
+        if size > most or mask not in (0, 1):
+            raise _ChunkDamaged(chunk, f"its stored chunk has {size} bytes and filter mask {mask}, not at most {most} "
+                                f"bytes of {self.codec} (mask 0) or {len(into)} bytes as they are (mask 1)")
+        stored = np.frombuffer(data, np.uint8)
+        if self.fletcher:
+            if size < 4 or _fletcher32(stored[:-4]) != int.from_bytes(data[-4:], "little"):
+                raise _ChunkDamaged(chunk, "its fletcher32 does not match its bytes")
+            stored = stored[:-4]
+        try:
+            if mask:  # stored as it is
+                if len(stored) != len(into):
+                    raise ValueError(f"it holds {len(stored)} bytes")
+                into[:] = stored
+            else:
+                self.decode(stored, into)
+        except ValueError as exc:
+            raise _ChunkDamaged(chunk, f"its {self.codec} stream does not decode to {len(into)} bytes: {exc}") from None
+        return None
+
+
+def _most_compressed(size: int) -> int:
+    """More bytes than gzip, LZF or zstd make of ``size`` bytes at worst (a little over them): a stored
+    chunk larger than this is no chunk of ours, and is not read."""
+    return size + size // 64 + 1024
+
+
+def _fletcher32(data: np.ndarray) -> int:
+    """HDF5's Fletcher-32 of ``data`` (uint8; H5_checksum_fletcher32): running sums of its big-endian
+    16-bit words, both folded to 17 bits after every 360 words and the second kept to 32 bits, as
+    HDF5 computes them, so the value is HDF5's exactly. Each block's two sums are taken by numpy; only
+    the folding runs per block here."""
+    words = data[:len(data) // 2 * 2].view(">u2")
+    sums = []
+    for at in range(0, len(words), 360 * 1024):  # 720 KiB at a time: bounded temporaries
+        part = words[at:at + 360 * 1024].astype(np.int64)
+        blocks = [part[:len(part) // 360 * 360].reshape(-1, 360), part[len(part) // 360 * 360:].reshape(1, -1)]
+        for block in (b for b in blocks if b.size):
+            weights = np.arange(block.shape[1], 0, -1)
+            sums += [(block.shape[1], plain, weighted) for plain, weighted in zip(block.sum(1).tolist(), (block @ weights).tolist())]
+    if len(data) % 2:  # the last byte, as the high byte of a word
+        sums.append((1, int(data[-1]) << 8, int(data[-1]) << 8))
+    sum1 = sum2 = 0
+    for count, plain, weighted in sums:  # over a block: sum1 += word, then sum2 += sum1, word by word
+        sum2 = (sum2 + count * sum1 + weighted) & 0xFFFFFFFF
+        sum1 += plain
+        sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    return (sum2 << 16) | sum1
+
+
+def _inflate(stream: np.ndarray, into: np.ndarray) -> None:
+    """Decode the zlib stream ``stream`` (HDF5's gzip filter) into ``into``, never making more than one
+    byte past it, and raise unless it fills it exactly and ends where the stream does."""
+    decompressor = isal_zlib.decompressobj()
+    data = decompressor.decompress(stream, len(into) + 1)  # one byte of room: the stream's end is then reached
+    if len(data) != len(into) or not decompressor.eof or decompressor.unused_data:
+        raise ValueError(f"it decodes to {f'more than {len(into)}' if len(data) > len(into) else len(data)} bytes"
+                         + ("" if decompressor.eof else ", the stream unfinished") + (", then more bytes" if decompressor.unused_data else ""))
+    into[:] = np.frombuffer(data, np.uint8)
+
+
+def _lzf_decode(stream: np.ndarray, into: np.ndarray) -> None:
+    """Decode the LZF stream ``stream`` (h5py's LZF filter) into ``into``, raising unless it fills it
+    exactly; nothing is written past it."""
+    decompress = _liblzf()
+    if decompress is None:
+        return _lzf_decode_in_python(stream, into)
+    import ctypes
+
+    data = stream.tobytes()
+    written = decompress(data, len(data), into.ctypes.data, len(into)) if data else 0  # it reads a byte of any stream
+    if written != len(into):
+        raise ValueError(f"it decodes to {written} bytes" if written else f"it decodes to more than {len(into)} bytes"
+                         if data and ctypes.get_errno() == errno.E2BIG else "it is no LZF stream")
+    return None
+
+
+@functools.cache
+def _liblzf() -> Callable[..., int] | None:
+    """liblzf's ``lzf_decompress(in, in_len, out, out_len)`` as h5py builds it into its LZF filter
+    (``h5py.h5z`` exports it on Linux and macOS), else ``None``. It never writes past ``out_len``,
+    checks each read of its input (liblzf's CHECK_INPUT, on by default) and returns the bytes written,
+    0 for a stream that is no LZF or makes more; ctypes releases the GIL for it. About 40 times
+    :func:`_lzf_decode_in_python`, which decodes labels at about 20 MB/s."""
+    import ctypes
+
+    from h5py import h5z
+
+    try:
+        function = ctypes.CDLL(h5z.__file__, use_errno=True).lzf_decompress
+    except (OSError, AttributeError):
+        return None
+    function.restype, function.argtypes = ctypes.c_uint, [ctypes.c_char_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint]
+    return function
+
+
+def _lzf_decode_in_python(stream: np.ndarray, into: np.ndarray) -> None:
+    """:func:`_lzf_decode` where liblzf cannot be had. A stream is tokens: a byte below 32 is a run of
+    that many plus one literal bytes; else its top 3 bits (7: plus the next byte) plus 2 are a length,
+    and its low 5 bits and the byte after, plus 1, how far back the bytes to copy start."""
+    data, out, size = stream.tobytes(), memoryview(into), len(into)
+    at = written = 0
+    while at < len(data):
+        ctrl = data[at]
+        if ctrl < 32:
+            stop, start, at = written + ctrl + 1, at + 1, at + ctrl + 2
+            if at > len(data):
+                raise ValueError("it ends inside a run of literal bytes")
+            source = data[start:at]
+        else:
+            length = ctrl >> 5
+            if length == 7 and at + 1 < len(data):
+                at += 1
+                length += data[at]
+            if at + 1 >= len(data):
+                raise ValueError("it ends inside a copy")
+            start, stop, at = written - ((ctrl & 31) << 8) - data[at + 1] - 1, written + length + 2, at + 2
+            if start < 0:
+                raise ValueError("a copy reaches back before its start")
+            source = out[start:min(stop - written + start, written)].tobytes()
+            if len(source) < stop - written:  # a copy longer than its distance repeats those bytes
+                source = (source * ((stop - written) // len(source) + 1))[:stop - written]
+        if stop > size:
+            raise ValueError(f"it decodes to more than {size} bytes")
+        out[written:stop] = source
+        written = stop
+    if written != size:
+        raise ValueError(f"it decodes to {written} bytes")
 
 
 def _open_backend(path: Path, mode: str) -> _ZarrBackend | _H5Backend:

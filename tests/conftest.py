@@ -152,6 +152,21 @@ def flip_hdf5_byte(path: Path, dataset: str, chunk: int, offset: int, mask: int 
         f.write(bytes([byte[0] ^ mask]))
 
 
+def command_peak_mib(*args: str) -> tuple[int, list[str], int]:
+    """Run ``softlabels ARGS`` in a process of its own: its exit code, its stderr lines and the most
+    memory it held at once (MiB), for telling a bounded read from one that decodes whatever it is given.
+    The peak is Linux's VmHWM, its own: ``ru_maxrss`` counts the memory of the process that started it."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("the peak memory of a process is read from Linux's /proc")
+    script = ("import re, runpy, sys\n"
+              "try:\n    runpy.run_module('softlabels', run_name='__main__')\n"
+              "finally:\n    status = open('/proc/self/status').read()\n"
+              "    print(int(re.search(r'VmHWM:\\s*(\\d+)', status).group(1)) // 1024, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    *lines, peak = done.stderr.splitlines()
+    return done.returncode, lines, int(peak)
+
+
 def flip_tensor_bit(path: Path) -> None:
     """Flip one bit of a tensor's bytes in a ``torch.save`` zip file: what ``torch.load`` alone would
     load without a word."""

@@ -21,14 +21,14 @@ from softlabels.store import DamagedChunk, Record, chunk_checksum, default_chunk
 from softlabels.report import cache_report
 from softlabels.verify import verify_cache
 
-from .conftest import flip_hdf5_byte
+from .conftest import command_peak_mib, flip_hdf5_byte
 
 MANIFEST = {"teacher": {"file": "t.pth"}, "dataset": {"spec": "x.npz", "fingerprint": "sha256:0"}}
 
 
-def write_cache(path, logits, labels, chunk_rows, dtype="float16", item_axes=()):
+def write_cache(path, logits, labels, chunk_rows, dtype="float16", item_axes=(), compress=False):
     layout = Layout(Dense(), len(logits), logits.shape[-1], dtype, chunk_rows, item_axes)
-    with CacheWriter(path, layout, manifest=MANIFEST) as writer:
+    with CacheWriter(path, layout, manifest=MANIFEST, compress_logits=compress) as writer:
         for index in range(writer.num_chunks):
             start, stop = writer.chunk_bounds(index)
             writer.write_chunks(index, {"logits": logits[start:stop]}, labels[start:stop])
@@ -638,13 +638,147 @@ def _rewrite_hdf5(path, name, **dataset_options):
         f.create_dataset(name, data=values, chunks=chunks, **dataset_options).attrs.update(attrs)
 
 
-def test_an_hdf5_array_stored_through_other_filters_reads_through_h5py(tmp_path):
+@pytest.mark.parametrize("name, options", [
+    ("logits", {"shuffle": True, "fletcher32": True}),
+    ("labels", {"compression": "gzip", "shuffle": True, "fletcher32": True}),
+    ("labels", {"fletcher32": True, "compression": "szip"} if h5py.h5z.filter_avail(h5py.h5z.FILTER_SZIP) else {"scaleoffset": 0, "fletcher32": True}),
+    ("chunk_crc32", {"compression": "gzip", "fletcher32": True}),
+    ("chunk_crc32c", {"compression": "lzf", "fletcher32": True}),
+], ids=["shuffle", "shuffle and gzip", "other codec", "gzip commit record", "lzf read checksums"])
+def test_an_hdf5_array_stored_through_filters_softlabels_never_writes_is_refused_on_open(tmp_path, name, options):
+    # h5py would run them with no bound on what they make: softlabels decodes only its own pipelines
     path = tmp_path / "c.h5"
-    logits = np.random.default_rng(0).normal(size=(64, 50)).astype(np.float32)
-    write_cache(path, logits, np.zeros(64, dtype=np.int64), chunk_rows=16, dtype="float32")
-    _rewrite_hdf5(path, "logits", shuffle=True, fletcher32=True)  # same values, other stored bytes
+    write_cache(path, np.random.default_rng(0).normal(size=(64, 50)).astype(np.float32), np.zeros(64, dtype=np.int64),
+                chunk_rows=16, dtype="float32")
+    _rewrite_hdf5(path, name, **options)  # same values, other stored bytes
+    with pytest.raises(SoftlabelsError, match=rf"c.h5: array '{name}' is stored through HDF5 filters \[[0-9, ]+\], not the "
+                                              r"pipelines softlabels writes"):
+        open_cache(path)
+
+
+@pytest.fixture(params=["liblzf", "python"])
+def lzf_decoder(request, monkeypatch):
+    """Each LZF decoder softlabels has: liblzf as h5py builds it, and its own where that is missing."""
+    from softlabels import store
+
+    if request.param == "python":
+        monkeypatch.setattr(store, "_liblzf", lambda: None)
+    elif store._liblzf() is None:
+        pytest.skip("h5py exports no lzf_decompress here")
+    return request.param
+
+
+def _hdf5_cache(path, kind, compress, n=70, c=9, chunk_rows=16):
+    """A cache of ``kind`` with random rows, a uint64 record (which LZF cannot shrink: stored as it is)
+    and a float32 one; returns its targets, labels and records as written."""
+    rng = np.random.default_rng(11)
+    logits = torch.from_numpy(rng.normal(size=(n, c)).astype(np.float32))
+    targets = {name: a.numpy() for name, a in kind.build(logits, rows=torch.arange(n), store_dtype=torch.float16).items()}
+    labels = rng.integers(-1, c, size=n)
+    records = {"views/seed": rng.integers(0, 2**64, size=n, dtype=np.uint64), "views/x": rng.normal(size=(n, 2)).astype(np.float32)}
+    layout = Layout(kind, n, c, "float16", chunk_rows, (),
+                    (Record("views/seed", np.dtype(np.uint64)), Record("views/x", np.dtype(np.float32), (2,))))
+    with CacheWriter(path, layout, manifest=MANIFEST, compress_logits=compress) as writer:
+        for index in range(writer.num_chunks):
+            start, stop = writer.chunk_bounds(index)
+            writer.write_chunks(index, {name: a[start:stop] for name, a in targets.items()}, labels[start:stop],
+                                {name: a[start:stop] for name, a in records.items()})
+        writer.finish()
+    return targets, labels, records
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
+@pytest.mark.parametrize("kind", [Dense(), TopK(k=3), Sampled(samples=4)], ids=["dense", "topk", "sampled"])
+def test_compressed_hdf5_chunks_decoded_by_softlabels_are_the_bytes_h5py_reads(tmp_path, kind, compress, lzf_decoder):
+    path = tmp_path / "c.h5"
+    targets, labels, records = _hdf5_cache(path, kind, compress)
+    with h5py.File(path, "r") as f:
+        plain = {name: f[name][:] for name in [*targets, "labels", *records]}
+        assert f["views/seed"].id.get_chunk_info(0).filter_mask == 1  # LZF could not shrink it: stored as it is
+    ranges, rows = [(48, 64), (0, 16), (64, 70), (16, 48)], np.r_[48:64, 0:16, 64:70, 16:48]
+    order = np.random.default_rng(2).permutation(70)  # the row read i-th lands at order[i]
+    placed = np.empty_like(rows)
+    placed[order] = rows
     with open_cache(path) as cache:
-        np.testing.assert_array_equal(cache.read(0, 64)[0]["logits"], logits)
+        compressed = {name for name, reader in cache._arrays._raw.items() if type(reader).__name__ == "_H5FilteredChunks"}
+        assert compressed == {name for name in plain if compress or plain[name].dtype.kind != "f"}  # gzip, or LZF for integers
+        reads = [(cache.read(0, 70), np.arange(70)), (cache.read(5, 37), np.arange(5, 37)),
+                 (cache.read_ranges(ranges), rows), (cache.read_ranges(ranges, {}, order), placed)]
+        for (got, got_labels), want in reads:
+            for name in targets:
+                assert got[name].tobytes() == plain[name][want].tobytes(), name
+            assert got_labels.tobytes() == plain["labels"][want].tobytes()
+        for name, values in cache.read_records(3, 70).items():
+            assert values.tobytes() == plain[name][3:70].tobytes() == records[name][3:70].tobytes(), name
+
+
+def _put_hdf5_chunk(path, name, chunk, data, compression=None, cut=0, mask=0):
+    """Store ``data`` (bytes) as chunk ``chunk`` of array ``name``: compressed as h5py compresses it
+    (``cut`` bytes then cut off its stream), followed by a valid fletcher32, as h5py computes it."""
+    with h5py.File(path, "r+") as f:
+        stream = np.frombuffer(data, np.uint8)
+        if compression:
+            tmp = f.create_dataset("tmp", data=stream, chunks=(len(stream),), compression=compression)
+            stored_mask, stored = tmp.id.read_direct_chunk((0,))
+            assert stored_mask == 0
+            stream = np.frombuffer(stored[:len(stored) - cut], np.uint8)
+            del f["tmp"]
+        tmp = f.create_dataset("tmp", data=stream, chunks=(len(stream),), fletcher32=True)
+        stored = tmp.id.read_direct_chunk((0,))[1]
+        del f["tmp"]
+        array = f[name]
+        array.id.write_direct_chunk((chunk * array.chunks[0], *[0] * (array.ndim - 1)), stored, mask)
+
+
+@pytest.mark.parametrize("name, size, codec", [("labels", 128, "LZF"), ("logits", 288, "gzip")])
+@pytest.mark.parametrize("damage, why", [
+    ("longer", r"its {codec} stream does not decode to {size} bytes: it decodes to more than {size} bytes"),
+    ("shorter", r"its {codec} stream does not decode to {size} bytes: it decodes to {half} bytes"),
+    ("cut", r"its {codec} stream does not decode to {size} bytes: "),
+    ("larger than any stream", r"its stored chunk has 2332 bytes and filter mask 0, not at most"),
+    ("stored as it is, shorter", r"its {codec} stream does not decode to {size} bytes: it holds {half} bytes"),
+    ("flipped byte", r"its fletcher32 does not match its bytes"),
+], ids=["longer", "shorter", "cut", "too large", "stored shorter", "flipped"])
+def test_a_compressed_hdf5_chunk_that_does_not_decode_to_its_bytes_is_damaged(tmp_path, name, size, codec, damage, why,
+                                                                              lzf_decoder):
+    path = tmp_path / "c.h5"  # chunks of 16 rows: labels of 128 bytes (LZF), logits of 9 float16 (gzip)
+    logits = np.random.default_rng(0).normal(size=(64, 9)).astype(np.float32)
+    write_cache(path, logits, np.arange(64) % 9, chunk_rows=16, compress=True)
+    compression = "lzf" if codec == "LZF" else "gzip"
+    if damage == "flipped byte":
+        flip_hdf5_byte(path, name, chunk=1, offset=3)
+    elif damage == "larger than any stream":
+        _put_hdf5_chunk(path, name, 1, np.random.default_rng(1).bytes(2328))
+    elif damage.startswith("stored as it is"):
+        _put_hdf5_chunk(path, name, 1, bytes(size // 2), mask=1)
+    else:
+        data = {"longer": bytes(2 * size), "shorter": bytes(size // 2), "cut": (np.arange(size) % 4).astype(np.uint8).tobytes()}[damage]
+        _put_hdf5_chunk(path, name, 1, data, compression, cut=3 if damage == "cut" else 0)
+    with open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.read(32, 64)[1], np.arange(32, 64) % 9)  # the other chunks still read
+        with pytest.raises(SoftlabelsError, match=rf"array '{name}' chunk 1 \(rows 16-31\) is damaged \("
+                                                  + why.format(codec=codec, size=size, half=size // 2)):
+            cache.read(0, 64)
+
+
+def test_a_gzip_chunk_that_would_inflate_past_its_bytes_is_damaged_and_never_inflated_whole(tmp_path):
+    # chunks of 1 MiB of logits: a 256 KB stream (zeros) that inflates to 256 MiB passes for one by its size
+    path = tmp_path / "c.h5"
+    write_cache(path, np.zeros((8192, 128), np.float32), np.zeros(8192, np.int64), chunk_rows=4096, compress=True)
+    code, lines, intact = command_peak_mib("inspect", str(path))
+    assert code == 0 and lines == []
+    deflate = zlib.compressobj(9)
+    bomb = b"".join(deflate.compress(bytes(64 << 20)) for _ in range(4)) + deflate.flush()
+    with h5py.File(path, "r+") as f:
+        tmp = f.create_dataset("tmp", data=np.frombuffer(bomb, np.uint8), chunks=(len(bomb),), fletcher32=True)
+        stored = tmp.id.read_direct_chunk((0,))[1]
+        del f["tmp"]
+        f["logits"].id.write_direct_chunk((4096, 0), stored, 0)
+    code, lines, bombed = command_peak_mib("inspect", str(path))
+    assert code == 1 and lines == [f"error: {path}: array 'logits' chunk 1 (rows 4096-8191) is damaged (its gzip stream does not "
+                                   "decode to 1048576 bytes: it decodes to more than 1048576 bytes, the stream unfinished); "
+                                   "run softlabels verify for a full report"]
+    assert bombed < intact + 64  # MiB: h5py's gzip filter took all 256
 
 
 @pytest.mark.parametrize("name", ["logits", "labels"])
