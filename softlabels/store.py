@@ -28,7 +28,8 @@ attribute           JSON object                   the manifest (``format``, ``fo
 Arrays are chunked along samples only (``chunk_rows`` samples with all their items per chunk).
 Every chunk also carries the store's own checksum (Zarr's ``crc32c`` codec, HDF5's ``fletcher32``
 filter), so a damaged chunk fails when it is read, by softlabels or by plain zarr/h5py. Version-1
-caches (no item axes, no per-chunk codec checksum) are read as they are.
+caches (no item axes, no per-chunk codec checksum) are read as they are, through the codecs version 1
+wrote only, as version 2 is read: softlabels decodes each chunk, its output held to the chunk's size.
 
 A cache is written as ``PATH.partial`` and renamed to ``PATH`` once every chunk is written and the
 manifest says ``complete``; a chunk counts as written only once its checksum is recorded, after its
@@ -305,15 +306,18 @@ class _ZarrBackend:
     def record_read_checksums(self, first: int, chunks: list[dict[str, np.ndarray]]) -> None:
         pass
 
-    def raw_reader(self, name: str, array: Any) -> "_ZarrRawChunks":
+    def raw_reader(self, name: str, array: Any, checked: bool = True) -> "_ZarrRawChunks":
         """A direct reader of ``array``'s chunk files, which version 2 writes as little-endian bytes,
-        zstd-compressed or not, followed by a crc32c, under zarr's default chunk keys. Any other
-        metadata is refused: read through zarr, other chunk keys or codecs would find no chunk files
-        and read fill values, or read them unchecked."""
-        reader = _zarr_chunk_reader(self.root, name, array, crc=True)
+        zstd-compressed or not, followed by a crc32c, under zarr's default chunk keys; version 1
+        (``checked`` false) wrote no crc32c and no chunk equal to the fill value. Any other metadata
+        is refused: read through zarr, other chunk keys or codecs would find no chunk files and read
+        fill values, or read them unchecked, and zarr decodes any codec chain with no bound on its
+        output (a 32 KB zstd frame made 1 GiB)."""
+        reader = _zarr_chunk_reader(self.root, name, array, crc=checked, fill_missing=not checked)
         if reader is None:
             raise SoftlabelsError(f"{self.root}: array '{name}' is not stored as softlabels stores it (codecs bytes, "
-                                  "optionally zstd, then crc32c; chunks of whole rows under zarr's default chunk keys)")
+                                  f"optionally zstd{', then crc32c' if checked else ''}; chunks of whole rows under zarr's "
+                                  "default chunk keys)")
         return reader
 
     def close(self) -> None:
@@ -511,20 +515,20 @@ class _H5Backend:
             for chunk in chunks
         ]
 
-    def raw_reader(self, name: str, array: Any) -> "_H5RawChunks | None":
+    def raw_reader(self, name: str, array: Any, checked: bool = True) -> "_H5RawChunks | None":
         """A direct reader of a compressed array (:class:`_H5FilteredChunks`), or of an uncompressed
         target array whose chunks the read-checksum table covers; ``None`` (h5py with fletcher32, or
-        version 1) otherwise. An array of rows without fletcher32 is refused: h5py would read it
-        unchecked. (The commit record needs none: its entries are checksums, which damage makes
-        disagree with the chunks they describe.)"""
-        if name != "chunk_crc32" and not array.fletcher32:
+        version 1: ``checked`` false) otherwise. An array of rows without fletcher32 is refused in
+        version 2: h5py would read it unchecked. (The commit record needs none: its entries are
+        checksums, which damage makes disagree with the chunks they describe.)"""
+        if checked and name != "chunk_crc32" and not array.fletcher32:
             raise SoftlabelsError(f"{self.file.filename}: array '{name}' is stored without HDF5's fletcher32 checksum, "
                                   "which every chunk of a cache's rows carries")
         codec, fletcher = self._filters(name, array)
         if codec is not None:
             return _H5FilteredChunks(array, codec, fletcher, fd=self.file.id.get_vfd_handle() if self.file.mode == "r" else None)
         table = self.file.get(_READ_CHECKSUMS)
-        if not fletcher or table is None or array.chunks is None:
+        if not checked or not fletcher or table is None or array.chunks is None:
             return None
         self._filters(_READ_CHECKSUMS, table)  # read through h5py below
         names = self._read_checksum_names(table)
@@ -1306,11 +1310,12 @@ class _Arrays:
         self.records = {r.name: arrays[r.name] for r in layout.records}
         self.checksums = arrays["chunk_crc32"]
         self._ndims = {name: len(shape) for name, (shape, _) in layout.shapes().items()}  # h5py's ndim costs a call per read
-        # Version 1 stored no codec checksums and skipped chunks equal to the fill value.
+        # Version 1 stored no codec checksums and skipped chunks equal to the fill value. Its arrays are
+        # read directly too: zarr and h5py decode whatever codecs an array names, unbounded.
         self.checked = version >= 2
         named = {**self.targets, "labels": self.labels, **self.records}
-        self._raw = {name: backend.raw_reader(name, array) for name, array in named.items()} if self.checked else {}
-        commit = backend.raw_reader("chunk_crc32", self.checksums) if self.checked else None
+        self._raw = {name: backend.raw_reader(name, array, self.checked) for name, array in named.items()}
+        commit = backend.raw_reader("chunk_crc32", self.checksums, self.checked)
         self._commit = commit if isinstance(commit, _ZarrRawChunks) else None
 
     def commit_record(self, torn_unwritten: bool = True) -> np.ndarray:
@@ -1514,8 +1519,8 @@ class Cache(_Chunked):
         return np.concatenate(parts) if parts else np.zeros((0, *self.items), np.int64)
 
     def labels(self) -> np.ndarray:
-        """Every item's hard label (``-1`` for none)."""
-        return np.asarray(self._arrays.labels[:])
+        """Every item's hard label (``-1`` for none), read as :meth:`read` reads them."""
+        return self._arrays._read("labels", self._arrays.labels, [(0, len(self))])
 
     def checksums(self) -> np.ndarray:
         """Each chunk's CRC-32 as the dump recorded it (the commit record), ``-1`` where none was."""

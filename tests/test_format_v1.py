@@ -5,13 +5,17 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import zarr
+import zstandard
 from click.testing import CliRunner
 
-from softlabels import open_cache
+from softlabels import SoftlabelsError, open_cache
 from softlabels.cli import cli
+
+from .conftest import command_peak_mib
 
 V1 = Path(__file__).resolve().parent / "fixtures" / "v1"
 CACHES = ["dense-v1.zarr", "topk-v1.h5", "sampled-v1.zarr"]
@@ -81,3 +85,77 @@ def test_upgrade_needs_one_mode_and_refuses_to_overwrite(v1, tmp_path):
     again = run("convert", v1 / "dense-v1.zarr", tmp_path / "x.zarr", "--upgrade", "--quiet")
     assert again.exit_code == 1 and "already exists" in again.output
     zarr.open_group(str(tmp_path / "x.zarr"), mode="r")  # untouched and readable
+
+
+def _arrays(path):
+    """Every array of a cache as plain zarr or h5py reads it."""
+    if path.suffix == ".zarr":
+        return {name: array[:] for name, array in zarr.open_group(str(path), mode="r").arrays()}
+    with h5py.File(path, "r") as f:
+        return {name: array[:] for name, array in f.items()}
+
+
+@pytest.mark.parametrize("name", CACHES)
+def test_a_version_1_cache_read_directly_gives_the_bytes_zarr_and_h5py_read_and_a_chunk_never_stored_its_fill(v1, name):
+    if name.endswith(".zarr"):  # version 1 stored no chunk equal to the fill value: zarr reads the fill value
+        (v1 / name / "labels" / "c" / "1").unlink()
+    plain = _arrays(v1 / name)
+    with open_cache(v1 / name) as cache:
+        readers = cache._arrays._raw  # every array read directly, none through zarr; in HDF5 the compressed ones
+        assert set(readers) == set(plain) - {"chunk_crc32"}
+        assert all(readers.values()) if name.endswith(".zarr") else readers["labels"] and readers["topk_indices"]
+        for ranges in ([(0, 96)], [(64, 96), (0, 32)], [(17, 70)]):
+            rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+            targets, labels = cache.read_ranges(ranges) if len(ranges) > 1 else cache.read(*ranges[0])
+            for key, values in targets.items():
+                assert values.tobytes() == plain[key][rows].tobytes(), key
+            assert labels.tobytes() == plain["labels"][rows].tobytes()
+        assert cache.labels().tobytes() == plain["labels"].tobytes()
+        assert cache.checksums().tobytes() == plain["chunk_crc32"].tobytes()
+    if name.endswith(".zarr"):
+        assert (plain["labels"][32:64] == -1).all()
+
+
+@pytest.mark.parametrize("name, array, edit", [
+    ("dense-v1.zarr", "logits", lambda codecs: codecs + [{"name": "gzip", "configuration": {"level": 1}}] * 2),
+    ("dense-v1.zarr", "labels", lambda codecs: codecs[:1] + [{"name": "gzip", "configuration": {"level": 1}}]),
+    ("sampled-v1.zarr", "sample_indices", lambda codecs: codecs + [{"name": "crc32c"}]),
+    ("dense-v1.zarr", "chunk_crc32", lambda codecs: codecs + [{"name": "zstd", "configuration": {"level": 0, "checksum": False}}] * 2),
+    ("topk-v1.h5", "labels", {"compression": "gzip", "shuffle": True}),
+    ("topk-v1.h5", "chunk_crc32", {"compression": "gzip"}),
+], ids=["gzip gzip", "gzip labels", "crc32c", "zstd zstd commit record", "hdf5 shuffle", "hdf5 gzip commit record"])
+def test_a_version_1_array_stored_through_codecs_version_1_never_wrote_is_refused_on_open(v1, name, array, edit):
+    # zarr and h5py would decode whatever chain an array names, with no bound on what it makes
+    path = v1 / name
+    if name.endswith(".zarr"):
+        meta = json.loads((path / array / "zarr.json").read_text())
+        meta["codecs"] = edit(meta["codecs"])
+        (path / array / "zarr.json").write_text(json.dumps(meta))
+        message = rf"array '{array}' is not stored as softlabels stores it \(codecs bytes, optionally zstd;"
+    else:
+        with h5py.File(path, "r+") as f:
+            values, chunks = f[array][:], f[array].chunks
+            del f[array]
+            f.create_dataset(array, data=values, chunks=chunks, **edit)
+        message = rf"array '{array}' is stored through HDF5 filters \[[0-9, ]+\], not the pipelines softlabels writes"
+    with pytest.raises(SoftlabelsError, match=message):
+        open_cache(path)
+
+
+def test_a_version_1_zstd_chunk_that_would_decode_past_its_size_is_damaged_and_never_decoded_whole(v1):
+    path = v1 / "dense-v1.zarr"
+    code, lines, intact = command_peak_mib("inspect", str(path))
+    assert code == 0 and lines == []
+    # a frame that does not declare its size (so zstd cannot refuse it up front) of 256 MiB of zeros
+    writer = zstandard.ZstdCompressor(level=19, write_content_size=False).compressobj()
+    frame = b"".join(writer.compress(bytes(64 << 20)) for _ in range(4)) + writer.flush()
+    (path / "labels" / "c" / "1").write_bytes(frame)
+    code, lines, bombed = command_peak_mib("inspect", str(path))
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {path}: array 'labels' chunk 1 (rows 32-63) is damaged (")
+    assert bombed < intact + 64  # MiB: zarr's zstd decoded all 256
+    (path / "labels" / "c" / "1").write_bytes(frame[:1000])  # short enough to pass for a frame of the chunk
+    with open_cache(path) as cache:
+        for read in (lambda: cache.read(0, 96), cache.labels):
+            with pytest.raises(SoftlabelsError, match=r"array 'labels' chunk 1 \(rows 32-63\) is damaged "
+                                                      r"\(its zstd frame declares None bytes, not 256\)"):
+                read()
