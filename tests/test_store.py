@@ -737,7 +737,9 @@ def _put_hdf5_chunk(path, name, chunk, data, compression=None, cut=0, mask=0):
     ("cut", r"its {codec} stream does not decode to {size} bytes: "),
     ("larger than any stream", r"its stored chunk has 2332 bytes and filter mask 0, not at most"),
     ("stored as it is, shorter", r"its {codec} stream does not decode to {size} bytes: it holds {half} bytes"),
-    ("flipped byte", r"its fletcher32 does not match its bytes"),
+    # labels: fletcher32 of the stored bytes; logits: the read-checksum table's CRC-32C of the decoded
+    # rows, unless the decoder refuses the stream first
+    ("flipped byte", r"(its fletcher32 does not match its bytes|its crc32c does not match its bytes|its gzip stream does not decode)"),
 ], ids=["longer", "shorter", "cut", "too large", "stored shorter", "flipped"])
 def test_a_compressed_hdf5_chunk_that_does_not_decode_to_its_bytes_is_damaged(tmp_path, name, size, codec, damage, why,
                                                                               lzf_decoder):
@@ -1048,21 +1050,26 @@ def test_an_hdf5_cache_reaching_outside_its_own_chunks_is_refused(tmp_path, how)
         signal.alarm(0)
 
 
-def test_an_hdf5_chunk_the_file_does_not_store_is_damage_not_fill_values(tmp_path):
-    """Labels (compressed, read through h5py) whose chunks were never stored would read as -1,
-    'unlabeled', with every checksum of the chunks that are stored passing."""
+@pytest.mark.parametrize("name, read_by, why", [("labels", "softlabels", "the file does not have it"),
+                                                ("logits", "h5py", "its chunk file is missing")])
+def test_an_hdf5_chunk_the_file_does_not_store_is_damage_not_fill_values(tmp_path, name, read_by, why):
+    """Chunks never stored would read as the fill value (labels -1, 'unlabeled'; logits 0) with every
+    checksum of the chunks that are stored passing. Logits are read through h5py in a file without
+    the read-checksum table."""
     path = tmp_path / "c.h5"
     write_cache(path, np.ones((64, 5), dtype=np.float32), np.zeros(64, dtype=np.int64), chunk_rows=16)
     with h5py.File(path, "r+") as f:
-        old = f["labels"]
+        old = f[name]
         settings = dict(shape=old.shape, dtype=old.dtype, chunks=old.chunks, compression=old.compression,
                         fletcher32=old.fletcher32, fillvalue=old.fillvalue)
         kept = old[:16]
-        del f["labels"]
-        f.create_dataset("labels", **settings)[:16] = kept  # chunk 0 stored again, 1..3 never
+        del f[name]
+        f.create_dataset(name, **settings)[:16] = kept  # chunk 0 stored again, 1..3 never
+        if read_by == "h5py":
+            del f["chunk_crc32c"]
     with open_cache(path) as cache:
-        assert (cache.read(0, 16)[1] == 0).all()
-        with pytest.raises(DamagedChunk, match=r"array 'labels'.*chunk 1 \(rows 16-31\).*missing"):
+        assert (cache.read(0, 16)[0]["logits"] == 1).all() and (cache.read(0, 16)[1] == 0).all()
+        with pytest.raises(DamagedChunk, match=rf"array '{name}' chunk 1 \(rows 16-31\) is damaged \({why}\)"):
             cache.read(0, 64)
 
 
@@ -1075,3 +1082,23 @@ def test_a_folder_that_is_no_array_inside_a_zarr_cache_reads_without_a_warning(t
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert open_cache(path).read(0, 64)[0]["logits"].shape == (64, 5)
+
+
+def test_compressed_hdf5_targets_are_checked_by_the_read_checksum_table_and_labels_by_fletcher32(tmp_path, monkeypatch):
+    """The table's CRC-32C of the decoded rows runs at hardware speed; fletcher32, computed by numpy,
+    is kept for what the table does not cover."""
+    import softlabels.store as store
+
+    path = tmp_path / "c.h5"
+    logits = np.random.default_rng(0).normal(size=(64, 9)).astype(np.float32)
+    write_cache(path, logits, np.arange(64) % 9, chunk_rows=16, compress=True)
+    with h5py.File(path, "r") as f:
+        plain = f["logits"][:], f["labels"][:]
+    calls = []
+    original = store._fletcher32
+    monkeypatch.setattr(store, "_fletcher32", lambda data: calls.append(len(data)) or original(data))
+    with open_cache(path) as cache:
+        targets, labels = cache.read(0, 64)
+    np.testing.assert_array_equal(targets["logits"], plain[0])
+    np.testing.assert_array_equal(labels, plain[1])
+    assert len(calls) == 4  # one per labels chunk; none for the logits
