@@ -14,8 +14,10 @@ the kind's arrays   ``[N, *items, width]``        e.g. ``logits [N, *items, C]``
                                                   then its labels, then its records in manifest
                                                   order (little-endian, C order); ``-1``
                                                   until the chunk is written: the commit record
-``chunk_crc32c``    ``[N_chunks, A]`` uint32      HDF5 only: CRC-32C of each chunk's rows of each
-                                                  uncompressed array (attribute ``arrays``)
+``chunk_crc32c``    ``[N_chunks, A]`` uint32      CRC-32C of each chunk of the arrays named by its
+                                                  attribute ``arrays``, by chunk: HDF5, of its rows
+                                                  of each target array and record; Zarr, each chunk
+                                                  file's own crc32c, made at the finish
 records             ``[N, *shape]``               optional per-sample records kept beside the
                                                   targets, named ``group/name`` (a view cache's
                                                   augmentation parameters under ``views/``); the
@@ -71,7 +73,7 @@ from .kinds import STORE_DTYPES, StoredArray, TargetKind, kind_from_settings
 FORMAT = "softlabels-cache"
 FORMAT_VERSION = 2
 MANIFEST_KEY = "softlabels"
-_READ_CHECKSUMS = "chunk_crc32c"  # HDF5 only: see _H5Backend.create_read_checksums
+_READ_CHECKSUMS = "chunk_crc32c"  # see _H5Backend.create_read_checksums and _ZarrBackend.finish_read_checksums
 PARTIAL_SUFFIX = ".partial"
 _TARGET_CHUNK_BYTES = 512 << 10
 _MAX_CHUNK_BYTES = 1 << 30  # a reader allocates a chunk's bytes before reading them
@@ -231,6 +233,7 @@ class _ZarrBackend:
 
         self.root, self.read_only = path, mode == "r"
         self._arrays: dict[str, Any] | None = None
+        self._table: dict[str, np.ndarray] | None = None  # _places
         self._commit_files = _check_zarr_files(path) if mode != "w" else 0
         try:
             self.group = zarr.open_group(str(path), mode=mode)
@@ -301,10 +304,44 @@ class _ZarrBackend:
         return None
 
     def create_read_checksums(self, layout: "Layout") -> None:
-        pass  # every Zarr chunk file carries its own crc32c
+        pass  # every chunk file carries its own crc32c; their table by place is made at the finish
 
     def record_read_checksums(self, first: int, chunks: list[dict[str, np.ndarray]]) -> None:
         pass
+
+    def finish_read_checksums(self, layout: "Layout") -> None:
+        """Write ``chunk_crc32c [chunks, A]``: the crc32c each chunk file of each array of rows ends
+        with (targets, labels, records), by chunk. A chunk file's own crc32c checks its bytes, not
+        which chunk they are: a file copied over another chunk's would read as that chunk. Taken
+        from the files once every chunk is written, by whichever rank or run wrote each."""
+        names = [*(a.name for a in layout.target_arrays()), "labels", *(r.name for r in layout.records)]
+        arrays = self.arrays()
+        table = np.empty((layout.num_chunks, len(names)), np.uint32)
+        for column, name in enumerate(names):
+            reader = self.raw_reader(name, arrays[name])
+            table[:, column] = [reader.stored_checksum(chunk) for chunk in range(layout.num_chunks)]
+        array = self.create_array(_READ_CHECKSUMS, table.shape, (max(1, min(len(table), 4096)), len(names)), np.dtype(np.uint32),
+                                  0, False)
+        array.attrs["arrays"] = json.dumps(names)
+        array[:] = table
+
+    def _places(self, name: str) -> np.ndarray | None:
+        """``name``'s column of ``chunk_crc32c`` (:meth:`finish_read_checksums`), read and checked once;
+        ``None`` where the cache has no such table (a partial cache, or one written before it)."""
+        if self._table is None:
+            self._table = {}
+            array = self.arrays().get(_READ_CHECKSUMS)
+            if array is not None:
+                names = _read_checksum_names(array, self.arrays(), f"{self.root}: array '{_READ_CHECKSUMS}'")
+                reader = _zarr_chunk_reader(self.root, _READ_CHECKSUMS, array, crc=True)
+                if reader is None:
+                    raise SoftlabelsError(f"{self.root}: array '{_READ_CHECKSUMS}' is not stored as softlabels stores it")
+                try:
+                    values = reader.read([(0, array.shape[0])])
+                except _ChunkDamaged as exc:
+                    raise SoftlabelsError(f"{self.root}: array '{_READ_CHECKSUMS}' chunk {exc.chunk} is damaged ({exc})") from None
+                self._table = {name: values[:, column] for column, name in enumerate(names)}
+        return self._table.get(name)
 
     def raw_reader(self, name: str, array: Any, checked: bool = True) -> "_ZarrRawChunks":
         """A direct reader of ``array``'s chunk files, which version 2 writes as little-endian bytes,
@@ -318,6 +355,8 @@ class _ZarrBackend:
             raise SoftlabelsError(f"{self.root}: array '{name}' is not stored as softlabels stores it (codecs bytes, "
                                   f"optionally zstd{', then crc32c' if checked else ''}; chunks of whole rows under zarr's "
                                   "default chunk keys)")
+        if checked and self.read_only:
+            reader.places = self._places(name)
         return reader
 
     def close(self) -> None:
@@ -541,7 +580,7 @@ class _H5Backend:
         if table is None:
             return None, -1
         self._filters(_READ_CHECKSUMS, table)  # read through h5py below
-        names = self._read_checksum_names(table)
+        names = _read_checksum_names(table, self.arrays(), f"{self.file.filename}: array '{_READ_CHECKSUMS}'")
         if name not in names:
             return None, -1
         if self.file.mode != "r":
@@ -569,23 +608,27 @@ class _H5Backend:
                                   "then fletcher32 (3))")
         return (codec[0] if codec else None), fletcher
 
-    def _read_checksum_names(self, table: Any) -> list[str]:
-        """The arrays the read-checksum table covers, one column each, checked against its shape."""
-        where = f"{self.file.filename}: array '{_READ_CHECKSUMS}'"
-        try:
-            names = json.loads(table.attrs["arrays"])
-        except (KeyError, TypeError, ValueError, RecursionError):
-            names = None
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
-            raise SoftlabelsError(f"{where}: its attribute 'arrays' is not a list of distinct array names")
-        chunks = {-(-a.shape[0] // a.chunks[0]) for n, a in self.arrays().items() if n in names and a.chunks and a.shape}
-        if table.dtype != np.uint32 or table.ndim != 2 or table.shape[1] != len(names) or chunks - {table.shape[0]}:
-            raise SoftlabelsError(f"{where} is {table.dtype} {list(table.shape)}, not uint32 [chunks, {len(names)}] "
-                                  "for the arrays it covers")
-        return names
+    def finish_read_checksums(self, layout: "Layout") -> None:
+        pass  # kept as each chunk is written (record_read_checksums)
 
     def close(self) -> None:
         self.file.close()
+
+
+def _read_checksum_names(table: Any, arrays: dict[str, Any], where: str) -> list[str]:
+    """The arrays a read-checksum table (``chunk_crc32c``) covers, one column each, checked against
+    its shape."""
+    try:
+        names = json.loads(table.attrs["arrays"])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        names = None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
+        raise SoftlabelsError(f"{where}: its attribute 'arrays' is not a list of distinct array names")
+    chunks = {-(-a.shape[0] // a.chunks[0]) for n, a in arrays.items() if n in names and a.chunks and a.shape}
+    if np.dtype(table.dtype) != np.uint32 or table.ndim != 2 or table.shape[1] != len(names) or chunks - {table.shape[0]}:
+        raise SoftlabelsError(f"{where} is {table.dtype} {list(table.shape)}, not uint32 [chunks, {len(names)}] "
+                              "for the arrays it covers")
+    return names
 
 
 class _RawChunks:
@@ -769,6 +812,7 @@ class _ZarrRawChunks(_RawChunks):
         super().__init__(np.dtype(array.dtype), chunk_shape, tuple(array.shape))
         self.root, self.name, self.fill = root, name, array.fill_value
         self.crc, self.fill_missing = crc, fill_missing
+        self.places: np.ndarray | None = None  # the crc32c each chunk's file ends with, by chunk (chunk_crc32c)
         self._folders: set[str] = set()  # made by write already: a mkdir that finds one costs a syscall per chunk
 
     def _file(self, chunk: int) -> str:
@@ -853,7 +897,21 @@ class _ZarrRawChunks(_RawChunks):
         if got != len(into) or len(crc) != trailer:
             more = "more than " if len(crc) > trailer else ""
             raise _ChunkDamaged(chunk, f"its chunk file has {more}{got + len(crc)} bytes, not {len(into) + trailer}")
-        return (computed, int.from_bytes(crc, "little")) if self.crc else None
+        return (computed, self._placed(chunk, int.from_bytes(crc, "little"))) if self.crc else None
+
+    def _placed(self, chunk: int, trailer: int) -> int:
+        """The crc32c a chunk file ends with, refused unless it is the one recorded for the chunk
+        (where the cache has the table): a file copied over another chunk's passes its own check."""
+        if self.places is not None and trailer != self.places[chunk]:
+            raise _ChunkDamaged(chunk, "its chunk file is not the one written for it (its crc32c is not the one "
+                                f"recorded in {_READ_CHECKSUMS})")
+        return trailer
+
+    def stored_checksum(self, chunk: int) -> int:
+        """The crc32c chunk ``chunk``'s file ends with, read alone."""
+        with _open_chunk_file(self._file(chunk), chunk) as f:
+            f.seek(-4, os.SEEK_END)
+            return int.from_bytes(f.read(4), "little")
 
 
 class _ZarrZstdChunks(_ZarrRawChunks):
@@ -885,7 +943,7 @@ class _ZarrZstdChunks(_ZarrRawChunks):
         if self.crc:
             if len(stored) < 4:
                 raise _ChunkDamaged(chunk, f"its chunk file has {len(stored)} bytes")
-            _check(chunk, (_crc32c(stored[:-4]), int.from_bytes(stored[-4:].tobytes(), "little")))
+            _check(chunk, (_crc32c(stored[:-4]), self._placed(chunk, int.from_bytes(stored[-4:].tobytes(), "little"))))
             stored = stored[:-4]
         declared = _zstd_content_size(stored)
         if declared != len(into):  # zstd then holds the frame to it: decoding checks the size it makes
@@ -1729,6 +1787,7 @@ class CacheWriter(_Chunked):
         written = self.recorded_checksums()
         if (written < 0).any():
             raise RuntimeError(f"chunk {int(np.flatnonzero(written < 0)[0])} was never written")
+        self._backend.finish_read_checksums(self.layout)
         self._backend.sync(None, self._ndims)  # everything the cache holds is on disk before its manifest says complete
         self.manifest.update(manifest_updates, complete=True)
         self._backend.write_manifest(self.manifest)

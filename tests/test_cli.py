@@ -20,7 +20,7 @@ from softlabels.cli import cli
 from softlabels.runs import read_predictions
 from softlabels.store import chunk_checksum
 
-from .conftest import make_npz
+from .conftest import make_npz, reseal_zarr
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -345,6 +345,7 @@ def test_a_loss_made_nan_by_the_cache_or_the_inputs_names_them_not_the_learning_
     group["logits"][:] = logits
     assert group["chunk_crc32"].shape == (1,)
     group["chunk_crc32"][:] = [chunk_checksum({"logits": logits}, group["labels"][:])]
+    reseal_zarr(cache)
     result = run("train-student", "--cache", cache, "--student", "mlp", "--epochs", 1, "--batch-size", 300, "--out", tmp_path / "r")
     assert_one_line_error(result, r"student 'mlp' has a loss of (nan|inf) in epoch 1: the cached 'logits' of dataset row 17 hold "
                                   r"NaN or \+Inf, which training cannot use: the cache was dumped with --allow-nonfinite, or is damaged$")

@@ -3,6 +3,7 @@
 import errno
 import re
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +22,7 @@ from softlabels import SoftlabelsError, dump, load_model, open_cache, open_data
 from softlabels.cli import cli
 from softlabels.store import CacheWriter, chunk_checksum
 
-from .conftest import committed, dump_args, flip_hdf5_byte, make_npz, run_dump
+from .conftest import committed, dump_args, flip_hdf5_byte, make_npz, reseal_zarr, run_dump
 
 def kill_after(root, out, chunks: int) -> None:
     """Start a dump and SIGKILL it once ``chunks`` chunks are committed (0: as soon as it runs)."""
@@ -268,6 +269,7 @@ def test_verify_recompute_catches_logits_rewritten_with_valid_checksums(cache_an
     group["logits"][:] = logits
     labels = group["labels"][:]
     group["chunk_crc32"][:] = [chunk_checksum({"logits": logits[s:s + 50]}, labels[s:s + 50]) for s in range(0, 300, 50)]
+    reseal_zarr(out)
     assert verify(out).exit_code == 0  # the bytes match their checksums...
     result = verify(out, "--recompute", 20, "--teacher", teacher, "--arch", "linear")
     assert result.exit_code == 1 and "cached logits differ from the teacher's" in result.output  # ...the teacher does not
@@ -348,6 +350,11 @@ def test_convert_refuses_chunk_files_moved_since_the_dump(cache_and_teacher, tmp
     (chunks / "1" / "0").write_bytes(second)  # each keeps a valid crc32c of its own bytes
     (chunks / "2" / "0").write_bytes(first)
     result = CliRunner().invoke(cli, ["convert", str(cache), str(tmp_path / "out.zarr"), "--top-k", "2", "--quiet"])
+    assert result.exit_code == 1 and result.output.strip() == (  # caught as it is read, against chunk_crc32c
+        f"error: {cache}: array 'logits' chunk 1 (rows 50-99) is damaged (its chunk file is not the one written for it "
+        "(its crc32c is not the one recorded in chunk_crc32c)); run softlabels verify for a full report")
+    shutil.rmtree(cache / "chunk_crc32c")  # a cache written before it: the commit record still catches it
+    result = CliRunner().invoke(cli, ["convert", str(cache), str(tmp_path / "out.zarr"), "--top-k", "2", "--quiet"])
     assert result.exit_code == 1 and result.output.strip() == (
         f"error: {cache}: chunk 1 does not match its commit record; run softlabels verify {cache}")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == []  # nor its partial cache
@@ -401,6 +408,7 @@ def test_values_no_dump_writes_are_refused_though_their_checksums_match(tmp_path
     values[at] = {"topk_indices": 5, "sample_counts": values[at] + 1, "labels": -7}[array]
     group[array][:] = values  # with its crc32c, and the commit record rewritten to match
     group["chunk_crc32"][:] = [chunk_checksum({n: group[n][s:s + 50] for n in names}, group["labels"][s:s + 50]) for s in range(0, 300, 50)]
+    reseal_zarr(out)
     expected = f"array '{array}' chunk 0 (rows 0-49) is damaged (it holds {what})"
     assert expected in user_error("train-student", "--cache", out, "--student", "mlp", "--epochs", 1, "--out", tmp_path / "r")
     assert expected in user_error("evaluate", "--model", linear_teacher, "--arch", "linear", "--cache", out)

@@ -21,7 +21,7 @@ from softlabels.store import DamagedChunk, Record, chunk_checksum, default_chunk
 from softlabels.report import cache_report
 from softlabels.verify import verify_cache
 
-from .conftest import command_peak_mib, flip_hdf5_byte
+from .conftest import command_peak_mib, flip_hdf5_byte, reseal_zarr
 
 MANIFEST = {"teacher": {"file": "t.pth"}, "dataset": {"spec": "x.npz", "fingerprint": "sha256:0"}}
 
@@ -33,6 +33,14 @@ def write_cache(path, logits, labels, chunk_rows, dtype="float16", item_axes=(),
             start, stop = writer.chunk_bounds(index)
             writer.write_chunks(index, {"logits": logits[start:stop]}, labels[start:stop])
         writer.finish()
+
+
+def forge_zarr_chunk(path, array, chunk, stored):
+    """Replace ``array``'s chunk file with ``stored`` and its crc32c, as a forger would, the table of
+    chunk checksums by place (``chunk_crc32c``) included: only the checks of what the file holds remain."""
+    name = f"{array}/c/{chunk}" + "/0" * (zarr.open_group(str(path), mode="r")[array].ndim - 1)
+    (path / name).write_bytes(stored + google_crc32c.value(stored).to_bytes(4, "little"))
+    reseal_zarr(path)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -421,9 +429,11 @@ def test_a_complete_cache_missing_a_commit_record_chunk_is_refused_not_read_shor
         # the rows themselves are read and checked chunk by chunk, the record aside
         np.testing.assert_array_equal(cache.read(0, 64)[1], np.arange(64) % 5)
     # verify names the missing entry and still compares every other chunk with its record: a chunk
-    # file copied over another passes its own crc32c
+    # file copied over another passes its own crc32c in a cache without their table by place (one
+    # written before it)
     other, source = [c for c in range(4) if c != missing][:2]
     (path / "labels" / "c" / str(other)).write_bytes((path / "labels" / "c" / str(source)).read_bytes())
+    shutil.rmtree(path / "chunk_crc32c")
     problems = verify_cache(path).problems
     assert any(p.startswith(f"chunk {missing} ") and "never written" in p for p in problems), problems
     assert any(p.startswith(f"chunk {other} ") and "checksum mismatch" in p for p in problems), problems
@@ -436,7 +446,7 @@ def test_a_zstd_chunk_of_the_wrong_size_with_a_valid_crc32c_fails_when_read(tmp_
     path = tmp_path / "c.zarr"
     write_cache(path, np.ones((64, 5), dtype=np.float32), np.arange(64, dtype=np.int64) % 5, chunk_rows=16)
     frame = Zstd(level=1).encode(np.arange(8, dtype="<i8"))
-    (path / "labels" / "c" / "1").write_bytes(bytes(frame) + google_crc32c.value(bytes(frame)).to_bytes(4, "little"))
+    forge_zarr_chunk(path, "labels", 1, bytes(frame))
     with open_cache(path) as cache:
         reuse = {}
         cache.read_ranges([(32, 48)], reuse)  # the buffer now holds chunk 2's labels
@@ -451,7 +461,7 @@ def test_a_zstd_frame_cut_short_with_a_valid_crc32c_and_header_fails_when_read_a
     labels = np.random.default_rng(0).integers(0, 5, 64)
     write_cache(path, np.ones((64, 5), dtype=np.float32), labels, chunk_rows=16)
     frame = bytes(Zstd(level=1).encode(np.ascontiguousarray(labels[16:32], "<i8")))[:-6]  # declares 128 bytes, holds fewer
-    (path / "labels" / "c" / "1").write_bytes(frame + google_crc32c.value(frame).to_bytes(4, "little"))
+    forge_zarr_chunk(path, "labels", 1, frame)
     with open_cache(path) as cache:
         with pytest.raises(SoftlabelsError, match=r"array 'labels' chunk 1 \(rows 16-31\) is damaged \(its zstd frame does not decode to 128 bytes"):
             cache.read(16, 32)
@@ -467,7 +477,7 @@ def test_a_zstd_frame_followed_by_more_bytes_with_a_valid_crc32c_fails_when_read
     write_cache(path, np.ones((64, 5), dtype=np.float32), labels, chunk_rows=16)
     frame = bytes(Zstd(level=1).encode(np.ascontiguousarray(labels[16:32], "<i8")))
     stored = frame + (frame if after == b"second frame" else after)
-    (path / "labels" / "c" / "1").write_bytes(stored + google_crc32c.value(stored).to_bytes(4, "little"))
+    forge_zarr_chunk(path, "labels", 1, stored)
     with open_cache(path) as cache, pytest.raises(SoftlabelsError, match=r"array 'labels' chunk 1 \(rows 16-31\) is damaged \(its zstd frame does not decode to 128 bytes"):
         cache.read(16, 32)
     with pytest.raises(Exception):
@@ -979,7 +989,7 @@ def write_record_cache(path):
     layout = Layout(Dense(), 64, 5, "float16", 16, records=(Record("views/offset", np.dtype(np.int32), (1,)),))
     with CacheWriter(path, layout, manifest=MANIFEST) as writer:
         for chunk in range(4):
-            writer.write_chunks(chunk, {"logits": np.ones((16, 5), np.float16)}, np.zeros(16, np.int64),
+            writer.write_chunks(chunk, {"logits": np.full((16, 5), chunk, np.float16)}, np.full(16, chunk, np.int64),
                                 {"views/offset": np.full((16, 1), chunk, np.int32)})
         writer.finish()
 
@@ -1102,3 +1112,64 @@ def test_compressed_hdf5_targets_are_checked_by_the_read_checksum_table_and_labe
     np.testing.assert_array_equal(targets["logits"], plain[0])
     np.testing.assert_array_equal(labels, plain[1])
     assert len(calls) == 4  # one per labels chunk; none for the logits
+
+
+@pytest.mark.parametrize("array, name", [("logits", "logits/c/{}/0"), ("labels", "labels/c/{}"), ("views/offset", "views/offset/c/{}/0")])
+def test_a_zarr_chunk_file_copied_over_another_chunks_fails_when_read(tmp_path, array, name):
+    """Its own crc32c passes; the table of them by place (chunk_crc32c) does not."""
+    path = tmp_path / "c.zarr"
+    write_record_cache(path)
+    (path / name.format(1)).write_bytes((path / name.format(2)).read_bytes())
+    with open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.read(32, 64)[1], np.repeat([2, 3], 16))  # the other chunks still read
+        with pytest.raises(DamagedChunk, match=rf"array '{array}' chunk 1 \(rows 16-31\) is damaged \(its chunk file is not the one "
+                                               r"written for it \(its crc32c is not the one recorded in chunk_crc32c\)\)"):
+            cache.read(0, 64) if array != "views/offset" else cache.read_records(0, 64)
+        with pytest.raises(DamagedChunk):
+            list(cache.iter_chunks()) if array != "views/offset" else cache.read_records(16, 32)
+    assert zarr.open_group(str(path), mode="r")[array][16:32] is not None  # plain zarr: the file passes its own crc32c
+
+
+def test_the_table_of_chunk_checksums_by_place_is_each_zarr_chunk_files_own_crc32c(tmp_path):
+    path = tmp_path / "c.zarr"
+    write_record_cache(path)
+    table = zarr.open_group(str(path), mode="r")["chunk_crc32c"]
+    assert json.loads(table.attrs["arrays"]) == ["logits", "labels", "views/offset"] and table.dtype == np.uint32
+    files = ["logits/c/{}/0", "labels/c/{}", "views/offset/c/{}/0"]
+    expected = [[google_crc32c.value((path / f.format(chunk)).read_bytes()[:-4]) for f in files] for chunk in range(4)]
+    np.testing.assert_array_equal(table[:], np.array(expected, dtype=np.uint32))
+
+
+def test_a_zarr_cache_without_the_table_of_chunk_checksums_by_place_reads_as_before(tmp_path):
+    path = tmp_path / "c.zarr"
+    write_record_cache(path)
+    shutil.rmtree(path / "chunk_crc32c")
+    (path / "logits/c/1/0").write_bytes((path / "logits/c/2/0").read_bytes())
+    with open_cache(path) as cache:
+        assert cache.read(0, 64)[0]["logits"].shape == (64, 5)  # only the commit record can tell (verify)
+    assert any("checksum mismatch" in p for p in verify_cache(path).problems)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("shape", r"array 'chunk_crc32c' is uint32 \[4, 2\], not uint32 \[chunks, 3\] for the arrays it covers"),
+    ("names", r"array 'chunk_crc32c': its attribute 'arrays' is not a list of distinct array names"),
+    ("bytes", r"array 'chunk_crc32c' chunk 0 is damaged \(its crc32c does not match its bytes\)"),
+])
+def test_a_damaged_table_of_chunk_checksums_by_place_is_refused_in_one_line(tmp_path, damage, expected):
+    path = tmp_path / "c.zarr"
+    write_record_cache(path)
+    group = zarr.open_group(str(path), mode="r+")
+    if damage == "shape":
+        names = json.loads(group["chunk_crc32c"].attrs["arrays"])
+        del group["chunk_crc32c"]
+        group.create_array("chunk_crc32c", shape=(4, 2), chunks=(4, 2), dtype="uint32", fill_value=0,
+                           compressors=[zarr.codecs.Crc32cCodec()]).attrs["arrays"] = json.dumps(names)
+    elif damage == "names":
+        group["chunk_crc32c"].attrs["arrays"] = json.dumps(["logits", "logits", "labels"])
+    else:
+        chunk = path / "chunk_crc32c" / "c" / "0" / "0"
+        data = bytearray(chunk.read_bytes())
+        data[0] ^= 1
+        chunk.write_bytes(bytes(data))
+    with pytest.raises(SoftlabelsError, match=expected):  # at the open, which makes the readers
+        open_cache(path)

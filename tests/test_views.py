@@ -22,6 +22,8 @@ from softlabels.store import chunk_checksum
 from softlabels.verify import verify_cache
 from softlabels.views import Views, replay
 
+from .conftest import reseal_zarr
+
 DATA = "mnist1d://transfer?n=100&seed=3"
 SIGNAL = ("shift?max=6", "scale?max=0.25", "noise?std=0.15", "mixup?alpha=1")
 
@@ -166,10 +168,7 @@ def test_verify_replays_views_and_catches_edited_parameters(tmp_path, teacher, v
     changed = offsets[:].copy()
     changed[:, :] = np.where(changed >= 0, changed - 6, changed + 6)
     offsets[:] = changed
-    with open_cache(edited) as cache:
-        sums = [chunk_checksum(*cache.read(*cache.chunk_bounds(c)), cache.read_records(*cache.chunk_bounds(c)))
-                for c in range(cache.num_chunks)]
-    group["chunk_crc32"][:] = sums
+    with_checksums(edited)
     assert verify_cache(edited).ok
     report = verify_cache(edited, recompute=100, teacher=teacher, device="cpu")
     assert any("stored parameter 'views/shift.offset'" in p for p in report.problems)
@@ -177,7 +176,9 @@ def test_verify_replays_views_and_catches_edited_parameters(tmp_path, teacher, v
 
 
 def with_checksums(path):
-    """Rewrite ``path``'s commit record to match its arrays, as an editor who knows the format would."""
+    """Rewrite ``path``'s commit record and table of chunk checksums by place to match its arrays,
+    as an editor who knows the format would."""
+    reseal_zarr(path)
     with open_cache(path) as cache:
         sums = [chunk_checksum(*cache.read(*cache.chunk_bounds(c)), cache.read_records(*cache.chunk_bounds(c)))
                 for c in range(cache.num_chunks)]
