@@ -233,7 +233,7 @@ class _ZarrBackend:
 
         self.root, self.read_only = path, mode == "r"
         self._arrays: dict[str, Any] | None = None
-        self._table: dict[str, np.ndarray] | None = None  # _places
+        self._table: dict[str, list[int]] | None = None  # _places
         self._commit_files = _check_zarr_files(path) if mode != "w" else 0
         try:
             self.group = zarr.open_group(str(path), mode=mode)
@@ -325,7 +325,7 @@ class _ZarrBackend:
         array.attrs["arrays"] = json.dumps(names)
         array[:] = table
 
-    def _places(self, name: str) -> np.ndarray | None:
+    def _places(self, name: str) -> list[int] | None:
         """``name``'s column of ``chunk_crc32c`` (:meth:`finish_read_checksums`), read and checked once;
         ``None`` where the cache has no such table (a partial cache, or one written before it)."""
         if self._table is None:
@@ -340,7 +340,8 @@ class _ZarrBackend:
                     values = reader.read([(0, array.shape[0])])
                 except _ChunkDamaged as exc:
                     raise SoftlabelsError(f"{self.root}: array '{_READ_CHECKSUMS}' chunk {exc.chunk} is damaged ({exc})") from None
-                self._table = {name: values[:, column] for column, name in enumerate(names)}
+                # ints, not numpy scalars: one comparison per chunk read, at a Python int's cost
+                self._table = {name: values[:, column].tolist() for column, name in enumerate(names)}
         return self._table.get(name)
 
     def raw_reader(self, name: str, array: Any, checked: bool = True) -> "_ZarrRawChunks":
@@ -812,7 +813,7 @@ class _ZarrRawChunks(_RawChunks):
         super().__init__(np.dtype(array.dtype), chunk_shape, tuple(array.shape))
         self.root, self.name, self.fill = root, name, array.fill_value
         self.crc, self.fill_missing = crc, fill_missing
-        self.places: np.ndarray | None = None  # the crc32c each chunk's file ends with, by chunk (chunk_crc32c)
+        self.places: list[int] | None = None  # the crc32c each chunk's file ends with, by chunk (chunk_crc32c)
         self._folders: set[str] = set()  # made by write already: a mkdir that finds one costs a syscall per chunk
 
     def _file(self, chunk: int) -> str:
