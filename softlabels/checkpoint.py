@@ -47,7 +47,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DistributedDataParalle
 
 # The most bytes of input and activations that the one-sample forward pass sizing a built-in model's
 # head (models._with_head) may hold. The models softlabels trains need a few MB (a 3x224x224 image
-# through cnn2d: under 20 MB), while an input_shape read from a checkpoint can ask for any amount, and
+# through cnn2d: 22 MB), while an input_shape read from a checkpoint can ask for any amount, and
 # the real pass takes many times its activations' size besides (a cnn1d whose activations sum to 2.5
 # GiB reached 17.7 GB).
 _PROBE_BYTES = 1 << 30
@@ -252,19 +252,20 @@ def _load_state(model: nn.Module, state_dict: dict[str, Any], path: Path, arch: 
 
 
 def _check_fit_before_building(arch: str, arch_kwargs: dict[str, Any], input_shape: Any, num_classes: int | None,
-                               state_dict: dict[str, Any], path: Path) -> None:
+                               state_dict: dict[str, Any], path: Path, bounded: bool = True) -> None:
     """Refuse arguments that do not build the checkpoint's model before any memory is taken for it:
     a checkpoint's ``arch_kwargs`` (it may come from anyone) could ask for millions of layers or
     rows. A layer holds at least one tensor, so a depth beyond their count cannot fit; wide layers
-    are built on the meta device, which allocates nothing, and compared with the state dict. There
-    the forward pass that sizes a head measures what the real one would hold for ``input_shape``."""
+    are built on the meta device, which allocates nothing, and compared with the state dict. There,
+    where the file's ``input_shape`` is ``bounded`` (not the one the caller's data has, which the
+    model will take anyway), the forward pass that sizes a head may hold at most ``_PROBE_BYTES``."""
     for key in ("depth", "layers"):
         value = arch_kwargs.get(key)
         if isinstance(value, int) and value > len(state_dict):
             raise SoftlabelsError(f"{path} does not fit architecture '{arch}': {key}={value}, "
                                   f"but the checkpoint holds {len(state_dict)} tensors")
     try:
-        with torch.device("meta"), _probe_bytes_at_most(_PROBE_BYTES, path, input_shape):
+        with torch.device("meta"), _probe_bytes_at_most(_PROBE_BYTES if bounded else None, path, input_shape):
             probe = build_model(arch, input_shape=input_shape, num_classes=num_classes, kwargs=arch_kwargs)
     except SoftlabelsError:
         raise
@@ -274,11 +275,14 @@ def _check_fit_before_building(arch: str, arch_kwargs: dict[str, Any], input_sha
 
 
 @contextmanager
-def _probe_bytes_at_most(limit: int, path: Path, input_shape: Any) -> Iterator[None]:
+def _probe_bytes_at_most(limit: int | None, path: Path, input_shape: Any) -> Iterator[None]:
     """Refuse, within, any forward pass whose layers read and write more than ``limit`` bytes of
     tensors in all, each storage counted once (a view is no memory of its own): a bound of what a
     pass without gradients holds. On the meta device the pass itself allocates nothing, so the
-    refusal comes before any memory is taken."""
+    refusal comes before any memory is taken. ``None``: no bound."""
+    if limit is None:
+        yield
+        return
     seen: dict[int, Any] = {}  # storages held, so that no id is reused by a later one
     total = 0
 
@@ -366,13 +370,14 @@ def load_model(
         )
     if arch_kwargs is None:
         arch_kwargs = described.get("arch_kwargs", {})
+    confirmed = input_shape is not None and tuple(described.get("input_shape", input_shape)) == tuple(input_shape)
     input_shape = described.get("input_shape", input_shape)
     num_classes = num_classes or described.get("num_classes") or _infer_num_classes(state_dict)
     names = described.get("classes")
     if names is not None and len(names) != num_classes:
         raise SoftlabelsError(f"checkpoint {path}: field 'classes' names {len(names)} classes, the model has {num_classes}")
     if not arch_names_code(arch):  # a built-in architecture, built from the file's arguments alone
-        _check_fit_before_building(arch, arch_kwargs, input_shape, num_classes, state_dict, path)
+        _check_fit_before_building(arch, arch_kwargs, input_shape, num_classes, state_dict, path, bounded=not confirmed)
     model = build_model(arch, input_shape=input_shape, num_classes=num_classes, kwargs=arch_kwargs)
     _load_state(model, state_dict, path, arch)
     model.eval()

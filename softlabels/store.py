@@ -236,7 +236,7 @@ class _ZarrBackend:
         self._table: dict[str, list[int]] | None = None  # _places
         self._commit_files = _check_zarr_files(path) if mode != "w" else 0
         try:
-            self.group = zarr.open_group(str(path), mode=mode)
+            self.group = zarr.open_group(str(path), mode=mode, zarr_format=3)  # no look at v2's .zgroup, .zattrs, ...
         except Exception as exc:
             raise SoftlabelsError(f"{path} is not a softlabels cache: cannot open it as a Zarr group ({exc})") from exc
 
@@ -320,6 +320,8 @@ class _ZarrBackend:
         for column, name in enumerate(names):
             reader = self.raw_reader(name, arrays[name])
             table[:, column] = [reader.stored_checksum(chunk) for chunk in range(layout.num_chunks)]
+        if _READ_CHECKSUMS in self.group:  # made by a finish that a kill stopped before the cache was published
+            del self.group[_READ_CHECKSUMS]
         array = self.create_array(_READ_CHECKSUMS, table.shape, (max(1, min(len(table), 4096)), len(names)), np.dtype(np.uint32),
                                   0, False)
         array.attrs["arrays"] = json.dumps(names)
@@ -398,9 +400,10 @@ def _check_zarr_files(root: Path) -> int:
             raise SoftlabelsError(f"{root}: cannot read {folder}: {exc.strerror}") from None
         array = info is not None and folder != str(root) and _is_zarr_array(metadata)
         for entry in entries:
-            if entry.is_symlink() and os.path.isdir(entry.path):
+            chunks = array and entry.name == "c"  # read by softlabels alone, each file checked as it is opened
+            if entry.is_symlink() and os.path.isdir(entry.path) and not chunks:
                 raise SoftlabelsError(f"{root}: {entry.path} is a link to a folder, which no cache holds")
-            if entry.is_dir(follow_symlinks=False) and not (array and entry.name == "c"):
+            if entry.is_dir(follow_symlinks=False) and not chunks:
                 folders.append(entry.path)
     return _check_chunk_files(os.path.join(root, "chunk_crc32", "c"), root)
 
@@ -623,10 +626,10 @@ def _read_checksum_names(table: Any, arrays: dict[str, Any], where: str) -> list
         names = json.loads(table.attrs["arrays"])
     except (KeyError, TypeError, ValueError, RecursionError):
         names = None
-    if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
-        raise SoftlabelsError(f"{where}: its attribute 'arrays' is not a list of distinct array names")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n in arrays for n in names) and len(set(names)) == len(names)):
+        raise SoftlabelsError(f"{where}: its attribute 'arrays' is not a list of distinct names of the cache's arrays")
     chunks = {-(-a.shape[0] // a.chunks[0]) for n, a in arrays.items() if n in names and a.chunks and a.shape}
-    if np.dtype(table.dtype) != np.uint32 or table.ndim != 2 or table.shape[1] != len(names) or chunks - {table.shape[0]}:
+    if np.dtype(table.dtype) != np.uint32 or table.ndim != 2 or table.shape[1] != len(names) or chunks != {table.shape[0]}:
         raise SoftlabelsError(f"{where} is {table.dtype} {list(table.shape)}, not uint32 [chunks, {len(names)}] "
                               "for the arrays it covers")
     return names

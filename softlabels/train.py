@@ -374,6 +374,29 @@ def _same_structure(saved: Any, fresh: Any) -> bool:
     return type(saved) is type(fresh)
 
 
+# The settings of an optimizer's group, and of its schedule's state, that change as a run trains.
+_MOVING = {"lr", "last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step"}
+
+
+def _equal(saved: Any, fresh: Any) -> bool:
+    """``saved == fresh``, as plain values (a tensor setting is compared by its values)."""
+    try:
+        return type(saved) is type(fresh) and bool(saved == fresh if not isinstance(fresh, torch.Tensor) else torch.equal(saved, fresh))
+    except Exception:
+        return False
+
+
+def _check_schedule_state(saved: Any, schedule: Any) -> None:
+    """Refuse a schedule state that is not ``schedule``'s: its counters and learning rates of the
+    fresh state's types (and lengths), every other entry the fresh state's own; entries only one
+    torch version has are left out, as for the optimizer's groups."""
+    fresh = schedule.state_dict()
+    needed = {"last_epoch", "_step_count", "base_lrs", "_last_lr"} & fresh.keys()
+    if not (isinstance(saved, dict) and needed <= saved.keys()
+            and all(_same_structure(saved[k], fresh[k]) if k in _MOVING else _equal(saved[k], fresh[k]) for k in saved.keys() & fresh.keys())):
+        raise ValueError("its learning-rate schedule's state is not one of this schedule")
+
+
 # What AdamW keeps per parameter once it has stepped: a step count (a scalar) and two moments of the
 # parameter's dtype and shape.
 _ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
@@ -386,10 +409,13 @@ def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None
     fresh = optimizer.state_dict()  # its state is empty: no step yet
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     # A group's settings are compared where both have them: another torch version may add a setting
-    # (its optimizer gives the default to a group saved without it) or drop one.
+    # (its optimizer gives the default to a group saved without it) or drop one. They are the run's
+    # options (which a resume repeats) or torch's defaults, so each must be the fresh group's; only
+    # the learning rate moves with the schedule.
     if not (isinstance(saved, dict) and saved.keys() == fresh.keys() and isinstance(groups, list) and len(groups) == len(fresh["param_groups"])
             and all(isinstance(g, dict) and {"params", "lr"} <= g.keys() and g["params"] == f["params"]
-                    and all(_same_structure(g[k], f[k]) for k in g.keys() & f.keys()) for g, f in zip(groups, fresh["param_groups"]))):
+                    and all(_same_structure(g[k], f[k]) if k in _MOVING else _equal(g[k], f[k]) for k in g.keys() & f.keys())
+                    for g, f in zip(groups, fresh["param_groups"]))):
         raise ValueError("its optimizer's parameter groups are not this optimizer's")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not isinstance(saved["state"], dict):
@@ -465,8 +491,7 @@ class _Student:
         if not (isinstance(state["metrics"], dict) and state["metrics"] == metrics):
             raise ValueError(f"the metrics of student '{self.name}' are not those of its last epoch")
         _check_optimizer_state(state["optimizer"], self.optimizer)
-        if not _same_structure(state["schedule"], self.schedule.state_dict()):
-            raise ValueError("its learning-rate schedule's state is not one of this schedule")
+        _check_schedule_state(state["schedule"], self.schedule)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])

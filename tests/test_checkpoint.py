@@ -189,6 +189,9 @@ def test_an_input_shape_whose_activations_would_take_gigabytes_is_refused_before
     with pytest.raises(SoftlabelsError, match=r"wide.pth: its input_shape \[134217728\] asks for over 1.5 GiB of activations "
                                               r"for one sample when the model is built \(more than the 1 GiB allowed\)"):
         load_model(tmp_path / "wide.pth")
+    # given by the caller's data, the shape is the one the model will take anyway: no bound, on to the real build
+    with pytest.raises(AssertionError, match="the model was built on a real device"):
+        load_model(tmp_path / "wide.pth", input_shape=(2**27,))
     monkeypatch.undo()
     model = build_model("cnn1d", input_shape=(2**16,), num_classes=10, kwargs=kwargs)  # 0.7 MB: loads as before
     save_checkpoint(tmp_path / "fine.pth", model, arch="cnn1d", arch_kwargs=kwargs, input_shape=(2**16,), num_classes=10)

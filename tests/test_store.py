@@ -804,7 +804,7 @@ def test_an_hdf5_array_of_rows_without_fletcher32_is_refused_not_read_unchecked(
 
 @pytest.mark.parametrize("damage, message", [
     ("rows", r"array 'chunk_crc32c' is uint32 \[3, 1\], not uint32 \[chunks, 1\]"),
-    ("names", r"array 'chunk_crc32c': its attribute 'arrays' is not a list of distinct array names"),
+    ("names", r"array 'chunk_crc32c': its attribute 'arrays' is not a list of distinct names of the cache's arrays"),
     ("byte", r"array 'chunk_crc32c' is damaged"),
 ])
 def test_a_damaged_or_malformed_hdf5_read_checksum_table_is_refused_in_one_line(tmp_path, damage, message):
@@ -1152,7 +1152,7 @@ def test_a_zarr_cache_without_the_table_of_chunk_checksums_by_place_reads_as_bef
 
 @pytest.mark.parametrize("damage, expected", [
     ("shape", r"array 'chunk_crc32c' is uint32 \[4, 2\], not uint32 \[chunks, 3\] for the arrays it covers"),
-    ("names", r"array 'chunk_crc32c': its attribute 'arrays' is not a list of distinct array names"),
+    ("names", r"array 'chunk_crc32c': its attribute 'arrays' is not a list of distinct names of the cache's arrays"),
     ("bytes", r"array 'chunk_crc32c' chunk 0 is damaged \(its crc32c does not match its bytes\)"),
 ])
 def test_a_damaged_table_of_chunk_checksums_by_place_is_refused_in_one_line(tmp_path, damage, expected):
@@ -1173,3 +1173,53 @@ def test_a_damaged_table_of_chunk_checksums_by_place_is_refused_in_one_line(tmp_
         chunk.write_bytes(bytes(data))
     with pytest.raises(SoftlabelsError, match=expected):  # at the open, which makes the readers
         open_cache(path)
+
+
+def test_a_dump_killed_in_its_finish_after_the_table_of_chunk_checksums_finishes_when_resumed(tmp_path):
+    path = tmp_path / "c.zarr"
+    layout = Layout(Dense(), 64, 5, "float16", 16)
+    with CacheWriter(path, layout, manifest=MANIFEST) as writer:
+        for chunk in range(4):
+            writer.write_chunks(chunk, {"logits": np.full((16, 5), chunk, np.float16)}, np.full(16, chunk, np.int64))
+        writer._backend.finish_read_checksums(layout)  # then killed: the cache was never published
+    assert (tmp_path / "c.zarr.partial" / "chunk_crc32c").is_dir() and not path.exists()
+    writer = CacheWriter.resume(path)
+    writer.finish()
+    with open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.read(0, 64)[1], np.repeat(np.arange(4), 16))
+
+
+def test_a_table_of_chunk_checksums_naming_no_array_of_the_cache_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "c.zarr"
+    write_record_cache(path)
+    group = zarr.open_group(str(path), mode="r+")
+    del group["chunk_crc32c"]
+    group.create_array("chunk_crc32c", shape=(2**40, 1), chunks=(4096, 1), dtype="uint32", fill_value=0,
+                       compressors=[zarr.codecs.Crc32cCodec()]).attrs["arrays"] = json.dumps(["nothing"])
+    with pytest.raises(SoftlabelsError, match=r"its attribute 'arrays' is not a list of distinct names of the cache's arrays"):
+        open_cache(path)
+
+
+@pytest.mark.parametrize("name", [".zgroup", ".zattrs", ".zmetadata"])
+def test_a_pipe_where_zarr_v2_keeps_its_metadata_does_not_block_the_reader(tmp_path, name):
+    import signal
+
+    path = tmp_path / "c.zarr"
+    write_record_cache(path)
+    os.mkfifo(path / name)
+    signal.alarm(20)  # a blocked open fails the test instead of hanging it
+    try:
+        with open_cache(path) as cache:
+            np.testing.assert_array_equal(cache.read(0, 64)[1], np.repeat(np.arange(4), 16))
+    finally:
+        signal.alarm(0)
+
+
+def test_an_arrays_chunk_folder_may_be_a_link(tmp_path):
+    """Chunks kept on another disk: softlabels alone reads a chunk folder, each file checked as it is opened."""
+    path = tmp_path / "c.zarr"
+    write_record_cache(path)
+    shutil.move(path / "logits" / "c", tmp_path / "elsewhere")
+    (path / "logits" / "c").symlink_to(tmp_path / "elsewhere")
+    with open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.read(0, 64)[0]["logits"][:, 0], np.repeat(np.arange(4), 16))
