@@ -378,9 +378,10 @@ def _check_zarr_files(root: Path) -> int:
     """Refuse a Zarr cache whose files that zarr-python itself reads (the ``zarr.json`` of the group
     and of every group and array below it, the commit record's chunks) are not regular files of a
     sane size: a FIFO there blocks the reader forever, a link to a device reads without end. A link
-    to a folder is refused too: zarr would follow it out of the cache. The bulk of the chunk files
-    are read directly, each checked as it is opened (:func:`_open_chunk_file`). Returns the number
-    of the commit record's chunk files."""
+    to a folder is refused too, zarr would follow it out of the cache, except an array's chunk
+    folder (``c``), which only softlabels reads: the bulk of the chunk files are read directly, each
+    checked as it is opened (:func:`_open_chunk_file`). Returns the number of the commit record's
+    chunk files."""
     folders = [str(root)]
     while folders:  # zarr's own walk of the hierarchy, without its reads: every folder but an array's chunks
         folder = folders.pop()
