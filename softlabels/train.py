@@ -404,8 +404,8 @@ _ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
 
 def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer) -> None:
     """Refuse optimizer state that is not what ``optimizer`` (not yet stepped) saves once it has:
-    the same groups of the same parameters, hyperparameters of the same types, and for each
-    parameter nothing or :data:`_ADAMW_STATE` for its shape."""
+    the same groups of the same parameters, each setting the fresh group's (the learning rate a
+    finite number), and for each parameter nothing or :data:`_ADAMW_STATE` for its shape."""
     fresh = optimizer.state_dict()  # its state is empty: no step yet
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     # A group's settings are compared where both have them: another torch version may add a setting
