@@ -1040,10 +1040,18 @@ class _H5RawChunks(_RawChunks):
         self.array, self.table, self.column, self.fd = array, table, column, fd
         self._index: np.ndarray | None = None  # per chunk: byte offset, stored size, filter mask (-1: absent)
 
+    def _coordinates(self, chunk: int) -> tuple[int, ...]:
+        """Where chunk ``chunk`` starts in the array, as HDF5 indexes its chunks."""
+        return (chunk * self.chunk_shape[0], *([0] * (len(self.chunk_shape) - 1)))
+
+    def _covered(self, chunk: int) -> int:
+        """The bytes of chunk ``chunk`` the read-checksum table covers: the writer summed the rows in
+        the array only, not a short last chunk's padding."""
+        rows = min(self.chunk_shape[0], self.shape[0] - chunk * self.chunk_shape[0])
+        return rows * self.chunk_bytes // self.chunk_shape[0]
+
     def read_chunk(self, chunk: int, into: np.ndarray) -> tuple[int, int]:
-        offset = (chunk * self.chunk_shape[0], *([0] * (len(self.chunk_shape) - 1)))
-        rows = min(self.chunk_shape[0], self.shape[0] - offset[0])  # the writer summed the rows in the array only
-        covered = rows * self.chunk_bytes // self.chunk_shape[0]
+        offset, covered = self._coordinates(chunk), self._covered(chunk)
         computed = None
         try:
             if self.fd is None:
@@ -1110,7 +1118,7 @@ class _H5FilteredChunks(_H5RawChunks):
         most = _most_compressed(len(into)) + 4 * self.fletcher  # what compressing a chunk can make
         try:
             if self.fd is None:
-                mask, data = self.array.id.read_direct_chunk((chunk * self.chunk_shape[0], *([0] * (len(self.chunk_shape) - 1))))
+                mask, data = self.array.id.read_direct_chunk(self._coordinates(chunk))
                 size = len(data)
             else:
                 where, size, mask = (int(v) for v in self._chunk_index()[chunk])
@@ -1142,8 +1150,7 @@ class _H5FilteredChunks(_H5RawChunks):
             raise _ChunkDamaged(chunk, f"its {self.codec} stream does not decode to {len(into)} bytes: {exc}") from None
         if self.table is None:
             return None
-        rows = min(self.chunk_shape[0], self.shape[0] - chunk * self.chunk_shape[0])  # the writer summed the rows in the array only
-        return _crc32c(into[:rows * self.chunk_bytes // self.chunk_shape[0]]), int(self.table[chunk, self.column])
+        return _crc32c(into[:self._covered(chunk)]), int(self.table[chunk, self.column])
 
 
 def _most_compressed(size: int) -> int:
