@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from isal import isal_zlib
 
-from .durable import fsync_directory, fsync_file
+from .durable import fsync_all, fsync_directory, fsync_file
 from .errors import SoftlabelsError
 from .trust import refuse_unpickling
 from .kinds import STORE_DTYPES, StoredArray, TargetKind, kind_from_settings
@@ -234,6 +234,7 @@ class _ZarrBackend:
         self.root, self.read_only = path, mode == "r"
         self._arrays: dict[str, Any] | None = None
         self._table: dict[str, list[int]] | None = None  # _places
+        self._readers: dict[tuple[str, bool], _ZarrRawChunks] = {}  # raw_reader's, one per array: a writer's know their chunks
         self._commit_files = _check_zarr_files(path) if mode != "w" else 0
         try:
             self.group = zarr.open_group(str(path), mode=mode, zarr_format=3)  # no look at v2's .zgroup, .zattrs, ...
@@ -279,18 +280,21 @@ class _ZarrBackend:
         return _zarr_chunk_file(self.root, name, chunk, ndim)
 
     def sync(self, chunks: range | None, arrays: dict[str, int] | None = None) -> None:
-        """fsync the files of ``chunks`` of ``arrays`` (name -> ndim). With ``chunks=None``, every
-        directory of the cache and every file but the chunk files of ``arrays``, which were synced
-        as they were written (the commit record's chunk files and the arrays' metadata are synced
-        here): a cache of a million chunks is not synced twice over. Every chunk is stored
-        (write_empty_chunks), so a missing file is an error, not a chunk to skip."""
+        """fsync the files of ``chunks`` of ``arrays`` (name -> ndim), one after another: a dump's
+        writer thread syncs them beside the teacher, whose cores several at once would take. With
+        ``chunks=None``, every directory of the cache and every file but the chunk files of
+        ``arrays``, which were synced as they were written (the commit record's chunk files and the
+        arrays' metadata are synced here), several at once: a cache of a million chunks is not
+        synced twice over, and its finish waits for the disk's journal commits together. Every
+        chunk is stored (write_empty_chunks), so a missing file is an error, not a chunk to skip."""
         if chunks is None:
+            files, folders = [], []
             synced = {os.path.join(self.root, name, "c") for name in arrays or {}}
-            for folder, _, files in os.walk(self.root, topdown=False):
+            for folder, _, names in os.walk(self.root):
                 if not any(folder == top or folder.startswith(top + os.sep) for top in synced):
-                    for name in files:
-                        fsync_file(Path(folder) / name)
-                fsync_directory(Path(folder))
+                    files += [os.path.join(folder, name) for name in names]
+                folders.append(folder)
+            fsync_all(files, folders)
             return
         for chunk in chunks:
             for name, ndim in (arrays or {}).items():
@@ -313,7 +317,8 @@ class _ZarrBackend:
         """Write ``chunk_crc32c [chunks, A]``: the crc32c each chunk file of each array of rows ends
         with (targets, labels, records), by chunk. A chunk file's own crc32c checks its bytes, not
         which chunk they are: a file copied over another chunk's would read as that chunk. Taken
-        from the files once every chunk is written, by whichever rank or run wrote each."""
+        once every chunk is written: as this writer wrote them, and from the files that another
+        rank or an earlier run wrote."""
         names = [*(a.name for a in layout.target_arrays()), "labels", *(r.name for r in layout.records)]
         arrays = self.arrays()
         table = np.empty((layout.num_chunks, len(names)), np.uint32)
@@ -353,6 +358,9 @@ class _ZarrBackend:
         is refused: read through zarr, other chunk keys or codecs would find no chunk files and read
         fill values, or read them unchecked, and zarr decodes any codec chain with no bound on its
         output (a 32 KB zstd frame made 1 GiB)."""
+        reader = self._readers.get((name, checked))
+        if reader is not None:
+            return reader
         reader = _zarr_chunk_reader(self.root, name, array, crc=checked, fill_missing=not checked)
         if reader is None:
             raise SoftlabelsError(f"{self.root}: array '{name}' is not stored as softlabels stores it (codecs bytes, "
@@ -360,6 +368,7 @@ class _ZarrBackend:
                                   "default chunk keys)")
         if checked and self.read_only:
             reader.places = self._places(name)
+        self._readers[name, checked] = reader
         return reader
 
     def close(self) -> None:
@@ -818,6 +827,7 @@ class _ZarrRawChunks(_RawChunks):
         self.root, self.name, self.fill = root, name, array.fill_value
         self.crc, self.fill_missing = crc, fill_missing
         self.places: list[int] | None = None  # the crc32c each chunk's file ends with, by chunk (chunk_crc32c)
+        self._trailers: dict[int, int] = {}  # the crc32c each chunk file that write wrote ends with
         self._folders: set[str] = set()  # made by write already: a mkdir that finds one costs a syscall per chunk
 
     def _file(self, chunk: int) -> str:
@@ -851,7 +861,8 @@ class _ZarrRawChunks(_RawChunks):
             with open(temporary, "wb") as f:
                 f.write(data)
                 if self.crc:
-                    f.write(_crc32c(data).to_bytes(4, "little"))
+                    trailer = self._trailers[(start + at) // rows] = _crc32c(data)
+                    f.write(trailer.to_bytes(4, "little"))
             os.replace(temporary, path)
 
     def encode(self, data: np.ndarray) -> np.ndarray:
@@ -913,7 +924,9 @@ class _ZarrRawChunks(_RawChunks):
         return trailer
 
     def stored_checksum(self, chunk: int) -> int:
-        """The crc32c chunk ``chunk``'s file ends with, read alone."""
+        """The crc32c chunk ``chunk``'s file ends with: as :meth:`write` wrote it, or read alone."""
+        if chunk in self._trailers:
+            return self._trailers[chunk]
         with _open_chunk_file(self._file(chunk), chunk) as f:
             f.seek(-4, os.SEEK_END)
             return int.from_bytes(f.read(4), "little")

@@ -85,16 +85,36 @@ def test_every_file_of_a_zarr_cache_is_synced_before_it_is_complete_and_its_chun
     import softlabels.durable
     import softlabels.store
 
-    synced = []
+    synced, synced_folders = [], []
     for module in (softlabels.store, softlabels.durable):
         real = module.fsync_file
         monkeypatch.setattr(module, "fsync_file", lambda path, real=real: synced.append(os.path.relpath(path, tmp_path)) or real(path))
+    real_folder = softlabels.durable.fsync_directory
+    monkeypatch.setattr(softlabels.durable, "fsync_directory",
+                        lambda path: synced_folders.append(os.path.relpath(path, tmp_path)) or real_folder(path))
     write_cache(tmp_path / "c.zarr", np.ones((40, 3), np.float32), np.zeros(40, np.int64), chunk_rows=8)
     files = {os.path.relpath(os.path.join(folder, name), tmp_path) for folder, _, names in os.walk(tmp_path / "c.zarr") for name in names}
     as_written = {f.replace("c.zarr", "c.zarr.partial", 1) for f in files}
     assert as_written <= set(synced)  # each file, before the cache was moved into place
     chunk_files = [f for f in as_written if f.split(os.sep)[1] in ("logits", "labels") and os.sep + "c" + os.sep in f]
     assert len(chunk_files) == 10 and all(synced.count(f) == 1 for f in chunk_files)
+    folders = {os.path.relpath(folder, tmp_path).replace("c.zarr", "c.zarr.partial", 1) for folder, _, _ in os.walk(tmp_path / "c.zarr")}
+    assert len(folders) > 10 and folders <= set(synced_folders)  # each folder too: the names of what it holds
+
+
+def test_fsync_all_tries_every_path_then_raises_the_first_error(tmp_path, monkeypatch):
+    import softlabels.durable
+
+    paths = [tmp_path / f"f{i}" for i in range(20)]
+    for path in paths[::2]:
+        path.write_bytes(b"x")
+    tried = []
+    real = softlabels.durable.fsync_file
+    monkeypatch.setattr(softlabels.durable, "fsync_file", lambda path: tried.append(path) or real(path))
+    with pytest.raises(FileNotFoundError):
+        softlabels.durable.fsync_all(paths, [tmp_path])
+    assert sorted(tried) == sorted(paths)
+    softlabels.durable.fsync_all(paths[::2], [tmp_path])
 
 
 def test_a_partial_zarr_commit_record_is_read_from_the_files_there_not_by_asking_after_every_declared_chunk(tmp_path, monkeypatch):
