@@ -533,3 +533,7 @@ def report(runs, caches, out, overwrite, quiet):
 def main() -> None:
     keep_freed_memory()  # large per-batch tensors reused, not page-faulted in afresh each batch
     cli(prog_name="softlabels")
+
+
+if __name__ == "__main__":  # python -m softlabels.cli, as python -m softlabels
+    main()

@@ -65,6 +65,8 @@ def test_help_is_still_shown_in_full(tmp_path):
     assert bare.stdout + bare.stderr == top.stdout  # no command: the help
     dump = subprocess.run([sys.executable, "-m", "softlabels", "dump", "-h"], capture_output=True, text=True)
     assert dump.returncode == 0 and dump.stdout.startswith("Usage: softlabels dump [OPTIONS]") and "--overwrite" in dump.stdout
+    module = subprocess.run([sys.executable, "-m", "softlabels.cli", "dump", "-h"], capture_output=True, text=True)
+    assert module.returncode == 0 and module.stdout == dump.stdout  # the module the command lives in runs it too
 
 
 def console_script() -> list[str]:
