@@ -273,7 +273,7 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--views", type=int, metavar="V", help="Store the teacher's targets for V augmented views of every sample (needs --augment).")
 @AUGMENT
 @AUGMENT_SEED
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache (and any interrupted dump) at --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache (and any interrupted dump) at --out; anything else there is refused.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted dump from its committed chunks.")
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf logits instead of stopping.")
 @click.option("--skip-bad-files", is_flag=True, help="Image folders: store an image that does not decode as unusable (no loss) and go on, instead of stopping.")
@@ -477,7 +477,7 @@ def verify(path, recompute, teacher_path, arch, arch_kwargs, num_classes, trust_
 @_kind_options
 @click.option("--keep-views", type=POSITIVE, metavar="V", help="Keep the first V views of each sample of a view cache.")
 @click.option("--upgrade", is_flag=True, help="Rewrite SRC in the current format version, same kind.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing DST.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache at DST; anything else there is refused.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert(src, dst, keep_views, upgrade, overwrite, quiet, **kind_options):
     """Derive a top-k or sampled cache from a dense one, keep fewer views of a view cache, or upgrade

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from .errors import SoftlabelsError
 from .kinds import TargetKind
 from .durable import exclusive
-from .store import Cache, CacheWriter, Layout, backend_name, chunk_checksum, directory_bytes, open_cache, partial_path, remove_path
+from .store import (Cache, CacheWriter, Layout, backend_name, check_replaceable, chunk_checksum, directory_bytes, open_cache,
+                    partial_path, remove_path)
 from .views import GROUP as VIEW_RECORDS, Views
 
 # Fields the writer sets itself from the layout; everything else (teacher, dataset, ...) carries over.
@@ -46,8 +47,10 @@ def convert_cache(
         old_kind = cache.kind
         if kind is not None and old_kind.full_logits(cache.read(0, min(1, len(cache)))[0]) is None:
             raise SoftlabelsError(f"{src} is a {old_kind.name} cache; only a cache of full logits (dense) converts to another kind")
-        if dst.exists() and not overwrite:
-            raise SoftlabelsError(f"{dst} already exists; pass --overwrite to replace it")
+        if dst.exists() or dst.is_symlink():
+            if not overwrite:
+                raise SoftlabelsError(f"{dst} already exists; pass --overwrite to replace it")
+            check_replaceable(dst)
         new_kind = kind or old_kind
         new_kind.validate(num_classes=cache.num_classes, where=f"converting {src}")
         settings = set(old_kind.settings())

@@ -41,8 +41,8 @@ from .kinds import Dense, TargetKind
 from .tokens import GOLD, TOKEN_AXIS, TokenSource, gold_logprob, gold_record, token_manifest
 from .views import VIEW_AXIS, Views, mix_weights, scored_items
 from .durable import exclusive
-from .store import (CacheWriter, Layout, Record, backend_name, chunk_checksum, default_chunk_rows, directory_bytes,
-                    partial_path, remove_path)
+from .store import (CacheWriter, Layout, Record, backend_name, check_replaceable, chunk_checksum, default_chunk_rows,
+                    directory_bytes, partial_path, remove_path)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class _Blocks(torch.utils.data.Dataset):
         start = self.batches[i] * self.batch_size
         stop = min(start + self.batch_size, len(self.source))
         if self.views is None:
-            x, y = self.source.read(start, stop)
+            x, y = self._read(start, stop)
             return start, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), {}
         rows = np.arange(start, stop)
         records = self.views.draw(rows, self.source)
@@ -98,10 +98,21 @@ class _Blocks(torch.utils.data.Dataset):
         if self.views.pipeline.crops_from(self.source):  # the views are cropped from the decoded images
             x, y = None, self.source.labels_of(rows)
         else:
-            x, y = self.source.read(start, stop)
+            x, y = self._read(start, stop)
             x = torch.from_numpy(np.ascontiguousarray(x)).repeat_interleave(self.views.count, 0)
         inputs, _ = self.views.apply(self.source, x, flat, np.repeat(rows, self.views.count))
         return start, inputs, torch.from_numpy(y), records
+
+    def _read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The source's rows ``[start, stop)``; an error there names them and the dataset (a Dataset's
+        own exception says nothing of where it was)."""
+        try:
+            return self.source.read(start, stop)
+        except SoftlabelsError:
+            raise
+        except Exception as exc:
+            raise SoftlabelsError(f"cannot read samples {start}..{stop - 1} of {self.source.spec}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
 
 
 def _as_is(item: Any) -> Any:
@@ -617,9 +628,11 @@ def dump(
             stream = logits_of(batches=batches)
         with writer:
             thread = _ChunkWriter(writer, pending, accuracy, check_finite)
+            fed = False
             try:
                 _feed(thread, stream, layout=writer.layout, device=dev, rows=sum(hi - lo for lo, hi in bounds),
                       progress=progress and rank == 0)
+                fed = True
                 distributed.barrier()  # every rank's chunks are written
                 correct, labeled = distributed.sum_ints(accuracy.correct, accuracy.labeled)
                 kept_chunks = distributed.sum_ints(len(kept))[0]
@@ -630,13 +643,14 @@ def dump(
                 if rank == 0:
                     skipped = _skipped(writer, source) if skip_bad_files else []
                     writer.finish(teacher_accuracy=teacher_accuracy, **({"skipped": skipped} if skipped else {}))
-            except OSError as exc:
-                reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-                raise SoftlabelsError(
-                    f"cannot write {writer.partial}: {reason}; the chunks written so far are kept: "
-                    "fix the cause and rerun with --resume"
-                ) from exc
-            except Exception:  # bad input (a label out of range, a file that does not decode, a Dataset that raises)
+            except Exception as exc:
+                if isinstance(exc, OSError) and (exc is thread.error or fed):  # the writer's: the dataset's reads are not
+                    reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+                    raise SoftlabelsError(
+                        f"cannot write {writer.partial}: {reason}; the chunks written so far are kept: "
+                        "fix the cause and rerun with --resume"
+                    ) from exc
+                # bad input (a label out of range, a file that does not decode, a Dataset that raises)
                 if size == 1 and not kept and _nothing_committed(writer):
                     # nothing to resume: a partial left behind would only block the next dump
                     writer.close()
@@ -681,11 +695,14 @@ def _start(
 ) -> tuple[CacheWriter, tuple[int, torch.Tensor, torch.Tensor, dict[str, np.ndarray]] | None]:
     """Reopen the interrupted dump, or make a new partial cache; the latter needs the first batch's
     output for the number of classes and items, which is returned so that it is not computed twice."""
-    if out.exists() and not overwrite:
-        if resume:
-            raise SoftlabelsError(f"{out} is complete already: there is nothing to resume (`softlabels verify {out}` "
-                                  "checks it; --overwrite dumps it again)")
-        raise SoftlabelsError(f"{out} already exists; pass --overwrite to replace it")
+    interrupted = resume and partial_path(out).exists()  # a dump with --overwrite, stopped before it replaced OUT
+    if out.exists() or out.is_symlink():
+        if not (overwrite or interrupted):
+            if resume:
+                raise SoftlabelsError(f"{out} is complete already: there is nothing to resume (`softlabels verify {out}` "
+                                      "checks it; --overwrite dumps it again)")
+            raise SoftlabelsError(f"{out} already exists; pass --overwrite to replace it")
+        check_replaceable(out)
     if partial_path(out).exists() and not (resume or overwrite):
         raise SoftlabelsError(
             f"{partial_path(out)} holds an interrupted dump: pass --resume to continue it or --overwrite to discard it"

@@ -1852,6 +1852,54 @@ def _publish(partial: Path, path: Path) -> None:
         fsync_directory(path.parent)
 
 
+def check_replaceable(path: Path) -> None:
+    """Refuse to let ``--overwrite`` replace ``path`` unless it is a softlabels cache and nothing else:
+    a mistyped output path (the dataset being read, someone's folder, a run) must never be removed.
+
+    Example::
+
+        check_replaceable(Path("data.zarr"))   # SoftlabelsError: data.zarr is not a softlabels cache (...)
+    """
+    why = _not_a_cache(path)
+    if why is not None:
+        raise SoftlabelsError(f"{path} is not a softlabels cache ({why}): --overwrite replaces only a cache; "
+                              "remove it yourself or choose another output path")
+
+
+def _not_a_cache(path: Path) -> str | None:
+    """Why what is at ``path`` is no cache (complete or not) that softlabels wrote, or ``None``."""
+    if path.is_symlink():
+        return "it is a link"
+    if backend_name(path) == "zarr":
+        if not path.is_dir():
+            return "it is not a folder"
+        metadata = path / "zarr.json"
+        try:
+            info = os.stat(metadata)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_METADATA_BYTES:  # a FIFO would block the read
+                return "its zarr.json is not a metadata file"
+            manifest = json.loads(metadata.read_bytes()).get("attributes", {}).get(MANIFEST_KEY)
+            others = sorted(e.name for e in os.scandir(path) if e.name != "zarr.json" and not (
+                e.is_dir(follow_symlinks=False) and os.path.isfile(os.path.join(e.path, "zarr.json"))))
+        except (OSError, ValueError, RecursionError, AttributeError):
+            return "it has no readable zarr.json"
+        if others:
+            return f"it holds {others[0]}, which is no part of a cache"
+    else:
+        if not path.is_file():
+            return "it is not a file"
+        try:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                manifest = json.loads(f.attrs[MANIFEST_KEY])
+        except Exception:  # not HDF5, no manifest, not JSON: no cache of ours either way
+            return "it has no softlabels manifest"
+    if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT):
+        return "it has no softlabels manifest"
+    return None
+
+
 def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

@@ -2,12 +2,14 @@
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from click.testing import CliRunner
 
 from softlabels import SoftlabelsError, open_cache
 from softlabels.checkpoint import save_checkpoint
+from softlabels.errors import user_message
 from softlabels.cli import cli
 from softlabels.runs import read_predictions
 from softlabels.store import chunk_checksum
@@ -204,6 +207,33 @@ def test_existing_cache_is_kept_without_overwrite(tmp_path, npz_data, linear_tea
     assert replaced.exit_code == 0 and f"wrote {out}: 300 samples x 5 classes" in replaced.output
     with open_cache(out) as cache:
         assert len(cache) == 300 and cache.manifest["complete"]
+
+
+@pytest.mark.parametrize("command", ["dump", "convert"])
+def test_overwrite_replaces_a_cache_and_nothing_else(tmp_path, npz_data, linear_teacher, command):
+    cache = tmp_path / "c.zarr"
+    teach = ["--teacher", linear_teacher, "--arch", "linear"]
+    assert run("dump", *teach, "--data", npz_data, "--out", cache).exit_code == 0
+    data = zarr.open_group(str(tmp_path / "data.zarr"), mode="w")  # a dataset, not a cache
+    data["x"], data["y"] = np.zeros((300, 12), np.float32), np.zeros(300, np.int64)
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f["x"], f["y"] = np.zeros((300, 12), np.float32), np.zeros(300, np.int64)
+    (tmp_path / "mine.zarr").mkdir()
+    (tmp_path / "mine.zarr" / "notes.txt").write_text("mine")
+    shutil.copytree(cache, tmp_path / "noted.zarr")
+    (tmp_path / "noted.zarr" / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    for target, why in [("data.zarr", "it has no softlabels manifest"), ("data.h5", "it has no softlabels manifest"),
+                        ("mine.zarr", "it has no readable zarr.json"),
+                        ("noted.zarr", "it holds notes.txt, which is no part of a cache")]:
+        out = tmp_path / target
+        args = {"dump": ["dump", *teach, "--data", tmp_path / "data.zarr" if target == "data.zarr" else npz_data, "--out", out],
+                "convert": ["convert", cache, out, "--top-k", "2"]}[command]
+        assert_one_line_error(run(*args, "--overwrite"), rf"^error: {re.escape(str(out))} is not a softlabels cache "
+                                                         rf"\({why}\): --overwrite replaces only a cache")
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    replaced = run("dump", *teach, "--data", npz_data, "--out", cache, "--overwrite")  # a cache is replaced
+    assert replaced.exit_code == 0 and f"wrote {cache}: 300 samples" in replaced.output
 
 
 def test_moved_data_is_named_with_the_option_that_finds_it(tmp_path, npz_data, linear_teacher):
@@ -453,7 +483,7 @@ def test_evaluate_on_inputs_of_another_shape_says_which_shapes(tmp_path, npz_dat
                     result.output), result.output
 
 
-def test_an_error_raised_in_a_dataloader_worker_is_told_by_its_own_last_line(tmp_path, monkeypatch, linear_teacher):
+def test_an_error_raised_in_a_dataloader_worker_is_told_by_its_own_last_line_with_the_samples(tmp_path, monkeypatch, linear_teacher):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "items.py").write_text(
         "import numpy as np\nimport torch\n"
@@ -466,9 +496,12 @@ def test_an_error_raised_in_a_dataloader_worker_is_told_by_its_own_last_line(tmp
         "def make():\n    return Items()\n")
     result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", "items.py:make", "--out", "c.zarr",
                  "--num-workers", 1, "--batch-size", 8)
-    assert result.exit_code == 1 and result.output == (
-        "error: ValueError: item 30 is broken (in a DataLoader worker; rerun with --num-workers 0 --debug for the traceback)\n")
+    assert result.exit_code == 1 and result.output == "error: cannot read samples 24..31 of items.py:make: ValueError: item 30 is broken\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["items.py", "linear_teacher.pth"]  # no partial: nothing was committed
+    raised = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                        '  File "items.py", line 6, in __getitem__\nValueError: item 30 is broken\n')
+    assert user_message(raised) == ("ValueError: item 30 is broken (in a DataLoader worker; rerun with --num-workers 0 --debug "
+                                    "for the traceback)")
 
 
 def test_an_output_folder_is_made_where_missing_and_a_file_in_its_way_is_a_one_line_error(tmp_path, monkeypatch, npz_data, linear_teacher):

@@ -142,6 +142,34 @@ def test_out_of_disk_space_keeps_a_resumable_partial(tmp_path, npz_data, linear_
     assert got.manifest["teacher_accuracy"] == ref.manifest["teacher_accuracy"]
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_data_that_fails_to_read_is_named_and_an_interrupted_overwrite_resumes_over_the_old_cache(
+        tmp_path, npz_data, linear_teacher, monkeypatch, suffix):
+    teacher = load_model(linear_teacher, arch="linear", input_shape=(12,))
+    source = open_data(str(npz_data))
+    out = tmp_path / f"c{suffix}"
+    dump(teacher, source, out, batch_size=32, chunk_rows=40, progress=False)
+    old = {p: p.read_bytes() for p in sorted([out, *out.rglob("*")]) if p.is_file()}
+    reference = open_cache(out).read(0, 300)[0]["logits"].tobytes()
+    read = type(source).read
+
+    def failing(self, start, stop):
+        if start >= 160:
+            raise OSError("transient read error")
+        return read(self, start, stop)
+
+    monkeypatch.setattr(type(source), "read", failing)
+    with pytest.raises(SoftlabelsError, match=rf"^cannot read samples 160..191 of {re.escape(str(npz_data))}: OSError: "
+                                              "transient read error$"):
+        dump(teacher, source, out, batch_size=32, chunk_rows=40, progress=False, overwrite=True)
+    assert {p: p.read_bytes() for p in sorted([out, *out.rglob("*")]) if p.is_file()} == old  # replaced only when done
+    monkeypatch.setattr(type(source), "read", read)
+    result = dump(teacher, source, out, batch_size=32, chunk_rows=40, progress=False, resume=True)
+    assert result.resumed_chunks == 4 and not Path(f"{out}.partial").exists()
+    with open_cache(out) as cache:
+        assert cache.manifest["complete"] and cache.read(0, 300)[0]["logits"].tobytes() == reference
+
+
 def test_nonfinite_teacher_output_stops_at_the_first_bad_sample(tmp_path, linear_teacher):
     x = np.random.default_rng(0).normal(size=(300, 12)).astype(np.float32)
     x[123, 4] = np.nan
