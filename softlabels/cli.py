@@ -21,6 +21,7 @@ from .convert import convert_cache
 from .data import open_data
 from .augment import Pipeline, parse_augment
 from .dump import PRECISIONS, dump as run_dump
+from .durable import make_parent
 from .errors import SoftlabelsError, user_message
 from .loader import source_for_cache
 from .losses import KL_DIRECTIONS
@@ -500,12 +501,13 @@ def convert(src, dst, keep_views, upgrade, overwrite, quiet, **kind_options):
 def compare(summaries, plot, overwrite):
     """Print the students of several train-student runs in one table."""
     if plot:
-        if Path(plot).suffix.lower() != ".png":
-            raise click.BadParameter("must name a .png file", param_hint="--plot")
+        if Path(plot).suffix != ".png":  # FILE.json goes beside it: FILE.PNG would be written as FILE.png
+            raise click.BadParameter("must name a .png file (FILE.png, in lower case)", param_hint="--plot")
         stem = Path(plot).with_suffix("")
         existing = [path for path in (stem.with_suffix(".png"), stem.with_suffix(".json")) if path.exists()]
         if existing and not overwrite:
             raise SoftlabelsError(f"{existing[0]} exists; pass --overwrite to replace it")
+        make_parent(Path(plot))  # before the table is printed: a file in the way is the command's only output
     rows = [read_summary(item)[1] for item in summaries]
     click.echo(format_comparison(list(zip(run_names(list(summaries)), rows))))
     if plot:

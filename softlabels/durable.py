@@ -67,11 +67,20 @@ def fsync_all(files: Iterable[str | Path] = (), folders: Iterable[str | Path] = 
             done.result()
 
 
+def make_parent(path: Path) -> None:
+    """Make the folder ``path`` is written in, with its parents; one that cannot be made (a file where
+    a folder should be, no permission, a read-only disk) is a one-line error naming ``path``."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SoftlabelsError(f"cannot write {path}: {exc.strerror} ({exc.filename})") from None
+
+
 def write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
     """Write ``path`` by ``write(binary_file)`` into a temporary file that is fsynced and renamed
     over it, so ``path`` is never half-written, even after a crash of the machine."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}{_TEMPORARY}")  # a name of its own: another process may write beside it
     try:
         with open(tmp, "wb") as f:
@@ -107,8 +116,8 @@ def exclusive(path: Path, command: str) -> Iterator[None]:
     inode and refuses rather than share the path. The folder of ``PATH`` is made if it is missing.
     """
     lock = Path(str(path) + ".lock")
+    make_parent(path)  # the folder the output goes to
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)  # the folder the output goes to
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:  # a file where a folder should be, no permission, a read-only disk
         raise SoftlabelsError(f"cannot write {path}: {exc.strerror} ({exc.filename})") from None

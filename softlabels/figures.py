@@ -221,6 +221,12 @@ def save_figure(name: str, data: dict[str, Any], stem: Path, *, dpi: int = DPI, 
     return png
 
 
+def _legend(ax: Any, **options: Any) -> None:
+    """The legend of ``ax`` where something drawn there has a label (matplotlib warns of an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
+
+
 def _label(item: dict[str, Any]) -> str:
     return f"{item['run']}/{item['student']}"
 
@@ -232,7 +238,7 @@ def _draw_learning_curves(fig: Any, data: dict[str, Any]) -> None:
         accuracy.plot(series["epoch"], _nan(series["eval_accuracy"]), label=_label(series))
     loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
     accuracy.set(xlabel="epoch", ylabel="evaluation accuracy", title="evaluation accuracy")
-    accuracy.legend(fontsize=7)
+    _legend(accuracy, fontsize=7)
     _whole_epochs(loss, accuracy)
 
 
@@ -258,7 +264,7 @@ def _draw_accuracy_vs_params(fig: Any, data: dict[str, Any]) -> None:
                    label=f"teacher ({_label(teacher)}{params})")
     _log_x(ax)
     ax.set(xlabel="parameters", ylabel="evaluation accuracy", title="accuracy against size")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
 
 
 def _log_x(ax: Any) -> None:
@@ -280,7 +286,7 @@ def _draw_agreement(fig: Any, data: dict[str, Any]) -> None:
     for series in data["series"]:
         curves.plot(series["epoch"], _nan(series["teacher_agreement"]), label=_label(series))
     curves.set(xlabel="epoch", ylabel="top-1 agreement with the teacher", title="agreement with the teacher")
-    curves.legend(fontsize=7)
+    _legend(curves, fontsize=7)
     _whole_epochs(curves)
     points = [p for p in data["final"] if p["eval_accuracy"] is not None]
     final.scatter([p["teacher_agreement"] for p in points], [p["eval_accuracy"] for p in points])
@@ -319,7 +325,7 @@ def _draw_entropy(fig: Any, data: dict[str, Any]) -> None:
         ax.stairs(entry["counts"], edges, fill=False, linewidth=1.5, label=f"T={entry['temperature']:g} (mean {mean} nats)")
     ax.axvline(data["max_nats"], color="gray", linestyle=":", linewidth=1, label="log C (uniform)")
     ax.set(xlabel="teacher entropy (nats)", ylabel="items", title="entropy of the teacher's targets")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
 
 
 def _draw_mass_kept(fig: Any, data: dict[str, Any]) -> None:
@@ -335,7 +341,7 @@ def _draw_mass_kept(fig: Any, data: dict[str, Any]) -> None:
     if len(data["temperatures"][0]["k"]) > 50:
         _log_x(ax)
     ax.set(xlabel="K (classes kept, largest first)", ylabel="mean teacher mass kept", title="teacher mass in the top K classes")
-    ax.legend(fontsize=8, loc="lower right")
+    _legend(ax, fontsize=8, loc="lower right")
 
 
 def _draw_class_accuracy(fig: Any, data: dict[str, Any]) -> None:
@@ -359,7 +365,7 @@ def _draw_view_spread(fig: Any, data: dict[str, Any]) -> None:
     ax.set_xlim(0, edges[filled[-1] + 1] * 1.05 if len(filled) else 1)
     ax.set(xlabel="mean total-variation distance of a sample's views' targets from their mean (T=1)", ylabel="samples",
            title=f"spread of the teacher's targets across {data['views']} views")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
 
 
 def _nan(values: list[float | None]) -> np.ndarray:

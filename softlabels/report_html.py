@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .durable import make_parent
 from .errors import SoftlabelsError
 from .figures import (accuracy_vs_params_data, agreement_data, cache_figures_data, learning_curves_data, reliability_data,
                       save_figure)
@@ -64,7 +65,7 @@ def write_report(runs: list[str | Path], caches: list[str | Path], out: str | Pa
     for path in caches:  # an incomplete cache, or a complete one with commit record damage, is refused before any work
         with open_cache(path) as cache:
             cache.check_commit_record()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         umask = os.umask(0)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -519,6 +520,28 @@ def test_an_output_folder_is_made_where_missing_and_a_file_in_its_way_is_a_one_l
     ):
         assert_one_line_error(run(*args), re.escape(message))
     assert Path("file").read_text() == "keep me" and not Path("run").exists()
+    assert run(*train, "--out", "trained").exit_code == 0
+    for args, message in ((["report", "trained", "--out", "file/report"], "cannot write file/report: File exists (file)"),
+                          (["compare", "trained", "--plot", "file/a.png"], "cannot write file/a.png: File exists (file)")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = run(*args)
+        assert_one_line_error(result, "^error: " + re.escape(message) + "$")
+        assert not caught, [str(w.message) for w in caught]  # matplotlib's too: a run without evaluation has nothing to label
+    assert Path("file").read_text() == "keep me"
+
+
+def test_a_plot_keeps_the_name_it_is_given(tmp_path, monkeypatch, npz_data):
+    monkeypatch.chdir(tmp_path)
+    train = ["train-student", "--data", npz_data, "--hard-labels-only", "--student", "mlp", "--epochs", 1, "--quiet"]
+    assert run(*train, "--out", "trained").exit_code == 0
+    upper = run("compare", "trained", "--plot", "a.PNG")
+    assert upper.exit_code == 2 and "must name a .png file (FILE.png, in lower case)" in upper.output
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drawn = run("compare", "trained", "--plot", "a.png")
+    assert drawn.exit_code == 0 and drawn.output.endswith("wrote a.png\n") and not caught
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".PNG", ".json")) == ["a.json", "a.png"]
 
 
 @pytest.mark.parametrize("label", [-2, -5])
