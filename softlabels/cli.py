@@ -257,7 +257,7 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
     )
 
 
-@cli.command(epilog="Example:\n\n\b\n  softlabels dump --teacher runs/teacher/teacher/student.pth \\\n      --data 'mnist1d://transfer?n=40000&seed=1' --out transfer.zarr\n  softlabels dump --teacher weights.safetensors --arch mymodels:make_teacher \\\n      --data images.h5 --out images.zarr --device cuda --precision bf16\n  softlabels dump --teacher teacher.pth --data mnist1d://train --out views.zarr --views 16 \\\n      --augment 'shift?max=6' --augment 'noise?std=0.15' --augment 'mixup?alpha=1'\n  softlabels dump --teacher teacher.pth --data 'imagefolder:photos/train?size=224&resize=256' \\\n      --out photos.zarr --views 8 --augment 'crop?size=224,224' --augment flip --skip-bad-files")
+@cli.command(epilog="Example:\n\n\b\n  softlabels dump --teacher runs/teacher/teacher/student.pth \\\n      --data 'mnist1d://transfer?n=40000&seed=1' --out transfer.zarr\n  softlabels dump --teacher weights.safetensors --arch mymodels:make_teacher \\\n      --num-classes 10 --data images.h5 --out images.zarr --device cuda --precision bf16\n  softlabels dump --teacher teacher.pth --data mnist1d://train --out views.zarr --views 16 \\\n      --augment 'shift?max=6' --augment 'noise?std=0.15' --augment 'mixup?alpha=1'\n  softlabels dump --teacher teacher.pth --data 'imagefolder:photos/train?size=224&resize=256' \\\n      --out photos.zarr --views 8 --augment 'crop?size=224,224' --augment flip --skip-bad-files")
 @click.option("--teacher", "teacher_path", required=True, metavar="CKPT", help="Teacher checkpoint (.pth, .pt, .safetensors) or a Hugging Face model folder.")
 @click.option("--data", "data_spec", required=True, metavar="SPEC", help="Dataset: mnist1d://train, data.npz, data.zarr, data.h5, 'imagefolder:DIR?size=S', module:callable.")
 @click.option("--out", required=True, metavar="PATH", callback=_given, help="Cache to write: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
@@ -442,7 +442,7 @@ def inspect(path, as_json):
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels verify train.zarr\n  softlabels verify train.zarr --recompute 256 --teacher teacher.pth")
 @click.argument("path")
-@click.option("--recompute", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Rerun the teacher on the dump's batches holding N random rows (whole batches, as the dump ran them) and compare.")
+@click.option("--recompute", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Rerun the teacher on random batches of the dump holding at least N rows (whole batches, as the dump ran them) and compare.")
 @click.option("--teacher", "teacher_path", metavar="CKPT", help="The cache's teacher checkpoint (for --recompute).")
 @_teacher_options
 @click.option("--data", "data_spec", metavar="SPEC", help="The cache's dataset, if not where the manifest says.")

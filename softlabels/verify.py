@@ -122,7 +122,10 @@ def _dump_settings(cache: Cache, teacher: LoadedModel) -> tuple[int, str, float]
 def _recompute(cache: Cache, report: VerifyReport, count: int, teacher: LoadedModel, source: Source, seed: int, device: str) -> None:
     batch_size, precision, rtol = _dump_settings(cache, teacher)
     # Whole batches of the dump: the teacher sees exactly the inputs it saw then, batched the same way.
-    batches = np.random.default_rng(seed).permutation(-(-len(cache) // batch_size))[: -(-count // batch_size)]
+    # The fewest of them, in a random order, that hold ``count`` rows (the last batch may be short).
+    order = np.random.default_rng(seed).permutation(-(-len(cache) // batch_size))
+    held = np.cumsum(np.minimum(batch_size, len(cache) - order * batch_size))
+    batches = order[:int(np.searchsorted(held, count)) + 1]
     differing = []
     for start, out, _ in iter_logits(teacher.model, source, batch_size=batch_size, device=resolve_device(device),
                                      precision=precision, batches=sorted(int(b) for b in batches)):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from softlabels import SoftlabelsError, dump, load_model, open_cache, open_data
 from softlabels.cli import cli
 from softlabels.store import CacheWriter, chunk_checksum
+from softlabels.verify import verify_cache
 
 from .conftest import committed, dump_args, flip_hdf5_byte, make_npz, reseal_zarr, run_dump
 
@@ -215,6 +216,9 @@ def test_verify_passes_an_intact_cache_and_recomputes_rows(cache_and_teacher):
     # whole dump batches (of 256 rows here) are rerun, at least the 40 rows asked for
     recomputed = re.search(r"ok: .*: 6 chunks checked, (\d+) rows recomputed \(max \|difference\| ([\d.e-]+)\)", result.output)
     assert recomputed and int(recomputed[1]) >= 40 and float(recomputed[2]) == 0.0, result.output
+    # 300 rows: batches of 256 and 44, either drawn first; at least the rows asked for, whichever it is
+    teacher = load_model(teacher, arch="linear", input_shape=(12,))
+    assert sorted({verify_cache(out, recompute=100, teacher=teacher, seed=seed).rows_recomputed for seed in range(6)}) == [256, 300]
 
 
 def test_verify_catches_flipped_truncated_and_missing_chunks(cache_and_teacher):
