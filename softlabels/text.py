@@ -19,7 +19,9 @@ Example::
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -32,10 +34,40 @@ from .tokens import TokenSource
 _PARAMETERS = ("tokenizer", "seq_len")
 INSTALL_HINT = "pip install 'softlabels[lm]'"
 
+try:
+    from re import _parser as _regex_parser  # Python 3.11 and later
+except ImportError:  # pragma: no cover
+    import sre_parse as _regex_parser
+
+# The most a tokenizer's normalizer and pre-tokenizer together may lengthen a text, in UTF-8 bytes.
+# tokenizers holds the transformed text, with an alignment per byte, in memory: a Sequence of
+# Replace(" " -> 100 spaces) multiplies a document until an allocation fails and the process aborts.
+# Common tokenizers compute to far less: GPT-2's 4, BERT's 7.5, Llama's 12.
+_MAX_GROWTH = 1024
+
+# The most a step lengthens a text, bytes out per byte in, for the steps whose factor does not
+# depend on their settings (Sequence, Replace, Prepend and Precompiled are computed).
+_STEP_GROWTH = {
+    # UAX #15's maximum expansion of the normal forms in UTF-8; lowercasing ('İ' -> 'i̇') 1.5
+    "NFC": 3.0, "NFD": 3.0, "NFKC": 11.0, "NFKD": 11.0, "Lowercase": 1.5,
+    # spaces around a CJK character (3 bytes to 5), then accents stripped after NFD, then lowercase
+    "BertNormalizer": 5 / 3 * 3.0 * 1.5,
+    "Strip": 1.0, "StripAccents": 1.0, "Nmt": 1.0,
+    # every byte a character of up to 2 bytes, and a one-byte piece may get a 2-byte space in front
+    "ByteLevel": 4.0,
+    # a space becomes the replacement character (up to 4 bytes), and a piece may get one in front
+    "Metaspace": 8.0,
+    # pre-tokenizers that only split the text
+    "BertPreTokenizer": 1.0, "CharDelimiterSplit": 1.0, "Digits": 1.0, "FixedLength": 1.0, "Punctuation": 1.0,
+    "Split": 1.0, "UnicodeScripts": 1.0, "Whitespace": 1.0, "WhitespaceSplit": 1.0,
+}
+
 
 def read_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """The ``tokenizers.Tokenizer`` in the JSON file ``path`` and what caches record of it:
-    ``{"sha256": sha256 of the file's bytes, "vocab_size": tokens including added ones}``.
+    ``{"sha256": sha256 of the file's bytes, "vocab_size": tokens including added ones}``. Its
+    padding and truncation are switched off, and one whose normalizer and pre-tokenizer could
+    lengthen a text more than ``_MAX_GROWTH`` times is refused.
 
     Example::
 
@@ -59,7 +91,65 @@ def read_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
     except Exception as exc:  # tokenizers raises plain Exceptions for a file it cannot parse
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SoftlabelsError(f"tokenizer {path} is not a tokenizers JSON file ({reason})") from None
+    # A document is tokenised whole: padding would add tokens (a fixed length of 2e9 allocates them
+    # all) and truncation would drop the document's end.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    _check_growth(json.loads(data), path)  # the JSON tokenizers has just parsed, so no deeper than it accepts
     return tokenizer, {"sha256": hashlib.sha256(data).hexdigest(), "vocab_size": tokenizer.get_vocab_size()}
+
+
+def _check_growth(settings: dict[str, Any], path: Path) -> None:
+    """Refuse a tokenizer (``settings``, its JSON) whose normalizer and pre-tokenizer could make a
+    text more than ``_MAX_GROWTH`` times longer, or longer without bound."""
+    growth = _growth(settings.get("normalizer"), path) * _growth(settings.get("pre_tokenizer"), path)
+    if growth > _MAX_GROWTH:
+        raise SoftlabelsError(f"tokenizer {path} could make a text {growth:.3g} times longer (its normalizer and "
+                              f"pre-tokenizer), more than the {_MAX_GROWTH} softlabels accepts")
+
+
+def _growth(step: Any, path: Path) -> float:
+    """The most ``step`` (a normalizer or pre-tokenizer, as JSON) lengthens a text, bytes out per byte in."""
+    if step is None:
+        return 1.0
+    kind = step.get("type")
+    if kind == "Sequence":
+        factor = 1.0
+        for inner in step.get("normalizers", step.get("pretokenizers")) or []:
+            factor *= _growth(inner, path)
+        return factor
+    if kind == "Replace":
+        return _replace_growth(step["pattern"], step["content"])
+    if kind == "Prepend":  # once in front of every piece of text, a piece being at least a byte
+        return 1.0 + len(step["prepend"].encode())
+    if kind == "Precompiled":
+        return _precompiled_growth(step["precompiled_charsmap"])
+    if kind not in _STEP_GROWTH:
+        raise SoftlabelsError(f"tokenizer {path}: its {kind} step is not one softlabels knows how far it lengthens a text")
+    return _STEP_GROWTH[kind]
+
+
+def _replace_growth(pattern: dict[str, str], content: str) -> float:
+    """Content bytes per byte of the shortest text the pattern matches; infinite when the pattern
+    can match nothing (an empty string, a regex such as ``x*``), which inserts content everywhere."""
+    if not content:
+        return 1.0
+    if "String" in pattern:
+        shortest = len(pattern["String"].encode())
+    else:
+        try:  # Python's reading of the Oniguruma regex; one Python cannot read may match nothing
+            shortest = _regex_parser.parse(pattern["Regex"]).getwidth()[0]
+        except Exception:
+            shortest = 0
+    return max(1.0, len(content.encode()) / shortest) if shortest else float("inf")
+
+
+def _precompiled_growth(charsmap: str | None) -> float:
+    """A SentencePiece character map replaces a string of at least a byte by one of its stored
+    strings, which follow the map's trie (its size in the first 4 bytes), each ending in a 0 byte."""
+    blob = base64.b64decode(charsmap or "")
+    replacements = blob[4 + int.from_bytes(blob[:4], "little"):].split(b"\0")
+    return float(max(1, *map(len, replacements)))
 
 
 def open_text(spec: str) -> TokenSource:
@@ -67,7 +157,7 @@ def open_text(spec: str) -> TokenSource:
     absolute paths."""
     path, tokenizer_path, seq_len = _parse(spec)
     tokenizer, record = read_tokenizer(tokenizer_path)
-    documents = [np.asarray(tokenizer.encode(_read_utf8(file)).ids, dtype=np.int32) for file in _documents(path)]
+    documents = [_encode(tokenizer, record["vocab_size"], file, tokenizer_path) for file in _documents(path)]
     ids = np.concatenate(documents)
     windows = len(ids) // seq_len
     if windows == 0:
@@ -77,6 +167,26 @@ def open_text(spec: str) -> TokenSource:
     arrays = {"input_ids": ids[:used].reshape(windows, seq_len), "segment_ids": segments[:used].reshape(windows, seq_len)}
     canonical = f"text:{path}?tokenizer={quote(str(tokenizer_path), safe='/')}&seq_len={seq_len}"
     return TokenSource(canonical, lambda: arrays, tokenizer=record)
+
+
+def _encode(tokenizer: Any, vocab_size: int, file: Path, tokenizer_path: Path) -> np.ndarray:
+    """The token ids of ``file``, each checked to be one of the tokenizer's ``vocab_size`` tokens."""
+    try:
+        ids = np.asarray(tokenizer.encode(_read_utf8(file)).ids, dtype=np.int64)
+    except SoftlabelsError:
+        raise
+    except BaseException as exc:
+        # A Rust panic (a regex that backtracks too long) reaches Python as pyo3's PanicException,
+        # which derives from BaseException; a KeyboardInterrupt must still interrupt.
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SoftlabelsError(f"tokenizer {tokenizer_path} failed on text file {file}: {reason}") from None
+    beyond = ids[ids >= vocab_size]
+    if len(beyond):
+        raise SoftlabelsError(f"tokenizer {tokenizer_path} gives text file {file} token id {int(beyond[0])}, "
+                              f"beyond its vocabulary of {vocab_size} tokens")
+    return ids.astype(np.int32)
 
 
 def _parse(spec: str) -> tuple[Path, Path, int]:

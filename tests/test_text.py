@@ -1,6 +1,8 @@
 """``text:`` data specs: UTF-8 files tokenised with a ``tokenizers`` JSON and packed into windows."""
 
+import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -156,3 +158,74 @@ def test_a_model_trained_on_one_tokenizers_ids_refuses_data_from_another(corpus,
         assert result.exit_code == 1 and "was made with tokenizer sha256" in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "c.zarr").exists()
+
+
+def variant(tokenizer_path: Path, out: Path, **changes) -> Path:
+    """A copy of the tokenizer's JSON with some top-level fields replaced."""
+    settings = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+    out.write_text(json.dumps({**settings, **changes}), encoding="utf-8")
+    return out
+
+
+def test_padding_and_truncation_in_the_file_are_switched_off(corpus, tmp_path):
+    docs, files, tokenizer_path = corpus
+    plain = open_data(f"text:{docs}?tokenizer={tokenizer_path}&seq_len={SEQ_LEN}")
+    padding = {"strategy": {"Fixed": 2_000_000_000}, "direction": "Right", "pad_to_multiple_of": None,
+               "pad_id": 0, "pad_type_id": 0, "pad_token": "[UNK]"}  # would allocate 2e9 tokens per document
+    truncation = {"direction": "Right", "max_length": 5, "strategy": "LongestFirst", "stride": 0}
+    both = variant(tokenizer_path, tmp_path / "t.json", padding=padding, truncation=truncation)
+    source = open_data(f"text:{docs}?tokenizer={both}&seq_len={SEQ_LEN}")
+    np.testing.assert_array_equal(source.read(0, len(source))[0], plain.read(0, len(plain))[0])
+
+
+REPLACE_SPACE = {"type": "Replace", "pattern": {"String": " "}, "content": " " * 100}
+
+
+@pytest.mark.parametrize(
+    "normalizer,pre_tokenizer,refused",
+    [
+        ({"type": "Sequence", "normalizers": [REPLACE_SPACE] * 6}, None, "1e+12 times longer"),
+        ({"type": "Replace", "pattern": {"Regex": "x*"}, "content": "a"}, None, "inf times longer"),
+        ({"type": "Replace", "pattern": {"String": ""}, "content": "a"}, None, "inf times longer"),
+        (None, {"type": "Sequence", "pretokenizers": [{"type": "ByteLevel", "add_prefix_space": False,
+                                                        "trim_offsets": True, "use_regex": True}] * 6}, "4.1e+03 times longer"),
+        ({"type": "Prepend", "prepend": "a" * 2000}, None, "2e+03 times longer"),
+    ],
+)
+def test_a_tokenizer_that_could_lengthen_text_too_far_is_refused(corpus, tmp_path, normalizer, pre_tokenizer, refused):
+    docs, files, tokenizer_path = corpus
+    hostile = variant(tokenizer_path, tmp_path / "t.json", normalizer=normalizer, pre_tokenizer=pre_tokenizer)
+    with pytest.raises(SoftlabelsError, match=re.escape(refused) + r" \(its normalizer and pre-tokenizer\), more than the 1024"):
+        open_data(f"text:{docs}?tokenizer={hostile}&seq_len={SEQ_LEN}")
+
+
+def test_common_normalizers_and_pre_tokenizers_are_accepted(corpus, tmp_path):
+    docs, files, tokenizer_path = corpus
+    # Llama's normalizer (12) with T5's rule for runs of spaces (1.5), then GPT-2's pre-tokenizer (4)
+    normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                      {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+                                                      {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": "\u2581"}]}
+    pre_tokenizer = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    accepted = variant(tokenizer_path, tmp_path / "t.json", normalizer=normalizer, pre_tokenizer=pre_tokenizer)
+    assert len(open_data(f"text:{docs}?tokenizer={accepted}&seq_len={SEQ_LEN}")) > 0
+
+
+def test_a_regex_that_backtracks_too_long_is_a_one_line_error(corpus, tmp_path):
+    docs, files, tokenizer_path = corpus
+    split = {"type": "Split", "pattern": {"Regex": r"(\w+\s?)*$"}, "behavior": "Isolated", "invert": False}
+    hostile = variant(tokenizer_path, tmp_path / "t.json", pre_tokenizer=split)
+    (tmp_path / "doc.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50, encoding="utf-8")
+    with pytest.raises(SoftlabelsError, match=r"tokenizer .* failed on text file .*doc.txt: .*retry-limit") as caught:
+        open_data(f"text:{tmp_path / 'doc.txt'}?tokenizer={hostile}&seq_len={SEQ_LEN}")
+    assert "\n" not in str(caught.value)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(corpus, tmp_path):
+    docs, files, tokenizer_path = corpus
+    settings = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+    vocab = settings["model"]["vocab"]
+    word = max(vocab, key=vocab.get)  # a merged token the documents use
+    vocab[word] = 3_000_000_000  # no int32, and far past the vocabulary's 300 tokens
+    hostile = variant(tokenizer_path, tmp_path / "t.json", model=settings["model"])
+    with pytest.raises(SoftlabelsError, match=r"gives text file .* token id 3000000000, beyond its vocabulary of 300 tokens"):
+        open_data(f"text:{docs}?tokenizer={hostile}&seq_len={SEQ_LEN}")
