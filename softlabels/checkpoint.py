@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import stat
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import torch
 from torch import nn
@@ -103,9 +105,27 @@ class LoadedModel:
         }
 
 
+def open_regular_file(path: str | Path) -> BinaryIO:
+    """``path`` opened for binary reading, refused unless it is a regular file (links followed): a
+    FIFO would block the reader forever and a device such as ``/dev/zero`` never end.
+    ``FileNotFoundError`` passes through for the caller to name what is missing."""
+    try:
+        # Without O_NONBLOCK, opening a FIFO blocks until a writer comes, before it can be checked.
+        f = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise SoftlabelsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise SoftlabelsError(f"{path} is not a regular file")
+    return f
+
+
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a regular file's bytes (see :func:`open_regular_file`)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

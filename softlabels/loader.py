@@ -52,7 +52,8 @@ def source_for_cache(cache: Cache, spec: str | None = None, *, trust_code: bool 
     """The dataset a cache was dumped from (or ``spec``), refused if its fingerprint differs.
 
     The manifest's ``dataset.spec`` may name only a built-in dataset or an array file (resolved as
-    written: a relative path from the working directory), unless ``trust_code``; a user who gives
+    written: a relative path from the working directory), unless ``trust_code``; a ``text:`` spec
+    there tokenises only with the tokenizer file the cache records (its sha256). A user who gives
     ``spec`` decides for themselves.
 
     Example::
@@ -69,6 +70,10 @@ def source_for_cache(cache: Cache, spec: str | None = None, *, trust_code: bool 
             where=f"cache {cache.path} (manifest field 'dataset.spec')", option="--data", trust_code=trust_code,
         )
     try:
+        if not given and spec.strip().startswith("text:"):
+            from .text import check_recorded_tokenizer
+
+            check_recorded_tokenizer(spec.strip(), cache.manifest.get("tokens"), f"cache {cache.path}")
         source = open_data(spec)
     except MissingData as exc:
         if given:

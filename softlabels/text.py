@@ -28,6 +28,7 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
+from .checkpoint import file_sha256
 from .errors import MissingData, SoftlabelsError
 from .tokens import TokenSource
 
@@ -150,6 +151,23 @@ def _precompiled_growth(charsmap: str | None) -> float:
     blob = base64.b64decode(charsmap or "")
     replacements = blob[4 + int.from_bytes(blob[:4], "little"):].split(b"\0")
     return float(max(1, *map(len, replacements)))
+
+
+def check_recorded_tokenizer(spec: str, tokens: Any, where: str) -> None:
+    """Refuse the ``text:`` spec that a cache records unless its tokenizer file has the sha256 the
+    cache records (``tokens``, its manifest's field): a cache may come from anyone, and its spec
+    then tokenises only with the tokenizer its dump used, checked before any text is read."""
+    tokenizer_path = _parse(spec)[1]
+    expected = (tokens.get("tokenizer") or {}).get("sha256") if isinstance(tokens, dict) else None
+    if not isinstance(expected, str):
+        raise SoftlabelsError(f"{where} records no tokenizer sha256 for its text dataset {spec}: pass --data")
+    try:
+        found = file_sha256(tokenizer_path)
+    except FileNotFoundError:
+        raise SoftlabelsError(f"{where}: tokenizer file not found: {tokenizer_path}") from None
+    if found != expected:
+        raise SoftlabelsError(f"{where} was made with tokenizer sha256 {expected[:12]}..., but {tokenizer_path} "
+                              f"has {found[:12]}...: it is not run (pass --data to use it)")
 
 
 def open_text(spec: str) -> TokenSource:

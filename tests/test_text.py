@@ -229,3 +229,43 @@ def test_token_ids_beyond_the_vocabulary_are_refused(corpus, tmp_path):
     hostile = variant(tokenizer_path, tmp_path / "t.json", model=settings["model"])
     with pytest.raises(SoftlabelsError, match=r"gives text file .* token id 3000000000, beyond its vocabulary of 300 tokens"):
         open_data(f"text:{docs}?tokenizer={hostile}&seq_len={SEQ_LEN}")
+
+
+def test_a_caches_text_spec_runs_only_the_tokenizer_the_cache_records(corpus, tmp_path, monkeypatch):
+    """train-student --cache without --data reopens the recorded text: spec; its tokenizer file may
+    have been replaced by anyone since, and is checked before it is run."""
+    import zarr
+    from click.testing import CliRunner
+
+    from softlabels import open_cache, source_for_cache
+    from softlabels.checkpoint import save_checkpoint
+    from softlabels.cli import cli
+    from softlabels.models import build_model
+
+    docs, files, tokenizer_path = corpus
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    spec = f"text:{docs}?tokenizer=shared/tokenizer.json&seq_len={SEQ_LEN}"
+    vocab = open_data(spec).tokenizer["vocab_size"]
+    teacher = build_model("gpt", input_shape=(SEQ_LEN,), num_classes=vocab, kwargs={"layers": 1, "dim": 16, "heads": 2})
+    save_checkpoint("teacher.pth", teacher, arch="gpt", arch_kwargs={"layers": 1, "dim": 16, "heads": 2},
+                    input_shape=(SEQ_LEN,), num_classes=vocab)
+    dumped = CliRunner().invoke(cli, ["dump", "--teacher", "teacher.pth", "--data", spec, "--out", "shared/c.zarr", "--quiet"])
+    assert dumped.exit_code == 0, dumped.output
+    with open_cache("shared/c.zarr") as cache:
+        assert len(source_for_cache(cache)) == len(cache)  # the honest workflow: no --data needed
+
+    variant(tokenizer_path, shared / "tokenizer.json", truncation=None, added_tokens=[])  # another file
+    result = CliRunner().invoke(cli, ["train-student", "--cache", "shared/c.zarr", "--student", "linear", "--out", "run", "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert re.search(r"cache shared/c.zarr was made with tokenizer sha256 \w{12}\.\.\., but .*tokenizer.json has \w{12}\.\.\.: "
+                     r"it is not run \(pass --data to use it\)", result.output), result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+    group = zarr.open_group("shared/c.zarr", mode="r+")
+    manifest = dict(group.attrs["softlabels"])
+    group.attrs["softlabels"] = {**manifest, "tokens": {**manifest["tokens"], "tokenizer": None}}
+    with open_cache("shared/c.zarr") as cache, pytest.raises(SoftlabelsError, match="records no tokenizer sha256 for its text dataset"):
+        source_for_cache(cache)
