@@ -31,12 +31,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import LoadedModel, file_sha256
+from .checkpoint import LoadedModel, file_sha256, open_regular_file
 from .errors import SoftlabelsError
 from .models import HF_PREFIX
 from .text import INSTALL_HINT, read_tokenizer
 
-
+# config.json and model.safetensors.index.json are small; a large model's index is about 100 KiB.
+_MAX_JSON_BYTES = 16 << 20
 
 class CausalLM(nn.Module):
     """A ``transformers`` causal LM as ``input_ids [B, L]`` to logits ``[B, L, V]``."""
@@ -54,7 +55,8 @@ def load_hf_teacher(directory: str | Path, *, input_shape: tuple[int, ...] | Non
                     num_classes: int | None = None) -> LoadedModel:
     """Load the causal LM in ``directory`` in eval mode.
 
-    ``sha256`` covers ``config.json`` and every ``*.safetensors`` file; ``tokenizer`` is the record of
+    ``sha256`` covers ``config.json`` and the weight files that are loaded: ``model.safetensors``, or
+    else ``model.safetensors.index.json`` and the shards it names; ``tokenizer`` is the record of
     the directory's ``tokenizer.json`` when there is one. ``input_shape`` (the windows ``[L]``) and
     ``num_classes`` are checked against the configuration when given.
 
@@ -64,11 +66,12 @@ def load_hf_teacher(directory: str | Path, *, input_shape: tuple[int, ...] | Non
         teacher.model(torch.zeros(1, 16, dtype=torch.long)).shape   # torch.Size([1, 16, 50257])
     """
     directory = Path(directory).absolute()
-    weights = sorted(directory.glob("*.safetensors"))
-    if not weights:
-        raise SoftlabelsError(f"{directory} is an HF directory without weights: no *.safetensors file "
-                              "(pytorch_model.bin pickles are not loaded)")
+    weights = _weight_files(directory)
     config = _config(directory / "config.json")
+    if getattr(config, "transformers_weights", None) is not None:  # transformers would load that file instead
+        raise SoftlabelsError(f"HF configuration {directory / 'config.json'} names its own weights file "
+                              "(transformers_weights), which softlabels does not follow")
+    sha256 = _directory_sha256([directory / "config.json", *weights])  # before loading: each is checked to be a regular file
     vocab_size = _vocab_size(config, directory)
     if num_classes is not None and num_classes != vocab_size:
         raise SoftlabelsError(f"{directory} outputs {vocab_size} logits (vocab_size), not --num-classes {num_classes}")
@@ -88,7 +91,7 @@ def load_hf_teacher(directory: str | Path, *, input_shape: tuple[int, ...] | Non
         raise SoftlabelsError(f"{directory}: the weights lack {len(missing)} tensors of the model, e.g. '{missing[0]}'")
     tokenizer = directory / "tokenizer.json"
     return LoadedModel(
-        CausalLM(lm).eval(), directory, _directory_sha256([directory / "config.json", *weights]),
+        CausalLM(lm).eval(), directory, sha256,
         HF_PREFIX + str(directory), {}, vocab_size, input_shape,
         tokenizer=read_tokenizer(tokenizer)[1] if tokenizer.is_file() else None,
     )
@@ -118,6 +121,44 @@ def hf_architecture(path: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _weight_files(directory: Path) -> list[Path]:
+    """The files transformers loads the weights from: ``model.safetensors``, or else the index and
+    its shards, which must be ``*.safetensors`` files of the directory itself (an index may name any
+    path: another folder's file, or a pickled ``.bin`` that transformers would unpickle)."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if not index.exists():
+        raise SoftlabelsError(f"{directory} is an HF directory without weights: no model.safetensors or "
+                              "model.safetensors.index.json (pytorch_model.bin pickles are not loaded)")
+    weight_map = _read_json(index, "HF weights index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SoftlabelsError(f"{index} has no weight_map of tensor names to files")
+    for shard in weight_map.values():
+        if not (isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard):
+            raise SoftlabelsError(f"{index} names weights file {shard!r}: only *.safetensors files beside it are loaded")
+    return [index, *(directory / shard for shard in sorted(set(weight_map.values())))]
+
+
+def _read_json(file: Path, what: str) -> Any:
+    """The JSON object in ``file`` (``what`` names it in errors), a regular file of at most
+    ``_MAX_JSON_BYTES``: a FIFO would block the reader, a link to a device read without end."""
+    try:
+        with open_regular_file(file) as f:
+            data = f.read(_MAX_JSON_BYTES + 1)
+    except FileNotFoundError:
+        raise SoftlabelsError(f"{what} not found: {file}") from None
+    if len(data) > _MAX_JSON_BYTES:
+        raise SoftlabelsError(f"{what} {file} is larger than {_MAX_JSON_BYTES >> 20} MiB")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SoftlabelsError(f"cannot read {what} {file}: {_first_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise SoftlabelsError(f"{what} {file} is not a JSON object")
+    return raw
+
+
 def _transformers() -> Any:
     try:
         import transformers
@@ -131,14 +172,7 @@ def _transformers() -> Any:
 def _config(file: Path) -> Any:
     """The configuration in ``file``, refused when it needs remote code; read by ourselves first, so
     that ``auto_map`` is seen before transformers resolves anything."""
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SoftlabelsError(f"HF configuration not found: {file}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise SoftlabelsError(f"cannot read HF configuration {file}: {_first_line(exc)}") from None
-    if not isinstance(raw, dict):
-        raise SoftlabelsError(f"HF configuration {file} is not a JSON object")
+    raw = _read_json(file, "HF configuration")
     if "auto_map" in raw:
         raise SoftlabelsError(f"HF configuration {file} names remote code (auto_map), which softlabels never runs")
     transformers = _transformers()

@@ -1,8 +1,12 @@
 """Hugging Face causal LMs: a local directory as a teacher, ``hf:config.json`` as a student."""
 
 import json
+import os
+import re
 import shutil
+import signal
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -172,3 +176,83 @@ def test_an_hf_student_trains_from_a_token_cache_under_its_folder_name(gpt2, tmp
     assert done.exit_code == 0, done.output
     saved = torch.load(tmp_path / "run" / "small" / "student.pth", weights_only=True)
     assert saved["arch"] == f"hf:{tmp_path / 'small' / 'config.json'}"  # absolute: reloads from anywhere
+
+
+@contextmanager
+def no_hang(seconds: int = 20):
+    """A read that blocks (a FIFO) fails the test instead of hanging it."""
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+
+
+def sharded(directory, tmp_path):
+    """A copy whose weights are one shard named by model.safetensors.index.json, as large models are saved."""
+    copy = copy_of(directory, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(copy / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    (copy / "model.safetensors").rename(copy / "model-00001-of-00001.safetensors")
+    (copy / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(names, "model-00001-of-00001.safetensors")}))
+    return copy
+
+
+def test_sha256_covers_exactly_the_weight_files_loaded(gpt2, tmp_path):
+    directory, model = gpt2
+    copy = sharded(directory, tmp_path)
+    teacher = load_model(copy)
+    x = ids()
+    with torch.no_grad():
+        np.testing.assert_array_equal(teacher.model(x).numpy(), model(input_ids=x).logits.numpy())
+    # Files beside the weights that are not loaded, even a FIFO or a link to /dev/zero, are not read.
+    os.mkfifo(copy / "zz.safetensors")
+    (copy / "zero.safetensors").symlink_to("/dev/zero")
+    with no_hang():
+        assert load_model(copy).sha256 == teacher.sha256
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    index["metadata"] = {"total_size": 1}
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert load_model(copy).sha256 != teacher.sha256
+
+
+@pytest.mark.parametrize("shard", ["../model.safetensors", "/abs/model.safetensors", "sub/model.safetensors",
+                                   "pytorch_model.bin", "shard.dat"])
+def test_an_index_may_name_only_safetensors_files_beside_it(gpt2, tmp_path, shard):
+    directory, model = gpt2
+    copy = sharded(directory, tmp_path)
+    torch.save(model.state_dict(), copy / "pytorch_model.bin")  # a pickle transformers would load if named
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    index["weight_map"] = dict.fromkeys(index["weight_map"], shard)
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SoftlabelsError, match=f"names weights file '{re.escape(shard)}': only \\*.safetensors files beside it are loaded"):
+        load_model(copy)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_weights_and_configs_that_are_not_regular_files_are_refused(gpt2, tmp_path, kind):
+    directory, _ = gpt2
+    copy = sharded(directory, tmp_path)
+
+    def replace(path):
+        path.unlink()
+        os.mkfifo(path) if kind == "fifo" else path.symlink_to("/dev/zero")
+
+    replace(copy / "model-00001-of-00001.safetensors")
+    with no_hang(), pytest.raises(SoftlabelsError, match=r"model-00001-of-00001.safetensors is not a regular file"):
+        load_model(copy)
+    replace(copy / "config.json")  # read by the teacher and by an hf: student
+    with no_hang(), pytest.raises(SoftlabelsError, match=r"config.json is not a regular file"):
+        build_model(f"hf:{copy}", input_shape=(SEQ_LEN,), num_classes=VOCAB)
+
+
+def test_a_config_naming_its_own_weights_file_is_refused(gpt2, tmp_path):
+    directory, model = gpt2
+    copy = copy_of(directory, tmp_path)
+    torch.save(model.state_dict(), copy / "adapter_model.bin")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "transformers_weights": "adapter_model.bin"}))
+    with pytest.raises(SoftlabelsError, match=r"names its own weights file \(transformers_weights\)"):
+        load_model(copy)
