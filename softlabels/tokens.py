@@ -31,6 +31,15 @@ TOKEN_AXIS = "token"
 GOLD = "tokens/gold_logprob"
 _OPTIONAL = ("loss_mask", "segment_ids")
 _FINGERPRINT_ROWS = 1 << 14
+# What a token dataset may declare: a file of a few bytes can claim any shape. Every window is read
+# whole (into a batch, a fingerprint block), so one holds at most _MAX_WINDOW tokens (the longest
+# contexts of current models); the loader holds each epoch's order of the windows in memory (8 bytes
+# a window), so there are at most _MAX_WINDOWS; and _MAX_TOKENS in all (their cache is terabytes).
+_MAX_WINDOW = 1 << 20
+_MAX_WINDOWS = 1 << 28
+_MAX_TOKENS = 1 << 38
+# Tokens read at once when a whole array is scanned (its largest id, its fingerprint): 32 MiB of int64.
+_BLOCK_TOKENS = 1 << 22
 
 
 def next_token_labels(ids: np.ndarray, loss_mask: np.ndarray | None = None, segments: np.ndarray | None = None) -> np.ndarray:
@@ -70,6 +79,9 @@ class TokenSource(LazySource):
             raise SoftlabelsError(f"dataset {spec}: 'input_ids' must be integer windows [N, L], got {ids.dtype} {list(ids.shape)}")
         if ids.shape[1] < 2:
             raise SoftlabelsError(f"dataset {spec}: windows of {ids.shape[1]} token have no next token to predict (seq_len >= 2)")
+        if ids.shape[1] > _MAX_WINDOW or ids.shape[0] > _MAX_WINDOWS or ids.shape[0] * ids.shape[1] > _MAX_TOKENS:
+            raise SoftlabelsError(f"dataset {spec}: 'input_ids' {list(ids.shape)} declares more than softlabels reads "
+                                  f"(at most {_MAX_WINDOWS:,} windows of at most {_MAX_WINDOW:,} tokens, {_MAX_TOKENS:,} in all)")
         for name in _OPTIONAL:
             array = arrays.get(name)
             if array is not None and (tuple(array.shape) != tuple(ids.shape) or np.dtype(array.dtype).kind not in "biu"):
@@ -95,8 +107,12 @@ class TokenSource(LazySource):
         """The tokenizer's vocabulary size, or else the largest token id + 1 (read in blocks)."""
         if self.tokenizer is not None:
             return int(self.tokenizer["vocab_size"])
-        ids = self._open()["input_ids"]
-        return 1 + max(int(np.asarray(ids[s:s + _FINGERPRINT_ROWS]).max()) for s in range(0, len(self), _FINGERPRINT_ROWS))
+        ids, rows = self._open()["input_ids"], self._block_rows()
+        return 1 + max(int(np.asarray(ids[s:s + rows]).max()) for s in range(0, len(self), rows))
+
+    def _block_rows(self) -> int:
+        """Windows of at most ``_BLOCK_TOKENS`` tokens (at least one), read at once by a whole scan."""
+        return max(1, min(_FINGERPRINT_ROWS, _BLOCK_TOKENS // self.input_shape[0]))
 
     @property
     def chunk_rows(self) -> int | None:
@@ -118,10 +134,15 @@ class TokenSource(LazySource):
             arrays = self._open()
             present = ["input_ids", *(name for name in _OPTIONAL if arrays.get(name) is not None)]
             digest = hashlib.sha256(json.dumps([[name, list(arrays[name].shape), str(arrays[name].dtype)] for name in present]).encode())
+            block = self._block_rows()
             for start in range(0, len(self), _FINGERPRINT_ROWS):
+                stop = min(start + _FINGERPRINT_ROWS, len(self))
                 for name in present:
-                    rows = self._read_rows(name, arrays[name], start, min(start + _FINGERPRINT_ROWS, len(self)))
-                    digest.update(np.ascontiguousarray(rows).tobytes())
+                    # _FINGERPRINT_ROWS windows of each array in turn, read in smaller parts if long:
+                    # the same bytes in the same order, so the same digest.
+                    for part in range(start, stop, block):
+                        rows = self._read_rows(name, arrays[name], part, min(part + block, stop))
+                        digest.update(np.ascontiguousarray(rows).tobytes())
             self._fingerprint = "sha256:" + digest.hexdigest()
         return self._fingerprint
 

@@ -262,7 +262,8 @@ _INFERRED_CLASSES = 1 << 16
 
 
 def class_count(source: Source, cache: Cache | None, num_classes: int | None = None) -> int:
-    """The number of classes: the cache's, else ``num_classes``, else the dataset's largest label + 1.
+    """The number of classes: the cache's, else ``num_classes``, else a token dataset's tokenizer's
+    vocabulary, else the dataset's largest label (or token id) + 1.
 
     Example::
 
@@ -275,14 +276,17 @@ def class_count(source: Source, cache: Cache | None, num_classes: int | None = N
     if num_classes is not None:
         return num_classes
     if isinstance(source, TokenSource):
-        return source.vocab_size()
-    labels = source.labels()
-    largest = int(labels.max(initial=NO_LABEL))
-    if largest == NO_LABEL:
-        raise SoftlabelsError(f"dataset {source.spec} has no labels to count the classes from: pass --num-classes")
-    if largest >= max(_INFERRED_CLASSES, 2 * len(labels)):  # one stray label would size every student's output
-        raise SoftlabelsError(f"dataset {source.spec}: its largest label {largest} would make {largest + 1:,} classes "
-                              f"for {len(labels):,} samples: pass --num-classes if that is right")
+        if source.tokenizer is not None:
+            return source.vocab_size()
+        largest, items, what, unit = source.vocab_size() - 1, len(source) * source.input_shape[0], "token id", "tokens"
+    else:
+        labels = source.labels()
+        largest, items, what, unit = int(labels.max(initial=NO_LABEL)), len(labels), "label", "samples"
+        if largest == NO_LABEL:
+            raise SoftlabelsError(f"dataset {source.spec} has no labels to count the classes from: pass --num-classes")
+    if largest >= max(_INFERRED_CLASSES, 2 * items):  # one stray label or id would size every student's output
+        raise SoftlabelsError(f"dataset {source.spec}: its largest {what} {largest} would make {largest + 1:,} classes "
+                              f"for {items:,} {unit}: pass --num-classes if that is right")
     return largest + 1
 
 

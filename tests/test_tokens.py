@@ -323,3 +323,43 @@ def test_a_student_that_cannot_take_token_ids_is_told_to_use_a_language_model(to
                "--out", tokens / "mlp")
     assert done.returncode == 1 and "(the inputs are token ids: use a language model, e.g. gpt or hf:CONFIG)" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("shape", [(2, 300_000_000), (1 << 29, 2), (1 << 19, 1 << 20)])
+def test_a_token_array_that_declares_too_much_is_refused_before_it_is_read(tmp_path, shape):
+    """A Zarr array of a few bytes whose chunks were never written may claim any shape."""
+    import zarr
+
+    group = zarr.open_group(tmp_path / "huge.zarr", mode="w")
+    group.create_array("input_ids", shape=shape, dtype="int64", chunks=(1, min(shape[1], 1 << 16)))
+    with pytest.raises(SoftlabelsError, match=r"'input_ids' \[.*\] declares more than softlabels reads \(at most "
+                                              r"268,435,456 windows of at most 1,048,576 tokens, 274,877,906,944 in all\)"):
+        open_data(str(tmp_path / "huge.zarr"))
+
+
+def test_one_stray_token_id_does_not_size_the_students(tmp_path):
+    from softlabels.train import class_count
+
+    ids = np.random.default_rng(0).integers(0, 60, size=(8, 16))
+    np.savez(tmp_path / "ok.npz", input_ids=ids)
+    assert class_count(open_data(str(tmp_path / "ok.npz")), None) == ids.max() + 1
+    ids[3, 5] = 10**12  # a gpt student's embedding would be 10**12 rows
+    np.savez(tmp_path / "stray.npz", input_ids=ids)
+    with pytest.raises(SoftlabelsError, match=r"its largest token id 1000000000000 would make 1,000,000,000,001 classes "
+                                              r"for 128 tokens: pass --num-classes if that is right"):
+        class_count(open_data(str(tmp_path / "stray.npz")), None)
+
+
+def test_long_windows_are_scanned_in_parts_with_the_same_fingerprint(tokens, monkeypatch):
+    import softlabels.tokens
+
+    source = open_data(str(tokens / "tok.npz"))
+    whole, vocab_size = source.fingerprint(), source.vocab_size()
+    monkeypatch.setattr(softlabels.tokens, "_BLOCK_TOKENS", 30)  # two windows of 12 at a time
+    reads = []
+    read_rows = TokenSource._read_rows
+    monkeypatch.setattr(TokenSource, "_read_rows", lambda self, name, array, start, stop:
+                        reads.append(stop - start) or read_rows(self, name, array, start, stop))
+    source = open_data(str(tokens / "tok.npz"))
+    assert source.fingerprint() == whole and source.vocab_size() == vocab_size
+    assert reads and max(reads) == 2
