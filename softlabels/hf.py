@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ from .text import INSTALL_HINT, read_tokenizer
 
 # config.json and model.safetensors.index.json are small; a large model's index is about 100 KiB.
 _MAX_JSON_BYTES = 16 << 20
+
 
 class CausalLM(nn.Module):
     """A ``transformers`` causal LM as ``input_ids [B, L]`` to logits ``[B, L, V]``."""
@@ -79,10 +81,13 @@ def load_hf_teacher(directory: str | Path, *, input_shape: tuple[int, ...] | Non
         _check_windows(config, tuple(input_shape), str(directory))
     transformers = _transformers()
     try:
+        _check_weights_hold_the_model(transformers, config, [w for w in weights if w.suffix == ".safetensors"], directory)
         lm, info = transformers.AutoModelForCausalLM.from_pretrained(
             str(directory), config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
             dtype=torch.float32, output_loading_info=True,
         )
+    except SoftlabelsError:
+        raise
     except Exception as exc:  # transformers and safetensors raise types of their own (a damaged header, a bad field)
         raise SoftlabelsError(f"cannot load the HF model in {directory}: {type(exc).__name__}: {_first_line(exc)}") from exc
     # transformers fills missing weights with random ones and only warns; a teacher must be whole.
@@ -119,6 +124,25 @@ def hf_architecture(path: str) -> Callable[..., nn.Module]:
         return CausalLM(lm)
 
     return build
+
+
+def _check_weights_hold_the_model(transformers: Any, config: Any, shards: list[Path], directory: Path) -> None:
+    """Refuse weights that hold fewer values than the model has parameters, counted from the
+    safetensors headers and the model built on the meta device, before any memory is allocated:
+    transformers allocates the whole model first and finds the missing tensors afterwards, so a
+    config.json declaring a vocabulary of 10**8 beside weights without an embedding would take GBs."""
+    from safetensors import safe_open
+
+    stored = 0
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            stored += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    with torch.device("meta"):
+        lm = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    needed = sum(p.numel() for p in lm.parameters())  # a tied weight counts once, as it is stored once
+    if needed > stored:
+        raise SoftlabelsError(f"{directory}: the weights hold {stored:,} values, fewer than the {needed:,} parameters "
+                              "of the model its config.json describes")
 
 
 def _weight_files(directory: Path) -> list[Path]:

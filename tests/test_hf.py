@@ -110,7 +110,8 @@ def test_a_teacher_with_missing_weights_is_refused(gpt2, tmp_path):
 
     copy = copy_of(gpt2[0], tmp_path)
     tensors = load_file(copy / "model.safetensors")
-    del tensors["transformer.ln_f.weight"]
+    # as many values as the model has parameters, so that only the names tell that one is missing
+    tensors["transformer.unused"] = tensors.pop("transformer.ln_f.weight")
     save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SoftlabelsError, match="the weights lack 1 tensors of the model, e.g. 'transformer.ln_f.weight'"):
         load_model(copy)
@@ -255,4 +256,16 @@ def test_a_config_naming_its_own_weights_file_is_refused(gpt2, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, "transformers_weights": "adapter_model.bin"}))
     with pytest.raises(SoftlabelsError, match=r"names its own weights file \(transformers_weights\)"):
+        load_model(copy)
+
+
+def test_weights_smaller_than_the_configured_model_are_refused_before_it_is_allocated(gpt2, tmp_path, monkeypatch):
+    directory, _ = gpt2
+    copy = copy_of(directory, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "vocab_size": 10**6}))  # an embedding of 32M values
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was allocated before its weights were checked"))
+    with pytest.raises(SoftlabelsError, match=r"the weights hold 24,416 values, fewer than the 32,014,816 parameters "
+                                              r"of the model its config.json describes"):
         load_model(copy)
