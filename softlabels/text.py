@@ -22,8 +22,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -175,7 +179,8 @@ def open_text(spec: str) -> TokenSource:
     absolute paths."""
     path, tokenizer_path, seq_len = _parse(spec)
     tokenizer, record = read_tokenizer(tokenizer_path)
-    documents = [_encode(tokenizer, record["vocab_size"], file, tokenizer_path) for file in _documents(path)]
+    with _stderr_held():
+        documents = [_encode(tokenizer, record["vocab_size"], file, tokenizer_path) for file in _documents(path)]
     ids = np.concatenate(documents)
     windows = len(ids) // seq_len
     if windows == 0:
@@ -205,6 +210,24 @@ def _encode(tokenizer: Any, vocab_size: int, file: Path, tokenizer_path: Path) -
         raise SoftlabelsError(f"tokenizer {tokenizer_path} gives text file {file} token id {int(beyond[0])}, "
                               f"beyond its vocabulary of {vocab_size} tokens")
     return ids.astype(np.int32)
+
+
+@contextmanager
+def _stderr_held() -> Iterator[None]:
+    """Hold what the process writes to its stderr (file descriptor 2) meanwhile, and write it out
+    afterwards unless the block raises: Rust prints a panic's message (and backtrace) there itself
+    before Python sees the PanicException, which the caller reports in one line instead."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as held:
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        os.write(2, held.read())
 
 
 def _parse(spec: str) -> tuple[Path, Path, int]:

@@ -210,7 +210,7 @@ def test_common_normalizers_and_pre_tokenizers_are_accepted(corpus, tmp_path):
     assert len(open_data(f"text:{docs}?tokenizer={accepted}&seq_len={SEQ_LEN}")) > 0
 
 
-def test_a_regex_that_backtracks_too_long_is_a_one_line_error(corpus, tmp_path):
+def test_a_regex_that_backtracks_too_long_is_a_one_line_error(corpus, tmp_path, capfd):
     docs, files, tokenizer_path = corpus
     split = {"type": "Split", "pattern": {"Regex": r"(\w+\s?)*$"}, "behavior": "Isolated", "invert": False}
     hostile = variant(tokenizer_path, tmp_path / "t.json", pre_tokenizer=split)
@@ -218,6 +218,7 @@ def test_a_regex_that_backtracks_too_long_is_a_one_line_error(corpus, tmp_path):
     with pytest.raises(SoftlabelsError, match=r"tokenizer .* failed on text file .*doc.txt: .*retry-limit") as caught:
         open_data(f"text:{tmp_path / 'doc.txt'}?tokenizer={hostile}&seq_len={SEQ_LEN}")
     assert "\n" not in str(caught.value)
+    assert capfd.readouterr().err == ""  # nor the message Rust prints when it panics
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused(corpus, tmp_path):
