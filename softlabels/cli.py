@@ -442,7 +442,7 @@ def inspect(path, as_json):
 
 @cli.command(epilog="Example:\n\n\b\n  softlabels verify train.zarr\n  softlabels verify train.zarr --recompute 256 --teacher teacher.pth")
 @click.argument("path")
-@click.option("--recompute", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Rerun the teacher on random batches of the dump holding at least N rows (whole batches, as the dump ran them) and compare.")
+@click.option("--recompute", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Rerun the teacher on random batches of the dump holding at least N rows (whole batches, as the dump ran them; in a view cache, the views of N random samples) and compare.")
 @click.option("--teacher", "teacher_path", metavar="CKPT", help="The cache's teacher checkpoint (for --recompute).")
 @_teacher_options
 @click.option("--data", "data_spec", metavar="SPEC", help="The cache's dataset, if not where the manifest says.")

@@ -58,7 +58,8 @@ def load_hf_teacher(directory: str | Path, *, input_shape: tuple[int, ...] | Non
     """Load the causal LM in ``directory`` in eval mode.
 
     ``sha256`` covers ``config.json`` and the weight files that are loaded: ``model.safetensors``, or
-    else ``model.safetensors.index.json`` and the shards it names; ``tokenizer`` is the record of
+    else the shards ``model.safetensors.index.json`` names (the index itself is checked to name,
+    for every tensor, the one shard that holds it, so the shards decide what is loaded); ``tokenizer`` is the record of
     the directory's ``tokenizer.json`` when there is one. ``input_shape`` (the windows ``[L]``) and
     ``num_classes`` are checked against the configuration when given.
 
@@ -68,12 +69,12 @@ def load_hf_teacher(directory: str | Path, *, input_shape: tuple[int, ...] | Non
         teacher.model(torch.zeros(1, 16, dtype=torch.long)).shape   # torch.Size([1, 16, 50257])
     """
     directory = Path(directory).absolute()
-    weights = _weight_files(directory)
+    shards, weight_map = _weight_files(directory)
     config = _config(directory / "config.json")
     if getattr(config, "transformers_weights", None) is not None:  # transformers would load that file instead
         raise SoftlabelsError(f"HF configuration {directory / 'config.json'} names its own weights file "
                               "(transformers_weights), which softlabels does not follow")
-    sha256 = _directory_sha256([directory / "config.json", *weights])  # before loading: each is checked to be a regular file
+    sha256 = _directory_sha256([directory / "config.json", *shards])  # before loading: each is checked to be a regular file
     vocab_size = _vocab_size(config, directory)
     if num_classes is not None and num_classes != vocab_size:
         raise SoftlabelsError(f"{directory} outputs {vocab_size} logits (vocab_size), not --num-classes {num_classes}")
@@ -81,7 +82,7 @@ def load_hf_teacher(directory: str | Path, *, input_shape: tuple[int, ...] | Non
         _check_windows(config, tuple(input_shape), str(directory))
     transformers = _transformers()
     try:
-        _check_weights_hold_the_model(transformers, config, [w for w in weights if w.suffix == ".safetensors"], directory)
+        _check_weights(transformers, config, shards, weight_map, directory)
         lm, info = transformers.AutoModelForCausalLM.from_pretrained(
             str(directory), config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
             dtype=torch.float32, output_loading_info=True,
@@ -126,17 +127,29 @@ def hf_architecture(path: str) -> Callable[..., nn.Module]:
     return build
 
 
-def _check_weights_hold_the_model(transformers: Any, config: Any, shards: list[Path], directory: Path) -> None:
-    """Refuse weights that hold fewer values than the model has parameters, counted from the
-    safetensors headers and the model built on the meta device, before any memory is allocated:
-    transformers allocates the whole model first and finds the missing tensors afterwards, so a
-    config.json declaring a vocabulary of 10**8 beside weights without an embedding would take GBs."""
+def _check_weights(transformers: Any, config: Any, shards: list[Path], weight_map: dict[str, str] | None,
+                   directory: Path) -> None:
+    """Refuse weights, read from their safetensors headers before any memory is allocated, that:
+
+    - hold a tensor twice, in two shards, or that the index (``weight_map``) places in a shard that
+      does not hold it: the shards alone then decide what is loaded, and their sha256 names it;
+    - hold fewer values than the model, built on the meta device, has parameters: transformers
+      allocates the whole model first and finds the missing tensors afterwards, so a config.json
+      declaring a vocabulary of 10**8 beside weights without an embedding would take GBs."""
     from safetensors import safe_open
 
-    stored = 0
+    stored, holder = 0, {}
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
-            stored += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+            for name in f.keys():
+                if name in holder:
+                    raise SoftlabelsError(f"{directory}: tensor '{name}' is in two weight files, {holder[name]} and {shard.name}")
+                holder[name] = shard.name
+                stored += math.prod(f.get_slice(name).get_shape())
+    for name, shard in (weight_map or {}).items():
+        if holder.get(name) != shard:
+            raise SoftlabelsError(f"{directory}: model.safetensors.index.json places tensor '{name}' in {shard}, "
+                                  f"which does not hold it")
     with torch.device("meta"):
         lm = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     needed = sum(p.numel() for p in lm.parameters())  # a tied weight counts once, as it is stored once
@@ -145,13 +158,14 @@ def _check_weights_hold_the_model(transformers: Any, config: Any, shards: list[P
                               "of the model its config.json describes")
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    """The files transformers loads the weights from: ``model.safetensors``, or else the index and
-    its shards, which must be ``*.safetensors`` files of the directory itself (an index may name any
-    path: another folder's file, or a pickled ``.bin`` that transformers would unpickle)."""
+def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The files transformers loads the weights from, and the index's map of tensor names to them:
+    ``model.safetensors`` (no map), or else the shards ``model.safetensors.index.json`` names, which
+    must be ``*.safetensors`` files of the directory itself (an index may name any path: another
+    folder's file, or a pickled ``.bin`` that transformers would unpickle)."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.exists():
-        return [single]
+        return [single], None
     if not index.exists():
         raise SoftlabelsError(f"{directory} is an HF directory without weights: no model.safetensors or "
                               "model.safetensors.index.json (pytorch_model.bin pickles are not loaded)")
@@ -161,7 +175,9 @@ def _weight_files(directory: Path) -> list[Path]:
     for shard in weight_map.values():
         if not (isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard):
             raise SoftlabelsError(f"{index} names weights file {shard!r}: only *.safetensors files beside it are loaded")
-    return [index, *(directory / shard for shard in sorted(set(weight_map.values())))]
+        if not (directory / shard).exists():
+            raise SoftlabelsError(f"{index} names weights file {shard}, which is not in {directory}")
+    return [directory / shard for shard in sorted(set(weight_map.values()))], weight_map
 
 
 def _read_json(file: Path, what: str) -> Any:

@@ -288,17 +288,20 @@ class _ZarrBackend:
         synced twice over, and its finish waits for the disk's journal commits together. Every
         chunk is stored (write_empty_chunks), so a missing file is an error, not a chunk to skip."""
         if chunks is None:
-            files, folders = [], []
-            synced = {os.path.join(self.root, name, "c") for name in arrays or {}}
-            for folder, _, names in os.walk(self.root):
-                if not any(folder == top or folder.startswith(top + os.sep) for top in synced):
-                    files += [os.path.join(folder, name) for name in names]
-                folders.append(folder)
-            fsync_all(files, folders)
+            fsync_all(self._unsynced(arrays or {}))
             return
         for chunk in chunks:
             for name, ndim in (arrays or {}).items():
                 fsync_file(self._chunk_file(name, chunk, ndim))
+
+    def _unsynced(self, arrays: dict[str, int]) -> Iterator[tuple[str, bool]]:
+        """``(path, is_folder)`` of every folder of the cache and every file but the chunk files of
+        ``arrays``, found as the cache is walked."""
+        synced = {os.path.join(self.root, name, "c") for name in arrays}
+        for folder, _, names in os.walk(self.root):
+            if not any(folder == top or folder.startswith(top + os.sep) for top in synced):
+                yield from ((os.path.join(folder, name), False) for name in names)
+            yield folder, True
 
     def missing_chunk(self, name: str, chunks: range, ndim: int) -> int | None:
         """The first of ``chunks`` of array ``name`` whose file is gone (zarr would read fill values)."""
@@ -1866,6 +1869,10 @@ def check_replaceable(path: Path) -> None:
                               "remove it yourself or choose another output path")
 
 
+# What zarr's write of the group's zarr.json leaves when it is killed: a temporary file of its own
+_ZARR_TEMPORARY = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
+
+
 def _not_a_cache(path: Path) -> str | None:
     """Why what is at ``path`` is no cache (complete or not) that softlabels wrote, or ``None``."""
     if path.is_symlink():
@@ -1879,8 +1886,8 @@ def _not_a_cache(path: Path) -> str | None:
             if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_METADATA_BYTES:  # a FIFO would block the read
                 return "its zarr.json is not a metadata file"
             manifest = json.loads(metadata.read_bytes()).get("attributes", {}).get(MANIFEST_KEY)
-            others = sorted(e.name for e in os.scandir(path) if e.name != "zarr.json" and not (
-                e.is_dir(follow_symlinks=False) and os.path.isfile(os.path.join(e.path, "zarr.json"))))
+            others = sorted(e.name for e in os.scandir(path) if e.name != "zarr.json" and not _ZARR_TEMPORARY.fullmatch(e.name)
+                            and not (e.is_dir(follow_symlinks=False) and os.path.isfile(os.path.join(e.path, "zarr.json"))))
         except (OSError, ValueError, RecursionError, AttributeError):
             return "it has no readable zarr.json"
         if others:

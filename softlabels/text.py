@@ -23,8 +23,10 @@ import base64
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -71,8 +73,8 @@ _STEP_GROWTH = {
 def read_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """The ``tokenizers.Tokenizer`` in the JSON file ``path`` and what caches record of it:
     ``{"sha256": sha256 of the file's bytes, "vocab_size": tokens including added ones}``. Its
-    padding and truncation are switched off, and one whose normalizer and pre-tokenizer could
-    lengthen a text more than ``_MAX_GROWTH`` times is refused.
+    padding and truncation are switched off (before it encodes a text, see :func:`open_text`, the
+    growth of a text through it is bounded too).
 
     Example::
 
@@ -100,7 +102,6 @@ def read_tokenizer(path: str | Path) -> tuple[Any, dict[str, Any]]:
     # all) and truncation would drop the document's end.
     tokenizer.no_padding()
     tokenizer.no_truncation()
-    _check_growth(json.loads(data), path)  # the JSON tokenizers has just parsed, so no deeper than it accepts
     return tokenizer, {"sha256": hashlib.sha256(data).hexdigest(), "vocab_size": tokenizer.get_vocab_size()}
 
 
@@ -124,7 +125,7 @@ def _growth(step: Any, path: Path) -> float:
             factor *= _growth(inner, path)
         return factor
     if kind == "Replace":
-        return _replace_growth(step["pattern"], step["content"])
+        return _replace_growth(step["pattern"], step["content"], path)
     if kind == "Prepend":  # once in front of every piece of text, a piece being at least a byte
         return 1.0 + len(step["prepend"].encode())
     if kind == "Precompiled":
@@ -134,7 +135,7 @@ def _growth(step: Any, path: Path) -> float:
     return _STEP_GROWTH[kind]
 
 
-def _replace_growth(pattern: dict[str, str], content: str) -> float:
+def _replace_growth(pattern: dict[str, str], content: str, path: Path) -> float:
     """Content bytes per byte of the shortest text the pattern matches; infinite when the pattern
     can match nothing (an empty string, a regex such as ``x*``), which inserts content everywhere."""
     if not content:
@@ -142,10 +143,14 @@ def _replace_growth(pattern: dict[str, str], content: str) -> float:
     if "String" in pattern:
         shortest = len(pattern["String"].encode())
     else:
-        try:  # Python's reading of the Oniguruma regex; one Python cannot read may match nothing
-            shortest = _regex_parser.parse(pattern["Regex"]).getwidth()[0]
+        # Python's reading of the Oniguruma regex, in characters (each at least a byte). A property
+        # class (\p{Zs}, \P{L}), which Python's re lacks, matches one character, as '.' does.
+        regex = re.sub(r"\\[pP]\{[^}]*\}", ".", pattern["Regex"])
+        try:
+            shortest = _regex_parser.parse(regex).getwidth()[0]
         except Exception:
-            shortest = 0
+            raise SoftlabelsError(f"tokenizer {path}: its Replace normalizer's regex {pattern['Regex']!r} is not one "
+                                  "softlabels can read to bound how far it lengthens a text") from None
     return max(1.0, len(content.encode()) / shortest) if shortest else float("inf")
 
 
@@ -179,6 +184,8 @@ def open_text(spec: str) -> TokenSource:
     absolute paths."""
     path, tokenizer_path, seq_len = _parse(spec)
     tokenizer, record = read_tokenizer(tokenizer_path)
+    # Its settings as tokenizers has just parsed them (so nested no deeper than it accepts)
+    _check_growth(json.loads(tokenizer.to_str()), tokenizer_path)
     with _stderr_held():
         documents = [_encode(tokenizer, record["vocab_size"], file, tokenizer_path) for file in _documents(path)]
     ids = np.concatenate(documents)
@@ -212,13 +219,16 @@ def _encode(tokenizer: Any, vocab_size: int, file: Path, tokenizer_path: Path) -
     return ids.astype(np.int32)
 
 
+_STDERR = threading.Lock()
+
+
 @contextmanager
 def _stderr_held() -> Iterator[None]:
     """Hold what the process writes to its stderr (file descriptor 2) meanwhile, and write it out
     afterwards unless the block raises: Rust prints a panic's message (and backtrace) there itself
     before Python sees the PanicException, which the caller reports in one line instead."""
     sys.stderr.flush()
-    with tempfile.TemporaryFile() as held:
+    with _STDERR, tempfile.TemporaryFile() as held:  # one thread at a time: each puts back the stderr it found
         saved = os.dup(2)
         os.dup2(held.fileno(), 2)
         try:

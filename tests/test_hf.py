@@ -1,5 +1,6 @@
 """Hugging Face causal LMs: a local directory as a teacher, ``hf:config.json`` as a student."""
 
+import hashlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from softlabels import load_model, open_cache
-from softlabels.checkpoint import save_checkpoint
+from softlabels.checkpoint import file_sha256, save_checkpoint
 from softlabels.cli import cli
 from softlabels.errors import SoftlabelsError
 from softlabels.models import arch_names_code, build_model
@@ -213,10 +214,60 @@ def test_sha256_covers_exactly_the_weight_files_loaded(gpt2, tmp_path):
     (copy / "zero.safetensors").symlink_to("/dev/zero")
     with no_hang():
         assert load_model(copy).sha256 == teacher.sha256
-    index = json.loads((copy / "model.safetensors.index.json").read_text())
-    index["metadata"] = {"total_size": 1}
-    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert load_model(copy).sha256 != teacher.sha256
+    # The digest is the one of config.json and the shards, as earlier versions took it: the index is
+    # not hashed, and must place each tensor in the one shard that holds it.
+    expected = hashlib.sha256("".join(f"{f.name}\0{file_sha256(f)}\n" for f in
+                                      [copy / "config.json", copy / "model-00001-of-00001.safetensors"]).encode())
+    assert teacher.sha256 == expected.hexdigest()
+
+
+def test_an_index_must_place_each_tensor_in_the_one_shard_that_holds_it(gpt2, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = gpt2
+    copy = copy_of(directory, tmp_path)
+    tensors = load_file(copy / "model.safetensors")
+    (copy / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, held in halves.items():
+        save_file({name: tensors[name].contiguous() for name in held}, copy / shard)
+    weight_map = {name: shard for shard, held in halves.items() for name in held}
+    index = copy / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    load_model(copy)  # two shards, each tensor where the index says
+    moved = names[0]
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {**weight_map, moved: "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(SoftlabelsError, match=f"places tensor '{re.escape(moved)}' in model-00002-of-00002.safetensors, "
+                                              "which does not hold it"):
+        load_model(copy)
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file({name: tensors[name].contiguous() for name in [*halves["model-00002-of-00002.safetensors"], moved]},
+              copy / "model-00002-of-00002.safetensors")
+    with pytest.raises(SoftlabelsError, match=f"tensor '{re.escape(moved)}' is in two weight files"):
+        load_model(copy)
+
+
+def test_a_teachers_tokenizer_is_recorded_not_bounded_as_text_data_is(gpt2, tmp_path):
+    """A teacher folder's tokenizer.json is only hashed and counted (the teacher reads token ids),
+    so a normalizer that text data would refuse for how far it can lengthen a text does not stop it."""
+    directory, _ = gpt2
+    copy = copy_of(directory, tmp_path)
+    settings = json.loads((copy / "tokenizer.json").read_text())
+    settings["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"String": " "}, "content": " " * 100}] * 6}
+    (copy / "tokenizer.json").write_text(json.dumps(settings))
+    teacher = load_model(copy)
+    assert teacher.tokenizer["sha256"] == file_sha256(copy / "tokenizer.json")
+
+
+def test_a_shard_the_index_names_but_the_folder_lacks_is_named(gpt2, tmp_path):
+    directory, _ = gpt2
+    copy = sharded(directory, tmp_path)
+    (copy / "model-00001-of-00001.safetensors").unlink()
+    with pytest.raises(SoftlabelsError, match=r"model.safetensors.index.json names weights file "
+                                              r"model-00001-of-00001.safetensors, which is not in "):
+        load_model(copy)
 
 
 @pytest.mark.parametrize("shard", ["../model.safetensors", "/abs/model.safetensors", "sub/model.safetensors",

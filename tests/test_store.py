@@ -112,9 +112,19 @@ def test_fsync_all_tries_every_path_then_raises_the_first_error(tmp_path, monkey
     real = softlabels.durable.fsync_file
     monkeypatch.setattr(softlabels.durable, "fsync_file", lambda path: tried.append(path) or real(path))
     with pytest.raises(FileNotFoundError):
-        softlabels.durable.fsync_all(paths, [tmp_path])
+        softlabels.durable.fsync_all([*((p, False) for p in paths), (tmp_path, True)])
     assert sorted(tried) == sorted(paths)
-    softlabels.durable.fsync_all(paths[::2], [tmp_path])
+    softlabels.durable.fsync_all([*((p, False) for p in paths[::2]), (tmp_path, True)])
+    taken, seen = [], []
+
+    def paths_taken():
+        for i in range(1000):
+            taken.append(i)
+            yield paths[0], False
+    monkeypatch.setattr(softlabels.durable, "fsync_file", lambda path: seen.append(len(taken)))
+    softlabels.durable.fsync_all(paths_taken())
+    # a million paths must not be held at once: the k-th sync starts with a few dozen more taken, not all
+    assert len(seen) == 1000 and max(count - k for k, count in enumerate(sorted(seen))) <= 48
 
 
 def test_a_partial_zarr_commit_record_is_read_from_the_files_there_not_by_asking_after_every_declared_chunk(tmp_path, monkeypatch):

@@ -1,9 +1,11 @@
 """``text:`` data specs: UTF-8 files tokenised with a ``tokenizers`` JSON and packed into windows."""
 
 import json
+import os
 import random
 import re
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 from softlabels import open_data
 from softlabels.errors import SoftlabelsError
+from softlabels.text import _stderr_held
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -204,10 +207,43 @@ def test_common_normalizers_and_pre_tokenizers_are_accepted(corpus, tmp_path):
     # Llama's normalizer (12) with T5's rule for runs of spaces (1.5), then GPT-2's pre-tokenizer (4)
     normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
                                                       {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
-                                                      {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": "\u2581"}]}
+                                                      {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": "\u2581"},
+                                                      {"type": "Replace", "pattern": {"Regex": r"\p{Zs}+"}, "content": " "}]}
     pre_tokenizer = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     accepted = variant(tokenizer_path, tmp_path / "t.json", normalizer=normalizer, pre_tokenizer=pre_tokenizer)
     assert len(open_data(f"text:{docs}?tokenizer={accepted}&seq_len={SEQ_LEN}")) > 0
+
+
+def test_a_replace_regex_python_cannot_read_is_refused_for_that_reason(corpus, tmp_path):
+    docs, files, tokenizer_path = corpus
+    hex_digits = {"type": "Replace", "pattern": {"Regex": r"\h+"}, "content": "x"}  # Oniguruma's \h, which re lacks
+    hostile = variant(tokenizer_path, tmp_path / "t.json", normalizer=hex_digits)
+    with pytest.raises(SoftlabelsError, match=r"its Replace normalizer's regex '\\\\h\+' is not one softlabels can read to "
+                                              "bound how far it lengthens a text"):
+        open_data(f"text:{docs}?tokenizer={hostile}&seq_len={SEQ_LEN}")
+
+
+def test_stderr_held_by_two_threads_comes_back_to_the_stderr_they_found():
+    found = os.fstat(2).st_ino
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with _stderr_held():
+            first_in.set()
+            second_in.wait(1)  # the second thread waits for this one to come out, or holds a copy of its stderr
+        first_out.set()
+
+    def second():
+        first_in.wait()
+        with _stderr_held():
+            second_in.set()
+            first_out.wait(1)
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert os.fstat(2).st_ino == found
 
 
 def test_a_regex_that_backtracks_too_long_is_a_one_line_error(corpus, tmp_path, capfd):
