@@ -85,7 +85,10 @@ def console_script() -> list[str]:
 def interrupted_while_importing(args: list[str]) -> subprocess.CompletedProcess | None:
     """Run ``python ARGS --help`` and send it SIGINT while it imports torch (seen in its memory
     maps), or ``None`` if it finished first."""
-    child = subprocess.Popen([sys.executable, *args, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, which the child would
+    # inherit (and then rightly keep ignoring): it gets the default, as from a terminal.
+    child = subprocess.Popen([sys.executable, *args, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     maps = Path(f"/proc/{child.pid}/maps")
     deadline = time.monotonic() + 30
     try:
