@@ -1,7 +1,7 @@
 """Measure codecs for the logits array: compression ratio, write and whole-chunk read throughput.
 
 The logits imitate a trained teacher's: one confident class per row plus spread over the rest, stored
-as float16 in chunks of 256 rows x 1000 classes (0.5 MiB, the default for C = 1000). Every codec runs
+as float16 in chunks of the default size (1024 rows x 1000 classes for C = 1000: 2 MiB). Every codec runs
 on the same array in one process, so the ratios between rows are what to read.
 
     python scripts/bench_codecs.py --rows 40000 --classes 1000

@@ -75,7 +75,7 @@ FORMAT_VERSION = 2
 MANIFEST_KEY = "softlabels"
 _READ_CHECKSUMS = "chunk_crc32c"  # see _H5Backend.create_read_checksums and _ZarrBackend.finish_read_checksums
 PARTIAL_SUFFIX = ".partial"
-_TARGET_CHUNK_BYTES = 512 << 10
+_TARGET_CHUNK_BYTES = 2 << 20
 _MAX_CHUNK_BYTES = 1 << 30  # a reader allocates a chunk's bytes before reading them
 _MAX_DEFAULT_CHUNK_ROWS = 4096
 _CHECKSUMS_PER_CHUNK = 4096
@@ -94,9 +94,12 @@ def backend_name(path: str | Path) -> str:
 
 
 def default_chunk_rows(row_bytes: int) -> int:
-    """Samples per chunk: about 0.5 MiB of targets, a power of two, at most 4096 samples.
+    """Samples per chunk: about 2 MiB of targets, a power of two, at most 4096 samples.
 
-    The cap keeps the matching block of inputs small when rows are small (4096 rows of 224x224
+    Each chunk costs a few files in Zarr (its arrays' chunk files and its commit record entry) and
+    an index entry in HDF5, written and synced as the teacher runs: 2 MiB chunks made the dump of
+    a light teacher cost 1.25x its forward pass where 0.5 MiB chunks cost 1.35x (BENCHMARKS.md,
+    "Dump overhead"), and zarr's guide asks for chunks of 1 MB or more. The cap keeps the matching block of inputs small when rows are small (4096 rows of 224x224
     images are already 2.4 GB in float32).
     """
     rows = 2 ** int(np.log2(max(1, _TARGET_CHUNK_BYTES // max(1, row_bytes))))

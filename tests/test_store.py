@@ -393,8 +393,8 @@ def test_not_a_cache_is_refused(tmp_path):
         open_cache(tmp_path / "cache.txt")
 
 
-@pytest.mark.parametrize("row_bytes,rows", [(20, 4096), (2000, 256), (4000, 128), (100000, 16), (4 * 3 * 1000 * 2, 16)])
-def test_default_chunks_hold_about_half_a_mebibyte(row_bytes, rows):
+@pytest.mark.parametrize("row_bytes,rows", [(20, 4096), (2000, 1024), (4000, 512), (100000, 16), (4 * 3 * 1000 * 2, 64)])
+def test_default_chunks_hold_about_two_mebibytes(row_bytes, rows):
     assert default_chunk_rows(row_bytes) == rows
 
 
