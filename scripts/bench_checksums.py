@@ -64,8 +64,8 @@ def write_caches(root: Path, rows: int, classes: int, suffix: str) -> tuple[Path
     if not data.exists():
         np.savez(data, x=rng.normal(size=(rows, 40)).astype(np.float32), y=rng.integers(0, classes, rows))
     source = open_data(str(data))
-    chunk_rows = default_chunk_rows(classes * 2)
     checked = root / f"checked{suffix}"
+    chunk_rows = default_chunk_rows(classes * 2, checked)
     pool = rng.normal(0.0, 2.0, size=(16, chunk_rows, classes)).astype(np.float16)
     labels = source.labels()
     manifest = {"dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": rows}}

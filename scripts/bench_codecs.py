@@ -1,8 +1,8 @@
 """Measure codecs for the logits array: compression ratio, write and whole-chunk read throughput.
 
 The logits imitate a trained teacher's: one confident class per row plus spread over the rest, stored
-as float16 in chunks of the default size (1024 rows x 1000 classes for C = 1000: 2 MiB). Every codec runs
-on the same array in one process, so the ratios between rows are what to read.
+as float16 in chunks of each format's default size (for C = 1000, 1024 rows in Zarr and 256 in
+HDF5). Every codec runs on the same array in one process, so the ratios between rows are what to read.
 
     python scripts/bench_codecs.py --rows 40000 --classes 1000
     python scripts/bench_codecs.py --from-cache runs/demo/transfer.zarr   # a real teacher's logits
@@ -85,15 +85,16 @@ def main() -> None:
         args.rows, args.classes = data.shape
     else:
         data = teacher_like_logits(args.rows, args.classes)
-    chunk = default_chunk_rows(args.classes * 2)
+    chunks = {suffix: default_chunk_rows(args.classes * 2, suffix) for suffix in (".zarr", ".h5")}
     raw = data.nbytes
-    print(f"{args.rows} x {args.classes} float16 logits ({raw / 2**20:.0f} MiB), {chunk} rows per chunk\n")
+    print(f"{args.rows} x {args.classes} float16 logits ({raw / 2**20:.0f} MiB), rows per chunk (the default): "
+          f"{chunks['.zarr']} in Zarr, {chunks['.h5']} in HDF5\n")
     print("| codec | ratio | write MB/s | read MB/s | read vs no codec |")
     print("| --- | ---: | ---: | ---: | ---: |")
     baseline = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (suffix, (write, read)) in CASES.items():
-            path = Path(tmp) / f"c{suffix}"
+            path, chunk = Path(tmp) / f"c{suffix}", chunks[suffix]
             began = time.perf_counter()
             write(path, data, chunk)
             write_s = time.perf_counter() - began

@@ -97,7 +97,7 @@ def batches_of(order: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 def write_softlabels(path: Path, data: Data) -> None:
     rows = len(data.labels)
-    layout = Layout(data.kind, rows, data.classes, "float16", default_chunk_rows(data.row_bytes))
+    layout = Layout(data.kind, rows, data.classes, "float16", default_chunk_rows(data.row_bytes, path))
     source = open_data(str(data.inputs))
     manifest = {"dataset": {"spec": str(data.inputs), "fingerprint": source.fingerprint(), "num_samples": rows}}
     with CacheWriter(path, layout, manifest=manifest) as writer:

@@ -268,7 +268,7 @@ def _load(path: str, data_source: Any, arch: str | None, arch_kwargs: str | None
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @click.option("--num-workers", type=click.IntRange(0, 1024), help="DataLoader workers reading the inputs (default: 0; for images and module:callable datasets up to 4, or with a GPU all cores but 4, at least as many).")
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True)
-@click.option("--chunk-rows", type=POSITIVE, help="Rows per chunk (default: about 2 MiB of logits).")
+@click.option("--chunk-rows", type=POSITIVE, help="Rows per chunk (default: about 2 MiB of logits in Zarr, 0.5 MiB in HDF5).")
 @click.option("--compress-logits", is_flag=True, help="Compress the logits too (zstd in Zarr, gzip in HDF5): ~10% smaller, slower.")
 @_kind_options
 @click.option("--views", type=int, metavar="V", help="Store the teacher's targets for V augmented views of every sample (needs --augment).")

@@ -744,7 +744,7 @@ def _start(
         records += (Record(DIGEST, np.dtype(np.uint8), (DIGEST_BYTES,)),)
     layout = Layout(kind, len(source), num_classes, expected["dtype"], expected["chunk_rows"] or 1, axes, records)
     if not expected["chunk_rows"]:
-        layout = dataclasses.replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes))
+        layout = dataclasses.replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, out))
     writer = CacheWriter(out, layout, manifest=manifest, compress_logits=expected["compress_logits"])
     return writer, first
 

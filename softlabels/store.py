@@ -75,7 +75,6 @@ FORMAT_VERSION = 2
 MANIFEST_KEY = "softlabels"
 _READ_CHECKSUMS = "chunk_crc32c"  # see _H5Backend.create_read_checksums and _ZarrBackend.finish_read_checksums
 PARTIAL_SUFFIX = ".partial"
-_TARGET_CHUNK_BYTES = 2 << 20
 _MAX_CHUNK_BYTES = 1 << 30  # a reader allocates a chunk's bytes before reading them
 _MAX_DEFAULT_CHUNK_ROWS = 4096
 _CHECKSUMS_PER_CHUNK = 4096
@@ -93,16 +92,19 @@ def backend_name(path: str | Path) -> str:
     raise SoftlabelsError(f"cache path {path} must end in .zarr, .h5 or .hdf5")
 
 
-def default_chunk_rows(row_bytes: int) -> int:
-    """Samples per chunk: about 2 MiB of targets, a power of two, at most 4096 samples.
+def default_chunk_rows(row_bytes: int, path: str | Path) -> int:
+    """Samples per chunk of a cache at ``path``: about its backend's ``chunk_bytes`` of targets (2 MiB
+    in Zarr, 0.5 MiB in HDF5), a power of two, at most 4096 samples.
 
-    Each chunk costs a few files in Zarr (its arrays' chunk files and its commit record entry) and
-    an index entry in HDF5, written and synced as the teacher runs: 2 MiB chunks made the dump of
-    a light teacher cost 1.25x its forward pass where 0.5 MiB chunks cost 1.35x (BENCHMARKS.md,
-    "Dump overhead"), and zarr's guide asks for chunks of 1 MB or more. The cap keeps the matching block of inputs small when rows are small (4096 rows of 224x224
+    The cap keeps the matching block of inputs small when rows are small (4096 rows of 224x224
     images are already 2.4 GB in float32).
+
+    Example::
+
+        default_chunk_rows(2000, "train.zarr"), default_chunk_rows(2000, "train.h5")   # (1024, 256)
     """
-    rows = 2 ** int(np.log2(max(1, _TARGET_CHUNK_BYTES // max(1, row_bytes))))
+    target = (_ZarrBackend if backend_name(path) == "zarr" else _H5Backend).chunk_bytes
+    rows = 2 ** int(np.log2(max(1, target // max(1, row_bytes))))
     return int(min(_MAX_DEFAULT_CHUNK_ROWS, max(16, rows)))
 
 
@@ -231,6 +233,12 @@ class Layout:
 
 
 class _ZarrBackend:
+    # A chunk is a file per array (its targets, labels and records) and a commit record entry, each
+    # written, synced and renamed as the teacher runs: 2 MiB chunks made a light teacher's dump cost
+    # 1.19-1.23x its forward pass where 0.5 MiB chunks cost 1.35-1.50x (BENCHMARKS.md, "Dump
+    # overhead"), and zarr's guide asks for chunks of 1 MB or more.
+    chunk_bytes = 2 << 20
+
     def __init__(self, path: Path, mode: str):
         import zarr
 
@@ -466,6 +474,11 @@ class _ChunkDamaged(Exception):
 
 
 class _H5Backend:
+    # A chunk is an entry of the file's chunk index, so larger chunks save the dump little, and a
+    # chunk larger than h5py's default chunk cache (1 MiB) is read whole from the file for every row
+    # a plain h5py reader takes from it (3x fewer rows/s at 2 MiB, BENCHMARKS.md).
+    chunk_bytes = 512 << 10
+
     def __init__(self, path: Path, mode: str):
         import h5py
 

@@ -393,9 +393,11 @@ def test_not_a_cache_is_refused(tmp_path):
         open_cache(tmp_path / "cache.txt")
 
 
-@pytest.mark.parametrize("row_bytes,rows", [(20, 4096), (2000, 1024), (4000, 512), (100000, 16), (4 * 3 * 1000 * 2, 64)])
-def test_default_chunks_hold_about_two_mebibytes(row_bytes, rows):
-    assert default_chunk_rows(row_bytes) == rows
+@pytest.mark.parametrize("row_bytes,zarr_rows,h5_rows", [(20, 4096, 4096), (2000, 1024, 256), (4000, 512, 128),
+                                                       (100000, 16, 16), (4 * 3 * 1000 * 2, 64, 16)])
+def test_default_chunks_hold_about_two_mebibytes_in_zarr_and_half_a_mebibyte_in_hdf5(row_bytes, zarr_rows, h5_rows):
+    assert default_chunk_rows(row_bytes, "c.zarr") == zarr_rows
+    assert default_chunk_rows(row_bytes, "c.h5") == h5_rows == default_chunk_rows(row_bytes, "c.hdf5")
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
