@@ -235,7 +235,7 @@ class Layout:
 class _ZarrBackend:
     # A chunk is a file per array (its targets, labels and records) and a commit record entry, each
     # written, synced and renamed as the teacher runs: 2 MiB chunks made a light teacher's dump cost
-    # 1.19-1.23x its forward pass where 0.5 MiB chunks cost 1.35-1.50x (BENCHMARKS.md, "Dump
+    # 1.18-1.26x its forward pass where 0.5 MiB chunks cost 1.32-1.50x (BENCHMARKS.md, "Dump
     # overhead"), and zarr's guide asks for chunks of 1 MB or more.
     chunk_bytes = 2 << 20
 
