@@ -67,12 +67,12 @@ def make_synthetic_cache(root: Path, rows: int, fmt: str = ".zarr") -> Path:
             x[s:s + n] = rng.normal(size=(n, FEATURES)).astype(np.float32)
             y[s:s + n] = rng.integers(0, CLASSES, n)
     source = open_data(str(data))
-    path = root / f"synthetic-{rows}{fmt}"
+    chunk_rows = softlabels.store.default_chunk_rows(CLASSES * 2, fmt)
+    path = root / f"synthetic-{rows}-chunks-{chunk_rows}{fmt}"  # a kept workdir's cache of other chunks is not this one
     if path.exists():
         return path
     manifest = {"dataset": {"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": rows}}
     # A pool of 64 distinct chunks, reused round-robin: generating 4e9 normals would dominate the run.
-    chunk_rows = softlabels.store.default_chunk_rows(CLASSES * 2, path)
     pool = rng.normal(0.0, 2.0, size=(64, chunk_rows, CLASSES)).astype(np.float32)
     pool[:, np.arange(chunk_rows), rng.integers(0, CLASSES, chunk_rows)] += 10.0
     pool = pool.astype(np.float16)
@@ -216,13 +216,14 @@ def make_token_cache(root: Path, tokens: int) -> Path:
     rng = np.random.default_rng(0)
     if not data.exists():
         np.savez(data, input_ids=rng.integers(0, TOKEN_VOCAB, (windows, TOKEN_LEN), dtype=np.int32))
-    path = root / f"tokens-top{TOKEN_K}-{windows}.zarr"
+    kind, items, records = softlabels.TopK(k=TOKEN_K), (("token", TOKEN_LEN),), (gold_record(TOKEN_LEN),)
+    row_bytes = softlabels.Layout(kind, windows, TOKEN_VOCAB, "float16", 1, items, records).row_bytes
+    chunk_rows = softlabels.store.default_chunk_rows(row_bytes, ".zarr")
+    path = root / f"tokens-top{TOKEN_K}-{windows}-chunks-{chunk_rows}.zarr"
     if path.exists():
         return path
     source = open_data(str(data))
-    kind, items, records = softlabels.TopK(k=TOKEN_K), (("token", TOKEN_LEN),), (gold_record(TOKEN_LEN),)
-    row_bytes = softlabels.Layout(kind, windows, TOKEN_VOCAB, "float16", 1, items, records).row_bytes
-    layout = softlabels.Layout(kind, windows, TOKEN_VOCAB, "float16", softlabels.store.default_chunk_rows(row_bytes, path), items, records)
+    layout = softlabels.Layout(kind, windows, TOKEN_VOCAB, "float16", chunk_rows, items, records)
     rows = layout.chunk_rows
     pool = [{
         "topk_logits": -np.sort(-rng.normal(0.0, 3.0, (rows, TOKEN_LEN, TOKEN_K)), axis=-1).astype(np.float16),

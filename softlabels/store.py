@@ -77,6 +77,7 @@ _READ_CHECKSUMS = "chunk_crc32c"  # see _H5Backend.create_read_checksums and _Za
 PARTIAL_SUFFIX = ".partial"
 _MAX_CHUNK_BYTES = 1 << 30  # a reader allocates a chunk's bytes before reading them
 _MAX_DEFAULT_CHUNK_ROWS = 4096
+_MAX_DEFAULT_CHUNK_INPUT_BYTES = 256 << 20  # the inputs a chunk of the cache matches
 _CHECKSUMS_PER_CHUNK = 4096
 
 
@@ -92,20 +93,22 @@ def backend_name(path: str | Path) -> str:
     raise SoftlabelsError(f"cache path {path} must end in .zarr, .h5 or .hdf5")
 
 
-def default_chunk_rows(row_bytes: int, path: str | Path) -> int:
+def default_chunk_rows(row_bytes: int, path: str | Path, input_row_bytes: int = 0) -> int:
     """Samples per chunk of a cache at ``path``: about its backend's ``chunk_bytes`` of targets (2 MiB
-    in Zarr, 0.5 MiB in HDF5), a power of two, at most 4096 samples.
+    in Zarr, 0.5 MiB in HDF5), a power of two, at least 16 and at most 4096 samples, and at most
+    256 MiB of the inputs they match (``input_row_bytes`` a sample, where the loader reads a window
+    of inputs at once).
 
-    The cap keeps the matching block of inputs small when rows are small (4096 rows of 224x224
-    images are already 2.4 GB in float32).
+    The loader reads a window of 8 chunks' rows, inputs included: the caps keep it small when
+    targets are small and inputs large (4096 rows of 224x224 images are 2.4 GB in float32).
 
     Example::
 
         default_chunk_rows(2000, "train.zarr"), default_chunk_rows(2000, "train.h5")   # (1024, 256)
     """
     target = (_ZarrBackend if backend_name(path) == "zarr" else _H5Backend).chunk_bytes
-    rows = 2 ** int(np.log2(max(1, target // max(1, row_bytes))))
-    return int(min(_MAX_DEFAULT_CHUNK_ROWS, max(16, rows)))
+    rows = min(target // max(1, row_bytes), _MAX_DEFAULT_CHUNK_INPUT_BYTES // max(1, input_row_bytes))
+    return int(min(_MAX_DEFAULT_CHUNK_ROWS, max(16, 2 ** int(np.log2(max(1, rows))))))
 
 
 def chunk_checksum(targets: dict[str, np.ndarray], labels: np.ndarray, records: dict[str, np.ndarray] | None = None) -> int:
@@ -690,8 +693,8 @@ class _RawChunks:
         (uint8, at least :meth:`nbytes` long) when given: a new one costs a page fault per 4 KiB.
 
         Given ``order``, a permutation of the rows read, row ``i`` of the reading lands at row
-        ``order[i]`` of the result: each chunk is read and checked in a small buffer that stays in the
-        core's cache, and its rows are put at their places from there. A shuffled window read so needs
+        ``order[i]`` of the result: each chunk is read and checked piece by piece in one reused buffer
+        of a chunk's size, and its rows are put at their places from there. A shuffled window read so needs
         no gather of its batches' rows later, which would read each byte from memory once more."""
         rows = self.chunk_shape[0]
         if len(ranges) == 1 and ranges[0][0] % rows:  # from its chunk's start, the leading rows cut off

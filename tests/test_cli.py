@@ -123,6 +123,19 @@ def assert_one_line_error(result, pattern):
     assert "Traceback" not in result.output
 
 
+def test_dump_chunks_follow_the_inputs_a_loader_window_holds(tmp_path, npz_data, linear_teacher, monkeypatch):
+    monkeypatch.setattr("softlabels.store._MAX_DEFAULT_CHUNK_INPUT_BYTES", 64 * 12 * 4)  # 64 samples of 12 float32
+    for out in (tmp_path / "c.zarr", tmp_path / "c.h5"):
+        result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out)
+        assert result.exit_code == 0, result.output
+        with open_cache(out) as cache:
+            assert cache.chunk_rows == 64
+    monkeypatch.undo()
+    assert run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", tmp_path / "d.zarr").exit_code == 0
+    with open_cache(tmp_path / "d.zarr") as cache:
+        assert cache.chunk_rows == 300  # 5 float16 logits a sample: all 300 samples in one chunk
+
+
 def test_dump_cli_writes_a_cache_and_summary(tmp_path, npz_data, linear_teacher):
     out = tmp_path / "c.h5"
     result = run("dump", "--teacher", linear_teacher, "--arch", "linear", "--data", npz_data, "--out", out, "--chunk-rows", 64)

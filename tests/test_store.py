@@ -400,6 +400,14 @@ def test_default_chunks_hold_about_two_mebibytes_in_zarr_and_half_a_mebibyte_in_
     assert default_chunk_rows(row_bytes, "c.h5") == h5_rows == default_chunk_rows(row_bytes, "c.hdf5")
 
 
+@pytest.mark.parametrize("row_bytes", [20, 2000])
+def test_default_chunks_match_at_most_256_mib_of_array_inputs(row_bytes):
+    image = 3 * 224 * 224 * 4  # 588 KiB: 445 of them in 256 MiB
+    assert default_chunk_rows(row_bytes, "c.zarr", input_row_bytes=image) == 256
+    assert default_chunk_rows(row_bytes, "c.zarr", input_row_bytes=100 << 20) == 16  # never fewer than 16
+    assert default_chunk_rows(row_bytes, "c.zarr", input_row_bytes=40 * 4) == (4096 if row_bytes == 20 else 1024)
+
+
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
 def test_rows_with_item_axes_round_trip_and_chunk_along_samples_only(tmp_path, suffix):
     rng = np.random.default_rng(0)
