@@ -745,8 +745,8 @@ def _start(
         records += (Record(DIGEST, np.dtype(np.uint8), (DIGEST_BYTES,)),)
     layout = Layout(kind, len(source), num_classes, expected["dtype"], expected["chunk_rows"] or 1, axes, records)
     if not expected["chunk_rows"]:
-        # Inputs read item by item (images to decode) come a batch at a time, not a window; array
-        # inputs are bounded at 4 bytes a value, what the loader makes of them.
+        # The loader reads an array's inputs a window of chunks at a time (counted here at 4 bytes a
+        # value), and inputs read item by item (images to decode) a batch at a time.
         inputs = 0 if source.reads_items else 4 * math.prod(source.input_shape)
         layout = dataclasses.replace(layout, chunk_rows=default_chunk_rows(layout.row_bytes, out, inputs))
     writer = CacheWriter(out, layout, manifest=manifest, compress_logits=expected["compress_logits"])

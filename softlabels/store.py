@@ -693,9 +693,10 @@ class _RawChunks:
         (uint8, at least :meth:`nbytes` long) when given: a new one costs a page fault per 4 KiB.
 
         Given ``order``, a permutation of the rows read, row ``i`` of the reading lands at row
-        ``order[i]`` of the result: each chunk is read and checked piece by piece in one reused buffer
-        of a chunk's size, and its rows are put at their places from there. A shuffled window read so needs
-        no gather of its batches' rows later, which would read each byte from memory once more."""
+        ``order[i]`` of the result: each chunk is read and checked piece by piece in one reused
+        buffer of a chunk's size, and its rows are put at their places from there. A shuffled window
+        read so needs no gather of its batches' rows later, which would read each byte from memory
+        once more."""
         rows = self.chunk_shape[0]
         if len(ranges) == 1 and ranges[0][0] % rows:  # from its chunk's start, the leading rows cut off
             if order is not None:
