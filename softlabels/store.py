@@ -106,7 +106,7 @@ def default_chunk_rows(row_bytes: int, path: str | Path, input_row_bytes: int = 
 
         default_chunk_rows(2000, "train.zarr"), default_chunk_rows(2000, "train.h5")   # (1024, 256)
     """
-    target = (_ZarrBackend if backend_name(path) == "zarr" else _H5Backend).chunk_bytes
+    target = _backend_type(path).chunk_bytes
     rows = min(target // max(1, row_bytes), _MAX_DEFAULT_CHUNK_INPUT_BYTES // max(1, input_row_bytes))
     return int(min(_MAX_DEFAULT_CHUNK_ROWS, max(16, 2 ** int(np.log2(max(1, rows))))))
 
@@ -1299,13 +1299,16 @@ def _lzf_decode_in_python(stream: np.ndarray, into: np.ndarray) -> None:
         raise ValueError(f"it decodes to {written} bytes")
 
 
+def _backend_type(path: str | Path) -> type[_ZarrBackend] | type[_H5Backend]:
+    """The backend of a cache at ``path``, by its suffix (see :func:`backend_name`)."""
+    return _ZarrBackend if backend_name(path) == "zarr" else _H5Backend
+
+
 def _open_backend(path: Path, mode: str) -> _ZarrBackend | _H5Backend:
-    backend = backend_name(path)
+    backend = _backend_type(path)
     if mode == "r" and not path.exists():
         raise SoftlabelsError(f"cache not found: {path}")
-    if backend == "zarr":
-        return _ZarrBackend(path, mode)
-    return _H5Backend(path, mode)
+    return backend(path, mode)
 
 
 def _item_axes(manifest: dict[str, Any], path: Path) -> tuple[tuple[str, int], ...]:
